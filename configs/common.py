@@ -1,0 +1,74 @@
+"""Defaults shared by every run; model configs override the `model` and `data` sections.
+
+Every method and ablation is a field here, so a run is reproduced by its config alone:
+    python main.py --config=configs/testbed.py --config.alloc.method=pmq \
+        --config.alloc.budget_bits=2.5
+Tuple fields are overridden as strings: --config.alloc.bits='(1,2,3)'.
+"""
+
+import ml_collections
+
+REPO_ROOT = __file__.rsplit("/configs/", 1)[0]
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ("convert", "calibrate", "sensitivity", "allocate", "quantize", "evaluate")
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # checkpoint directory in the published layout (config.json + safetensors)
+    c.model.dtype = "float32"  # compute/storage dtype of the converted full-precision model
+
+    c.data = ml_collections.ConfigDict()
+    c.data.calib_json = ""  # ShareGPT4V-style JSON; empty = the testbed's own calibration split
+    c.data.image_dir = ""
+    c.data.num_freq_samples = 512  # method.md stage 1
+    c.data.num_sens_samples = 128  # method.md stage 2
+    c.data.num_gptq_samples = 128
+    c.data.batch_size = 8
+    c.data.max_length = 512
+
+    c.stats = ml_collections.ConfigDict()
+    c.stats.key_ratio = 0.2  # r: fraction of image tokens kept as key tokens
+    c.stats.attention_mode = "per_layer"  # per_layer | judge_layer | all_tokens
+    c.stats.judge_layer = -1  # decoder layer used when attention_mode == judge_layer
+
+    c.sens = ml_collections.ConfigDict()
+    c.sens.estimator = "expert_mse"  # expert_mse | logit_kl | fisher
+    c.sens.group_size = 128
+
+    c.alloc = ml_collections.ConfigDict()
+    c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq
+    c.alloc.budget_bits = 3.0  # average bits per routed expert
+    c.alloc.bits = (2, 3, 4)  # candidate bit-widths
+    c.alloc.scope = "layer"  # layer | global
+    c.alloc.equality = True
+    c.alloc.freq_key = "text_key"  # total | text_image | text_key | text_redundant
+    c.alloc.vision_weight = 1.0  # mixing weight of the vision term in MODE's cost
+    c.alloc.solver = "scip"  # scip | dp
+    c.alloc.pmq_a = 1.0
+    c.alloc.pmq_b = 1.5
+    c.alloc.mopeq_scope = "layer"  # layer | model
+    c.alloc.mopeq_exact_budget = True
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.method = "gptq"  # gptq | rtn
+    c.quant.group_size = 128
+    c.quant.damp = 0.01
+    c.quant.block_size = 128
+    c.quant.act_order = False
+    c.quant.symmetric = True
+    c.quant.attention_bits = 4
+    c.quant.shared_expert_bits = 4
+    c.quant.dense_mlp_bits = 4
+    c.quant.hadamard = False
+    c.quant.router_finetune = False
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_samples = 0  # 0 = the whole held-out split
+    c.eval.max_new_tokens = 8
+    c.eval.use_kernels = False  # route packed experts through pallas_kernels
+
+    c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')
+    return c
