@@ -1,0 +1,138 @@
+"""Resumable stage runner: each stage's artifact lives at `<workdir>/<stage>/<fingerprint>/`.
+
+A stage's fingerprint hashes the config fields it declares plus its inputs' fingerprints, so
+- rerunning the same command skips every stage whose artifact is complete;
+- changing one field reruns only the stages downstream of it (their fingerprints change);
+- several methods of a sweep share the statistics stages (same fingerprints);
+- an artifact is never reused under a different config: its recorded config must equal the
+  current one, or the run stops with a message naming the differing fields.
+Artifacts are written atomically (mode_jax.checkpoint), so a killed run leaves no partial one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mode_jax import checkpoint
+
+FORMAT_VERSION = 1  # bump when an artifact's layout changes, so old ones are not reused
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment: reported in one line, exit code 2."""
+
+
+@dataclasses.dataclass
+class Artifact:
+    arrays: dict
+    meta: dict
+    path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """`run(ctx, inputs) -> (arrays, meta)`; `config_keys` are dotted config paths."""
+
+    name: str
+    inputs: tuple[str, ...]
+    config_keys: tuple[str, ...]
+    run: Callable[[Context, dict[str, Artifact]], tuple[dict, dict]]
+
+
+def config_value(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in sorted(value.items())}
+    return value
+
+
+class Context:
+    """What a stage sees: the config, the workdir, and a cache of loaded artifacts."""
+
+    def __init__(self, config: Any, workdir: str, stages: dict[str, Stage]):
+        self.config = config
+        self.workdir = workdir
+        self.stages = stages
+        self._fingerprints: dict[str, str] = {}
+        self._loaded: dict[str, Artifact] = {}
+        self.cache: dict[str, Any] = {}  # objects stages share within one process (models)
+        self.log: list[str] = []  # what each stage did, for the report
+
+    def recorded_config(self, name: str) -> dict:
+        stage = self.stages[name]
+        own = {k: _jsonable(config_value(self.config, k)) for k in stage.config_keys}
+        ups = {i: self.fingerprint(i) for i in stage.inputs}
+        return {"format": FORMAT_VERSION, "stage": name, "config": own, "inputs": ups}
+
+    def fingerprint(self, name: str) -> str:
+        if name not in self._fingerprints:
+            doc = json.dumps(self.recorded_config(name), sort_keys=True)
+            self._fingerprints[name] = hashlib.sha256(doc.encode()).hexdigest()[:16]
+        return self._fingerprints[name]
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name, self.fingerprint(name))
+
+    def ensure(self, name: str) -> Artifact:
+        """Load the stage's artifact, running it (and what it needs) first if absent."""
+        if name in self._loaded:
+            return self._loaded[name]
+        stage = self.stages[name]
+        path = self.path(name)
+        if checkpoint.is_complete(path):
+            arrays, meta = checkpoint.load(path)
+            self._check_recorded(name, meta)
+            logging.info("stage %-11s reused %s", name, path)
+        else:
+            inputs = {i: self.ensure(i) for i in stage.inputs}
+            checkpoint.remove_stale_tmp(os.path.dirname(path))
+            logging.info("stage %-11s running -> %s", name, path)
+            start = time.time()
+            arrays, meta = stage.run(self, inputs)
+            meta = {**meta, "recorded_config": self.recorded_config(name),
+                    "seconds": round(time.time() - start, 3)}
+            checkpoint.save(path, arrays, meta)
+            self.log.append(f"{name}: ran in {meta['seconds']:.1f} s")
+        self._loaded[name] = Artifact(arrays, meta, path)
+        return self._loaded[name]
+
+    def _check_recorded(self, name: str, meta: dict) -> None:
+        want = self.recorded_config(name)
+        got = meta.get("recorded_config")
+        if got != want:
+            diff = sorted(
+                k for k in set(want["config"]) | set((got or {}).get("config", {}))
+                if want["config"].get(k) != (got or {}).get("config", {}).get(k)
+            )
+            raise UserError(
+                f"artifact {self.path(name)} was made with a different config "
+                f"(fields: {', '.join(diff) or 'format/inputs'}); refusing to reuse it. "
+                "Remove it or use another --workdir."
+            )
+
+
+def check_workdir(workdir: str) -> None:
+    """Fail early, before any stage writes, if the workdir cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e

@@ -1,0 +1,84 @@
+"""Stage runner: reuse, downstream-only reruns, interrupted stages, refusal of stale artifacts."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mode_jax import runner
+
+
+def _config():
+    c = ml_collections.ConfigDict({"a": {"x": 1}, "b": {"y": (2, 3)}})
+    c.lock()
+    return c
+
+
+def _stages(calls, fail_in=None):
+    def first(ctx, inputs):
+        calls.append("first")
+        return {"v": np.arange(3) * ctx.config.a.x}, {"n": 1}
+
+    def second(ctx, inputs):
+        calls.append("second")
+        if fail_in == "second":
+            raise KeyboardInterrupt  # a kill in the middle of the stage
+        v = inputs["first"].arrays["v"] + sum(ctx.config.b.y)
+        return {"w": v}, {}
+
+    return {
+        "first": runner.Stage("first", (), ("a",), first),
+        "second": runner.Stage("second", ("first",), ("b",), second),
+    }
+
+
+def test_reuse_and_downstream_rerun(tmp_path):
+    calls = []
+    cfg = _config()
+    ctx = runner.Context(cfg, str(tmp_path), _stages(calls))
+    np.testing.assert_array_equal(ctx.ensure("second").arrays["w"], [5, 6, 7])
+    assert calls == ["first", "second"]
+
+    calls.clear()
+    runner.Context(cfg, str(tmp_path), _stages(calls)).ensure("second")
+    assert calls == []  # everything reused
+
+    calls.clear()
+    cfg2 = _config()
+    cfg2.unlock()
+    cfg2.b.y = (4,)
+    out = runner.Context(cfg2, str(tmp_path), _stages(calls)).ensure("second")
+    assert calls == ["second"]  # only the stage the field feeds
+    np.testing.assert_array_equal(out.arrays["w"], [4, 5, 6])
+
+
+def test_interrupted_stage_resumes_without_losing_earlier_ones(tmp_path):
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        runner.Context(_config(), str(tmp_path), _stages(calls, fail_in="second")).ensure("second")
+    assert calls == ["first", "second"]
+    second_dir = tmp_path / "second"
+    assert not second_dir.exists() or not any(second_dir.iterdir())  # nothing half-written
+    calls.clear()
+    runner.Context(_config(), str(tmp_path), _stages(calls)).ensure("second")
+    assert calls == ["second"]
+
+
+def test_refuses_artifact_with_other_config(tmp_path):
+    ctx = runner.Context(_config(), str(tmp_path), _stages([]))
+    art = ctx.ensure("first")
+    meta_path = os.path.join(art.path, "meta.json")
+    doc = json.load(open(meta_path))
+    doc["meta"]["recorded_config"]["config"]["a"] = {"x": 99}
+    json.dump(doc, open(meta_path, "w"))
+    with pytest.raises(runner.UserError, match="different config .*fields: a"):
+        runner.Context(_config(), str(tmp_path), _stages([])).ensure("first")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(runner.UserError, match="not writable"):
+        runner.check_workdir(str(blocker / "sub"))
