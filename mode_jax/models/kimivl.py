@@ -1,0 +1,194 @@
+"""Kimi-VL in Flax NNX: MoonViT + projector writing image features into a DeepSeek-V3 LM.
+
+`KimiVL(config)(batch)` takes the dict an HF-style processor produces (docs/design.md):
+`input_ids [B, T]`, `attention_mask [B, T]` (1 = real; left or right padding), and optionally
+`pixel_values [P, 3, 14, 14]` with `image_grid_hws [N, 2]` (or `image_grid_thw [N, 3]`, t = 1).
+The i-th group of `media_placeholder_token_id` tokens (in row-major order over the batch)
+receives image i's `h * w / 4` projected features, as Kimi-VL's `_merge_with_image_features`
+does. Returns `ModelOutput` (= the text model's `TextOutput`: logits float32, and per-MoE-layer
+routing / per-layer image scores when asked for).
+
+Text positions count real tokens (`cumsum(attention_mask) - 1`), the convention of HF
+generation for padded batches; Kimi-VL's forward without `position_ids` counts pads too, which
+is the same thing whenever there is no left padding.
+
+A model without vision (`vision=None`) is a plain DeepSeek-V3 LM behind the same call; that is
+what `DeepseekV3ForCausalLM` and `deepseek_v3` checkpoints convert to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
+from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
+
+ModelOutput = TextOutput
+SUPPORTED_MODEL_TYPES = ("kimi_vl", "deepseek_v3")
+KIMI_VL_MEDIA_PAD_ID = 163605  # <|media_pad|> in Kimi-VL's tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class KimiVLConfig:
+    """Text + vision configs and the image placeholder token id."""
+
+    text: TextConfig
+    vision: VisionConfig | None = None
+    media_placeholder_token_id: int | None = KIMI_VL_MEDIA_PAD_ID
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> KimiVLConfig:
+        """From a checkpoint's config.json dict (model_type `kimi_vl` or `deepseek_v3`)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if model_type == "deepseek_v3":
+            return cls(text=TextConfig.from_hf(d), vision=None, media_placeholder_token_id=None,
+                       pad_token_id=int(d.get("pad_token_id") or 0))
+        for key in ("text_config", "vision_config"):
+            if not isinstance(d.get(key), Mapping):
+                raise ValueError(f"{source}: kimi_vl config lacks the '{key}' object")
+        try:
+            text = TextConfig.from_hf(d["text_config"])
+            vision = VisionConfig.from_kimi_vl(d["vision_config"])
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+        return cls(text=text, vision=vision,
+                   media_placeholder_token_id=int(d.get("media_placeholder_token_id",
+                                                        KIMI_VL_MEDIA_PAD_ID)),
+                   pad_token_id=int(d.get("pad_token_id") or 0))
+
+    @classmethod
+    def from_transformers(cls, config: Any) -> KimiVLConfig:
+        """From a transformers `Kimi_K25Config` or `DeepseekV3Config` object."""
+        model_type = getattr(config, "model_type", None)
+        if model_type == "deepseek_v3":
+            return cls(text=TextConfig.from_hf(config), vision=None,
+                       media_placeholder_token_id=None,
+                       pad_token_id=int(getattr(config, "pad_token_id", None) or 0))
+        if model_type != "kimi_k25":
+            raise ValueError(f"transformers config model_type {model_type!r} is not supported; "
+                             "supported: kimi_k25, deepseek_v3")
+        vision = VisionConfig.from_k25(config.vision_config, config.projection_layer_norm_eps)
+        if config.projection_hidden_size not in (None, vision.hidden_size):
+            raise ValueError(f"kimi_k25 projection_hidden_size {config.projection_hidden_size} "
+                             f"differs from the vision width {vision.hidden_size}")
+        return cls(text=TextConfig.from_hf(config.text_config), vision=vision,
+                   media_placeholder_token_id=int(config.image_token_id),
+                   pad_token_id=int(getattr(config.text_config, "pad_token_id", None) or 0))
+
+
+class KimiVL(nnx.Module):
+    """`vision_tower` (MoonViT), `multi_modal_projector`, `language_model` (DeepseekV3)."""
+
+    def __init__(self, config: KimiVLConfig, *, param_dtype=jnp.float32,
+                 experts_impl: str = "sorted", rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        if config.vision is not None:
+            self.vision_tower = MoonViT(config.vision, dtype=param_dtype, rngs=rngs)
+            self.multi_modal_projector = Projector(config.vision, config.text.hidden_size,
+                                                   dtype=param_dtype, rngs=rngs)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
+        self.language_model = DeepseekV3(config.text, param_dtype=param_dtype, rngs=rngs)
+        if experts_impl not in ("sorted", "dense"):
+            raise ValueError(f"experts_impl must be 'sorted' or 'dense', got {experts_impl!r}")
+        for layer in self.language_model.layers:
+            if layer.is_moe:
+                layer.mlp.experts.impl = experts_impl
+
+    def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
+        """Projected features `[sum(h * w) / 4, text_hidden]` of all images, in order."""
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint)")
+        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_hws))
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+              grid_hws: GridHWs | None = None) -> jax.Array:
+        """Token embeddings `[B, T, D]` with image features written at the placeholders."""
+        h = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return h
+        features = self.image_features(pixel_values, grid_hws).astype(h.dtype)
+        slots = input_ids == self.config.media_placeholder_token_id
+        order = jnp.cumsum(slots.reshape(-1)) - 1  # i-th placeholder takes feature row i
+        rows = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(h.shape)
+        return jnp.where(slots[..., None], rows, h)
+
+    def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None, *,
+                image_query_mask: jax.Array | None = None, return_routing: bool = False,
+                return_mlp_inputs: bool = False, return_hidden: bool = False) -> ModelOutput:
+        """The traceable forward (grid_hws and the flags static); `__call__` jits it."""
+        h = self.embed(input_ids, pixel_values, grid_hws)
+        return self.language_model(
+            inputs_embeds=h, attention_mask=attention_mask, image_query_mask=image_query_mask,
+            return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
+            return_hidden=return_hidden)
+
+    def __call__(self, batch: Mapping[str, Any], *, return_routing: bool = False,
+                 image_query_mask: Any = None, return_mlp_inputs: bool = False,
+                 return_hidden: bool = False) -> ModelOutput:
+        """Check the batch on the host, then run `forward` under `nnx.jit`."""
+        args = prepare_batch(self.config, batch)
+        if image_query_mask is not None:
+            image_query_mask = jnp.asarray(image_query_mask, bool)
+            if image_query_mask.shape != args["input_ids"].shape:
+                raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
+                                 f"got {image_query_mask.shape}")
+        return _forward_jit(self, **args, image_query_mask=image_query_mask,
+                            return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
+                            return_hidden=return_hidden)
+
+
+@nnx.jit(static_argnames=("grid_hws", "return_routing", "return_mlp_inputs", "return_hidden"))
+def _forward_jit(model, input_ids, attention_mask, pixel_values, grid_hws, **kwargs):
+    return model.forward(input_ids, attention_mask, pixel_values, grid_hws, **kwargs)
+
+
+def prepare_batch(config: KimiVLConfig, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an HF-style batch; returns forward's arrays (+ `grid_hws` as a static tuple)."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer [B, T] array, got {ids.dtype} {ids.shape}")
+    vocab = config.text.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"input_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
+    pixels = batch.get("pixel_values")
+    grid = batch.get("image_grid_hws", batch.get("image_grid_thw"))
+    n_slots = (int((ids == config.media_placeholder_token_id).sum())
+               if config.media_placeholder_token_id is not None else 0)
+    out = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": jnp.asarray(mask, bool),
+           "pixel_values": None, "grid_hws": None}
+    if pixels is None or np.shape(pixels)[0] == 0:
+        if n_slots:
+            raise ValueError(f"input_ids hold {n_slots} image placeholder tokens "
+                             f"(id {config.media_placeholder_token_id}) but no pixel_values")
+        return out
+    if config.vision is None:
+        raise ValueError("pixel_values given to a model without a vision tower")
+    if grid is None:
+        raise ValueError("pixel_values need 'image_grid_hws' [N, 2] or 'image_grid_thw' [N, 3]")
+    grid_hws = normalize_grid(grid, config.vision.merge_kernel)
+    n_features = sum(h * w for h, w in grid_hws) // config.vision.merge_size
+    if n_features != n_slots:
+        raise ValueError(f"images give {n_features} features (grids {grid_hws}) but input_ids "
+                         f"hold {n_slots} placeholder tokens "
+                         f"(id {config.media_placeholder_token_id})")
+    out.update(pixel_values=jnp.asarray(pixels), grid_hws=grid_hws)
+    return out

@@ -1,0 +1,272 @@
+"""Kimi-VL inputs without torchvision: image patches (numpy/PIL) and chat prompts.
+
+Images (what Kimi-VL's `KimiVLImageProcessor` does, with the values of Kimi-VL-A3B-Instruct's
+`preprocessor_config.json`: patch 14, merge 2x2, `in_token_limit` 4096, `pad_input` true,
+mean = std = 0.5):
+1. if `(W // 14) * (H // 14)` exceeds the patch budget, shrink by `sqrt(budget / that)` with PIL
+   bicubic (sizes truncated to ints);
+2. align to multiples of patch x merge (28 px): `"pad"` adds black pixels at the bottom/right
+   (pad_input true), `"resize"` resizes up with PIL bicubic (the -2506 checkpoints), `"crop"`
+   centre-crops (pad_input false);
+3. RGB in [0, 1], `(x - mean) / std`, cut into `[h * w, 3, 14, 14]` patches in raster order.
+Kimi-VL's budget is approximate: truncation and padding can leave up to ~23% more patches than
+the budget for extreme aspect ratios. `strict_budget=True` shrinks further until the aligned
+grid fits.
+
+Prompts: the checkpoint's chat template through its tokenizer when the directory has one that
+transformers can load without remote code; otherwise `render_chat` writes Kimi-VL's template
+out by hand. Each image is `<|media_start|>image<|media_content|><|media_pad|><|media_end|>`, and
+`expand_image_tokens` repeats its `<|media_pad|>` h * w / 4 times (one per merged patch group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MEDIA_PAD = "<|media_pad|>"
+IMAGE_BLOCK = "<|media_start|>image<|media_content|>" + MEDIA_PAD + "<|media_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant"
+_ROLE_MARKERS = {"system": "<|im_system|>", "user": "<|im_user|>",
+                 "assistant": "<|im_assistant|>"}
+_ALIGN = ("pad", "resize", "crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """MoonViT preprocessing settings; defaults are Kimi-VL-A3B-Instruct's."""
+
+    patch_size: int = 14
+    merge_kernel: tuple[int, int] = (2, 2)
+    max_patches: int = 4096
+    align: str = "pad"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    strict_budget: bool = False
+    max_side_patches: int = 512  # the position table Kimi-VL's rotary is precomputed for
+
+    def __post_init__(self):
+        if self.align not in _ALIGN:
+            raise ValueError(f"align={self.align!r}; allowed: {_ALIGN}")
+        if self.max_patches < self.merge_kernel[0] * self.merge_kernel[1]:
+            raise ValueError(f"max_patches={self.max_patches} is below one merge group "
+                             f"{self.merge_kernel}")
+
+    @classmethod
+    def from_preprocessor_config(cls, d: Mapping[str, Any]) -> ImageConfig:
+        """From a Kimi-VL `preprocessor_config.json` dict."""
+        return cls(
+            patch_size=int(d.get("patch_size", 14)),
+            merge_kernel=tuple(int(k) for k in d.get("merge_kernel_size", (2, 2))),
+            max_patches=int(d.get("in_token_limit", 4096)),
+            align="pad" if d.get("pad_input", True) else "crop",
+            mean=tuple(float(m) for m in d.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(float(s) for s in d.get("image_std", (0.5, 0.5, 0.5))),
+        )
+
+
+# ---------------------------------------------------------------- images
+
+
+def _aligned(size: int, unit: int, align: str) -> int:
+    return (size // unit) * unit if align == "crop" else math.ceil(size / unit) * unit
+
+
+def _shrunk_size(w: int, h: int, cfg: ImageConfig) -> tuple[int, int]:
+    """Kimi-VL's budget shrink (then, if strict, more until the aligned grid fits)."""
+    p = cfg.patch_size
+    n = (w // p) * (h // p)
+    if n <= cfg.max_patches:
+        scale = 1.0
+    else:
+        scale = math.sqrt(cfg.max_patches / n)
+    if not cfg.strict_budget:
+        return (int(w * scale), int(h * scale)) if scale < 1 else (w, h)
+    uh, uw = (k * p for k in cfg.merge_kernel)
+    while True:
+        nw, nh = max(int(w * scale), 1), max(int(h * scale), 1)
+        grid = (_aligned(nw, uw, cfg.align) // p) * (_aligned(nh, uh, cfg.align) // p)
+        if grid <= cfg.max_patches:
+            return nw, nh
+        scale *= math.sqrt(cfg.max_patches / grid) * 0.999
+
+
+def fit_image(image: Image.Image, cfg: ImageConfig = ImageConfig()) -> Image.Image:
+    """Shrink to the patch budget and align to multiples of patch x merge (RGB out)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    nw, nh = _shrunk_size(w, h, cfg)
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    uh, uw = (k * cfg.patch_size for k in cfg.merge_kernel)
+    tw, th = _aligned(nw, uw, cfg.align), _aligned(nh, uh, cfg.align)
+    if tw == 0 or th == 0:
+        raise ValueError(f"image of {w}x{h} px is smaller than one {uw}x{uh} merge block")
+    if cfg.align == "pad" and (tw, th) != (nw, nh):
+        canvas = Image.new("RGB", (tw, th), (0, 0, 0))
+        canvas.paste(image, (0, 0))
+        image = canvas
+    elif cfg.align == "resize" and (tw, th) != (nw, nh):
+        image = image.resize((tw, th), Image.Resampling.BICUBIC)
+    elif cfg.align == "crop" and (tw, th) != (nw, nh):
+        left, top = (nw - tw) // 2, (nh - th) // 2
+        image = image.crop((left, top, left + tw, top + th))
+    limit = cfg.max_side_patches
+    if tw // cfg.patch_size >= limit or th // cfg.patch_size >= limit:
+        raise ValueError(f"image grid {th // cfg.patch_size}x{tw // cfg.patch_size} patches "
+                         f"reaches the {limit}-patch side limit")
+    return image
+
+
+def patchify(chw: np.ndarray, patch_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`[3, H, W]` -> `([h * w, 3, p, p], (h, w))`, patches in raster order."""
+    c, hh, ww = chw.shape
+    h, w = hh // patch_size, ww // patch_size
+    x = chw.reshape(c, h, patch_size, w, patch_size).transpose(1, 3, 0, 2, 4)
+    return np.ascontiguousarray(x.reshape(h * w, c, patch_size, patch_size)), (h, w)
+
+
+def unpatchify(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Inverse of `patchify`: `[h * w, 3, p, p]` -> `[3, h * p, w * p]`."""
+    h, w = grid
+    n, c, p, _ = patches.shape
+    if n != h * w:
+        raise ValueError(f"{n} patches do not fill a {h}x{w} grid")
+    return patches.reshape(h, w, c, p, p).transpose(2, 0, 3, 1, 4).reshape(c, h * p, w * p)
+
+
+def _as_pil(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
+        raise ValueError(f"images must be PIL images or uint8 arrays [H, W, 3]; got "
+                         f"{arr.dtype} {arr.shape}")
+    return Image.fromarray(arr)
+
+
+def preprocess_image(image: Any, cfg: ImageConfig = ImageConfig()
+                     ) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image (PIL or uint8 `[H, W, 3]`) -> float32 patches `[h * w, 3, p, p]` and (h, w)."""
+    fitted = fit_image(_as_pil(image), cfg)
+    chw = np.asarray(fitted, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    mean = np.asarray(cfg.mean, np.float32)[:, None, None]
+    std = np.asarray(cfg.std, np.float32)[:, None, None]
+    return patchify((chw - mean) / std, cfg.patch_size)
+
+
+def preprocess_images(images: Sequence[Any], cfg: ImageConfig = ImageConfig()
+                      ) -> dict[str, np.ndarray]:
+    """`{"pixel_values": [P, 3, p, p] float32, "image_grid_hws": [N, 2] int64}`."""
+    patches, grids = [], []
+    for image in images:
+        x, grid = preprocess_image(image, cfg)
+        patches.append(x)
+        grids.append(grid)
+    p = cfg.patch_size
+    return {
+        "pixel_values": np.concatenate(patches) if patches else np.zeros((0, 3, p, p), np.float32),
+        "image_grid_hws": np.asarray(grids, np.int64).reshape(-1, 2),
+    }
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Kimi-VL's chat template, by hand: a default system turn unless one is given, then
+    `<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>` per message; an image content item
+    becomes `IMAGE_BLOCK`."""
+    parts = []
+    if messages and messages[0]["role"] != "system":
+        parts.append(f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM}<|im_end|>")
+    for m in messages:
+        role = m["role"]
+        if role not in _ROLE_MARKERS:
+            raise ValueError(f"message role {role!r}; allowed: {sorted(_ROLE_MARKERS)}")
+        content = m["content"]
+        if not isinstance(content, str):
+            content = "".join(IMAGE_BLOCK if _is_image_item(c) else c["text"] for c in content)
+        parts.append(f"{_ROLE_MARKERS[role]}{role}<|im_middle|>{content}<|im_end|>")
+    if add_generation_prompt:
+        parts.append("<|im_assistant|>assistant<|im_middle|>")
+    return "".join(parts)
+
+
+def _is_image_item(item: Mapping[str, Any]) -> bool:
+    return item.get("type") == "image" or "image" in item or "image_url" in item
+
+
+def expand_image_tokens(text: str, grid_hws: Any, merge_size: int = 4) -> str:
+    """Repeat the i-th `<|media_pad|>` `h_i * w_i / merge_size` times (one per merged group)."""
+    grids = np.asarray(grid_hws).reshape(-1, 2)
+    pieces = text.split(MEDIA_PAD)
+    if len(pieces) - 1 != len(grids):
+        raise ValueError(f"prompt has {len(pieces) - 1} image placeholder(s) {MEDIA_PAD} but "
+                         f"{len(grids)} image(s) were given")
+    out = [pieces[0]]
+    for (h, w), rest in zip(grids, pieces[1:], strict=True):
+        out.append(MEDIA_PAD * (int(h) * int(w) // merge_size) + rest)
+    return "".join(out)
+
+
+def load_tokenizer(directory: str | Path):
+    """The checkpoint's tokenizer through transformers (no remote code), or None if absent."""
+    d = Path(directory)
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    except Exception as err:  # any loader failure: say which directory and why
+        raise ValueError(f"tokenizer files in {d} could not be loaded by transformers without "
+                         f"remote code ({type(err).__name__}: {err}); pass a tokenizer "
+                         "object instead") from None
+
+
+def prompt_text(messages: Sequence[Mapping[str, Any]], tokenizer=None,
+                add_generation_prompt: bool = True) -> str:
+    """The chat prompt before image expansion: the tokenizer's template when it has one."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    return render_chat(messages, add_generation_prompt)
+
+
+def build_batch(conversations: Sequence[Sequence[Mapping[str, Any]]],
+                images: Sequence[Sequence[Any]], tokenizer, *,
+                image_cfg: ImageConfig = ImageConfig(), pad_token_id: int = 0,
+                padding_side: str = "left") -> dict[str, np.ndarray]:
+    """HF-processor-style batch for `model(batch)` from chats and their images (in order).
+
+    Returns `input_ids [B, T] int32`, `attention_mask [B, T] int32` (padding on
+    `padding_side`), `pixel_values [P, 3, p, p]`, `image_grid_hws [N, 2]`.
+    """
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side={padding_side!r}; allowed: 'left', 'right'")
+    merge = image_cfg.merge_kernel[0] * image_cfg.merge_kernel[1]
+    flat = [im for per in images for im in per]
+    pixels = preprocess_images(flat, image_cfg)
+    ids, start = [], 0
+    for conv, per in zip(conversations, images, strict=True):
+        grids = pixels["image_grid_hws"][start:start + len(per)]
+        start += len(per)
+        text = expand_image_tokens(prompt_text(conv, tokenizer), grids, merge)
+        ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    length = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), length), pad_token_id, np.int32)
+    mask = np.zeros((len(ids), length), np.int32)
+    for b, x in enumerate(ids):
+        sl = slice(length - len(x), length) if padding_side == "left" else slice(0, len(x))
+        input_ids[b, sl] = x
+        mask[b, sl] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, **pixels}
