@@ -1,0 +1,133 @@
+"""Mixed-bit grouped expert matmuls at Kimi-VL expert shapes against bf16 baselines.
+
+Shapes: 64 experts; gate/up = SwiGLU over [2048, 2 x 1408] (-> [M, 1408]); down = [1408, 2048].
+For each op, bit width and tokens per expert (1, 4, 16, 64, 512; routing spread evenly) it
+prints the median time, the packed weight bytes (codes + bf16 scales), the achieved bandwidth on
+those bytes, the fraction of the bandwidth floor (packed bytes / measured copy bandwidth), and
+the speed ratio to bf16 ``jax.lax.ragged_dot`` and to the same kernel on bf16 weights, all in
+one run. Without a GPU/TPU the kernel backend resolves to the XLA fallback (dequantize +
+ragged_dot); use ``--small`` there.
+
+  python -m benchmarks.kernels                      # full Kimi-VL shapes (GPU/TPU)
+  python -m benchmarks.kernels --small --bits 2,3,4 # reduced shapes, e.g. on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import packing
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", default="1,2,3,4,8", help="comma-separated bit widths")
+    p.add_argument("--tokens", default="1,4,16,64,512", help="tokens per expert")
+    p.add_argument("--ops", default="gate_up,down", help="gate_up and/or down")
+    p.add_argument("--backend", default="auto", choices=gm.BACKENDS)
+    p.add_argument("--small", action="store_true", help="8 experts, K=512, F=256, N=512")
+    p.add_argument("--repeats", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def op_shapes(small: bool):
+    """op -> (experts, K, weight columns, output columns, fused)."""
+    experts, d, f = (8, 512, 256) if small else (64, 2048, 1408)
+    return {"gate_up": (experts, d, 2 * f, f, True), "down": (experts, f, d, d, False)}
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a device copy (read + write) of ``nbytes``: the floor's bandwidth."""
+    a = jnp.ones((nbytes // 4,), jnp.float32)
+    seconds = gm.time_call(jax.jit(lambda v: v + 1), a, repeats=repeats)
+    return 2 * a.nbytes / seconds
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def random_packed(key, experts, k, cols, bits, parts):
+    """Random full-range codes and bf16 scales, packed on the device."""
+    kq, ks = jax.random.split(key)
+    half = 1 << (bits - 1)
+    if bits == 1:
+        codes = 2 * jax.random.bernoulli(kq, shape=(experts, k, cols)).astype(jnp.int32) - 1
+    else:
+        codes = jax.random.randint(kq, (experts, k, cols), -half, half)
+    scales = jax.random.uniform(ks, (experts, -(-k // 128), cols), jnp.float32, 0.5, 1.5)
+    scales = (scales / (k**0.5 * half)).astype(jnp.bfloat16)
+    return packing.pack(codes, scales, bits, parts=parts)
+
+
+def run(args) -> None:
+    bits_list = [int(b) for b in args.bits.split(",")]
+    backend = gm.resolve_backend(args.backend)
+    device = jax.devices()[0]
+    bandwidth = measure_copy_bandwidth(1 << (26 if args.small else 30))
+    fallback_note = "  (XLA fallback: dequantize + ragged_dot)" if backend == "xla" else ""
+    print(f"device: {device.platform} {device.device_kind}; jax {jax.__version__}")
+    print(f"backend: {backend}{fallback_note}")
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    print("command: python -m benchmarks.kernels " + " ".join(sys.argv[1:]))
+    print(
+        f"{'op':8} {'bits':>4} {'tok/exp':>7} {'M':>6} {'time_us':>10} {'packed_MB':>9} "
+        f"{'GB/s':>7} {'%floor':>6} {'x_ragged_bf16':>13} {'x_kernel_bf16':>13} {'err':>8}"
+    )
+    key = jax.random.key(0)
+    for op_name in args.ops.split(","):
+        experts, k, cols, out_cols, fused = op_shapes(args.small)[op_name]
+        w_bf16 = jax.random.normal(key, (experts, k, cols), jnp.bfloat16) / k**0.5
+        packed = {b: random_packed(key, experts, k, cols, b, 2 if fused else 1) for b in bits_list}
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            x = jax.random.normal(key, (experts * tokens, k), jnp.bfloat16)
+            sizes = jnp.full((experts,), tokens, jnp.int32)
+            bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args)
+        print(f"  ({op_name}: bf16 weights {w_bf16.size * 2 / 1e6:.1f} MB, {cols} -> {out_cols})")
+
+
+def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args):
+    """One table row per bit width at one token count, with the bf16 baselines timed once."""
+    repeats = args.repeats
+    t_ragged = gm.time_call(_ragged_bf16, x, w_bf16, sizes, fused, repeats=repeats)
+    t_dense = None
+    if backend != "xla":
+        dense = functools.partial(gm.grouped_matmul_dense, fused=fused, backend=backend)
+        t_dense = gm.time_call(jax.jit(dense), x, w_bf16, sizes, repeats=repeats)
+    op = gm.grouped_swiglu if fused else gm.grouped_matmul
+    kernel = jax.jit(functools.partial(op, backend=backend))
+    fallback = jax.jit(functools.partial(op, backend="xla"))
+    tokens = x.shape[0] // sizes.shape[0]
+    for bits, w in packed.items():
+        seconds = gm.time_call(kernel, x, w, sizes, repeats=repeats)
+        err = _relative_error(kernel(x, w, sizes), fallback(x, w, sizes))
+        nbytes = packing.nbytes(w)
+        floor = nbytes / bandwidth
+        vs_dense = f"{t_dense / seconds:13.2f}" if t_dense else f"{'n/a':>13}"
+        print(
+            f"{op_name:8} {bits:4d} {tokens:7d} {x.shape[0]:6d} {seconds * 1e6:10.1f} "
+            f"{nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:7.1f} {floor / seconds:6.1%} "
+            f"{t_ragged / seconds:13.2f} {vs_dense} {err:8.1e}"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _ragged_bf16(x, w, sizes, fused):
+    y = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    if fused:
+        f = w.shape[-1] // 2
+        y = jax.nn.silu(y[:, :f]) * y[:, f:]
+    return y.astype(x.dtype)
+
+
+def _relative_error(out, ref) -> float:
+    """Max |out - ref| / max |ref| against the XLA dequantize path (0 when it is the path)."""
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(out - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+
+
+if __name__ == "__main__":
+    run(parse_args(sys.argv[1:]))

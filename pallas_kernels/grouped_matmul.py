@@ -1,0 +1,528 @@
+"""Grouped (ragged) matmuls over packed mixed-bit expert weights, dequantized tile by tile.
+
+One call serves one bit-width group of G experts:
+  x [M, K] (bf16), rows sorted by expert; group_sizes [G] int32, sum <= M (rows of group g are
+  ``offsets[g]:offsets[g+1]`` with ``offsets = [0, cumsum(group_sizes)]``);
+  weights: a stacked ``packing.PackedWeight`` (planes ``[G, Kg, R, Np]``, scales ``[G, Kg, Np]``).
+Rows at or past ``sum(group_sizes)`` come out as zeros. Ops:
+  grouped_matmul(x, w [G, K, N], gs)      -> [M, N]   x_g @ W_g        (down projection)
+  grouped_swiglu(x, w [G, K, 2F], gs)     -> [M, F]   silu(x Wg) * (x Wu), gate = cols [:F];
+                                                      w packed with ``parts=2``.
+
+Kernel (megablox-style bookkeeping): rows are cut into ``block_m`` tiles; a *visit* is one
+(expert, row tile) pair, computed outside the kernel as ``tile_group[t], tile_m[t]`` for
+``t < num_tiles <= M/block_m + G - 1`` (a tile straddling experts is visited once per expert;
+empty experts are not visited). The grid is (N tiles, visits). Each program loops over the K
+groups (``group_size`` rows, one scale row each): loads the x slice and the packed word tiles
+of expert ``tile_group[t]``, unpacks them with shifts (``packing.unpack_tile``), multiplies in
+bf16 with f32 accumulation and applies the group scale to the partial product; finally it
+writes the rows of its expert.
+Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
+scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
+mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import packing
+from pallas_kernels.packing import PackedWeight
+
+BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
+DECODE_MAX_TOKENS_PER_EXPERT = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes: ``block_m`` rows of x, ``block_n`` output columns (powers of two).
+
+    ``block_n`` is halved until it divides the padded column width (a multiple of 128).
+    ``num_warps``/``num_stages`` are Triton's; Mosaic ignores them.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 8 or v & (v - 1):
+                raise ValueError(f"BlockConfig.{name}={v} must be a power of two >= 8")
+
+
+# Frozen defaults per backend and regime (decode: <= 32 tokens per expert on average). Chosen
+# from the layout (16-row dots at decode, 128-lane N tiles), not yet tuned on hardware: re-run
+# ``autotune`` (or benchmarks/kernels.py) on the target device and update them here.
+DEFAULT_CONFIGS = {
+    ("triton", "decode"): BlockConfig(block_m=16, block_n=128, num_warps=4, num_stages=4),
+    ("triton", "prefill"): BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    ("mosaic_tpu", "decode"): BlockConfig(block_m=16, block_n=256),
+    ("mosaic_tpu", "prefill"): BlockConfig(block_m=128, block_n=256),
+}
+
+
+def default_config(backend: str, m: int, num_experts: int) -> BlockConfig:
+    """The frozen config for ``backend`` in the regime given by tokens per expert."""
+    regime = "decode" if m <= DECODE_MAX_TOKENS_PER_EXPERT * num_experts else "prefill"
+    return DEFAULT_CONFIGS[(backend, regime)]
+
+
+def candidate_configs(backend: str) -> list[BlockConfig]:
+    """Configs the autotuner tries on ``backend``."""
+    if backend == "mosaic_tpu":
+        return [BlockConfig(bm, bn) for bm in (16, 64, 128, 256) for bn in (128, 256, 512)]
+    return [
+        BlockConfig(bm, bn, warps, stages)
+        for bm in (16, 32, 64, 128)
+        for bn in (64, 128, 256)
+        for warps in (4, 8)
+        for stages in (2, 4)
+    ]
+
+
+def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
+    """Maps "auto" to this platform's kernel ("triton" on GPU, "mosaic_tpu" on TPU), else "xla".
+
+    With ``interpret=True``, "auto" picks the kernel structure of the platform (Triton's
+    off TPU) so it runs in interpret mode.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    if interpret:
+        return "mosaic_tpu" if platform == "tpu" else "triton"
+    return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(platform, "xla")
+
+
+# ---------------------------------------------------------------- public ops
+
+
+def grouped_matmul(
+    x: jax.Array,
+    weights: PackedWeight,
+    group_sizes: jax.Array,
+    *,
+    config: BlockConfig | None = None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """``out[i] = x[i] @ W[g(i)]`` for packed ``W [G, K, N]``; returns ``[M, N]`` in x.dtype."""
+    _check_inputs(x, weights, group_sizes, fused=False)
+    return _grouped(x, weights, group_sizes, False, config, backend, interpret)
+
+
+def grouped_swiglu(
+    x: jax.Array,
+    weights: PackedWeight,
+    group_sizes: jax.Array,
+    *,
+    config: BlockConfig | None = None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """``silu(x Wg) * (x Wu)`` per expert for packed gate/up ``[G, K, 2F]`` (``parts=2``)."""
+    _check_inputs(x, weights, group_sizes, fused=True)
+    return _grouped(x, weights, group_sizes, True, config, backend, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("fused", "config", "backend", "interpret"))
+def grouped_matmul_dense(
+    x: jax.Array,
+    w: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    fused: bool = False,
+    config: BlockConfig | None = None,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """The same kernel on unquantized weights ``w [G, K, N]`` (the bf16 baseline).
+
+    Needs K a multiple of 128 and N (each half of N when ``fused``) a multiple of 128.
+    """
+    g, k, n = w.shape
+    if k % 128 or (n // (2 if fused else 1)) % 128 or (fused and n % 2):
+        raise ValueError(f"dense weights {w.shape}: K and N per part must be multiples of 128")
+    backend = resolve_backend(backend, interpret)
+    if backend == "xla":
+        y = lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
+        return _finish_xla(y, n // 2 if fused else n, fused, x.dtype)
+    spec = _Spec(None, 128, k // 128, fused, n // (2 if fused else 1), n // (2 if fused else 1))
+    return _run_kernel(x, (w,), group_sizes, spec, config, backend, interpret)
+
+
+# ---------------------------------------------------------------- references
+
+
+@jax.jit
+def grouped_matmul_reference(x, weights: PackedWeight, group_sizes) -> jax.Array:
+    """Plain jnp: dequantize every expert, multiply each expert's rows in float32."""
+    w = packing.dequantize(weights, jnp.float32)  # [G, K, N]
+    return _per_group_matmul(x, w, group_sizes).astype(x.dtype)
+
+
+@jax.jit
+def grouped_swiglu_reference(x, weights: PackedWeight, group_sizes) -> jax.Array:
+    """Plain jnp SwiGLU over ``grouped_matmul_reference``'s float32 product."""
+    w = packing.dequantize(weights, jnp.float32)
+    y = _per_group_matmul(x, w, group_sizes)
+    f = weights.n // 2
+    return (jax.nn.silu(y[:, :f]) * y[:, f:]).astype(x.dtype)
+
+
+def _per_group_matmul(x, w, group_sizes):
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(x.shape[0])
+    xf = x.astype(jnp.float32)
+    out = jnp.zeros((x.shape[0], w.shape[-1]), jnp.float32)
+    for g in range(w.shape[0]):
+        start = ends[g] - group_sizes[g]
+        in_group = (rows >= start) & (rows < ends[g])
+        y = jnp.dot(xf, w[g], precision=lax.Precision.HIGHEST)
+        out = jnp.where(in_group[:, None], y, out)
+    return out
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static shape of one launch. ``bits=None``: dense weights ``[G, Kp, Np]``."""
+
+    bits: int | None
+    group_size: int
+    num_k_groups: int
+    fused: bool
+    out_n: int  # logical output columns (F when fused)
+    part_padded: int  # column offset of the up half; output columns computed
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _grouped(x, weights, group_sizes, fused, config, backend, interpret):
+    backend = resolve_backend(backend, interpret)
+    if backend == "mosaic_tpu" and weights.group_size % 128:
+        backend = "xla"  # Mosaic needs 128-lane x slices; no kernel for smaller groups
+    out_n = weights.n // 2 if fused else weights.n
+    if backend == "xla":
+        w = packing.dequantize(weights, x.dtype)
+        y = lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+        return _finish_xla(y, out_n, fused, x.dtype)
+    spec = _Spec(
+        weights.bits, weights.group_size, weights.num_groups_k, fused, out_n, weights.part_padded
+    )
+    arrays = (*weights.planes, weights.scales)
+    return _run_kernel(x, arrays, group_sizes, spec, config, backend, interpret)
+
+
+def _finish_xla(y, out_n, fused, dtype):
+    if fused:
+        y = jax.nn.silu(y[:, :out_n]) * y[:, out_n:]
+    return y.astype(dtype)
+
+
+def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret):
+    m, k = x.shape
+    num_experts = arrays[0].shape[0]
+    if config is None:
+        config = default_config(backend, m, num_experts)
+    bm = config.block_m
+    bn = _fit_block_n(config.block_n, spec.part_padded)
+    if backend == "mosaic_tpu" and bn % 128:
+        raise ValueError(f"Mosaic TPU needs block_n a multiple of 128, got {config.block_n}")
+    if backend == "triton" and bm < 16:
+        raise ValueError(f"Triton dots need block_m >= 16, got {bm}")
+    m_pad = max(_round_up(m, bm), bm)
+    k_pad = spec.num_k_groups * spec.group_size
+    x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
+    meta = group_metadata(group_sizes, m_pad, bm)
+    build = _triton_call if backend == "triton" else _mosaic_call
+    out = build(x, arrays, meta, spec, bm, bn, config, interpret)
+    rows = jnp.arange(m)
+    return jnp.where((rows < meta[0][-1])[:, None], out[:m, : spec.out_n], 0).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def group_metadata(group_sizes: jax.Array, m_padded: int, block_m: int):
+    """Tile-visit bookkeeping: ``(offsets [G+1], tile_group [T], tile_m [T], num_tiles [1])``.
+
+    ``T = m_padded / block_m + G - 1`` (static bound); visits ``t >= num_tiles`` repeat the last
+    real visit so a pipelined backend fetches nothing new. Group ends are clipped to
+    ``m_padded``.
+    """
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    num_experts = sizes.shape[0]
+    ends = jnp.minimum(jnp.cumsum(sizes), m_padded)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
+    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), ends])
+    first = starts // block_m
+    count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
+    visit_end = jnp.cumsum(count)
+    num_tiles = visit_end[-1]
+    m_tiles = m_padded // block_m
+    t = jnp.minimum(jnp.arange(m_tiles + num_experts - 1), jnp.maximum(num_tiles - 1, 0))
+    group = jnp.minimum(jnp.searchsorted(visit_end, t, side="right"), num_experts - 1)
+    tile = first[group] + t - (visit_end[group] - count[group])
+    tile = jnp.clip(tile, 0, m_tiles - 1).astype(jnp.int32)
+    return offsets, group.astype(jnp.int32), tile, num_tiles.reshape(1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- kernel bodies
+
+
+def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_loop: bool):
+    """Accumulates each operand's ``x @ W`` over K groups; SwiGLU when fused.
+
+    ``operands``: per output (gate, up) a pair ``(load_words(kg) -> tuple | array,
+    load_scale(kg) -> [1, bn] | None)``.
+    """
+
+    # float32 activations get true float32 products (not TF32); bf16 is exact either way.
+    precision = lax.Precision.HIGHEST if jnp.dtype(out_dtype) == jnp.float32 else None
+
+    def step(kg, accs):
+        xk = load_x(kg)
+        new = []
+        for acc, (load_w, load_s) in zip(accs, operands, strict=True):
+            if spec.bits is None:
+                w = load_w(kg).astype(xk.dtype)
+            else:
+                q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size)
+                w = q.astype(jnp.float32).astype(xk.dtype)
+            part = jnp.dot(xk, w, precision=precision, preferred_element_type=jnp.float32)
+            new.append(acc + (part if load_s is None else part * load_s(kg).astype(jnp.float32)))
+        return tuple(new)
+
+    accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in operands)
+    if static_loop:  # Mosaic: static ref offsets, unrolled for its scheduler
+        for kg in range(spec.num_k_groups):
+            accs = step(kg, accs)
+    else:  # Triton: an scf.for that num_stages can software-pipeline
+        accs = lax.fori_loop(0, spec.num_k_groups, step, accs)
+    y = jax.nn.silu(accs[0]) * accs[1] if spec.fused else accs[0]
+    return y.astype(out_dtype)
+
+
+def _row_mask(start, end, tile_m, bm, bn):
+    rows = tile_m * bm + lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
+    return (rows >= start) & (rows < end)
+
+
+def _num_outputs(spec):
+    return 2 if spec.fused else 1
+
+
+def _column_blocks(spec, bn):
+    return spec.part_padded // bn
+
+
+def _triton_call(x, arrays, meta, spec, bm, bn, config, interpret):
+    gs = spec.group_size
+    n_blocks = _column_blocks(spec, bn)
+
+    def kernel(offs_ref, group_ref, tile_ref, count_ref, x_ref, *refs):
+        *w_refs, o_ref = refs
+        n, t = pl.program_id(0), pl.program_id(1)
+
+        @pl.when(t < count_ref[0])
+        def _():
+            g, mt = group_ref[t], tile_ref[t]
+            rows = pl.ds(pl.multiple_of(mt * bm, bm), bm)
+            load_x = lambda kg: x_ref[rows, pl.ds(pl.multiple_of(kg * gs, gs), gs)]
+            operands = []
+            for i in range(_num_outputs(spec)):
+                cols = pl.ds(pl.multiple_of((n + i * n_blocks) * bn, bn), bn)
+                operands.append(_triton_operand(w_refs, g, cols, spec))
+            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=False)
+            mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
+            plgpu.store(o_ref.at[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)], y, mask=mask)
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], spec.part_padded), x.dtype),
+        grid=(n_blocks, meta[1].shape[0]),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name=_kernel_name(spec),
+    )(*meta, x, *arrays)
+
+
+def _triton_operand(w_refs, g, cols, spec):
+    gs = spec.group_size
+    if spec.bits is None:
+        (w_ref,) = w_refs
+        return (lambda kg: w_ref[g, pl.ds(pl.multiple_of(kg * gs, gs), gs), cols]), None
+    *plane_refs, s_ref = w_refs
+    load_w = lambda kg: tuple(p[g, kg, :, cols] for p in plane_refs)
+    load_s = lambda kg: s_ref[g, pl.ds(kg, 1), cols]
+    return load_w, load_s
+
+
+def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
+    del config  # Mosaic has no warps/stages to set
+    gs = spec.group_size
+    n_blocks = _column_blocks(spec, bn)
+    n_out = _num_outputs(spec)
+
+    def kernel(offs_ref, group_ref, tile_ref, count_ref, x_ref, *refs):
+        *w_refs, o_ref = refs
+        t = pl.program_id(1)
+
+        @pl.when(t < count_ref[0])
+        def _():
+            g, mt = group_ref[t], tile_ref[t]
+            load_x = lambda kg: x_ref[:, kg * gs : (kg + 1) * gs]
+            per_out = len(w_refs) // n_out
+            operands = [
+                _mosaic_operand(w_refs[i * per_out : (i + 1) * per_out], spec) for i in range(n_out)
+            ]
+            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True)
+            mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
+            o_ref[...] = jnp.where(mask, y, o_ref[...])
+
+    def weight_spec(a, shift):
+        block = (None, *a.shape[1:-1], bn)
+        zeros = (0,) * (a.ndim - 2)
+        return pl.BlockSpec(block, lambda n, t, o, gr, tm, c: (gr[t], *zeros, n + shift))
+
+    in_specs = [pl.BlockSpec((bm, x.shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))]
+    for i in range(n_out):
+        in_specs += [weight_spec(a, i * n_blocks) for a in arrays]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=4,
+        grid=(n_blocks, meta[1].shape[0]),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda n, t, o, gr, tm, c: (tm[t], n)),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], spec.part_padded), x.dtype),
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+        name=_kernel_name(spec),
+    )(*meta, x, *(arrays * n_out))
+
+
+def _mosaic_operand(w_refs, spec):
+    gs = spec.group_size
+    if spec.bits is None:
+        (w_ref,) = w_refs
+        return (lambda kg: w_ref[kg * gs : (kg + 1) * gs, :]), None
+    *plane_refs, s_ref = w_refs
+    load_w = lambda kg: tuple(p[kg] for p in plane_refs)
+    load_s = lambda kg: s_ref[kg : kg + 1, :]
+    return load_w, load_s
+
+
+def _kernel_name(spec):
+    kind = "swiglu" if spec.fused else "matmul"
+    return f"grouped_{kind}_{'bf16' if spec.bits is None else f'w{spec.bits}'}"
+
+
+# ---------------------------------------------------------------- checks and helpers
+
+
+def _check_inputs(x, weights, group_sizes, *, fused):
+    if not isinstance(weights, PackedWeight):
+        raise ValueError(f"weights must be a packing.PackedWeight, got {type(weights).__name__}")
+    if x.ndim != 2 or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        raise ValueError(f"x must be [M, K] bf16/f16/f32, got {x.shape} {x.dtype}")
+    if weights.scales.ndim != 3:
+        raise ValueError(
+            f"weights must be stacked over experts ([G, ...]), got scales {weights.scales.shape}"
+        )
+    if x.shape[1] != weights.k:
+        raise ValueError(f"x has K={x.shape[1]} but the weights have K={weights.k}")
+    num_experts = weights.scales.shape[0]
+    if group_sizes.shape != (num_experts,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"group_sizes must be int [{num_experts}], got {group_sizes.shape} {group_sizes.dtype}"
+        )
+    if fused and weights.parts != 2:
+        raise ValueError(
+            "grouped_swiglu needs gate/up weights packed with parts=2 (gate = first half)"
+        )
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        total = int(sizes.sum())
+        if total > x.shape[0] or (sizes < 0).any():
+            raise ValueError(
+                f"group_sizes must be >= 0 with sum <= M={x.shape[0]}; got sum {total}"
+            )
+
+
+def _fit_block_n(block_n: int, width: int) -> int:
+    while width % block_n:
+        block_n //= 2
+    return block_n
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+# ---------------------------------------------------------------- timing and autotuning
+
+
+def time_call(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
+    """Median seconds of ``fn(*args)`` (jit it first), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def autotune(
+    op: Callable,
+    x: jax.Array,
+    weights,
+    group_sizes: jax.Array,
+    *,
+    candidates: Sequence[BlockConfig] | None = None,
+    backend: str = "auto",
+    interpret: bool = False,
+    repeats: int = 10,
+) -> tuple[BlockConfig, dict[BlockConfig, float]]:
+    """Times ``op(x, weights, group_sizes, config=c)`` for each candidate on this backend.
+
+    Returns the fastest config and all timings (seconds; ``inf`` where a config failed to
+    compile or run). Raises ValueError when the backend resolves to "xla" (nothing to tune).
+    """
+    resolved = resolve_backend(backend, interpret)
+    if resolved == "xla":
+        raise ValueError("autotune needs a kernel backend; this platform resolves to 'xla'")
+    timings = {}
+    for cfg in candidates or candidate_configs(resolved):
+        call = functools.partial(op, config=cfg, backend=resolved, interpret=interpret)
+        try:
+            timings[cfg] = time_call(jax.jit(call), x, weights, group_sizes, repeats=repeats)
+        except Exception:  # a config that does not lower or fit is skipped, not fatal
+            timings[cfg] = float("inf")
+    best = min(timings, key=timings.get)
+    if timings[best] == float("inf"):
+        raise ValueError(f"no candidate config ran on backend {resolved!r}")
+    return best, timings

@@ -1,0 +1,327 @@
+"""Dense bit packing of group-quantized weights into uint32 bit-planes.
+
+A quantized kernel ``w [K, N]`` (``y = x @ w``) is held as signed integer codes ``q [K, N]`` and
+scales ``s [ceil(K / gs), N]`` with ``w[k, n] = q[k, n] * s[k // gs, n]`` (gs = group size, 128).
+Codes are ``q in [-2^(b-1), 2^(b-1) - 1]`` for b >= 2 and ``q in {-1, +1}`` for b = 1.
+
+Unsigned codes::
+
+    b >= 2:  u = q + 2^(b-1)          q = u - 2^(b-1)
+    b == 1:  u = (q + 1) / 2          q = 2 u - 1
+
+Planes. A b-bit code is split into bit-planes of width c in {1, 2, 4, 8}, each exactly c bits
+per weight (no containers): 1, 2, 4, 8 bits use one plane of width b; 3 bits use a 2-bit plane
+holding ``u & 3`` and a 1-bit plane holding ``u >> 2``, so ``u = lo | (hi << 2)``.
+
+Plane layout. A c-bit plane is ``uint32 [..., Kg, R, Np]`` with ``Kg = ceil(K / gs)`` groups,
+``R = gs * c / 32`` words per group and column, ``P = 32 / c`` codes per word. Word
+``plane[g, r, n]`` holds, in bits ``[j*c, (j+1)*c)`` for slot ``j = 0 .. P-1``, the piece of
+row ``k = g*gs + t`` of column ``n``, where the in-group row ``t`` is::
+
+    slot-major  (R % 8 == 0; gs=128: c = 2, 4, 8):  t = j * R + r
+    word-major  (otherwise;  gs=128: c = 1):        t = r * P + j
+
+    gs = 128, c = 2 (R = 8, P = 16), one group, one column n:
+      word r=0: [ t=0 | t=8  | t=16 | ... | t=120 ]   bits 0-1, 2-3, 4-5, ..., 30-31
+      word r=1: [ t=1 | t=9  | t=17 | ... | t=121 ]
+      ...
+      word r=7: [ t=7 | t=15 | t=23 | ... | t=127 ]
+    gs = 128, c = 1 (R = 4, P = 32):
+      word r=0: [ t=0  | t=1  | ... | t=31  ]         bit j holds t = j
+      word r=3: [ t=96 | t=97 | ... | t=127 ]
+
+Both orders unpack one group's ``[R, bn]`` word tile to ``[gs, bn]`` codes with a broadcast, a
+shift by a ``broadcasted_iota``, a mask and a reshape whose merged second-minor dimension
+(R or P) is a multiple of 8: no gather, no stack, power-of-two sizes (Triton), and
+(8, 128)-aligned tiles (Mosaic TPU). N is the lane (contiguous) dimension.
+
+Padding (round-trips; stripped by ``unpack``/``dequantize``): K is padded to ``Kg * gs`` with
+code q = 0 (q = -1 for b = 1); each of the ``parts`` column blocks of width ``Nq = N / parts``
+is padded to ``Nqp``, a multiple of 128, with the same pad code and scale 0. A fused gate/up
+kernel ``[K, 2F]`` is packed with ``parts=2`` so its up half starts at the 128-aligned column
+``Fp``.
+
+Dequantizing weight (k, n) of column block i = n // Nq: column ``c = i * Nqp + n % Nq``,
+``g, t = divmod(k, gs)``; per plane get (r, j) from t as above and read
+``(plane[g, r, c] >> (j * width)) & (2^width - 1)``; combine the planes into u, map u to q, and
+``w = q * scales[g, c]``.
+
+Stacked experts: every function accepts leading batch dimensions, e.g. ``codes [G, K, N]``
+gives planes ``[G, Kg, R, Np]`` and scales ``[G, Kg, Np]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+COLUMN_ALIGN = 128
+
+
+def plane_widths(bits: int) -> tuple[int, ...]:
+    """Bit widths of the planes that hold a ``bits``-bit code, low bits first."""
+    _check_bits(bits)
+    return (2, 1) if bits == 3 else (bits,)
+
+
+def words_per_group(width: int, group_size: int) -> int:
+    """R: uint32 words per group and column in a plane of ``width`` bits."""
+    return group_size * width // 32
+
+
+def is_slot_major(width: int, group_size: int) -> bool:
+    """Whether a plane uses the slot-major in-group order (see the module docstring)."""
+    return words_per_group(width, group_size) % 8 == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """Packed codes and scales of a ``[..., K, N]`` kernel; how to read them: module docstring.
+
+    ``planes``: uint32 ``[..., Kg, R_i, Np]`` per plane; ``scales``: ``[..., Kg, Np]``.
+    ``k``, ``n`` are the logical (unpadded) sizes; ``parts`` column blocks of ``n / parts``
+    columns are each padded to a multiple of 128 (``Np = parts * part_padded``).
+    """
+
+    planes: tuple[jax.Array, ...]
+    scales: jax.Array
+    bits: int = dataclasses.field(metadata={"static": True})
+    k: int = dataclasses.field(metadata={"static": True})
+    n: int = dataclasses.field(metadata={"static": True})
+    group_size: int = dataclasses.field(default=128, metadata={"static": True})
+    parts: int = dataclasses.field(default=1, metadata={"static": True})
+
+    @property
+    def num_groups_k(self) -> int:
+        return -(-self.k // self.group_size)
+
+    @property
+    def k_padded(self) -> int:
+        return self.num_groups_k * self.group_size
+
+    @property
+    def part_n(self) -> int:
+        return self.n // self.parts
+
+    @property
+    def part_padded(self) -> int:
+        return _round_up(self.part_n, COLUMN_ALIGN)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.scales.shape[:-2])
+
+
+def pack(codes, scales, bits: int, *, group_size: int = 128, parts: int = 1) -> PackedWeight:
+    """Packs signed codes ``[..., K, N]`` and scales ``[..., ceil(K/gs), N]`` densely.
+
+    Raises ValueError for an unsupported bit width, mismatched shapes, or (for concrete
+    arrays) codes outside the signed range of ``bits``.
+    """
+    _check_bits(bits)
+    _check_code_range(codes, bits)
+    codes = jnp.asarray(codes)
+    scales = jnp.asarray(scales)
+    _check_group_size(group_size)
+    if codes.ndim < 2:
+        raise ValueError(f"codes must be [..., K, N], got shape {codes.shape}")
+    *batch, k, n = codes.shape
+    kg = -(-k // group_size)
+    if scales.shape != (*batch, kg, n):
+        raise ValueError(
+            f"scales shape {scales.shape} does not match codes {codes.shape}: expected "
+            f"{(*batch, kg, n)} (one scale per {group_size} rows and column)"
+        )
+    if parts < 1 or n % parts:
+        raise ValueError(f"parts={parts} must be >= 1 and divide N={n}")
+    planes, packed_scales = _pack_arrays(codes, scales, bits, group_size, parts)
+    return PackedWeight(planes, packed_scales, bits, k, n, group_size, parts)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _pack_arrays(codes, scales, bits, group_size, parts):
+    kg = -(-codes.shape[-2] // group_size)
+    k = codes.shape[-2]
+    u = _to_unsigned(codes.astype(jnp.int32), bits)
+    u = _pad_rows(u, kg * group_size - k, _unsigned_pad_value(bits))
+    u = _pad_parts(u, parts, _unsigned_pad_value(bits))
+    planes = []
+    shift = 0
+    for width in plane_widths(bits):
+        piece = (u >> shift) & ((1 << width) - 1)
+        planes.append(_pack_plane(piece, width, group_size))
+        shift += width
+    return tuple(planes), _pad_parts(scales, parts, 0)
+
+
+def unpack_tile(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+    """Signed int32 codes ``[gs, bn]`` of one group from its plane tiles ``[R_i, bn]``.
+
+    Only broadcasts, iota shifts, masks and one reshape per plane: safe inside Triton and
+    Mosaic TPU kernels. Works on uint32 or int32 words.
+    """
+    u = None
+    shift = 0
+    for width, w in zip(plane_widths(bits), words, strict=True):
+        piece = _unpack_plane_tile(w, width, group_size)
+        u = piece if u is None else u | (piece << shift)
+        shift += width
+    return _to_signed(u, bits)
+
+
+@jax.jit
+def unpack(packed: PackedWeight) -> jax.Array:
+    """Signed int32 codes ``[..., K, N]`` (padding stripped)."""
+    *batch, kg, _, npad = packed.planes[0].shape
+    tiles = [p.reshape(-1, p.shape[-2], npad) for p in packed.planes]
+    one = lambda *w: unpack_tile(w, packed.bits, packed.group_size)
+    codes = jax.vmap(one)(*tiles)  # [prod(batch) * kg, gs, Np]
+    codes = codes.reshape(*batch, kg * packed.group_size, npad)[..., : packed.k, :]
+    return _strip_parts(codes, packed)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def dequantize(packed: PackedWeight, dtype=jnp.float32) -> jax.Array:
+    """``w [..., K, N] = q * s`` in ``dtype`` (computed in float32)."""
+    codes = unpack(packed).astype(jnp.float32)
+    scales = _strip_parts(packed.scales, packed).astype(jnp.float32)
+    rows = jnp.repeat(scales, packed.group_size, axis=-2)[..., : packed.k, :]
+    return (codes * rows).astype(dtype)
+
+
+def nbytes(packed: PackedWeight) -> int:
+    """Bytes actually stored: all planes plus scales."""
+    return (
+        sum(int(p.size) * p.dtype.itemsize for p in packed.planes)
+        + int(packed.scales.size) * packed.scales.dtype.itemsize
+    )
+
+
+def theoretical_nbytes(
+    k: int, n: int, bits: int, *, group_size: int = 128, scale_dtype=jnp.bfloat16, batch: int = 1
+) -> int:
+    """Ideal bytes: ``K*N*bits/8`` for the codes plus one scale per group and column."""
+    _check_bits(bits)
+    code_bytes = math.ceil(k * n * bits / 8)
+    scale_bytes = -(-k // group_size) * n * jnp.dtype(scale_dtype).itemsize
+    return batch * (code_bytes + scale_bytes)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
+
+
+def _check_group_size(group_size: int) -> None:
+    if group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"group_size={group_size} must be a power of two >= 32")
+
+
+def _check_code_range(codes, bits: int) -> None:
+    if isinstance(codes, jax.core.Tracer):
+        return
+    c = np.asarray(codes)
+    if c.size == 0:
+        return
+    if bits == 1:
+        bad = ~np.isin(c, (-1, 1))
+        allowed = "{-1, +1}"
+    else:
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        bad = (c < lo) | (c > hi)
+        allowed = f"[{lo}, {hi}]"
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{bits}-bit codes must lie in {allowed}; found {int(c[first])} at index {first}"
+        )
+
+
+def _to_unsigned(q: jax.Array, bits: int) -> jax.Array:
+    u = (q + 1) // 2 if bits == 1 else q + (1 << (bits - 1))
+    return u.astype(jnp.uint32)
+
+
+def _to_signed(u: jax.Array, bits: int) -> jax.Array:
+    u = u.astype(jnp.int32)
+    return 2 * u - 1 if bits == 1 else u - (1 << (bits - 1))
+
+
+def _unsigned_pad_value(bits: int) -> int:
+    return 0 if bits == 1 else 1 << (bits - 1)
+
+
+def _pad_rows(a: jax.Array, extra: int, value) -> jax.Array:
+    if not extra:
+        return a
+    widths = [(0, 0)] * (a.ndim - 2) + [(0, extra), (0, 0)]
+    return jnp.pad(a, widths, constant_values=value)
+
+
+def _pad_parts(a: jax.Array, parts: int, value) -> jax.Array:
+    """Splits the last axis into ``parts`` blocks and pads each to a multiple of 128."""
+    part_n = a.shape[-1] // parts
+    extra = _round_up(part_n, COLUMN_ALIGN) - part_n
+    if not extra:
+        return a
+    a = a.reshape(*a.shape[:-1], parts, part_n)
+    widths = [(0, 0)] * (a.ndim - 1) + [(0, extra)]
+    a = jnp.pad(a, widths, constant_values=value)
+    return a.reshape(*a.shape[:-2], parts * (part_n + extra))
+
+
+def _strip_parts(a: jax.Array, packed: PackedWeight) -> jax.Array:
+    part_n, part_p = packed.part_n, packed.part_padded
+    if part_n == part_p:
+        return a
+    a = a.reshape(*a.shape[:-1], packed.parts, part_p)[..., :part_n]
+    return a.reshape(*a.shape[:-2], packed.n)
+
+
+def _pack_plane(piece: jax.Array, width: int, group_size: int) -> jax.Array:
+    """``piece [..., Kp, Np]`` (values < 2^width) -> words ``[..., Kg, R, Np]``."""
+    *batch, kp, npad = piece.shape
+    kg, r, p = kp // group_size, words_per_group(width, group_size), 32 // width
+    shifts = jnp.arange(p, dtype=jnp.uint32) * width
+    if is_slot_major(width, group_size):  # t = j * R + r
+        piece = piece.reshape(*batch, kg, p, r, npad)
+        words = piece << shifts[:, None, None]
+        axis = -3
+    else:  # t = r * P + j
+        piece = piece.reshape(*batch, kg, r, p, npad)
+        words = piece << shifts[:, None]
+        axis = -2
+    # Slots occupy disjoint bits, so the sum is their bitwise OR.
+    return jnp.sum(words, axis=axis, dtype=jnp.uint32)
+
+
+def _unpack_plane_tile(words: jax.Array, width: int, group_size: int) -> jax.Array:
+    """Words ``[R, bn]`` of one group -> unsigned pieces ``int32 [gs, bn]``."""
+    r, bn = words.shape
+    p = 32 // width
+    if words.dtype != jnp.int32:
+        words = lax.bitcast_convert_type(words, jnp.int32)
+    if is_slot_major(width, group_size):
+        shape, slot_axis = (p, r, bn), 0
+        wide = lax.broadcast_in_dim(words, shape, (1, 2))
+    else:
+        shape, slot_axis = (r, p, bn), 1
+        wide = lax.broadcast_in_dim(words, shape, (0, 2))
+    shifts = lax.broadcasted_iota(jnp.int32, shape, slot_axis) * width
+    piece = lax.shift_right_logical(wide, shifts) & ((1 << width) - 1)
+    return piece.reshape(group_size, bn)

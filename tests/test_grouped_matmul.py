@@ -1,0 +1,267 @@
+"""Grouped mixed-bit matmul kernels against the plain-jnp references, plus lowering checks.
+
+``TestGroupedMatmul`` runs the kernels natively where a GPU/TPU is present;
+``TestGroupedMatmulInterpret`` runs the same cases in Pallas interpret mode on CPU (Triton
+kernel structure), ``TestGroupedMatmulInterpretMosaic`` the TPU structure (slow). Lowering
+tests ``jax.export`` every kernel configuration for TPU (Mosaic) and CUDA (Triton) on CPU.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import packing
+
+TOLERANCE = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float32): 2e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    bits: int
+    k: int
+    n: int  # output columns (F for swiglu)
+    group_sizes: tuple[int, ...]
+    m: int
+    swiglu: bool = False
+    dtype: str = "bfloat16"
+    config: gm.BlockConfig | None = None
+
+
+CASES = [
+    Case("w1_aligned", 1, 256, 128, (7, 9, 16), 32),
+    Case("w2_empty_groups", 2, 384, 128, (0, 10, 0, 6), 16),
+    Case("w3_ragged_tail", 3, 256, 256, (5, 11, 3), 24),
+    Case("w4_odd_k_odd_n", 4, 200, 100, (9, 12), 21),
+    Case("w8_one_token_per_expert", 8, 128, 128, (1,) * 8, 8),
+    Case("w3_many_tokens", 3, 128, 256, (40, 50), 96, config=gm.BlockConfig(32, 256)),
+    Case("w2_all_empty", 2, 128, 128, (0, 0), 8),
+    Case("w4_float32", 4, 256, 128, (3, 13), 16, dtype="float32"),
+    Case("w3_swiglu_ragged_odd_f", 3, 256, 100, (4, 0, 13), 20, swiglu=True),
+    Case("w4_swiglu_one_token", 4, 128, 128, (1, 1, 1, 1), 4, swiglu=True),
+]
+
+
+def make_inputs(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g, cols = len(case.group_sizes), case.n * (2 if case.swiglu else 1)
+    if case.bits == 1:
+        codes = rng.choice(np.array([-1, 1]), size=(g, case.k, cols))
+    else:
+        half = 1 << (case.bits - 1)
+        codes = rng.integers(-half, half, size=(g, case.k, cols))
+    scales = rng.uniform(0.5, 1.5, size=(g, -(-case.k // 128), cols)) / np.sqrt(case.k)
+    scales = scales / (1 << max(case.bits - 2, 0))
+    weights = packing.pack(
+        codes, jnp.asarray(scales, jnp.bfloat16), case.bits, parts=2 if case.swiglu else 1
+    )
+    x = jnp.asarray(rng.standard_normal((case.m, case.k)), case.dtype)
+    return x, weights, jnp.asarray(case.group_sizes, jnp.int32)
+
+
+def assert_close(out, ref, dtype):
+    tol = TOLERANCE[jnp.dtype(dtype)]
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    scale = max(float(np.abs(ref).max()), 1.0)
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * scale)
+
+
+def check_kernel_case(case, backend, interpret):
+    x, weights, sizes = make_inputs(case)
+    op, ref_op = (
+        (gm.grouped_swiglu, gm.grouped_swiglu_reference)
+        if case.swiglu
+        else (gm.grouped_matmul, gm.grouped_matmul_reference)
+    )
+    out = op(x, weights, sizes, config=case.config, backend=backend, interpret=interpret)
+    ref = ref_op(x, weights, sizes)
+    assert out.shape == (case.m, case.n) and out.dtype == x.dtype
+    total = sum(case.group_sizes)
+    np.testing.assert_array_equal(np.asarray(out[total:], np.float32), 0.0)
+    assert_close(out, ref, x.dtype)
+
+
+class TestGroupedMatmul:
+    """Kernel vs reference on the native accelerator (skipped without one)."""
+
+    interpret = False
+    backend = "auto"
+
+    @pytest.fixture(autouse=True)
+    def _needs_backend(self):
+        if not self.interpret and jax.default_backend() not in ("gpu", "tpu"):
+            pytest.skip("no GPU/TPU: the native kernels cannot run here")
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+    def test_kernel_matches_reference(self, case):
+        check_kernel_case(case, self.backend, self.interpret)
+
+    def test_dense_weights_kernel_matches_ragged_dot(self):
+        rng = np.random.default_rng(3)
+        sizes = jnp.asarray([6, 0, 9], jnp.int32)
+        x = jnp.asarray(rng.standard_normal((16, 128)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((3, 128, 256)) / 12, jnp.bfloat16)
+        out = gm.grouped_matmul_dense(
+            x, w, sizes, fused=True, backend=self.backend, interpret=self.interpret
+        )
+        y = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+        assert_close(out, jax.nn.silu(y[:, :128]) * y[:, 128:], x.dtype)
+
+
+class TestGroupedMatmulInterpret(TestGroupedMatmul):
+    """The same cases in interpret mode on CPU, Triton kernel structure."""
+
+    interpret = True
+    backend = "triton"
+
+
+@pytest.mark.slow
+class TestGroupedMatmulInterpretMosaic(TestGroupedMatmul):
+    """The same cases in interpret mode, TPU (scalar-prefetch) kernel structure."""
+
+    interpret = True
+    backend = "mosaic_tpu"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[8]], ids=lambda c: c.name)
+def test_mosaic_structure_interpret_fast_subset(case):
+    check_kernel_case(case, "mosaic_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_xla_fallback_matches_reference(case):
+    x, weights, sizes = make_inputs(case, seed=1)
+    op, ref_op = (
+        (gm.grouped_swiglu, gm.grouped_swiglu_reference)
+        if case.swiglu
+        else (gm.grouped_matmul, gm.grouped_matmul_reference)
+    )
+    assert_close(op(x, weights, sizes, backend="xla"), ref_op(x, weights, sizes), x.dtype)
+
+
+def test_group_metadata_covers_every_row_once():
+    """Brute force: each row below sum(sizes) is in exactly one visit, of its own expert."""
+    rng = np.random.default_rng(7)
+    g, bm, m_pad = 5, 8, 96
+    for _ in range(30):
+        sizes = rng.integers(0, 3, size=g) * rng.integers(0, 10, size=g)  # sum <= 90
+        offsets, groups, tiles, count = map(
+            np.asarray, gm.group_metadata(jnp.asarray(sizes, jnp.int32), m_pad, bm)
+        )
+        n = int(count[0])
+        assert len(groups) == m_pad // bm + g - 1 >= n
+        assert (np.diff(tiles) >= 0).all()  # output tiles are revisited consecutively
+        if n:  # padding visits repeat the last real one
+            assert (groups[n:] == groups[n - 1]).all() and (tiles[n:] == tiles[n - 1]).all()
+        owner = np.repeat(np.arange(g), sizes)
+        hits = np.zeros(len(owner), int)
+        for grp, tile in zip(groups[:n], tiles[:n], strict=True):
+            assert sizes[grp] > 0
+            rows = np.arange(tile * bm, (tile + 1) * bm)
+            mine = rows[(rows >= offsets[grp]) & (rows < offsets[grp + 1])]
+            assert len(mine) > 0 and (owner[mine] == grp).all()
+            hits[mine] += 1
+        assert (hits == 1).all()
+
+
+def test_autotune_picks_a_working_config_and_skips_failing_ones():
+    case = Case("tune", 4, 128, 128, (3, 5), 8)
+    x, weights, sizes = make_inputs(case)
+    bad = gm.BlockConfig(block_m=8)  # Triton dots need block_m >= 16
+    best, timings = gm.autotune(
+        gm.grouped_matmul,
+        x,
+        weights,
+        sizes,
+        candidates=[bad, gm.BlockConfig(16, 128)],
+        backend="triton",
+        interpret=True,
+        repeats=2,
+    )
+    assert best == gm.BlockConfig(16, 128) and timings[bad] == float("inf")
+    assert 0 < timings[best] < float("inf")
+
+
+def test_backend_resolution_and_input_errors():
+    assert gm.resolve_backend("xla") == "xla"
+    expected = {"gpu": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "xla")
+    assert gm.resolve_backend("auto") == expected
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        gm.resolve_backend("cuda")
+    x, weights, sizes = make_inputs(Case("err", 2, 128, 128, (2, 2), 4))
+    with pytest.raises(ValueError, match="K=64"):
+        gm.grouped_matmul(x[:, :64], weights, sizes)
+    with pytest.raises(ValueError, match="sum <= M=4"):
+        gm.grouped_matmul(x, weights, jnp.asarray([3, 2], jnp.int32))
+    with pytest.raises(ValueError, match="parts=2"):
+        gm.grouped_swiglu(x, weights, sizes)
+    with pytest.raises(ValueError, match="power of two"):
+        gm.BlockConfig(block_m=24)
+
+
+# ---------------------------------------------------------------- lowering (no hardware)
+
+LOWERINGS = {
+    "tpu": ("mosaic_tpu", []),
+    "cuda": ("triton", [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]),
+}
+MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat16):
+    backend, disabled = LOWERINGS[platform]
+    cols = 2 * n if swiglu else n
+    codes = jax.ShapeDtypeStruct((g, k, cols), jnp.int32)
+    scales = jax.ShapeDtypeStruct((g, -(-k // 128), cols), jnp.bfloat16)
+    weights = jax.eval_shape(
+        lambda q, s: packing.pack(q, s, bits, parts=2 if swiglu else 1), codes, scales
+    )
+    op = gm.grouped_swiglu if swiglu else gm.grouped_matmul
+    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend))
+    args = (
+        jax.ShapeDtypeStruct((m, k), dtype),
+        weights,
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+    )
+    exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_kernels_lower_for_tpu_and_cuda(platform, bits, swiglu):
+    assert MARKERS[platform] in export_kernel(platform, bits, swiglu, m=64)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+def test_float32_activations_lower(platform, swiglu):
+    assert MARKERS[platform] in export_kernel(platform, 3, swiglu, m=64, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+def test_default_configs_lower_at_kimi_shapes(platform, regime, swiglu):
+    """64 experts: gate/up [2048, 2 x 1408], down [1408, 2048]; 4 and 512 tokens per expert."""
+    m = 64 * (4 if regime == "decode" else 512)
+    k, n = (2048, 1408) if swiglu else (1408, 2048)
+    assert MARKERS[platform] in export_kernel(platform, 3, swiglu, m=m, g=64, k=k, n=n)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_dense_baseline_kernel_lowers(platform):
+    backend, disabled = LOWERINGS[platform]
+    fn = jax.jit(lambda x, w, s: gm.grouped_matmul_dense(x, w, s, backend=backend))
+    args = (
+        jax.ShapeDtypeStruct((64, 256), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4,), jnp.int32),
+    )
+    exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+    assert MARKERS[platform] in exported.mlir_module()
