@@ -1,0 +1,388 @@
+"""Seeded synthetic multimodal task suite for the testbed model.
+
+Two families, five sub-tasks each, short answers (one or two words) over a vocabulary of about
+250 words, so that a tiny Kimi-VL-style model learns them on CPU in minutes:
+- vision: rendered scenes of a few coloured shapes on a lightly textured, mostly empty background
+  (so most image tokens are redundant, as in real photos): `color`, `shape`, `count`, `position`
+  and `choice` (multiple choice on colour or shape, answered by letter);
+- text: knowledge that has to live in the weights: `fact` (colour, food, home of invented
+  entities), `fact_choice` (its multiple-choice form), `arithmetic` (plus/minus below 10),
+  `spelling` (first/last letter of a word), `opposite` (antonyms).
+
+Splits never overlap. A vision sample's split is decided by a hash of its scene and question
+(rejection-sampled), so no scene+question can fall in both. A text sample is a *core* question
+(e.g. "what color is zorblat ?") behind one of `FILLERS`; per core a fixed hash picks
+`heldout_fillers` fillers for the held-out split and leaves the rest to train, so every held-out
+prompt is unseen in training while the fact it asks for is taught there with other fillers.
+
+With the default 336 x 336 images (24 x 24 patches, 144 image tokens) image tokens outnumber the
+other prompt tokens (chat markers included) by more than 4 to 1 in every vision prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mode_jax.testbed.tokenizer import format_chat, split_words
+
+SPLITS = ("train", "heldout")
+VISION_TASKS = ("color", "shape", "count", "position", "choice")
+TEXT_TASKS = ("fact", "fact_choice", "arithmetic", "spelling", "opposite")
+ALL_TASKS = VISION_TASKS + TEXT_TASKS
+
+COLORS = {"red": (215, 35, 35), "green": (30, 160, 50), "blue": (35, 75, 225),
+          "yellow": (240, 205, 20), "purple": (135, 50, 190), "orange": (250, 130, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+RELATIONS = ("left", "right", "above", "below")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+ENTITIES = ("zorblat", "quenfir", "mivado", "trelkin", "ospira", "vantu", "glimber", "harvok",
+            "bexley", "runoga", "pelistra", "dravin", "sulmet", "yorrik", "fendal", "kalopi",
+            "wystan", "nebrin", "tolvar", "ismera", "corvu", "altheb", "muzzin", "gresha")
+FOODS = ("apples", "bread", "fish", "rice", "cheese", "honey", "soup", "plums")
+DIRECTIONS = ("north", "south", "east", "west")
+TOWNS = ("morvale", "kestrin", "dunhollow", "brisk", "lanmoor", "quill")
+SPELL_WORDS = ("apple", "river", "stone", "cloud", "garden", "window", "tiger", "lemon", "music",
+               "paper", "house", "bridge", "forest", "candle", "jacket", "violin", "zebra",
+               "yogurt", "kettle", "pencil", "ocean", "basket", "wagon", "hammer", "island",
+               "needle", "quartz", "mirror", "desk", "flag", "vortex", "ninja")
+OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("fast", "slow"),
+             ("day", "night"), ("wet", "dry"), ("light", "dark"), ("open", "closed"),
+             ("early", "late"), ("happy", "sad"), ("full", "empty"), ("loud", "quiet"),
+             ("hard", "soft"), ("young", "old"), ("rich", "poor"), ("thick", "thin"))
+FILLERS = ("", "please tell me:", "quick question:", "hey,", "i wonder,", "answer briefly:",
+           "tell me,", "question:")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the generator makes. `world_seed` fixes the invented facts: keep it for a model."""
+
+    image_size: tuple[int, int] = (336, 336)  # (H, W) pixels, multiples of 28
+    tasks: tuple[str, ...] = ALL_TASKS
+    heldout_percent: int = 10  # share of vision scene+question hashes that are held out
+    heldout_fillers: int = 2  # of len(FILLERS) fillers per text core
+    world_seed: int = 0
+    object_size: tuple[int, int] = (20, 30)  # object half-size range in pixels
+    max_objects: int = 4  # 2..4 objects per scene; count answers are 0..max_objects
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One question. `prompt` is chat-formatted with one `<|media_pad|>` per image (image first).
+
+    `family` is "vision" or "text"; `task` the sub-task; multiple-choice samples carry `options`
+    and `answer_index`, and their `answer` is the option's letter. `key` identifies the content
+    (equal keys = same sample); `image` is [H, W, 3] uint8 or None.
+    """
+
+    prompt: str
+    question: str
+    answer: str
+    family: str
+    task: str
+    image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    options: tuple[str, ...] = ()
+    answer_index: int | None = None
+    key: str = ""
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.image is not None else "text"
+
+    def messages(self) -> list[dict]:
+        """The user turn as chat messages (image first), for `apply_chat_template`/processors."""
+        content = [{"type": "image"}] if self.image is not None else []
+        return [{"role": "user", "content": [*content, {"type": "text", "text": self.question}]}]
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def format_choices(question: str, options: Sequence[str]) -> str:
+    """MMBench-style question with lettered options: "q A. x B. y ..." (letters A..Z)."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"need 2 to {len(LETTERS)} options, got {len(options)}")
+    listed = " ".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
+    return f"{question} {listed}"
+
+
+# ---------------------------------------------------------------- the world of invented facts
+def world(seed: int = 0) -> dict[str, dict[str, str]]:
+    """Fixed facts per entity: color, food, home ("direction town"), drawn from `seed`."""
+    rng = np.random.default_rng([seed, 7])
+    facts = {}
+    for name in ENTITIES:
+        facts[name] = {
+            "color": str(rng.choice(list(COLORS))),
+            "food": str(rng.choice(FOODS)),
+            "home": f"{rng.choice(DIRECTIONS)} {rng.choice(TOWNS)}",
+        }
+    return facts
+
+
+_FACT_QUESTIONS = {"color": "what color is {} ?", "food": "what does {} eat ?",
+                   "home": "where does {} live ?"}
+
+
+def _text_cores(task: str, facts: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(core question, answer, option pool) for every question a text task can ask."""
+    if task in ("fact", "fact_choice"):
+        attrs = ("color", "food", "home") if task == "fact" else ("color", "food")
+        pools = {"color": tuple(COLORS), "food": FOODS, "home": ()}
+        return [(_FACT_QUESTIONS[a].format(e), facts[e][a], pools[a])
+                for e in ENTITIES for a in attrs]
+    if task == "arithmetic":
+        plus = [(f"what is {a} plus {b} ?", str(a + b), ()) for a in range(10) for b in range(10)]
+        minus = [(f"what is {a} minus {b} ?", str(a - b), ())
+                 for a in range(10) for b in range(a + 1)]
+        return plus + minus
+    if task == "spelling":
+        return [(f"what is the {which} letter of {w} ?", w[0] if which == "first" else w[-1], ())
+                for w in SPELL_WORDS for which in ("first", "last")]
+    if task == "opposite":
+        pairs = OPPOSITES + tuple((b, a) for a, b in OPPOSITES)
+        return [(f"what is the opposite of {a} ?", b, ()) for a, b in pairs]
+    raise ValueError(f"unknown text task {task!r} (allowed: {TEXT_TASKS})")
+
+
+def split_fillers(core: str, config: TaskConfig, split: str) -> list[str]:
+    """The fillers `core` may appear behind in `split` (a fixed, seed-independent partition)."""
+    order = sorted(FILLERS, key=lambda f: _digest("filler", config.world_seed, core, f))
+    held = order[:config.heldout_fillers]
+    return held if split == "heldout" else order[config.heldout_fillers:]
+
+
+def _text_sample(task: str, rng: np.random.Generator, config: TaskConfig, split: str,
+                 facts: dict) -> Sample:
+    cores = _text_cores(task, facts)
+    core, answer, pool = cores[rng.integers(len(cores))]
+    fillers = split_fillers(core, config, split)
+    filler = fillers[rng.integers(len(fillers))]
+    question = f"{filler} {core}".strip()
+    options, index = (), None
+    if task == "fact_choice":
+        distractors = [o for o in pool if o != answer]
+        options = [answer, *rng.choice(distractors, size=3, replace=False).tolist()]
+        options = tuple(str(o) for o in rng.permutation(options))
+        index = options.index(answer)
+        question, answer = format_choices(question, options), LETTERS[index]
+    return Sample(prompt=format_chat(question, with_image=False), question=question,
+                  answer=answer, family="text", task=task, options=options, answer_index=index,
+                  key=_digest("text", question, answer))
+
+
+# ---------------------------------------------------------------- rendered scenes
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One drawn object: centre (cx, cy) and half-size r in pixels."""
+
+    shape: str
+    color: str
+    cx: int
+    cy: int
+    r: int
+
+
+def _place(rng, kinds: Sequence[tuple[str, str]], config: TaskConfig) -> tuple[Shape, ...] | None:
+    """Non-overlapping objects of the given (shape, color) kinds, or None if placement fails."""
+    h, w = config.image_size
+    placed: list[Shape] = []
+    for shape, color in kinds:
+        for _ in range(50):
+            r = int(rng.integers(config.object_size[0], config.object_size[1] + 1))
+            cx, cy = int(rng.integers(r + 4, w - r - 4)), int(rng.integers(r + 4, h - r - 4))
+            if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.r + 8) ** 2 for o in placed):
+                placed.append(Shape(shape, color, cx, cy, r))
+                break
+        else:
+            return None
+    return tuple(placed)
+
+
+def render(objects: Sequence[Shape], image_size: tuple[int, int], texture_seed: int) -> np.ndarray:
+    """[H, W, 3] uint8: a pale tinted background with faint noise and stripes, then the objects."""
+    h, w = image_size
+    rng = np.random.default_rng(texture_seed)
+    tint = np.round(rng.uniform(200, 235) + rng.uniform(-10, 10, size=3)).astype(np.int16)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(20, 60)
+    ky, kx = (np.float32(2 * np.pi / period * f(angle)) for f in (np.sin, np.cos))
+    ys, xs = np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32)
+    phase = ys[:, None] * ky + xs[None, :] * kx
+    gray = (np.sin(phase) * np.float32(4.0)).astype(np.int16)  # faint stripes
+    gray += rng.integers(-6, 7, size=(h, w), dtype=np.int16)  # pixel noise
+    background = np.empty((h, w, 3), np.uint8)
+    for c in range(3):  # int16 per channel: a float (h, w, 3) pass costs twice as much
+        background[..., c] = np.clip(gray + tint[c], 0, 255)
+    image = Image.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        fill = tuple(int(c) for c in np.clip(np.array(COLORS[o.color]) + rng.integers(-20, 21, 3),
+                                             0, 255))
+        x, y, r = o.cx, o.cy, o.r
+        if o.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif o.shape == "square":
+            s = int(round(r * 0.85))
+            draw.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(x, y - r), (x - r, y + int(0.8 * r)), (x + r, y + int(0.8 * r))], fill)
+        elif o.shape == "cross":
+            t = max(3, int(round(r * 0.35)))
+            draw.rectangle((x - r, y - t, x + r, y + t), fill=fill)
+            draw.rectangle((x - t, y - r, x + t, y + r), fill=fill)
+        else:
+            raise ValueError(f"unknown shape {o.shape!r} (allowed: {SHAPES})")
+    return np.asarray(image)
+
+
+def _relation(a: Shape, b: Shape) -> str | None:
+    """Where a lies relative to b, if one axis clearly dominates (>= 40 px and 2x the other)."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dx) >= 40 and abs(dx) >= 2 * abs(dy):
+        return "left" if dx < 0 else "right"
+    if abs(dy) >= 40 and abs(dy) >= 2 * abs(dx):
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _distinct_kinds(rng, n: int) -> list[tuple[str, str]]:
+    shapes = rng.choice(SHAPES, size=n, replace=False)
+    colors = rng.choice(list(COLORS), size=n, replace=False)
+    return [(str(s), str(c)) for s, c in zip(shapes, colors, strict=True)]
+
+
+def _scene_question(task: str, rng, config: TaskConfig):
+    """(objects, question, answer, options, answer_index) for one vision task, or None to retry."""
+    if task == "count":
+        target = str(rng.choice(SHAPES))
+        n = int(rng.integers(0, config.max_objects + 1))
+        others = [s for s in SHAPES if s != target]
+        low = 1 if n == 0 else 0
+        n_other = int(rng.integers(low, max(low, config.max_objects - n) + 1))
+        kinds = [(target, str(rng.choice(list(COLORS)))) for _ in range(n)]
+        kinds += [(str(rng.choice(others)), str(rng.choice(list(COLORS)))) for _ in range(n_other)]
+        objects = _place(rng, kinds, config)
+        if objects is None:
+            return None
+        return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None
+    low = 2 if task == "position" else 1
+    objects = _place(rng, _distinct_kinds(rng, int(rng.integers(low, config.max_objects + 1))),
+                     config)
+    if objects is None:
+        return None
+    target = objects[rng.integers(len(objects))]
+    if task == "color":
+        return objects, f"what color is the {target.shape} ?", target.color, (), None
+    if task == "shape":
+        return objects, f"what shape is the {target.color} object ?", target.shape, (), None
+    if task == "position":
+        wanted = str(rng.choice(RELATIONS))
+        pairs = [(a, b) for a in objects for b in objects
+                 if a is not b and _relation(a, b) == wanted]
+        if not pairs:
+            return None
+        a, b = pairs[rng.integers(len(pairs))]
+        q = f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?"
+        return objects, q, wanted, (), None
+    if task == "choice":
+        if rng.integers(2):
+            q, answer, pool = f"what color is the {target.shape} ?", target.color, list(COLORS)
+        else:
+            q, answer, pool = f"what shape is the {target.color} object ?", target.shape, SHAPES
+        distractors = rng.choice([p for p in pool if p != answer], size=3, replace=False)
+        options = tuple(str(o) for o in rng.permutation([answer, *distractors.tolist()]))
+        index = options.index(answer)
+        return objects, format_choices(q, options), LETTERS[index], options, index
+    raise ValueError(f"unknown vision task {task!r} (allowed: {VISION_TASKS})")
+
+
+def _vision_sample(task: str, rng: np.random.Generator, config: TaskConfig, split: str) -> Sample:
+    for _ in range(1000):  # a valid config succeeds within ~20 tries (held-out keeps 10%)
+        made = _scene_question(task, rng, config)
+        if made is None:
+            continue
+        objects, question, answer, options, index = made
+        texture_seed = int(rng.integers(2**31))
+        key = _digest("vision", config.image_size, texture_seed, objects, question)
+        in_heldout = int(key[:8], 16) % 100 < config.heldout_percent
+        if in_heldout == (split == "heldout"):
+            break
+    else:
+        raise ValueError(f"no {task!r} scene fits: object_size {config.object_size} is too large "
+                         f"for image_size {config.image_size} with {config.max_objects} objects")
+    image = render(objects, config.image_size, texture_seed)
+    return Sample(prompt=format_chat(question, with_image=True), question=question, answer=answer,
+                  family="vision", task=task, image=image, options=options, answer_index=index,
+                  key=key)
+
+
+# ---------------------------------------------------------------- public entry points
+def _check(config: TaskConfig, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} unknown (allowed: {SPLITS})")
+    bad = [t for t in config.tasks if t not in ALL_TASKS]
+    if bad or not config.tasks:
+        raise ValueError(f"tasks {bad or '()'} unknown or empty (allowed: {ALL_TASKS})")
+    h, w = config.image_size
+    if h % 28 or w % 28 or h <= 0 or w <= 0:
+        raise ValueError(f"image_size {config.image_size} must be positive multiples of 28")
+    low, high = config.object_size
+    if not 6 <= low <= high or 2 * high + 8 >= min(h, w):
+        raise ValueError(f"object_size {config.object_size} must be 6 <= low <= high with "
+                         f"2 * high + 8 < {min(h, w)} (the image side)")
+    if not 2 <= config.max_objects <= len(SHAPES):
+        raise ValueError(f"max_objects {config.max_objects} must be in 2..{len(SHAPES)} (scenes "
+                         "with distinct shapes; position questions need two objects)")
+    if not 0 < config.heldout_percent < 100:
+        raise ValueError(f"heldout_percent {config.heldout_percent} must be in 1..99")
+    if not 0 < config.heldout_fillers < len(FILLERS):
+        raise ValueError(f"heldout_fillers {config.heldout_fillers} must be in "
+                         f"1..{len(FILLERS) - 1}")
+
+
+def generate(split: str, n: int, seed: int, config: TaskConfig = TaskConfig()) -> list[Sample]:
+    """`n` samples of `split`, sub-tasks in equal shares (round robin), order shuffled by `seed`.
+
+    Deterministic in (split, n, seed, config). Different seeds give different samples of the same
+    split; the two splits never share a sample, whatever the seeds.
+    """
+    _check(config, split)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    facts = world(config.world_seed)
+    order = rng.permutation(n)
+    samples: list[Sample | None] = [None] * n
+    for i in range(n):
+        task = config.tasks[i % len(config.tasks)]
+        if task in VISION_TASKS:
+            samples[order[i]] = _vision_sample(task, rng, config, split)
+        else:
+            samples[order[i]] = _text_sample(task, rng, config, split, facts)
+    return samples
+
+
+def text_cores(config: TaskConfig = TaskConfig()) -> dict[str, list[str]]:
+    """Every core question per text task: the facts the model must hold in its weights."""
+    facts = world(config.world_seed)
+    return {t: [c for c, _, _ in _text_cores(t, facts)] for t in TEXT_TASKS}
+
+
+def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
+    """Every word `generate` can emit under `config` (sorted): what the tokenizer must cover."""
+    facts = world(config.world_seed)
+    texts = [*FILLERS, *COLORS, *SHAPES, *PLURALS.values(), *RELATIONS, *LETTERS,
+             *(str(i) for i in range(config.max_objects + 1)),
+             "what color is the ? what shape is the object ? how many are there ?",
+             "where is the relative to the ?"]
+    for task in TEXT_TASKS:
+        for core, answer, pool in _text_cores(task, facts):
+            texts += [core, answer, *pool]
+    texts.append(".")  # after option letters, see format_choices
+    return sorted({w for text in texts for w in split_words(text)})

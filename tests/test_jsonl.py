@@ -1,0 +1,101 @@
+"""User benchmark JSONL: valid files become samples; each bad line is named with its problem."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mode_jax.eval import jsonl
+from mode_jax.testbed import tokenizer as tk
+
+GOOD = [
+    {"question": "What animal is this?", "image": "images/cat.png",
+     "options": ["cat", "dog", "owl"], "answer_index": 0, "family": "animals"},
+    {"question": "What is 2 plus 3?", "answer": "5", "id": "arith-7", "task": "arithmetic"},
+]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / "images" / "cat.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _write(folder, records, name="bench.jsonl"):
+    path = folder / name
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_reads_valid_file(folder):
+    path = _write(folder, [GOOD[0], "", GOOD[1]])
+    items = jsonl.read_benchmark(path)
+    assert [i.line for i in items] == [1, 3]
+    mc, open_q = items
+    assert mc.image_path == (folder / "images" / "cat.png").resolve()
+    assert mc.options == ("cat", "dog", "owl") and mc.answer_index == 0 and mc.answer == "A"
+    assert (mc.family, mc.task, mc.id) == ("animals", "animals", "1")
+    assert open_q.image_path is None and open_q.answer == "5"
+    assert (open_q.family, open_q.task, open_q.id) == ("text", "arithmetic", "arith-7")
+
+    sample = jsonl.to_sample(mc)
+    assert sample.image.shape == (40, 60, 3) and sample.modality == "image"
+    assert sample.question == "What animal is this? A. cat B. dog C. owl"
+    assert sample.prompt == tk.format_chat(sample.question, with_image=True)
+    assert jsonl.to_sample(open_q).prompt == tk.format_chat("What is 2 plus 3?", with_image=False)
+
+
+def test_default_family_follows_the_image(folder):
+    record = {"question": "Colour?", "image": "images/cat.png", "answer": "grey"}
+    (item,) = jsonl.read_benchmark(_write(folder, [record]))
+    assert item.family == "vision" and item.task == "vision"
+
+
+BAD = [
+    ('{"question": "x", "answer": "y"', "bad JSON"),
+    ('["question"]', "expected a JSON object"),
+    ({"answer": "y"}, "missing field 'question'"),
+    ({"question": "", "answer": "y"}, "'question' must be a non-empty string"),
+    ({"question": "x"}, "either 'answer' or 'options'"),
+    ({"question": "x", "answer": "y", "options": ["a", "b"], "answer_index": 0},
+     "either 'answer' or 'options'"),
+    ({"question": "x", "options": ["a", "b"]}, "missing field 'answer_index'"),
+    ({"question": "x", "answer_index": 1}, "missing field 'options'"),
+    ({"question": "x", "options": ["a", "b"], "answer_index": 2}, "answer_index 2 out of range"),
+    ({"question": "x", "options": ["a", "b"], "answer_index": -1}, "out of range"),
+    ({"question": "x", "options": ["a", "b"], "answer_index": "1"}, "must be an integer"),
+    ({"question": "x", "options": ["a", "b"], "answer_index": True}, "must be an integer"),
+    ({"question": "x", "options": "a b", "answer_index": 0}, "'options' must be a list"),
+    ({"question": "x", "options": ["a"], "answer_index": 0}, "'options' must be a list"),
+    ({"question": "x", "answer": "y", "answer_idx": 0}, "unknown field(s) ['answer_idx']"),
+    ({"question": "x", "answer": 5}, "'answer' must be a non-empty string"),
+    ({"question": "x", "answer": "y", "id": 1.5}, "'id' must be a string or integer"),
+    ({"question": "x", "answer": "y", "id": "arith-7"}, "id 'arith-7' already used on line 2"),
+    ({"question": "x", "answer": "y", "image": "images/notes.txt"}, "is not a readable image"),
+]
+
+
+@pytest.mark.parametrize("record, problem", BAD)
+def test_bad_line_is_named(folder, record, problem):
+    path = _write(folder, [GOOD[0], GOOD[1], record])
+    with pytest.raises(ValueError) as err:
+        jsonl.read_benchmark(path)
+    assert f"{path}:3:" in str(err.value)
+    assert problem in str(err.value)
+
+
+def test_missing_image_is_named(folder):
+    path = _write(folder, [GOOD[1], {"question": "x", "answer": "y", "image": "images/no.png"}])
+    with pytest.raises(FileNotFoundError, match=r"bench.jsonl:2: image file .*no.png not found"):
+        jsonl.read_benchmark(path)
+
+
+def test_missing_or_empty_file(folder):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        jsonl.read_benchmark(folder / "absent.jsonl")
+    with pytest.raises(ValueError, match="holds no items"):
+        jsonl.read_benchmark(_write(folder, ["", "  "]))

@@ -1,0 +1,237 @@
+"""Task suite: answers checked against an independent reading of the images and the question text,
+splits disjoint, determinism, vocabulary coverage."""
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mode_jax.testbed import tasks
+from mode_jax.testbed.tokenizer import split_words
+
+CONFIG = tasks.TaskConfig()
+
+
+@pytest.fixture(scope="module")
+def train():
+    return tasks.generate("train", 600, seed=3, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return tasks.generate("heldout", 300, seed=3, config=CONFIG)
+
+
+# ---------------------------------------------------------------- an independent scene reader
+def read_scene(image: np.ndarray) -> list[dict]:
+    """Objects found by colour segmentation: saturated blobs on the pale, grey-ish background."""
+    img = image.astype(np.int32)
+    chroma = img.max(-1) - img.min(-1)
+    labels, n = ndimage.label(chroma > 60)
+    palette = np.array(list(tasks.COLORS.values()))
+    objects = []
+    for i in range(1, n + 1):
+        ys, xs = np.nonzero(labels == i)
+        if len(ys) < 30:
+            continue
+        mean = img[ys, xs].mean(0)
+        color = list(tasks.COLORS)[int(np.argmin(((palette - mean) ** 2).sum(1)))]
+        blob = labels[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == i
+        fill = blob.mean()
+        bottom = blob[-1].mean()  # a triangle's base fills its bottom row, a cross's does not
+        if fill > 0.95:
+            shape = "square"
+        elif fill > 0.7:
+            shape = "circle"
+        else:
+            shape = "triangle" if bottom > 0.7 else "cross"
+        objects.append({"color": color, "shape": shape,
+                        "x": (xs.min() + xs.max()) / 2, "y": (ys.min() + ys.max()) / 2})
+    return objects
+
+
+def _one(objects, **match):
+    found = [o for o in objects if all(o[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, objects)
+    return found[0]
+
+
+def _check_vision(s: tasks.Sample) -> None:
+    objs = read_scene(s.image)
+    q = s.question
+    if s.task == "choice":
+        assert s.answer == tasks.LETTERS[s.answer_index]
+        assert len(set(s.options)) == len(s.options) == 4
+        q, expected = q.split(" A. ")[0], s.options[s.answer_index]
+    else:
+        expected = s.answer
+    if m := re.fullmatch(r"what color is the (\w+) \?", q):
+        assert _one(objs, shape=m[1])["color"] == expected
+    elif m := re.fullmatch(r"what shape is the (\w+) object \?", q):
+        assert _one(objs, color=m[1])["shape"] == expected
+    elif m := re.fullmatch(r"how many (\w+) are there \?", q):
+        shape = {v: k for k, v in tasks.PLURALS.items()}[m[1]]
+        assert sum(o["shape"] == shape for o in objs) == int(expected)
+    elif m := re.fullmatch(r"where is the (\w+) (\w+) relative to the (\w+) (\w+) \?", q):
+        a = _one(objs, color=m[1], shape=m[2])
+        b = _one(objs, color=m[3], shape=m[4])
+        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+        side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else (
+            "above" if dy < 0 else "below")
+        assert side == expected
+    else:
+        raise AssertionError(f"unexpected vision question {q!r}")
+
+
+def test_vision_answers_match_the_pixels(train, heldout):
+    vision = [s for s in train + heldout if s.family == "vision"]
+    assert len(vision) == 450
+    for s in vision:
+        assert s.image.shape == (*CONFIG.image_size, 3) and s.image.dtype == np.uint8
+        _check_vision(s)
+
+
+def test_most_of_the_image_is_background(train):
+    # Each merged image token covers 28 x 28 px; most should hold no object pixel.
+    for s in [s for s in train if s.family == "vision"][:100]:
+        chroma = s.image.max(-1).astype(int) - s.image.min(-1)
+        cells = (chroma > 60).reshape(12, 28, 12, 28).any(axis=(1, 3))
+        assert cells.mean() < 0.5
+
+
+def _check_text(s: tasks.Sample, facts: dict) -> None:
+    q = s.question
+    filler, core = re.fullmatch(r"(.*?) ?((?:what|where) .*)", q.split(" A. ")[0]).groups()
+    assert filler in tasks.FILLERS
+    expected = s.options[s.answer_index] if s.task == "fact_choice" else s.answer
+    if s.task == "fact_choice":
+        assert s.answer == tasks.LETTERS[s.answer_index] and len(set(s.options)) == 4
+    if m := re.fullmatch(r"what is (\d+) (plus|minus) (\d+) \?", core):
+        a, b = int(m[1]), int(m[3])
+        assert int(expected) == (a + b if m[2] == "plus" else a - b) >= 0
+    elif m := re.fullmatch(r"what is the (first|last) letter of (\w+) \?", core):
+        assert expected == m[2][0 if m[1] == "first" else -1]
+    elif m := re.fullmatch(r"what is the opposite of (\w+) \?", core):
+        pairs = dict(tasks.OPPOSITES) | {b: a for a, b in tasks.OPPOSITES}
+        assert expected == pairs[m[1]]
+    elif m := re.fullmatch(r"what color is (\w+) \?", core):
+        assert expected == facts[m[1]]["color"]
+    elif m := re.fullmatch(r"what does (\w+) eat \?", core):
+        assert expected == facts[m[1]]["food"]
+    elif m := re.fullmatch(r"where does (\w+) live \?", core):
+        assert expected == facts[m[1]]["home"]
+    else:
+        raise AssertionError(f"unexpected text question {q!r}")
+
+
+def test_text_answers_are_right(train, heldout):
+    facts = tasks.world(CONFIG.world_seed)
+    assert set(facts) == set(tasks.ENTITIES)
+    for s in train + heldout:
+        if s.family == "text":
+            assert s.image is None and s.modality == "text"
+            _check_text(s, facts)
+
+
+def test_world_is_fixed_by_its_seed():
+    assert tasks.world(0) == tasks.world(0)
+    assert tasks.world(0) != tasks.world(1)
+
+
+def _content(s: tasks.Sample) -> str:
+    image = b"" if s.image is None else s.image.tobytes()
+    return hashlib.sha256(s.prompt.encode() + image).hexdigest()
+
+
+def test_splits_are_disjoint(train, heldout):
+    assert not {_content(s) for s in train} & {_content(s) for s in heldout}
+    assert not {s.key for s in train} & {s.key for s in heldout}
+    # Text prompts come from a finite space: had the filler partition been ignored, this many
+    # samples would share ~20 prompts. Vision keys land in their split's hash bucket.
+    assert not {s.prompt for s in train if s.family == "text"} & {
+        s.prompt for s in heldout if s.family == "text"}
+    for split, samples in (("train", train), ("heldout", heldout)):
+        for s in samples:
+            if s.family == "vision":
+                in_held = int(s.key[:8], 16) % 100 < CONFIG.heldout_percent
+                assert in_held == (split == "heldout")
+
+
+def test_every_heldout_fact_is_taught_in_train():
+    for task, cores in tasks.text_cores(CONFIG).items():
+        assert cores, task
+        for core in cores:
+            train = tasks.split_fillers(core, CONFIG, "train")
+            held = tasks.split_fillers(core, CONFIG, "heldout")
+            assert len(held) == CONFIG.heldout_fillers and train
+            assert sorted(train + held) == sorted(tasks.FILLERS)
+
+
+def test_deterministic_and_seeded():
+    a = tasks.generate("train", 40, seed=5)
+    b = tasks.generate("train", 40, seed=5)
+    c = tasks.generate("train", 40, seed=6)
+    assert [_content(s) for s in a] == [_content(s) for s in b]
+    assert [s.key for s in a] == [s.key for s in b]
+    assert len({_content(s) for s in a} & {_content(s) for s in c}) < 10
+
+
+def test_balance_answers_and_vocabulary(train, heldout):
+    counts = {t: sum(s.task == t for s in train) for t in tasks.ALL_TASKS}
+    assert set(counts.values()) == {60}
+    vocab = set(tasks.vocabulary(CONFIG))
+    assert 150 <= len(vocab) <= 400
+    for s in train + heldout:
+        assert 1 <= len(split_words(s.answer)) <= 3
+        assert set(split_words(s.question)) <= vocab
+        assert set(split_words(s.answer)) | set(s.options) <= vocab
+        assert s.family == ("vision" if s.task in tasks.VISION_TASKS else "text")
+    answers = {t: {s.answer for s in train if s.task == t} for t in tasks.ALL_TASKS}
+    assert answers["position"] == set(tasks.RELATIONS)
+    assert answers["count"] == {str(i) for i in range(CONFIG.max_objects + 1)}
+    assert answers["choice"] == {"A", "B", "C", "D"}
+
+
+def test_small_scene_config():
+    config = tasks.TaskConfig(image_size=(168, 224), max_objects=2, object_size=(14, 18),
+                              tasks=tasks.VISION_TASKS)
+    samples = tasks.generate("train", 25, seed=0, config=config)
+    assert {s.answer for s in samples if s.task == "count"} <= {"0", "1", "2"}
+    for s in samples:
+        assert s.image.shape == (168, 224, 3)
+        assert len(read_scene(s.image)) <= 2
+        _check_vision(s)
+
+
+def test_crowded_scene_raises():
+    config = tasks.TaskConfig(image_size=(112, 112), object_size=(40, 40), tasks=("position",))
+    with pytest.raises(ValueError, match="no 'position' scene fits"):
+        tasks.generate("train", 1, seed=0, config=config)
+
+
+def test_only_selected_tasks():
+    config = tasks.TaskConfig(tasks=("count", "arithmetic"))
+    assert {s.task for s in tasks.generate("heldout", 10, seed=0, config=config)} == {
+        "count", "arithmetic"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_size=(330, 336)), "multiples of 28"),
+    (dict(tasks=("colour",)), "unknown"),
+    (dict(heldout_percent=0), "heldout_percent"),
+    (dict(heldout_fillers=len(tasks.FILLERS)), "heldout_fillers"),
+    (dict(max_objects=1), "max_objects"),
+    (dict(object_size=(30, 20)), "object_size"),
+    (dict(image_size=(56, 56)), "object_size"),
+    (dict(max_objects=5), "max_objects"),
+])
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tasks.generate("train", 1, seed=0, config=tasks.TaskConfig(**kwargs))
+
+
+def test_bad_split_raises():
+    with pytest.raises(ValueError, match="split 'test' unknown"):
+        tasks.generate("test", 1, seed=0)
