@@ -1,0 +1,152 @@
+"""Calibration data: ShareGPT4V-style JSON + a local image directory -> model batches.
+
+The file is a JSON list of records:
+  {"id": "...", "image": "coco/000000123.jpg",
+   "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
+                     {"from": "gpt", "value": "..."}, ...]}
+`image` is relative to the image directory. The statistics passes use "human-only" prompts (the
+first human turn, image first, generation prompt appended, no answer: method.md stage 1); GPTQ
+uses whole conversations. Every problem in the file (missing image, bad record) is reported at
+once, naming the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from mode_jax import preprocess
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TEMPLATE_WORDS = ("user", "assistant", "system")  # role words inside the chat template
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One calibration example: chat messages (image item first) and its images."""
+
+    messages: tuple[dict, ...]
+    images: tuple[Any, ...]  # paths, PIL images or HWC uint8 arrays
+    family: str = "vision"
+
+
+def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
+    """Validated records; raises one ValueError naming every bad record and missing image."""
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f"calibration JSON not found: {json_path}")
+    try:
+        with open(json_path) as f:
+            records = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{json_path} must hold a non-empty JSON list of records")
+    problems = []
+    for i, r in enumerate(records):
+        name = f"record {i} (id {r.get('id', '?')!r})" if isinstance(r, dict) else f"record {i}"
+        if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
+            problems.append(f"{name}: needs a 'conversations' list")
+            continue
+        if not any(ROLES.get(t.get("from")) == "user" for t in r["conversations"]):
+            problems.append(f"{name}: has no human turn")
+        if "image" not in r:
+            problems.append(f"{name}: has no 'image' (a prompt with no image cannot calibrate "
+                            "the vision statistics)")
+        elif not os.path.isfile(os.path.join(image_dir, r["image"])):
+            problems.append(f"{name}: image not found: {os.path.join(image_dir, r['image'])}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{json_path}: {len(problems)} problem(s):\n  {shown}{more}")
+    return records
+
+
+def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
+    """Chat messages with the image as the first item of the first user turn."""
+    out = []
+    for turn in record["conversations"]:
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise ValueError(f"record {record.get('id', '?')!r}: unknown role {turn.get('from')!r}")
+        text = str(turn.get("value", "")).replace("<image>", "").strip()
+        if not out:
+            if role != "user":
+                continue
+            out.append({"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                           "text": text}]})
+        else:
+            out.append({"role": role, "content": text})
+        if human_only:
+            break
+    return tuple(out)
+
+
+def sharegpt_samples(
+    json_path: str, image_dir: str, n: int, seed: int, human_only: bool = True
+) -> list[Sample]:
+    """`n` records drawn with a seeded shuffle (all of them if n <= 0 or n exceeds the file)."""
+    records = read_sharegpt(json_path, image_dir)
+    order = np.random.default_rng(seed).permutation(len(records))
+    if n > 0:
+        order = order[:n]
+    return [
+        Sample(_messages(records[i], human_only), (os.path.join(image_dir, records[i]["image"]),))
+        for i in order
+    ]
+
+
+def special_token_ids(tokenizer) -> np.ndarray:
+    """Ids that never count as MODE text queries: special tokens and the template's role words."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "get_added_vocab", lambda: {})()
+    ids.update(added.values())
+    for word in TEMPLATE_WORDS:
+        ids.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    return np.asarray(sorted(ids), dtype=np.int32)
+
+
+def _bucket(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def batches(
+    samples: Sequence[Sample],
+    tokenizer,
+    batch_size: int,
+    *,
+    image_cfg: preprocess.ImageConfig | None = None,
+    pad_token_id: int = 0,
+    max_length: int = 0,
+    length_multiple: int = 32,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Right-padded batches; lengths rounded up to `length_multiple` so jit sees few shapes.
+
+    A batch is the HF-processor dict (input_ids, attention_mask, pixel_values, image_grid_hws);
+    the last batch may be smaller. Prompts longer than `max_length` (if > 0) are an error: the
+    image tokens would be cut.
+    """
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = preprocess.build_batch(
+            [s.messages for s in chunk], [s.images for s in chunk], tokenizer,
+            image_cfg=image_cfg or preprocess.ImageConfig(),
+            pad_token_id=pad_token_id,
+            padding_side="right",
+        )
+        t = batch["input_ids"].shape[1]
+        if max_length and t > max_length:
+            raise ValueError(
+                f"a calibration prompt has {t} tokens, more than data.max_length={max_length}; "
+                "raise max_length or lower the image patch budget"
+            )
+        pad = _bucket(t, length_multiple) - t
+        if pad:
+            batch["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, pad)),
+                                        constant_values=pad_token_id)
+            batch["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, pad)))
+        yield batch
