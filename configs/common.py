@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute/storage dtype of the converted full-precision model
 
     c.data = ml_collections.ConfigDict()
+    c.data.source = "sharegpt"  # sharegpt (calib_json + image_dir) | testbed | random
     c.data.calib_json = ""  # ShareGPT4V-style JSON; empty = the testbed's own calibration split
     c.data.image_dir = ""
     c.data.num_freq_samples = 512  # method.md stage 1
@@ -37,20 +38,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.sens = ml_collections.ConfigDict()
     c.sens.estimator = "expert_mse"  # expert_mse | logit_kl | fisher
     c.sens.group_size = 128
+    c.sens.max_tokens = 65536  # cached MoE-input tokens per layer for the token estimators
+    c.sens.hutchinson_probes = 100  # MoPEQ
 
     c.alloc = ml_collections.ConfigDict()
-    c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq
+    c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget
     c.alloc.budget_bits = 3.0  # average bits per routed expert
     c.alloc.bits = (2, 3, 4)  # candidate bit-widths
     c.alloc.scope = "layer"  # layer | global
     c.alloc.equality = True
-    c.alloc.freq_key = "text_key"  # total | text_image | text_key | text_redundant
-    c.alloc.vision_weight = 1.0  # mixing weight of the vision term in MODE's cost
+    c.alloc.freq_key = "text+key"  # total | text+all-image | text+key | text+redundant
+    c.alloc.vision_mix = 0.5  # weight of the vision term (1 - it for text); 0.5 = paper's sum
     c.alloc.solver = "scip"  # scip | dp
     c.alloc.pmq_a = 1.0
     c.alloc.pmq_b = 1.5
-    c.alloc.mopeq_scope = "layer"  # layer | model
-    c.alloc.mopeq_exact_budget = True
+    c.alloc.mopeq_scope = "layer"  # layer | global
 
     c.quant = ml_collections.ConfigDict()
     c.quant.method = "gptq"  # gptq | rtn

@@ -1,0 +1,61 @@
+"""mode-jax: compress a MoE multimodal LLM with expert-level mixed-precision PTQ.
+
+  python main.py --config=configs/testbed.py --workdir=runs/testbed
+  python main.py --config=configs/kimivl.py --config.model.path=/data/Kimi-VL-A3B-Instruct \
+      --config.alloc.budget_bits=2.5 --workdir=runs/kimivl
+
+Every stage writes its artifact under --workdir; rerunning the same command resumes after the
+last completed stage. Bad input ends with one line on stderr and exit code 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where stage artifacts are written.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU jobs)."
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    import logging as pylogging
+
+    handler = pylogging.StreamHandler()
+    handler.setFormatter(pylogging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    ours = pylogging.getLogger("mode_jax")
+    ours.setLevel(pylogging.INFO)
+    ours.addHandler(handler)
+    ours.propagate = False
+    from mode_jax import stages  # after flag parsing: keeps --help fast
+
+    try:
+        report = stages.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+    except stages.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"done: report at {report}")
+
+
+def parse_flags(argv):
+    """absl's parser exits 1 with the usage text; a bad flag or config field is a user error (2)."""
+    try:
+        argv = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if not hasattr(config, "to_dict"):  # ml_collections defers a bad file to an error object
+            raise ValueError(f"cannot load config file {flags.FLAGS['config'].config_filename!r}")
+        return argv
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
+        print(f"error: bad flag or config: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,102 @@
+"""Where calibration batches come from, chosen by `config.data.source`.
+
+- "sharegpt": a ShareGPT4V-style JSON + image directory and the checkpoint's tokenizer (real
+  models; method.md stage 1).
+- "testbed": the synthetic task suite's train split and the checkpoint's tokenizer. Statistics
+  use image prompts (as the reference does); GPTQ uses both families with their answers, so
+  experts that serve text-only questions also get Hessians.
+- "random": seeded random token ids with one random image per sample, for checkpoints that
+  ship no tokenizer (the tiny test fixture). It exercises every code path, nothing more.
+Purpose "stats" gives human-only prompts (no answer); "gptq" gives whole conversations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mode_jax import preprocess
+from mode_jax.calib import data
+
+SOURCES = ("sharegpt", "testbed", "random")
+PURPOSES = ("stats", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    batches: list[dict]
+    image_token_id: int
+    special_token_ids: tuple[int, ...]
+
+
+def _check(source: str, purpose: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r}; allowed: {', '.join(SOURCES)}")
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose={purpose!r}; allowed: {', '.join(PURPOSES)}")
+
+
+def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: str) -> Calibration:
+    """Batches for `purpose` with the token ids the statistics need."""
+    _check(data_cfg.source, purpose)
+    image_id = model_config.media_placeholder_token_id
+    if image_id is None:
+        raise ValueError("the model has no image placeholder token: MODE needs a multimodal "
+                         "checkpoint (model_type kimi_vl)")
+    if data_cfg.source == "random":
+        vocab = model_config.text.vocab_size
+        return Calibration(random_batches(vocab, image_id, n, data_cfg.batch_size, seed),
+                           int(image_id), ())
+    tokenizer = preprocess.load_tokenizer(model_path)
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
+                         "tokenizer_config.json); use data.source='random' for a smoke run")
+    if data_cfg.source == "sharegpt":
+        if not data_cfg.calib_json:
+            raise ValueError("data.source='sharegpt' needs --config.data.calib_json and "
+                             "--config.data.image_dir")
+        samples = data.sharegpt_samples(data_cfg.calib_json, data_cfg.image_dir, n, seed,
+                                        human_only=purpose == "stats")
+    else:
+        samples = testbed_samples(n, seed, purpose)
+    batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
+                                pad_token_id=model_config.pad_token_id,
+                                max_length=data_cfg.max_length))
+    special = tuple(int(i) for i in data.special_token_ids(tokenizer))
+    return Calibration(batches, int(image_id), special)
+
+
+def testbed_samples(n: int, seed: int, purpose: str) -> list[data.Sample]:
+    from mode_jax.testbed import tasks  # the synthetic suite only matters for this source
+
+    if purpose == "stats":
+        cfg = tasks.TaskConfig(tasks=tasks.VISION_TASKS)
+        return [data.Sample(tuple(s.messages()), (s.image,)) for s in
+                tasks.generate("train", n, seed, cfg)]
+    out = []
+    for s in tasks.generate("train", n, seed):
+        messages = (*s.messages(), {"role": "assistant", "content": s.answer})
+        out.append(data.Sample(messages, (s.image,) if s.image is not None else (), s.family))
+    return out
+
+
+def random_batches(vocab: int, image_token_id: int, n: int, batch_size: int, seed: int,
+                   grid: tuple[int, int] = (4, 4), text_len: int = 12) -> list[dict]:
+    """`n` samples: 2 text tokens, h*w/4 image placeholders, `text_len` text tokens."""
+    rng = np.random.default_rng(seed)
+    n_img = grid[0] * grid[1] // 4
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = rng.integers(0, vocab, size=(b, 2 + n_img + text_len)).astype(np.int32)
+        ids[ids == image_token_id] = (image_token_id + 1) % vocab
+        ids[:, 2:2 + n_img] = image_token_id
+        patches = grid[0] * grid[1]
+        out.append({
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "pixel_values": rng.standard_normal((b * patches, 3, 14, 14)).astype(np.float32),
+            "image_grid_hws": np.tile(np.asarray([grid], np.int64), (b, 1)),
+        })
+    return out

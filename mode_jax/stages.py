@@ -1,0 +1,239 @@
+"""The pipeline: convert -> calibrate -> sensitivity -> allocate -> quantize -> evaluate.
+
+Each stage is a function `(ctx, inputs) -> (arrays, meta)` whose output `mode_jax.runner` stores
+under `<workdir>/<stage>/<fingerprint>/` (see runner.py for resuming and reuse). The artifacts:
+- convert:     `params` {dotted NNX path: array}; meta `config_json` (the checkpoint's config)
+- calibrate:   `count_{all,text,image,key,redundant}` [L_moe, E], `weight_sum_all`, token counts
+- sensitivity: `bits` [B], `delta_{text,vision}` [L_moe, E, B], every estimator under its name,
+               `pmq_err`, `gemq_cost` [L_moe, E, B], `hessian_trace` [L_moe, E]
+- allocate:    `bits` [L_moe, E] int32; meta: the solver report, average bits, histogram
+- quantize:    the packed model (quant/serialize.py layout); meta: the quantization report
+- evaluate:    metrics; meta: the evaluation table
+A sweep (`config.sweep`) runs allocate..evaluate per method on the same statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from mode_jax import runner
+from mode_jax.runner import Stage, UserError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
+ESTIMATORS = ("expert_mse", "logit_kl", "fisher")
+
+
+# ---------------------------------------------------------------- model access
+
+
+def model_from_artifact(ctx: runner.Context, art: runner.Artifact):
+    """The full-precision model rebuilt from the convert artifact (no PyTorch, no safetensors)."""
+    if "fp_model" not in ctx.cache:
+        from mode_jax.convert import kimivl as convert_kimivl
+        from mode_jax.convert import mapping
+        from mode_jax.models.kimivl import KimiVLConfig
+
+        config = KimiVLConfig.from_dict(art.meta["config_json"], source=art.path)
+        abstract = convert_kimivl.abstract_model(config, DTYPES[ctx.config.model.dtype])
+        ctx.cache["fp_model"] = mapping.load_into(abstract, art.arrays["params"])
+    return ctx.cache["fp_model"]
+
+
+def calibration(ctx: runner.Context, model, n: int, purpose: str, seed_offset: int = 0):
+    from mode_jax.calib import sources
+
+    c = ctx.config
+    return sources.load(c.data, c.model.path, model.config, n, c.seed + seed_offset, purpose)
+
+
+def stats_config(ctx: runner.Context, calib):
+    from mode_jax.calib import passes
+
+    s = ctx.config.stats
+    return passes.StatsConfig(
+        image_token_id=calib.image_token_id,
+        special_token_ids=calib.special_token_ids,
+        key_ratio=s.key_ratio,
+        attention_mode=s.attention_mode,
+        judge_layer=s.judge_layer,
+    )
+
+
+# ---------------------------------------------------------------- stages
+
+
+def run_convert(ctx, inputs):
+    from mode_jax.convert import kimivl as convert_kimivl
+    from mode_jax.convert import mapping, safetensors_io
+
+    path = ctx.config.model.path
+    model = convert_kimivl.from_directory(path, param_dtype=DTYPES[ctx.config.model.dtype])
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    params = {mapping.path_str(p): np.asarray(v[...]) for p, v in flat}
+    ctx.cache["fp_model"] = model
+    meta = {"config_json": safetensors_io.read_config(path), "source": os.path.abspath(path),
+            "num_params": int(sum(a.size for a in params.values()))}
+    return {"params": params}, meta
+
+
+def run_calibrate(ctx, inputs):
+    from mode_jax.calib import passes
+
+    model = model_from_artifact(ctx, inputs["convert"])
+    calib = calibration(ctx, model, ctx.config.data.num_freq_samples, "stats")
+    stats = passes.frequency_pass(model, calib.batches, stats_config(ctx, calib))
+    meta = {"num_batches": len(calib.batches),
+            "tokens": {k: int(v) for k, v in stats.items() if k.startswith("num_tokens")}}
+    return {k: np.asarray(v) for k, v in stats.items()}, meta
+
+
+def run_sensitivity(ctx, inputs):
+    from mode_jax.calib import passes
+
+    c = ctx.config
+    model = model_from_artifact(ctx, inputs["convert"])
+    calib = calibration(ctx, model, c.data.num_sens_samples, "stats", seed_offset=1)
+    out = passes.sensitivity_pass(
+        model, calib.batches, stats_config(ctx, calib), bits=np.asarray(c.alloc.bits),
+        group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
+        max_tokens=c.sens.max_tokens, num_probes=c.sens.hutchinson_probes, seed=c.seed,
+    )
+    return {k: np.asarray(v) for k, v in out.items()}, {"estimator": c.sens.estimator}
+
+
+def allocation_options(alloc) -> dict:
+    """The allocator keyword arguments a method takes, from the `alloc` config section."""
+    common = {"solver": alloc.solver}
+    return {
+        "uniform": {},
+        "mode": {**common, "key": alloc.freq_key, "vision_mix": alloc.vision_mix,
+                 "scope": alloc.scope, "equality": alloc.equality},
+        "pmq": {**common, "a": alloc.pmq_a, "b": alloc.pmq_b},
+        "gemq": {**common, "scope": "global", "equality": alloc.equality},
+        "mopeq": {"scope": alloc.mopeq_scope},
+        "mopeq-budget": {**common, "scope": alloc.mopeq_scope, "equality": alloc.equality},
+    }[alloc.method]
+
+
+def run_allocate(ctx, inputs):
+    from mode_jax.alloc import allocators, bitmap
+
+    a = ctx.config.alloc
+    bits, report = allocators.allocate(
+        a.method, inputs["calibrate"].arrays, inputs["sensitivity"].arrays, a.budget_bits,
+        **allocation_options(a),
+    )
+    bits = np.asarray(bits, np.int32)
+    return {"bits": bits}, {"report": report, "summary": bitmap.summary(bits)}
+
+
+STAGES = {
+    "convert": Stage("convert", (), ("model.path", "model.dtype"), run_convert),
+    "calibrate": Stage(
+        "calibrate", ("convert",),
+        ("data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
+         "data.batch_size", "data.max_length", "stats", "seed"),
+        run_calibrate,
+    ),
+    "sensitivity": Stage(
+        "sensitivity", ("convert",),
+        ("data.source", "data.calib_json", "data.image_dir", "data.num_sens_samples",
+         "data.batch_size", "data.max_length", "stats", "sens", "alloc.bits", "seed"),
+        run_sensitivity,
+    ),
+    "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
+}
+
+
+# ---------------------------------------------------------------- validation and driver
+
+
+def validate(config) -> None:
+    """Everything checkable before a stage writes: one clear error, nothing half-written."""
+    c = config
+    methods = tuple(c.sweep) or (c.alloc.method,)
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+    if c.model.dtype not in DTYPES:
+        raise UserError(f"model.dtype={c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if c.sens.estimator not in ESTIMATORS:
+        raise UserError(f"sens.estimator={c.sens.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+    if not c.model.path:
+        raise UserError("no model: pass --config.model.path=<checkpoint directory>")
+    if not os.path.isdir(c.model.path):
+        raise UserError(f"model path {c.model.path!r} is not a directory")
+    if not os.path.isfile(os.path.join(c.model.path, "config.json")):
+        raise UserError(f"model path {c.model.path!r} has no config.json")
+    _validate_budget(c, methods)
+    if c.data.source == "sharegpt":
+        from mode_jax.calib import data
+
+        if not c.data.calib_json:
+            raise UserError("data.source='sharegpt' needs --config.data.calib_json "
+                            "and --config.data.image_dir")
+        data.read_sharegpt(c.data.calib_json, c.data.image_dir)
+
+
+def _validate_budget(c, methods) -> None:
+    """Solve a zero-cost problem of the real size: the ILP's own checks name what is feasible."""
+    from mode_jax.alloc import ilp
+
+    bits = np.asarray(c.alloc.bits)
+    n_layers, n_experts = 2, 8
+    if c.alloc.budget_bits != round(c.alloc.budget_bits) and "uniform" in methods:
+        raise UserError(f"uniform allocation needs an integer budget, got {c.alloc.budget_bits}")
+    if set(methods) <= {"uniform", "mopeq"}:
+        return
+    from mode_jax.convert import safetensors_io
+
+    text = safetensors_io.read_config(c.model.path)
+    text = text.get("text_config", text)
+    n_experts = int(text.get("n_routed_experts", n_experts))
+    first_dense = int(text.get("first_k_dense_replace", 0))
+    n_layers = max(1, int(text.get("num_hidden_layers", n_layers)) - first_dense)
+    scope = "global" if "gemq" in methods else c.alloc.scope
+    try:
+        ilp.check_problem(np.zeros((n_layers, n_experts, len(bits))), bits, c.alloc.budget_bits,
+                          scope, equality=c.alloc.equality, top_levels_required=0)
+    except ValueError as e:
+        raise UserError(f"infeasible bit budget: {e}") from None
+
+
+def method_config(config, method: str):
+    out = copy.deepcopy(config)
+    out.unlock()
+    out.alloc.method = method
+    out.lock()
+    return out
+
+
+def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "allocate") -> str:
+    """Run every stage up to `final_stage` for each method; returns the report path."""
+    if distributed:
+        import jax
+
+        jax.distributed.initialize()
+    runner.check_workdir(workdir)
+    validate(config)
+    methods = tuple(config.sweep) or (config.alloc.method,)
+    shared: dict = {}
+    contexts = []
+    for method in methods:
+        ctx = runner.Context(method_config(config, method), workdir, STAGES)
+        ctx.cache = shared  # one model in memory for every method
+        log.info("method %s: %s", method, ctx.ensure(final_stage).path)
+        contexts.append(ctx)
+    from mode_jax import report
+
+    return report.write(workdir, config, contexts, final_stage)
