@@ -72,5 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 8
     c.eval.use_kernels = False  # route packed experts through pallas_kernels
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.expert = 1  # devices along the expert axis; the rest split the batch (data axis)
+
     c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')
     return c

@@ -43,8 +43,19 @@ def model_from_artifact(ctx: runner.Context, art: runner.Artifact):
 
         config = KimiVLConfig.from_dict(art.meta["config_json"], source=art.path)
         abstract = convert_kimivl.abstract_model(config, DTYPES[ctx.config.model.dtype])
-        ctx.cache["fp_model"] = mapping.load_into(abstract, art.arrays["params"])
+        ctx.cache["fp_model"] = place(ctx, mapping.load_into(abstract, art.arrays["params"]))
     return ctx.cache["fp_model"]
+
+
+def place(ctx: runner.Context, model):
+    """With several devices (or hosts), split the experts over a mesh (mode_jax.sharding)."""
+    import jax
+
+    if jax.device_count() > 1:
+        from mode_jax import sharding
+
+        sharding.shard_model(model, sharding.make_mesh(expert=ctx.config.mesh.expert))
+    return model
 
 
 def calibration(ctx: runner.Context, model, n: int, purpose: str, seed_offset: int = 0):
@@ -80,7 +91,7 @@ def run_convert(ctx, inputs):
 
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     params = {mapping.path_str(p): np.asarray(v[...]) for p, v in flat}
-    ctx.cache["fp_model"] = model
+    ctx.cache["fp_model"] = place(ctx, model)
     meta = {"config_json": safetensors_io.read_config(path), "source": os.path.abspath(path),
             "num_params": int(sum(a.size for a in params.values()))}
     return {"params": params}, meta
