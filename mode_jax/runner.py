@@ -22,6 +22,7 @@ from typing import Any
 
 from mode_jax import checkpoint
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when an artifact's layout changes, so old ones are not reused
 
 
@@ -97,11 +98,11 @@ class Context:
         if checkpoint.is_complete(path):
             arrays, meta = checkpoint.load(path)
             self._check_recorded(name, meta)
-            logging.info("stage %-11s reused %s", name, path)
+            log.info("stage %-11s reused %s", name, path)
         else:
             inputs = {i: self.ensure(i) for i in stage.inputs}
             checkpoint.remove_stale_tmp(os.path.dirname(path))
-            logging.info("stage %-11s running -> %s", name, path)
+            log.info("stage %-11s running -> %s", name, path)
             start = time.time()
             arrays, meta = stage.run(self, inputs)
             meta = {**meta, "recorded_config": self.recorded_config(name),
