@@ -1,0 +1,478 @@
+"""Drivers that run a model over calibration batches for MODE stages 1 and 2.
+
+A batch is the HF-processor dict of docs/design.md (`input_ids [B, T]`, `attention_mask [B, T]`,
+optional `pixel_values`, `image_grid_hws`); a text model may instead take `inputs_embeds
+[B, T, D]` with image placeholders in `input_ids` marking the vision tokens. Each per-batch step
+is one `jax.jit` over `(graphdef, state, batch)`, compiled once per batch shape; everything the
+MODE config decides (key ratio, attention mode, judge layer, image and special token ids) comes
+in a `StatsConfig`, never from globals.
+
+- `frequency_pass`: per MoE layer, key vision tokens from that layer's text-to-image attention,
+  then expert-selection counts per token class, summed into the `[L_moe, E]` statistics arrays.
+- `collect_tokens`: the per-layer token cache of the token-level sensitivity estimators (MoE
+  inputs, routing, modality and, from one backward pass, squared gradients at each MoE output).
+- `token_costs`, `logit_kl_pass`, `hessian_trace_pass`: the `[L_moe, E, B]` estimators.
+- `sensitivity_pass`: all of them as the stage artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mode_jax.calib import frequency, sensitivity
+from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
+from mode_jax.models.deepseek_v3 import DeepseekV3
+from mode_jax.models.kimivl import KimiVL, prepare_batch
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values", "image_grid_hws",
+              "image_grid_thw")
+# Per cached token and MoE layer: x, g2_fisher, g2_loss (D floats each) + routing. For Kimi-VL
+# (D = 2048, 26 MoE layers, float32) 16384 tokens are about 10 GiB of host memory.
+DEFAULT_MAX_TOKENS = 16384
+ESTIMATORS = ("expert_mse", "fisher", "logit_kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsConfig:
+    """The MODE statistics settings (method.md stage 1); hashable, so static under jit."""
+
+    image_token_id: int
+    special_token_ids: tuple[int, ...] = ()
+    key_ratio: float = 0.2
+    attention_mode: str = "per_layer"
+    judge_layer: int = -1
+
+    def __post_init__(self):
+        if self.attention_mode not in frequency.ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {frequency.ATTENTION_MODES}, "
+                             f"got {self.attention_mode!r}")
+        if not 0.0 < self.key_ratio <= 1.0:
+            raise ValueError(f"key_ratio must be in (0, 1], got {self.key_ratio}")
+        object.__setattr__(self, "special_token_ids",
+                           tuple(int(i) for i in np.asarray(self.special_token_ids).reshape(-1)))
+
+
+# ---------------------------------------------------------------- model access
+
+
+def text_model(model) -> DeepseekV3:
+    """The DeepSeek-V3 decoder of `model` (itself, or a multimodal model's `language_model`)."""
+    if isinstance(model, DeepseekV3):
+        return model
+    inner = getattr(model, "language_model", None)
+    if isinstance(inner, DeepseekV3):
+        return inner
+    raise ValueError(f"expected a DeepseekV3 text model or a model with a DeepseekV3 "
+                     f"`language_model`, got {type(model).__name__}")
+
+
+def embed_inputs(model, batch, grid=None) -> jax.Array:
+    """The decoder input `[B, T, D]`: inputs_embeds, token embeddings, or (for a multimodal
+    model) token embeddings with the image features written at the placeholders."""
+    text = text_model(model)
+    if "inputs_embeds" in batch:
+        return batch["inputs_embeds"].astype(text.dtype)
+    if model is text:
+        return text.embed(batch["input_ids"])
+    return model.embed(batch["input_ids"], batch.get("pixel_values"), grid)
+
+
+def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None]:
+    """The model inputs of a batch as jnp arrays, and the static image grid (or None).
+
+    ValueError for a missing or misshapen key (a multimodal model checks images and
+    placeholders with its own `prepare_batch`).
+    """
+    for key in ("input_ids", "attention_mask"):
+        if key not in batch:
+            raise ValueError(f"calibration batch lacks {key!r}; it has {sorted(batch)}")
+    ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the "
+                         "same [B, T] shape")
+    if isinstance(model, KimiVL) and "inputs_embeds" not in batch:
+        args = prepare_batch(model.config, batch)
+        grid = args.pop("grid_hws")
+        return {k: v for k, v in args.items() if v is not None}, grid
+    out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+    out["input_ids"] = out["input_ids"].astype(jnp.int32)
+    return out, None
+
+
+def check_model(model, cfg: StatsConfig) -> None:
+    """One clear error for a model the passes cannot use with `cfg`: no routed experts, or a
+    multimodal model whose image placeholder id is not `cfg.image_token_id`."""
+    if not text_model(model).config.moe_layers:
+        raise ValueError("the model has no MoE layer (n_routed_experts = 0): nothing to count")
+    placeholder = getattr(getattr(model, "config", None), "media_placeholder_token_id", None)
+    if placeholder is not None and placeholder != cfg.image_token_id:
+        raise ValueError(f"StatsConfig.image_token_id={cfg.image_token_id} but the model's "
+                         f"image placeholder id is {placeholder}")
+
+
+class Trace(NamedTuple):
+    """One fp forward, per MoE layer: MoE inputs, routing, token classes, residual after it."""
+
+    logits: jax.Array
+    x: tuple
+    routing: tuple
+    classes: tuple  # frequency.token_class_masks per MoE layer
+    h_after: tuple
+
+
+def trace(model, batch, cfg: StatsConfig, grid=None, perturb=None) -> Trace:
+    """Run the decoder one layer at a time, keeping what the statistics need.
+
+    perturb: optional per-MoE-layer `[B, T, D]` added to the residual stream right after that
+    layer (zeros, so gradients w.r.t. it are gradients w.r.t. the MoE-block output); grid:
+    the static image grid of `device_batch`.
+    """
+    text = text_model(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    special = jnp.asarray(cfg.special_token_ids, jnp.int32).reshape(-1)
+    query = frequency.query_mask(ids, mask, cfg.image_token_id, special, cfg.attention_mode)
+    h = embed_inputs(model, batch, grid)
+    ctx, _ = text.context(mask)
+    moe_layers = text.config.moe_layers
+    scores, xs, routing, h_after = [], [], [], []
+    for i in range(len(text.layers)):
+        h, out = text.run_layers(h, ctx, start=i, stop=i + 1, image_query_mask=query,
+                                 return_routing=True, return_mlp_inputs=True)
+        scores.append(out.image_scores[0])
+        if i in moe_layers:
+            if perturb is not None:
+                h = h + perturb[len(xs)].astype(h.dtype)
+            xs.append(out.mlp_inputs[0])
+            routing.append(out.routing[0])
+            h_after.append(h)
+    image = (ids == cfg.image_token_id) & mask.astype(bool)
+    keys = frequency.layer_key_masks(tuple(scores), moe_layers, image, cfg.key_ratio,
+                                     cfg.attention_mode, cfg.judge_layer)
+    classes = tuple(frequency.token_class_masks(ids, mask, cfg.image_token_id, k) for k in keys)
+    return Trace(text.logits(h), tuple(xs), tuple(routing), classes, tuple(h_after))
+
+
+def modality_codes(classes: dict) -> jax.Array:
+    """[B, T] int8: TEXT, KEY (vision), REDUNDANT or PAD from token_class_masks."""
+    s = sensitivity
+    code = jnp.where(classes["image"], s.REDUNDANT, s.PAD)
+    code = jnp.where(classes["key"], s.KEY, code)
+    return jnp.where(classes["text"], s.TEXT, code).astype(jnp.int8)
+
+
+def _batches(batches) -> list:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no calibration batches were given")
+    return batches
+
+
+def _num_samples(batch) -> int:
+    return int((np.asarray(batch["attention_mask"]).sum(1) > 0).sum())
+
+
+# ---------------------------------------------------------------- stage 1: frequency
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "grid"))
+def _frequency_batch(graphdef, state, batch, cfg, grid):
+    model = nnx.merge(graphdef, state)
+    tr = trace(model, batch, cfg, grid)
+    e = text_model(model).config.n_routed_experts
+    per_layer = [frequency.routing_counts(ids, w, c, e)
+                 for (ids, w), c in zip(tr.routing, tr.classes, strict=True)]
+    return {k: jnp.stack([c[k] for c in per_layer]) for k in per_layer[0]}
+
+
+def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str, np.ndarray]:
+    """Routing statistics summed over batches (docs/design.md "statistics").
+
+    Returns count_{all,text,image,key,redundant} `[L_moe, E]` int64, weight_sum_all `[L_moe, E]`
+    float64, num_tokens_{...} int64 scalars (the same for every layer: each sample keeps
+    max(1, floor(r * n_image)) key tokens in every layer) and num_samples.
+    """
+    check_model(model, cfg)
+    graphdef, state = nnx.split(model)
+    total: dict[str, np.ndarray] = {}
+    samples = 0
+    for batch in _batches(batches):
+        dev, grid = device_batch(model, batch)
+        out = jax.device_get(_frequency_batch(graphdef, state, dev, cfg, grid))
+        for k, v in out.items():
+            v = np.asarray(v, np.float64 if k.startswith("weight") else np.int64)
+            total[k] = total[k] + v if k in total else v
+        samples += _num_samples(batch)
+    result = {k: (v[0] if k.startswith("num_tokens") else v) for k, v in total.items()}
+    result["num_samples"] = np.int64(samples)
+    return result
+
+
+# ---------------------------------------------------------------- stage 2: token cache
+
+
+class TokenCache(NamedTuple):
+    """LayerTokens per MoE layer from the first `num_samples` samples (whole samples only)."""
+
+    layers: tuple[LayerTokens, ...]
+    num_samples: int
+    num_skipped: int
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "grid", "gradients"))
+def _token_batch(graphdef, state, batch, cfg, grid, gradients):
+    model = nnx.merge(graphdef, state)
+    text = text_model(model)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if not gradients:
+        tr, g2f, g2l = trace(model, batch, cfg, grid), None, None
+    else:
+        shape = (*ids.shape, text.config.hidden_size)
+        zeros = tuple(jnp.zeros(shape, jnp.float32) for _ in text.config.moe_layers)
+
+        def objectives(perturb):
+            tr = trace(model, batch, cfg, grid, perturb)
+            last = sensitivity.last_logits(tr.logits, sensitivity.last_positions(mask))
+            nll = sensitivity.next_token_nll(tr.logits, ids, mask, cfg.image_token_id)
+            return jnp.stack([sensitivity.argmax_logprob(last), nll]), tr
+
+        _, pull, tr = jax.vjp(objectives, zeros, has_aux=True)
+        g2f = tuple(g * g for g in pull(jnp.array([1.0, 0.0]))[0])
+        g2l = tuple(g * g for g in pull(jnp.array([0.0, 1.0]))[0])
+    return {
+        "x": tr.x,
+        "ids": tuple(r[0] for r in tr.routing),
+        "weights": tuple(r[1] for r in tr.routing),
+        "modality": tuple(modality_codes(c) for c in tr.classes),
+        "g2_fisher": g2f,
+        "g2_loss": g2l,
+    }
+
+
+def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
+                   max_tokens: int = DEFAULT_MAX_TOKENS, gradients: bool = True) -> TokenCache:
+    """Cache each MoE layer's real tokens for the token-level estimators.
+
+    Whole samples are cached in order until the next one would pass `max_tokens` real tokens;
+    the rest are skipped (logged), so memory is bounded (see DEFAULT_MAX_TOKENS). With
+    `gradients`, one backward pass per batch gives, at every MoE-block output, the gradients of
+    the fp last-position log p(argmax) (fisher) and of the summed next-token NLL (gemq).
+    """
+    check_model(model, cfg)
+    graphdef, state = nnx.split(model)
+    parts: list[dict] = []
+    used = samples = skipped = 0
+    for batch in _batches(batches):
+        mask = np.asarray(batch["attention_mask"]).astype(bool)
+        lengths = mask.sum(1)
+        if skipped or used + lengths[0] > max_tokens:
+            skipped += _num_samples(batch)
+            continue
+        keep = np.cumsum(lengths) + used <= max_tokens
+        keep &= np.cumsum(~keep) == 0
+        dev, grid = device_batch(model, batch)
+        out = jax.device_get(_token_batch(graphdef, state, dev, cfg, grid, gradients))
+        rows = mask & keep[:, None]
+        parts.append(jax.tree.map(lambda a, rows=rows: np.asarray(a)[rows], out))
+        used += int(rows.sum())
+        samples += int((lengths[keep] > 0).sum())
+        skipped += int((lengths[~keep] > 0).sum())
+    if not parts:
+        raise ValueError(f"max_tokens={max_tokens} is smaller than the first sample")
+    if skipped:
+        log.info("token cache: %d tokens from %d samples; %d samples skipped (max_tokens=%d)",
+                 used, samples, skipped, max_tokens)
+    layers = []
+    for j in range(len(parts[0]["x"])):
+        cat = {k: (None if parts[0][k] is None else np.concatenate([p[k][j] for p in parts]))
+               for k in parts[0]}
+        layers.append(LayerTokens(**cat))
+    return TokenCache(tuple(layers), samples, skipped)
+
+
+def _layer_experts(text: DeepseekV3, layer: int):
+    experts = text.layers[layer].mlp.experts
+    return experts.gate_up[...], experts.down[...]
+
+
+def token_costs(model, cache: TokenCache, bits, group_size: int, *, chunk: int = 16
+                ) -> dict[str, np.ndarray]:
+    """The token-level estimators stacked over MoE layers, each `[L_moe, E, B]`."""
+    bits = sensitivity.check_bits(bits)
+    text = text_model(model)
+    rows = []
+    for tokens, layer in zip(cache.layers, text.config.moe_layers, strict=True):
+        gu, dn = _layer_experts(text, layer)
+        guq, dnq = sensitivity.quantize_layer(gu, dn, bits, group_size)
+        rows.append(sensitivity.layer_costs(tokens, gu, dn, guq, dnq,
+                                            num_samples=cache.num_samples, layer=layer,
+                                            chunk=chunk))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# ---------------------------------------------------------------- stage 2: exact logit KL
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "grid"))
+def _prefix_batch(graphdef, state, batch, cfg, grid):
+    model = nnx.merge(graphdef, state)
+    tr = trace(model, batch, cfg, grid)
+    mask = batch["attention_mask"]
+    last = sensitivity.last_logits(tr.logits, sensitivity.last_positions(mask))
+    logp = jax.nn.log_softmax(last, -1)
+    return tuple(
+        LayerPrefix(h, x, ids, w, modality_codes(c), mask, logp)
+        for h, x, (ids, w), c in zip(tr.h_after, tr.x, tr.routing, tr.classes, strict=True)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer", "chunk"))
+def _kl_layer(graphdef, state, prefix, gu, dn, guq, dnq, layer, chunk):
+    text = text_model(nnx.merge(graphdef, state))
+    return sensitivity.layer_logit_kl(text, layer, prefix, gu, dn, guq, dnq, chunk)
+
+
+def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_size: int, *,
+                  chunk: int = 8) -> dict[str, np.ndarray]:
+    """Exact logit_kl_{text,vision} `[L_moe, E, B]`, averaged over the batches' samples.
+
+    Per batch one fp forward caches each MoE layer's residual stream; each layer's E * B
+    variants then re-run only the later layers, `chunk` variants per folded batch. Holds the
+    B fake-quantized copies of every layer's experts for the whole pass.
+    """
+    bits = sensitivity.check_bits(bits)
+    check_model(model, cfg)
+    graphdef, state = nnx.split(model)
+    text = text_model(model)
+    layers = text.config.moe_layers
+    weights = [_layer_experts(text, i) for i in layers]
+    quantized = [sensitivity.quantize_layer(gu, dn, bits, group_size) for gu, dn in weights]
+    n_exp = text.config.n_routed_experts
+    sums = np.zeros((len(layers), n_exp, len(bits), 2))
+    counts = np.zeros((len(layers), n_exp, 2), np.int64)
+    samples = 0
+    for batch in _batches(batches):
+        dev, grid = device_batch(model, batch)
+        prefixes = _prefix_batch(graphdef, state, dev, cfg, grid)
+        for j, (layer, prefix) in enumerate(zip(layers, prefixes, strict=True)):
+            kl = _kl_layer(graphdef, state, prefix, *weights[j], *quantized[j], layer=layer,
+                           chunk=min(chunk, n_exp * len(bits)))
+            sums[j] += np.asarray(kl, np.float64)
+            mod, ids = np.asarray(prefix.modality), np.asarray(prefix.ids)
+            for m, code in enumerate(sensitivity.MODALITY_CODES):
+                counts[j, :, m] += np.bincount(ids[mod == code].reshape(-1), minlength=n_exp)
+        samples += _num_samples(batch)
+    for j, layer in enumerate(layers):
+        sensitivity.note_empty(counts[j], layer, "logit_kl")
+    mean = sums / samples
+    return {f"logit_kl_{m}": mean[..., i] for i, m in enumerate(sensitivity.MODALITIES)}
+
+
+# ---------------------------------------------------------------- MoPEQ Hessian trace
+
+
+def _is_routed_expert(path, _value) -> bool:
+    return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_up", "down")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "num_probes", "image_token_id"))
+def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_token_id):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.astype(bool)
+    targets = jnp.maximum((real[:, :-1] & real[:, 1:] & (ids[:, 1:] != image_token_id)).sum(), 1)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        text = text_model(model)
+        ctx, _ = text.context(mask)
+        h, _ = text.run_layers(embed_inputs(model, batch, grid), ctx)
+        nll = sensitivity.next_token_nll(text.logits(h), ids, mask, image_token_id)
+        return nll / targets
+
+    return sensitivity.hutchinson_block_traces(loss, experts, num_probes, key)
+
+
+def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
+                       num_probes: int = 100, seed: int = 0) -> np.ndarray:
+    """MoPEQ's per-expert Hessian trace `[L_moe, E]` (Hutchinson, `num_probes` probes).
+
+    The Hessian is that of the mean next-token cross-entropy of each batch (labels = the
+    inputs shifted by one; image-placeholder targets skipped) w.r.t. one expert's weights
+    (gate, up and down; the trace is their sum), averaged over batches. MoPEQ calls itself
+    data-free: pass `random_token_batches` for that, or calibration batches.
+    """
+    moe_layers = text_model(model).config.moe_layers
+    if not moe_layers:
+        raise ValueError("the model has no MoE layer (n_routed_experts = 0): no expert Hessian")
+    graphdef, experts, rest = nnx.split(model, _is_routed_expert, ...)
+    total = np.zeros((len(moe_layers), text_model(model).config.n_routed_experts))
+    batches = _batches(batches)
+    keys = jax.random.split(jax.random.key(seed), len(batches))
+    for batch, key in zip(batches, keys, strict=True):
+        traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batch), key,
+                                num_probes, int(image_token_id))
+        for path, value in jax.tree_util.tree_flatten_with_path(jax.device_get(traces))[0]:
+            names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
+            layer = names[names.index("layers") + 1]
+            total[moe_layers.index(int(layer))] += np.asarray(value, np.float64)
+    return total / len(batches)
+
+
+def random_token_batches(vocab_size: int, *, num_samples: int, length: int, batch_size: int,
+                         seed: int = 0, exclude: Sequence[int] = ()) -> list[dict[str, np.ndarray]]:
+    """Seeded uniformly random token sequences (no padding) for data-free estimators."""
+    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(exclude, np.int64))
+    if allowed.size == 0:
+        raise ValueError(f"exclude={list(exclude)} leaves no token of a vocab of {vocab_size}")
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(allowed, size=(num_samples, length)).astype(np.int32)
+    return [{"input_ids": ids[i:i + batch_size],
+             "attention_mask": np.ones_like(ids[i:i + batch_size])}
+            for i in range(0, num_samples, batch_size)]
+
+
+# ---------------------------------------------------------------- the stage artifact
+
+
+def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
+                     group_size: int, estimator: str = "expert_mse", baselines: bool = True,
+                     max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
+    estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
+
+    hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    batches = _batches(batches)
+    bits = sensitivity.check_bits(bits)
+    grads = baselines or estimator == "fisher"
+    cache = collect_tokens(model, batches, cfg, max_tokens=max_tokens, gradients=grads)
+    out = {"bits": bits, **token_costs(model, cache, bits, group_size)}
+    if estimator == "logit_kl":
+        out.update(logit_kl_pass(model, batches, cfg, bits, group_size))
+    if baselines:
+        b, t = np.asarray(batches[0]["input_ids"]).shape
+        n = sum(len(np.asarray(x["input_ids"])) for x in batches)
+        rand = random_token_batches(text_model(model).config.vocab_size, num_samples=n,
+                                    length=t, batch_size=b, seed=seed,
+                                    exclude=(cfg.image_token_id,))
+        out["hessian_trace"] = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
+                                                  num_probes=num_probes, seed=seed)
+    else:
+        out = {k: v for k, v in out.items() if k not in ("pmq_err", "gemq_cost")}
+    for m in sensitivity.MODALITIES:
+        out[f"delta_{m}"] = out[f"{estimator}_{m}"]
+    out["num_samples"] = np.int64(cache.num_samples)
+    return out

@@ -1,0 +1,360 @@
+"""MODE stage 2: how much each routed expert's round-to-nearest quantization hurts, per modality.
+
+Every estimator is `[E, B]` for one MoE layer (the drivers in `calib.passes` stack layers into
+`[L_moe, E, B]`); B indexes the candidate bit-widths. With `E_e` expert e's SwiGLU FFN, `E_e^b`
+the same with gate, up and down fake-quantized by `quant.rtn` at b bits, and `w_e(t)` the routing
+weight token t gives e (0 if t does not pick e), the MoE-block output of token t changes by
+
+    dz_t = w_e(t) * (E_e^b(x_t) - E_e(x_t))         when only expert e is quantized.
+
+Estimators (M = text tokens, or the layer's key vision tokens):
+- expert_mse_M: mean over the M-tokens routed to e and the hidden dims of (E_e^b(x) - E_e(x))^2.
+- fisher_M: 0.5 * sum over M-tokens of sum_d g_td^2 dz_td^2 / samples, g the gradient of the
+  fp model's last-position log-probability of its own argmax token w.r.t. the block output (the
+  diagonal empirical-Fisher estimate of the KL below).
+- logit_kl_M (exact): KL(p_fp || p_quant) of the last-position next-token distribution averaged
+  over samples, when dz is added only to that layer's M-tokens (`layer_logit_kl`).
+- pmq_err (MC-MoE PMQ): mean over all tokens and hidden dims of dz^2 (the block-output error).
+- gemq_cost (GEMQ): sum over all tokens of sum_d g_td^2 dz_td^2 / samples, g the gradient of the
+  summed next-token cross-entropy w.r.t. the block output.
+- MoPEQ's per-expert Hessian trace: `hutchinson_block_traces`.
+
+An expert with no M-token gets 0 for the M-estimators, and a logged note (never NaN).
+Token-level estimators vmap over experts on padded per-expert buffers (`expert_buffers`) and
+over bits; `logit_kl` folds (expert, bit, modality) variants into the batch of one suffix forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mode_jax.models import moe
+from mode_jax.quant import rtn
+
+log = logging.getLogger(__name__)
+
+TEXT, KEY, REDUNDANT, PAD = 0, 1, 2, -1  # token modality codes
+MODALITIES = ("text", "vision")  # vision = the layer's key image tokens
+MODALITY_CODES = (TEXT, KEY)
+
+
+class LayerTokens(NamedTuple):
+    """The cached full-precision real tokens of one MoE layer (rows = tokens, N of them).
+
+    x [N, D] MoE-block input (post-attention norm); ids, weights [N, k] the routing the model
+    chose; modality [N] int8 (TEXT, KEY or REDUNDANT); g2_fisher, g2_loss [N, D] float32 squared
+    gradients of the two objectives w.r.t. the block output (None when not collected).
+    """
+
+    x: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray
+    modality: np.ndarray
+    g2_fisher: np.ndarray | None = None
+    g2_loss: np.ndarray | None = None
+
+
+class ExpertBuffers(NamedTuple):
+    """Per-expert padded token lists: row e lists the tokens that chose expert e.
+
+    index [E, C] int32 rows of LayerTokens; weight [E, C] float32 the routing weight of e for
+    that token; valid [E, C] bool (False = padding). C is a power of two >= the busiest expert.
+    """
+
+    index: np.ndarray
+    weight: np.ndarray
+    valid: np.ndarray
+
+
+def expert_buffers(ids: np.ndarray, weights: np.ndarray, num_experts: int) -> ExpertBuffers:
+    """Group the N*k (token, slot) pairs of `ids [N, k]` by expert (stable, token order)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got {ids.min()}..{ids.max()}")
+    flat, k = ids.reshape(-1), ids.shape[-1]
+    counts = np.bincount(flat, minlength=num_experts)
+    cap = int(2 ** np.ceil(np.log2(max(int(counts.max(initial=0)), 8))))
+    order = np.argsort(flat, kind="stable")
+    slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    index = np.zeros((num_experts, cap), np.int32)
+    weight = np.zeros((num_experts, cap), np.float32)
+    valid = np.zeros((num_experts, cap), bool)
+    index[flat[order], slot] = order // k
+    weight[flat[order], slot] = np.asarray(weights, np.float32).reshape(-1)[order]
+    valid[flat[order], slot] = True
+    return ExpertBuffers(index, weight, valid)
+
+
+def quantize_layer(gate_up, down, bits, group_size: int):
+    """Fake-quantized copies of a layer's experts at every candidate bit-width (rtn).
+
+    gate_up [E, D, 2F], down [E, F, D], bits [B] -> (gate_up_q [B, E, D, 2F],
+    down_q [B, E, F, D]); one jitted call vmapped over the bits.
+    """
+    return _quantize_layer(gate_up, down, check_bits(bits), group_size)
+
+
+@functools.partial(jax.jit, static_argnames="group_size")
+def _quantize_layer(gate_up, down, bits, group_size: int):
+    def one(b):
+        return rtn.fake_quantize(gate_up, b, group_size), rtn.fake_quantize(down, b, group_size)
+
+    return jax.vmap(one)(jnp.asarray(bits, jnp.int32))
+
+
+def check_bits(bits) -> np.ndarray:
+    """Candidate bits as an int32 array; one ValueError for anything rtn cannot quantize."""
+    arr = np.asarray(bits)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"bits must be a non-empty 1-D list of bit-widths, got {bits!r}")
+    rtn.check_bits(arr)
+    return arr.astype(np.int32)
+
+
+def expert_deltas(x, gate_up, down, gate_up_q, down_q):
+    """E_e^b(x) - E_e(x) for one expert at every bit: x [C, D], *_q [B, ...] -> [B, C, D] f32."""
+    y = moe.swiglu(x, gate_up, down).astype(jnp.float32)
+    yq = jax.vmap(moe.swiglu, in_axes=(None, 0, 0))(x, gate_up_q, down_q)
+    return yq.astype(jnp.float32) - y
+
+
+def _expert_sums(rows, w, valid, x, modality, g2f, g2l, gate_up, down, gate_up_q, down_q):
+    """Sums over one expert's tokens (rows [C] into the layer cache) for every bit."""
+    diff = expert_deltas(x[rows], gate_up, down, gate_up_q, down_q) * valid[None, :, None]
+    mod = modality[rows]
+    is_m = jnp.stack([valid & (mod == c) for c in MODALITY_CODES], -1).astype(jnp.float32)
+    sq = diff * diff  # [B, C, D]
+    dz2 = sq * (w * w)[None, :, None]
+    out = {
+        "mse": jnp.einsum("bc,cm->bm", sq.mean(-1), is_m),
+        "pmq": dz2.sum((1, 2)),
+    }
+    if g2f is not None:
+        out["fisher"] = jnp.einsum("bcd,cd,cm->bm", dz2, g2f[rows], is_m)
+        out["gemq"] = jnp.einsum("bcd,cd->b", dz2, g2l[rows])
+    return out
+
+
+@jax.jit
+def _layer_sums(tokens, index, weight, valid, gate_up, down, gate_up_q, down_q):
+    """`_expert_sums` vmapped over the experts given (index etc. [e, C], gate_up_q [B, e, ...])."""
+
+    def one(rows, w, ok, gu, dn, guq, dnq):
+        return _expert_sums(rows, w, ok, tokens.x, tokens.modality, tokens.g2_fisher,
+                            tokens.g2_loss, gu, dn, guq, dnq)
+
+    axes = (0, 0, 0, 0, 0, 1, 1)
+    return jax.vmap(one, in_axes=axes)(index, weight, valid, gate_up, down, gate_up_q, down_q)
+
+
+def _chunked_sums(tokens: LayerTokens, buffers: ExpertBuffers, gate_up, down, gate_up_q,
+                  down_q, chunk: int) -> dict[str, np.ndarray]:
+    """`_layer_sums` over chunks of `chunk` experts taken busiest first, each chunk's buffers
+    cut to its own busiest expert (rounded up to a power of two): a vmapped call per chunk,
+    padding bounded by the load imbalance within a chunk rather than across the layer."""
+    dev = jax.tree.map(jnp.asarray, tokens)
+    counts = buffers.valid.sum(1)
+    order = np.argsort(-counts, kind="stable")
+    parts = []
+    for start in range(0, len(order), chunk):
+        sel = order[start:start + chunk]
+        cap = min(buffers.index.shape[1], int(2 ** np.ceil(np.log2(max(counts[sel].max(), 8)))))
+        cut = [jnp.asarray(a[sel, :cap]) for a in buffers]
+        parts.append(_layer_sums(dev, *cut, gate_up[sel], down[sel], gate_up_q[:, sel],
+                                 down_q[:, sel]))
+    joined = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    return {k: v[np.argsort(order)] for k, v in joined.items()}
+
+
+def modality_counts(tokens: LayerTokens, buffers: ExpertBuffers) -> np.ndarray:
+    """[E, 2]: how many text / key-vision tokens chose each expert."""
+    mod = np.asarray(tokens.modality)[buffers.index]
+    return np.stack([(buffers.valid & (mod == c)).sum(-1) for c in MODALITY_CODES], -1)
+
+
+def note_empty(counts: np.ndarray, layer, what: str = "expert_mse/fisher/logit_kl") -> None:
+    """Log the experts that no token of a modality reached (their M-estimators are 0)."""
+    for m, name in enumerate(MODALITIES):
+        empty = np.flatnonzero(np.asarray(counts)[:, m] == 0)
+        if empty.size:
+            log.info("MoE layer %s: experts %s received no %s token; their %s_%s is 0",
+                     layer, empty.tolist(), name, what, name)
+
+
+def layer_costs(
+    tokens: LayerTokens,
+    gate_up,
+    down,
+    gate_up_q,
+    down_q,
+    *,
+    num_samples: int,
+    layer=None,
+    chunk: int = 16,
+) -> dict[str, np.ndarray]:
+    """All token-level estimators of one MoE layer, each `[E, B]` (float64 numpy).
+
+    gate_up [E, D, 2F], down [E, F, D] full precision; gate_up_q, down_q the `quantize_layer`
+    copies [B, E, ...]; num_samples: the samples `tokens` came from (for the per-sample averages
+    of fisher and gemq). Returns expert_mse_{text,vision}, pmq_err and, when `tokens` carry
+    gradients, fisher_{text,vision} and gemq_cost.
+    """
+    buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
+    sums = _chunked_sums(tokens, buffers, gate_up, down, gate_up_q, down_q, chunk)
+    counts = modality_counts(tokens, buffers)
+    note_empty(counts, layer)
+    mse = np.asarray(sums["mse"], np.float64) / np.maximum(counts, 1)[:, None, :]
+    n_tok, dim = tokens.x.shape
+    out = {f"expert_mse_{m}": mse[..., i] for i, m in enumerate(MODALITIES)}
+    out["pmq_err"] = np.asarray(sums["pmq"], np.float64) / max(n_tok * dim, 1)
+    if "fisher" in sums:
+        fisher = 0.5 * np.asarray(sums["fisher"], np.float64) / max(num_samples, 1)
+        out.update({f"fisher_{m}": fisher[..., i] for i, m in enumerate(MODALITIES)})
+        out["gemq_cost"] = np.asarray(sums["gemq"], np.float64) / max(num_samples, 1)
+    return out
+
+
+def expert_mse(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, *, layer=None,
+               chunk: int = 16) -> dict[str, np.ndarray]:
+    """{text, vision}: `[E, B]` mean squared expert-output error on the cached M-tokens."""
+    plain = tokens._replace(g2_fisher=None, g2_loss=None)
+    costs = layer_costs(plain, gate_up, down, gate_up_q, down_q, num_samples=1, layer=layer,
+                        chunk=chunk)
+    return {m: costs[f"expert_mse_{m}"] for m in MODALITIES}
+
+
+# ---------------------------------------------------------------- objectives
+
+
+def last_positions(attention_mask: jax.Array) -> jax.Array:
+    """Index of each row's last real token, [B] (works for left and right padding)."""
+    t = attention_mask.shape[1]
+    return jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t), 0), axis=1)
+
+
+def last_logits(logits: jax.Array, last: jax.Array) -> jax.Array:
+    """logits [B, T, V] at positions last [B] -> [B, V]."""
+    return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+def argmax_logprob(last_logits_: jax.Array) -> jax.Array:
+    """Sum over samples of log p(argmax token) at the last position (the Fisher objective).
+
+    The argmax is held fixed (no gradient): this is the model's own prediction.
+    """
+    target = jax.lax.stop_gradient(jnp.argmax(last_logits_, -1))
+    logp = jax.nn.log_softmax(last_logits_.astype(jnp.float32), -1)
+    return jnp.take_along_axis(logp, target[:, None], -1).sum()
+
+
+def next_token_nll(logits, input_ids, attention_mask, image_token_id: int) -> jax.Array:
+    """Summed next-token cross-entropy over real (position, next position) pairs, [].
+
+    Targets that are image placeholders are skipped (they are not predictions of the model).
+    """
+    real = attention_mask.astype(bool)
+    valid = real[:, :-1] & real[:, 1:] & (input_ids[:, 1:] != image_token_id)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), -1)[..., 0]
+    return jnp.where(valid, nll, 0.0).sum()
+
+
+def kl_last(logp_fp: jax.Array, logits_q: jax.Array) -> jax.Array:
+    """KL(p_fp || p_q) per row: logp_fp [..., V] log-probabilities, logits_q [..., V]."""
+    logq = jax.nn.log_softmax(logits_q.astype(jnp.float32), -1)
+    return jnp.sum(jnp.exp(logp_fp) * (logp_fp - logq), -1)
+
+
+# ---------------------------------------------------------------- exact logit KL
+
+
+class LayerPrefix(NamedTuple):
+    """What the fp forward leaves for one MoE layer of one batch (decoder layer `layer`).
+
+    h_after [B, T, D] residual stream after the layer; x [B, T, D] its MoE-block input;
+    ids, weights [B, T, k]; modality [B, T] int8 (PAD on padding); attention_mask [B, T];
+    logp_fp [B, V] the fp last-position log-probabilities.
+    """
+
+    h_after: jax.Array
+    x: jax.Array
+    ids: jax.Array
+    weights: jax.Array
+    modality: jax.Array
+    attention_mask: jax.Array
+    logp_fp: jax.Array
+
+
+def layer_logit_kl(text, layer: int, prefix: LayerPrefix, gate_up, down, gate_up_q, down_q,
+                   chunk: int) -> jax.Array:
+    """Summed-over-samples KL for every (expert, bit, modality) of one layer: [E, B, 2].
+
+    `text` is the DeepseekV3 module. Variant (e, b, M) adds dz (expert e at bits b) to the
+    layer's M-tokens of `prefix.h_after` and re-runs decoder layers `layer+1..` and the head on
+    the last positions only. `chunk` variants (x 2 modalities x batch) run as one folded batch;
+    chunks run sequentially (`lax.map`). A sample whose M-tokens never chose e scores exactly 0.
+    """
+    num_bits, num_experts = gate_up_q.shape[:2]
+    n_var = num_experts * num_bits
+    n_chunks = -(-n_var // chunk)
+    variant = jnp.minimum(jnp.arange(n_chunks * chunk), n_var - 1).reshape(n_chunks, chunk)
+    masks = jnp.stack([prefix.modality == c for c in MODALITY_CODES])  # [2, B, T]
+    b, t, d = prefix.x.shape
+    last = last_positions(prefix.attention_mask)
+    ctx, _ = text.context(jnp.tile(prefix.attention_mask, (chunk * 2, 1)))
+
+    def run_chunk(v):
+        e, bit = v // num_bits, v % num_bits
+        we = jnp.sum(jnp.where(prefix.ids[None] == e[:, None, None, None], prefix.weights, 0.0), -1)
+
+        def delta(ei, bi, w):
+            y = moe.swiglu(prefix.x, gate_up[ei], down[ei]).astype(jnp.float32)
+            yq = moe.swiglu(prefix.x, gate_up_q[bi, ei], down_q[bi, ei]).astype(jnp.float32)
+            return (yq - y) * w[..., None]
+
+        dz = jax.vmap(delta)(e, bit, we)[:, None] * masks[None, ..., None]  # [c, 2, B, T, D]
+        touched = jnp.any(dz != 0, axis=(-2, -1))  # [c, 2, B]
+        h = (prefix.h_after.astype(jnp.float32)[None, None] + dz).astype(prefix.h_after.dtype)
+        h, _ = text.run_layers(h.reshape(-1, t, d), ctx, start=layer + 1)
+        idx = last[None, None, :, None, None]
+        h_last = jnp.take_along_axis(h.reshape(chunk, 2, b, t, d), idx, axis=3)
+        logits = text.logits(h_last[..., 0, :])  # [c, 2, B, V]
+        kl = kl_last(prefix.logp_fp[None, None], logits)
+        return jnp.where(touched, kl, 0.0).sum(-1)  # [c, 2]
+
+    kl = jax.lax.map(run_chunk, variant).reshape(-1, 2)[:n_var]
+    return kl.reshape(num_experts, num_bits, 2)
+
+
+# ---------------------------------------------------------------- MoPEQ Hessian trace
+
+
+def hutchinson_block_traces(loss_fn, params, num_probes: int, key: jax.Array):
+    """Per-expert Hessian traces of `loss_fn` by Hutchinson's estimator.
+
+    params: a pytree whose leaves are stacked expert tensors `[E, ...]`. Each probe draws one
+    Rademacher vector v over all of them and forms Hv (forward-over-reverse); sum(v * Hv) over
+    an expert's entries is an unbiased estimate of the trace of that expert's diagonal Hessian
+    block, E[v_e . (Hv)_e] = tr(H_ee). Returns the same pytree with leaves `[E]` (mean over
+    probes; add the leaves of one layer for the expert's total). Probes run sequentially.
+    """
+    grad = jax.grad(loss_fn)
+    leaves, treedef = jax.tree.flatten(params)
+
+    def probe(k):
+        keys = jax.random.split(k, len(leaves))
+        v = [jax.random.rademacher(kk, p.shape, p.dtype)
+             for kk, p in zip(keys, leaves, strict=True)]
+        _, hv = jax.jvp(grad, (params,), (jax.tree.unflatten(treedef, v),))
+        hv = jax.tree.leaves(hv)
+        return [jnp.sum((a * b).reshape(a.shape[0], -1), -1)
+                for a, b in zip(v, hv, strict=True)]
+
+    traces = jax.lax.map(probe, jax.random.split(key, num_probes))
+    return jax.tree.unflatten(treedef, [t.mean(0) for t in traces])
