@@ -69,6 +69,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 0  # 0 = the whole held-out split
+    c.eval.jsonl = ""  # a user benchmark in eval/jsonl.py's format (scored with the tokenizer)
+    c.eval.batch_size = 32
     c.eval.max_new_tokens = 8
     c.eval.use_kernels = False  # route packed experts through pallas_kernels
 

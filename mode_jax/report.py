@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from mode_jax import checkpoint
 from mode_jax.alloc import bitmap
 from mode_jax.calib import frequency
 
@@ -59,29 +60,55 @@ def modality_divergence(stats: dict) -> list[float]:
     return [float(v) for v in 0.5 * (kl(p, m).sum(-1) + kl(q, m).sum(-1))]
 
 
+def _meta(workdir: str, stage: str, fingerprint: str) -> dict:
+    with open(os.path.join(workdir, stage, fingerprint, checkpoint.META)) as f:
+        return json.load(f)["meta"]
+
+
+def evaluated_runs(workdir: str) -> list[dict]:
+    """One row per complete evaluate artifact in `workdir`, with the allocation it came from.
+
+    Follows the recorded inputs evaluate -> quantize -> allocate through each meta.json, so
+    results of earlier invocations (other budgets, ablations) land in the same table.
+    """
+    rows = []
+    root = os.path.join(workdir, "evaluate")
+    for fp in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not checkpoint.is_complete(os.path.join(root, fp)):
+            continue
+        ev = _meta(workdir, "evaluate", fp)
+        q_fp = ev["recorded_config"]["inputs"]["quantize"]
+        q = _meta(workdir, "quantize", q_fp)
+        a_fp = q["recorded_config"]["inputs"]["allocate"]
+        a = _meta(workdir, "allocate", a_fp)
+        alloc = a["recorded_config"]["config"]["alloc"]
+        quant = q["recorded_config"]["config"]["quant"]
+        label = alloc["method"] + (f"/{alloc['freq_key']}" if alloc["method"] == "mode" else "")
+        rows.append({
+            "method": label, "budget_bits": float(alloc["budget_bits"]),
+            "candidate_bits": alloc["bits"], "quantizer": quant["method"],
+            "average_bits": a["summary"]["average_bits"],
+            "histogram": a["summary"].get("histogram"),
+            "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
+        })
+    return sorted(rows, key=lambda r: (-r["budget_bits"], r["method"]))
+
+
 def write(workdir: str, config, contexts: list, final_stage: str) -> str:
-    """contexts: one runner.Context per method, its stages up to `final_stage` complete."""
+    """Report every evaluated method/budget in `workdir`; bit maps of this invocation's runs."""
     fig_dir = os.path.join(workdir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    rows = []
     for ctx in contexts:
-        method = ctx.config.alloc.method
         alloc = ctx.ensure("allocate")
-        summary = bitmap.summary(alloc.arrays["bits"])
-        row = {"method": method, "budget_bits": float(config.alloc.budget_bits),
-               "average_bits": summary["average_bits"], "histogram": summary.get("histogram"),
-               "artifact": os.path.relpath(ctx.path(final_stage), workdir)}
-        bitmap.save(os.path.join(workdir, "bitmaps", f"{method}-{config.alloc.budget_bits:g}"),
-                    alloc.arrays["bits"], candidate_bits=tuple(config.alloc.bits),
+        a = ctx.config.alloc
+        bitmap.save(os.path.join(workdir, "bitmaps", f"{a.method}-{a.freq_key}-{a.budget_bits:g}"),
+                    alloc.arrays["bits"], candidate_bits=tuple(a.bits),
                     report=alloc.meta.get("report"))
-        if final_stage == "evaluate":
-            row.update(ctx.ensure("evaluate").meta.get("metrics", {}))
-        rows.append(row)
+    rows = evaluated_runs(workdir)
     stats = contexts[0].ensure("calibrate").arrays
-    doc = {"config": config.to_dict(), "results": rows}
-    if stats is not None:
-        doc["modality_js_divergence_per_layer"] = modality_divergence(stats)
-        _figure_frequencies(stats, os.path.join(fig_dir, "modality_frequency.png"))
+    doc = {"config": config.to_dict(), "results": rows,
+           "modality_js_divergence_per_layer": modality_divergence(stats)}
+    _figure_frequencies(stats, os.path.join(fig_dir, "modality_frequency.png"))
     if any(r.get("accuracy") is not None for r in rows):
         _figure_accuracy(rows, os.path.join(fig_dir, "accuracy_vs_bits.png"))
     with open(os.path.join(workdir, "report.json"), "w") as f:
@@ -102,17 +129,22 @@ def _markdown(doc: dict) -> str:
     rows = doc["results"]
     metric_keys = [k for k in ("accuracy", "accuracy_vision", "accuracy_text", "kl", "perplexity",
                                "model_bytes") if any(k in r for r in rows)]
-    head = ["method", "budget", "avg bits", *metric_keys]
+    head = ["method", "quantizer", "budget", "avg bits", *metric_keys]
     lines = ["# mode-jax report", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], f"{r['budget_bits']:g}", f"{r.get('average_bits', float('nan')):.3f}"]
+        cells = [r["method"], r["quantizer"], f"{r['budget_bits']:g}",
+                 f"{r.get('average_bits', float('nan')):.3f}"]
         cells += [_fmt(r.get(k)) for k in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")
     if "modality_js_divergence_per_layer" in doc:
         js = ", ".join(f"{v:.3f}" for v in doc["modality_js_divergence_per_layer"])
         lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}"]
-    lines += ["", "Figures: figures/*.png; bit maps: bitmaps/<method>-<budget>/", ""]
+    fp = next((r for r in rows if "fp_accuracy" in r), None)
+    if fp:
+        fams = ", ".join(f"{k[12:]} {v:.4g}" for k, v in fp.items() if k.startswith("fp_accuracy_"))
+        lines += ["", f"Full precision: accuracy {fp['fp_accuracy']:.4g} ({fams})"]
+    lines += ["", "Figures: figures/*.png; bit maps: bitmaps/<method>-<key>-<budget>/", ""]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADi
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
 ESTIMATORS = ("expert_mse", "logit_kl", "fisher")
+FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
 
 
 # ---------------------------------------------------------------- model access
@@ -148,6 +149,42 @@ def run_allocate(ctx, inputs):
     return {"bits": bits}, {"report": report, "summary": bitmap.summary(bits)}
 
 
+def run_quantize(ctx, inputs):
+    from mode_jax.quant import apply, router_finetune, serialize
+
+    c = ctx.config
+    model = model_from_artifact(ctx, inputs["convert"])
+    bits = inputs["allocate"].arrays["bits"]
+    qconfig = apply.QuantConfig.from_config(c.quant)
+    batches = []
+    if qconfig.method == "gptq" or c.quant.router_finetune:
+        batches = calibration(ctx, model, c.data.num_gptq_samples, "gptq", seed_offset=2).batches
+    qmodel, report = apply.quantize_model(model, batches, bits, qconfig)
+    if c.quant.router_finetune:
+        report["router_finetune"] = router_finetune.finetune_routers(qmodel, batches)
+    ctx.cache[("quantized", ctx.fingerprint("quantize"))] = qmodel
+    arrays, meta = serialize.to_artifact(qmodel, {"quant_report": report})
+    meta["nbytes"] = serialize.theoretical_nbytes(qmodel)
+    return arrays, meta
+
+
+def run_evaluate(ctx, inputs):
+    from mode_jax import evaluation
+    from mode_jax.quant import serialize
+
+    c = ctx.config
+    fp = model_from_artifact(ctx, inputs["convert"])
+    q = inputs["quantize"]
+    qmodel = ctx.cache.get(("quantized", ctx.fingerprint("quantize")))
+    if qmodel is None:
+        qmodel = serialize.from_artifact(q.arrays, q.meta, source=q.path)
+    qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels)
+    metrics, tables = evaluation.evaluate(ctx, fp, qmodel)
+    metrics["model_bytes"] = int(q.meta["nbytes"]["total"])
+    metrics["packed_expert_bytes"] = int(q.meta["nbytes"]["packed"])
+    return {}, {"metrics": metrics, "tables": tables}
+
+
 STAGES = {
     "convert": Stage("convert", (), ("model.path", "model.dtype"), run_convert),
     "calibrate": Stage(
@@ -163,6 +200,17 @@ STAGES = {
         run_sensitivity,
     ),
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
+    "quantize": Stage(
+        "quantize", ("convert", "allocate"),
+        ("quant", "data.source", "data.calib_json", "data.image_dir", "data.num_gptq_samples",
+         "data.batch_size", "data.max_length", "seed"),
+        run_quantize,
+    ),
+    "evaluate": Stage(
+        "evaluate", ("convert", "quantize"),
+        ("eval", "data.source", "data.batch_size", "seed"),
+        run_evaluate,
+    ),
 }
 
 
@@ -173,9 +221,15 @@ def validate(config) -> None:
     """Everything checkable before a stage writes: one clear error, nothing half-written."""
     c = config
     methods = tuple(c.sweep) or (c.alloc.method,)
-    for m in methods:
-        if m not in METHODS:
-            raise UserError(f"unknown method {m!r}; allowed: {', '.join(METHODS)}")
+    for entry in methods:
+        m, _, key = entry.partition("/")
+        if m not in METHODS or (key and m != "mode"):
+            raise UserError(f"unknown method {entry!r}; allowed: {', '.join(METHODS)} "
+                            "(and mode/<freq_key> in a sweep)")
+        if key and key not in FREQ_KEYS:
+            raise UserError(f"unknown frequency key {key!r}; allowed: {', '.join(FREQ_KEYS)}")
+    if c.alloc.freq_key not in FREQ_KEYS:
+        raise UserError(f"alloc.freq_key={c.alloc.freq_key!r}; allowed: {', '.join(FREQ_KEYS)}")
     if c.model.dtype not in DTYPES:
         raise UserError(f"model.dtype={c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
     if c.sens.estimator not in ESTIMATORS:
@@ -221,15 +275,19 @@ def _validate_budget(c, methods) -> None:
         raise UserError(f"infeasible bit budget: {e}") from None
 
 
-def method_config(config, method: str):
+def method_config(config, entry: str):
+    """A sweep entry is a method name, or `mode/<freq_key>` for a MODE ablation."""
+    method, _, key = entry.partition("/")
     out = copy.deepcopy(config)
     out.unlock()
     out.alloc.method = method
+    if key:
+        out.alloc.freq_key = key
     out.lock()
     return out
 
 
-def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "allocate") -> str:
+def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "evaluate") -> str:
     """Run every stage up to `final_stage` for each method; returns the report path."""
     if distributed:
         import jax
@@ -238,7 +296,7 @@ def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "
     runner.check_workdir(workdir)
     validate(config)
     methods = tuple(config.sweep) or (config.alloc.method,)
-    shared: dict = {}
+    shared: dict = {}  # the full-precision model and its evaluation, shared by the methods
     contexts = []
     for method in methods:
         ctx = runner.Context(method_config(config, method), workdir, STAGES)

@@ -1,0 +1,93 @@
+"""The evaluate stage's scoring: the quantized model against the full-precision one.
+
+What is scored depends on the data at hand:
+- a user benchmark (`eval.jsonl`) or the testbed's held-out split (`data.source == "testbed"`):
+  exact-match and multiple-choice accuracy, perplexity and KL(full || quantized) on the answer
+  positions, per task family / task / modality (mode_jax.eval.harness);
+- otherwise (random tokens, a checkpoint without tokenizer): KL and perplexity of the next-token
+  distributions over every real position of seeded random prompts.
+The full-precision result is computed once per process and shared by every method of a sweep.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_HELDOUT = 400  # eval.num_samples = 0 on the testbed
+
+
+def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict]:
+    """(flat metrics for the report, per-group tables) of `q_model`."""
+    c = ctx.config
+    if c.eval.jsonl or c.data.source == "testbed":
+        return _harness(ctx, fp_model, q_model)
+    return _next_token(ctx, fp_model, q_model)
+
+
+def _eval_set(ctx):
+    from mode_jax import preprocess
+    from mode_jax.eval import harness
+
+    c = ctx.config
+    tokenizer = preprocess.load_tokenizer(c.model.path)
+    if tokenizer is None:
+        raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
+                         "the testbed)")
+    if c.eval.jsonl:
+        return harness.load_jsonl(c.eval.jsonl, tokenizer)
+    from mode_jax.testbed import tasks
+
+    n = c.eval.num_samples or DEFAULT_HELDOUT
+    return harness.encode(tasks.generate("heldout", n, seed=c.seed), tokenizer)
+
+
+def _harness(ctx, fp_model, q_model):
+    from mode_jax.eval import harness
+
+    c = ctx.config
+    key = ("fp_eval", c.eval.jsonl, c.eval.num_samples, c.seed)
+    if key not in ctx.cache:
+        data = _eval_set(ctx)
+        ctx.cache[key] = (data, harness.evaluate(fp_model, data, batch_size=c.eval.batch_size,
+                                                 max_new_tokens=c.eval.max_new_tokens))
+    data, full = ctx.cache[key]
+    res = harness.evaluate(q_model, data, reference=full, batch_size=c.eval.batch_size,
+                           max_new_tokens=c.eval.max_new_tokens, keep_logprobs=False)
+    metrics = {
+        "accuracy": res["accuracy"]["all"],
+        "fp_accuracy": full["accuracy"]["all"],
+        "kl": res["kl"]["all"],
+        "perplexity": res["perplexity"]["all"],
+        "n": res["n"],
+    }
+    for family, acc in res["accuracy"]["family"].items():
+        metrics[f"accuracy_{family}"] = acc
+        metrics[f"fp_accuracy_{family}"] = full["accuracy"]["family"][family]
+    tables = {"quantized": harness.format_table(res), "full_precision": harness.format_table(full)}
+    return metrics, tables
+
+
+def _next_token(ctx, fp_model, q_model):
+    import jax
+
+    from mode_jax.calib import sources
+    from mode_jax.eval import metrics as m
+
+    c = ctx.config
+    n = c.eval.num_samples or 8
+    cfg = fp_model.config
+    batches = sources.random_batches(cfg.text.vocab_size, cfg.media_placeholder_token_id, n,
+                                     c.data.batch_size, c.seed + 3)
+    kl_sum = kl_n = nll_sum = 0.0
+    for batch in batches:
+        ref = fp_model(batch).logits
+        out = q_model(batch).logits
+        mask = np.asarray(batch["attention_mask"]).astype(bool).copy()
+        mask[:, 0] = False  # position t is predicted by t - 1
+        s, k = m.answer_kl(ref, out, mask)
+        nll, _ = m.answer_nll(out, batch["input_ids"], mask)
+        kl_sum += float(jax.numpy.sum(s))
+        kl_n += float(jax.numpy.sum(k))
+        nll_sum += float(jax.numpy.sum(nll))
+    metrics = {"kl": kl_sum / kl_n, "perplexity": float(np.exp(nll_sum / kl_n)), "n": n}
+    return metrics, {}
