@@ -1,0 +1,259 @@
+"""Routed experts of one MoE layer, packed per bit-width group (docs/design.md).
+
+`QuantizedExperts` keeps `StackedExperts`' call, `(x [N, D], ids [N, k], weights [N, k]) ->
+[N, D]`, and holds one `BitGroup` per bit-width present in the layer (`groups["b3"]`):
+`expert_ids [G]` int32 and the packed `gate_up [G, D, 2F]` (packed with parts=2: gate columns
+first, the up half starting at a 128-aligned column) and `down [G, F, D]`. The expert ids of
+all groups partition `range(E)`; a width no expert uses has no group.
+
+Forward: the experts are renumbered so each bit group is contiguous (group order = ascending
+bits, ids in each group's order), the (token, slot) pairs are sorted once by the new number
+(`moe.dispatch`), and each group runs the grouped SwiGLU then the down projection from
+`pallas_kernels` on its rows. A group's rows start at a data-dependent offset, so they are
+rolled to row 0 for the call and back after (rows past a group's sizes come out as zeros, so
+the groups' outputs add up). `use_kernels=True` runs the Pallas kernel (interpret mode on
+CPU); False the XLA dequantize + `ragged_dot` path. Groups or experts without tokens produce
+zeros, and decode (a few tokens) takes the same path as prefill.
+
+Optional rotation (`rotate_in`, `rotate_mid`: block sizes, 0 = off): a block-diagonal
+normalised Hadamard matrix R (blocks of b rows, `R = R^T = R^-1`) applied to the input of
+gate/up (x -> x R) and of down (a -> a R), with weights stored as `R W`, so
+`(x R)(R W) = x W` exactly in real arithmetic. This is the per-group variant of QuaRot's
+rotation: blocks no longer than the quantization group spread outliers across the rows that
+share a scale and need no Hadamard order other than powers of two (Kimi-VL's F = 1408 = 11 x 128
+has none at full width).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mode_jax.models import moe
+from mode_jax.quant.qlinear import PackedTensor, QuantArray, abstract_packed, kernel_options
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import packing
+from pallas_kernels.packing import PackedWeight
+
+
+class GroupWeights(NamedTuple):
+    """One bit-width group: expert ids `[G]`, packed gate_up `[G, D, 2F]` (parts=2), down
+    `[G, F, D]`."""
+
+    expert_ids: Any
+    gate_up: PackedWeight
+    down: PackedWeight
+
+
+# ---------------------------------------------------------------- Hadamard rotation
+
+
+def hadamard_block(k: int, max_block: int) -> int:
+    """The largest power of two <= max_block that divides k (1 means no rotation)."""
+    b = 1
+    while b * 2 <= max_block and k % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+    """Normalised Sylvester Hadamard matrix `[n, n]` float32 (n a power of two): symmetric and
+    orthogonal."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    h = np.ones((1, 1), np.float64)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
+
+
+def rotate(x: jax.Array, block: int) -> jax.Array:
+    """`x [..., K] -> x R` with R block-diagonal Hadamard of `block` (0 or 1: identity)."""
+    if block <= 1:
+        return x
+    k = x.shape[-1]
+    h = jnp.asarray(hadamard_matrix(block))
+    y = jnp.matmul(x.reshape(*x.shape[:-1], k // block, block).astype(jnp.float32), h,
+                   precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+def rotate_rows(w: jax.Array, block: int) -> jax.Array:
+    """`w [..., K, N] -> R w` (R symmetric, so this is the weight side of `rotate`)."""
+    if block <= 1:
+        return w
+    return jnp.swapaxes(rotate(jnp.swapaxes(w, -1, -2), block), -1, -2)
+
+
+def rotate_hessian(h: jax.Array, block: int) -> jax.Array:
+    """`R H R` for `H [..., K, K]`: the Hessian of the rotated inputs `x R`."""
+    return rotate(rotate_rows(h, block), block)
+
+
+# ---------------------------------------------------------------- modules
+
+
+class BitGroup(nnx.Module):
+    """Experts quantized at one bit-width."""
+
+    def __init__(self, group: GroupWeights):
+        self.expert_ids = QuantArray(jnp.asarray(group.expert_ids, jnp.int32))
+        self.gate_up = PackedTensor(group.gate_up)
+        self.down = PackedTensor(group.down)
+
+    @property
+    def size(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def bits(self) -> int:
+        return self.gate_up.bits
+
+
+class QuantizedExperts(nnx.Module):
+    """Packed mixed-bit routed experts with `StackedExperts`' call (module docstring)."""
+
+    def __init__(self, groups: Mapping[int, GroupWeights], num_experts: int, *,
+                 rotate_in: int = 0, rotate_mid: int = 0, use_kernels: bool = False):
+        groups = {int(b): g for b, g in groups.items()}
+        _check_groups(groups, num_experts)
+        self.groups = nnx.Dict({f"b{b}": BitGroup(groups[b]) for b in sorted(groups)})
+        self.num_experts = num_experts
+        first = groups[min(groups)]
+        self.dim, self.hidden = first.gate_up.k, first.down.k
+        self.rotate_in, self.rotate_mid = rotate_in, rotate_mid
+        self.use_kernels = use_kernels
+
+    def bits(self) -> np.ndarray:
+        """Bits per expert `[E]` int32."""
+        out = np.zeros(self.num_experts, np.int32)
+        for g in self.groups.values():
+            out[np.asarray(g.expert_ids[...])] = g.bits
+        return out
+
+    def dequantized(self, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """Full-size `gate_up [E, D, 2F]`, `down [E, F, D]` these codes stand for (rotation
+        undone): the fake-quantized `StackedExperts` weights."""
+        e = self.num_experts
+        gate_up = jnp.zeros((e, self.dim, 2 * self.hidden), jnp.float32)
+        down = jnp.zeros((e, self.hidden, self.dim), jnp.float32)
+        for g in self.groups.values():
+            ids = g.expert_ids[...]
+            gate_up = gate_up.at[ids].set(packing.dequantize(g.gate_up.packed, jnp.float32))
+            down = down.at[ids].set(packing.dequantize(g.down.packed, jnp.float32))
+        gate_up = rotate_rows(gate_up, self.rotate_in)
+        down = rotate_rows(down, self.rotate_mid)
+        return gate_up.astype(dtype), down.astype(dtype)
+
+    def layout(self) -> dict[str, Any]:
+        """JSON description from which `abstract_experts` rebuilds the module's shapes."""
+        return {
+            "num_experts": self.num_experts, "rotate_in": self.rotate_in,
+            "rotate_mid": self.rotate_mid,
+            "groups": {name: {"size": g.size, "gate_up": g.gate_up.layout(),
+                              "down": g.down.layout()} for name, g in self.groups.items()},
+        }
+
+    def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        groups = tuple(
+            GroupWeights(g.expert_ids[...], g.gate_up.packed, g.down.packed)
+            for g in self.groups.values())
+        return experts_forward(groups, x, ids, weights, rotate_in=self.rotate_in,
+                               rotate_mid=self.rotate_mid, use_kernels=self.use_kernels)
+
+
+@functools.partial(jax.jit, static_argnames=("rotate_in", "rotate_mid", "use_kernels"))
+def experts_forward(groups: tuple[GroupWeights, ...], x, ids, weights, *, rotate_in: int = 0,
+                    rotate_mid: int = 0, use_kernels: bool = False) -> jax.Array:
+    """The pure forward of `QuantizedExperts` (module docstring): x `[N, D]`, ids/weights
+    `[N, k]` -> `[N, D]`; `groups` in the contiguous-renumbering order."""
+    x = rotate(x, rotate_in)
+    order = jnp.concatenate([g.expert_ids for g in groups])
+    num_experts = order.shape[0]
+    rank = jnp.zeros(num_experts, jnp.int32).at[order].set(
+        jnp.arange(num_experts, dtype=jnp.int32))
+    d = moe.dispatch(x, rank[ids], num_experts)
+    opts = kernel_options(use_kernels)
+    y = jnp.zeros(d.x_sorted.shape, x.dtype)
+    first = 0
+    for g in groups:
+        size = g.expert_ids.shape[0]
+        sizes = d.group_sizes[first : first + size]
+        start = jnp.sum(d.group_sizes[:first])
+        rows = jnp.roll(d.x_sorted, -start, axis=0)
+        a = rotate(gm.grouped_swiglu(rows, g.gate_up, sizes, **opts), rotate_mid)
+        y = y + jnp.roll(gm.grouped_matmul(a, g.down, sizes, **opts), start, axis=0)
+        first += size
+    return moe.combine(y, d, weights)
+
+
+def from_codes(bits, gate_up_codes, gate_up_scales, down_codes, down_scales, *,
+               group_size: int = 128, rotate_in: int = 0, rotate_mid: int = 0,
+               use_kernels: bool = False) -> QuantizedExperts:
+    """Pack per-expert codes into bit groups.
+
+    bits `[E]`; gate_up codes `[E, D, 2F]` / scales `[E, ceil(D/gs), 2F]`; down codes
+    `[E, F, D]` / scales `[E, ceil(F/gs), D]` (codes in each expert's signed range; the
+    scales' dtype is the stored one). With rotation the codes are those of `R W`.
+    """
+    bits = np.asarray(bits)
+    e = gate_up_codes.shape[0]
+    if bits.shape != (e,):
+        raise ValueError(f"bits must be [E={e}], got shape {bits.shape}")
+    groups = {}
+    for b in np.unique(bits):
+        idx = np.flatnonzero(bits == b)
+        groups[int(b)] = GroupWeights(
+            idx,
+            packing.pack(gate_up_codes[idx], gate_up_scales[idx], int(b),
+                         group_size=group_size, parts=2),
+            packing.pack(down_codes[idx], down_scales[idx], int(b), group_size=group_size),
+        )
+    return QuantizedExperts(groups, e, rotate_in=rotate_in, rotate_mid=rotate_mid,
+                            use_kernels=use_kernels)
+
+
+def abstract_experts(layout: Mapping[str, Any], use_kernels: bool = False) -> QuantizedExperts:
+    """Zero-valued `QuantizedExperts` with `layout`'s shapes (call under nnx.eval_shape)."""
+    groups = {}
+    for name, g in layout["groups"].items():
+        groups[int(name[1:])] = GroupWeights(
+            jnp.zeros((g["size"],), jnp.int32), abstract_packed(g["gate_up"]),
+            abstract_packed(g["down"]))
+    return QuantizedExperts(groups, layout["num_experts"], rotate_in=layout["rotate_in"],
+                            rotate_mid=layout["rotate_mid"], use_kernels=use_kernels)
+
+
+def _check_groups(groups: dict[int, GroupWeights], num_experts: int) -> None:
+    """Each group's shapes agree; concrete expert ids partition range(num_experts)."""
+    if not groups:
+        raise ValueError("QuantizedExperts needs at least one bit group")
+    dims = set()
+    for b, g in groups.items():
+        if b not in packing.SUPPORTED_BITS:
+            raise ValueError(f"bit group b{b}: allowed bits {packing.SUPPORTED_BITS}")
+        if g.gate_up.bits != b or g.down.bits != b:
+            raise ValueError(f"bit group b{b} holds {g.gate_up.bits}/{g.down.bits}-bit weights")
+        if g.gate_up.parts != 2:
+            raise ValueError(f"bit group b{b}: gate_up must be packed with parts=2")
+        size = np.shape(g.expert_ids)[0]
+        if g.gate_up.batch_shape != (size,) or g.down.batch_shape != (size,):
+            raise ValueError(f"bit group b{b}: {size} expert ids but weights stacked "
+                             f"{g.gate_up.batch_shape} / {g.down.batch_shape}")
+        dims.add((g.gate_up.k, g.gate_up.n, g.down.k, g.down.n))
+    (d, two_f, f, d_out), *rest = dims
+    if rest or two_f != 2 * f or d_out != d:
+        raise ValueError(f"bit groups disagree on expert shapes (D, 2F, F, D): {sorted(dims)}")
+    ids = [g.expert_ids for g in groups.values()]
+    if any(isinstance(i, jax.core.Tracer) for i in ids):
+        return
+    flat = np.sort(np.concatenate([np.asarray(i).reshape(-1) for i in ids]))
+    if not np.array_equal(flat, np.arange(num_experts)):
+        raise ValueError(f"expert ids of the bit groups must partition range({num_experts}); "
+                         f"got {flat.tolist()}")
