@@ -1,0 +1,99 @@
+"""Does the shipped testbed judge quantization? Full-precision accuracy, uniform RTN damage,
+and how differently text and image tokens route.
+
+    python benchmarks/testbed_eval.py [--checkpoint checkpoints/testbed] [--samples 1000]
+
+Prints: the full-precision table (exact match, multiple choice, perplexity per family, task,
+modality); for uniform round-to-nearest on every routed expert at 2, 3, 4 bits (group 128) the
+accuracy and its drop per family and the KL to full precision; per MoE layer the Jensen-Shannon
+divergence between the expert-frequency distributions of text and image tokens; wall times.
+The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
+checkpoint was trained on (its train_summary.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mode_jax
+from mode_jax.eval import harness
+from mode_jax.preprocess import ImageConfig
+from mode_jax.quant import fake
+from mode_jax.testbed import tasks
+from mode_jax.testbed import tokenizer as tok_lib
+
+
+def task_config(checkpoint: Path) -> tasks.TaskConfig:
+    """The task knobs the checkpoint was trained with (defaults when no summary is shipped)."""
+    summary = checkpoint / "train_summary.json"
+    if not summary.is_file():
+        return tasks.TaskConfig()
+    trained = json.loads(summary.read_text())["train_config"]
+    return tasks.TaskConfig(max_objects=trained["max_objects"],
+                            object_size=tuple(trained["object_size"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default="checkpoints/testbed")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--group_size", type=int, default=128)
+    args = p.parse_args()
+    ckpt = Path(args.checkpoint)
+
+    start = time.perf_counter()
+    model = mode_jax.load(ckpt)
+    tokenizer = tok_lib.load_tokenizer(ckpt)
+    image_cfg = ImageConfig.from_preprocessor_config(
+        json.loads((ckpt / "preprocessor_config.json").read_text()))
+    samples = tasks.generate("heldout", args.samples, seed=0, config=task_config(ckpt))
+    data = harness.encode(samples, tokenizer, image_cfg)
+    prepare = time.perf_counter() - start
+    full = harness.evaluate(model, data, routing=True)
+    print(harness.format_table(full, f"full precision, {args.checkpoint}"))
+    print(f"load + data {prepare:.1f} s; full-precision evaluation {full['wall_seconds']:.1f} s "
+          "(compilation included)\n")
+
+    families = sorted(full["accuracy"]["family"])
+    print("uniform RTN on all routed experts (symmetric, group "
+          f"{args.group_size}): accuracy % (drop in points)")
+    head = f"{'bits':>5}" + "".join(f"{f:>20}" for f in [*families, "all"]) + f"{'KL':>10}"
+    print(head + f"{'seconds':>10}")
+    print("-" * (len(head) + 10))
+    fp = {f: 100 * full["accuracy"]["family"][f] for f in families} | {
+        "all": 100 * full["accuracy"]["all"]}
+    print(f"{'fp32':>5}" + "".join(f"{fp[f]:>20.1f}" for f in [*families, "all"]) +
+          f"{0.0:>10.4f}{full['wall_seconds']:>10.1f}")
+    for bits in args.bits:
+        quantized = fake.fake_quantize(model, fake.uniform_bits(model, bits), args.group_size)
+        res = harness.evaluate(quantized, data, reference=full, keep_logprobs=False)
+        acc = {f: 100 * res["accuracy"]["family"][f] for f in families} | {
+            "all": 100 * res["accuracy"]["all"]}
+        cells = "".join(f"{f'{acc[f]:.1f} ({acc[f] - fp[f]:+.1f})':>20}"
+                        for f in [*families, "all"])
+        print(f"{bits:>5}" + cells + f"{res['kl']['all']:>10.4f}{res['wall_seconds']:>10.1f}")
+
+    counts = full["routing"]
+    js = harness.routing_divergence(counts["text"], counts["image"])
+    layers = model.config.text.moe_layers
+    print("\nrouting on the held-out split: Jensen-Shannon divergence (bits, 0..1) between the "
+          "expert frequencies of text and image tokens")
+    print(f"{'layer':>6}{'JS':>8}   top experts of text tokens | of image tokens (share %)")
+    for i, layer in enumerate(layers):
+        def top(c):
+            share = c / max(c.sum(), 1) * 100
+            return " ".join(f"{e}:{share[e]:.0f}" for e in np.argsort(-c)[:4])
+        print(f"{layer:>6}{js[i]:>8.3f}   {top(counts['text'][i])} | {top(counts['image'][i])}")
+    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    print("reproduce: python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

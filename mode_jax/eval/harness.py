@@ -1,0 +1,311 @@
+"""Score any model the project builds (full precision, fake-quantized, packed) on a question set.
+
+    data = harness.encode(tasks.generate("heldout", 1000, seed=0), tokenizer)   # or load_jsonl
+    full = harness.evaluate(model, data)
+    quant = harness.evaluate(quantized_model, data, reference=full)
+    print(harness.format_table(quant))
+
+`model` is anything with KimiVL's call and pieces (`model(batch)`, `embed`, `language_model`).
+Per sample the harness runs
+- greedy generation with the KV cache (`eval.generate`) -> exact-match accuracy of the decoded
+  answer (`metrics.exact_match`);
+- one teacher-forced pass over prompt + answer + `<|im_end|>` -> negative log-likelihood of the
+  answer tokens (perplexity), KL(reference || model) of the next-token distributions at the
+  answer positions, and for multiple-choice samples the option letter with the highest
+  log-likelihood after the prompt (multiple-choice accuracy);
+- optionally (`routing=True`) per-MoE-layer expert counts of image and text tokens.
+Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {...}}`.
+
+Batches hold one kind of sample (same image grid) sorted by length, padded on the left to a
+multiple of 16 tokens and to `batch_size` rows (by repeating the last sample, dropped after),
+so a whole held-out split compiles only a few shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from mode_jax.eval import generate, jsonl, metrics
+from mode_jax.preprocess import ImageConfig, preprocess_image
+from mode_jax.testbed import tasks
+from mode_jax.testbed import tokenizer as tok_lib
+
+GROUPINGS = ("family", "task", "modality")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), the
+    image's patches `[h * w, 3, p, p]` and grid (or None), option-letter token ids (MC)."""
+
+    sample: tasks.Sample
+    prompt_ids: np.ndarray
+    answer_ids: np.ndarray
+    pixel_values: np.ndarray | None
+    grid_hw: tuple[int, int] | None
+    option_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Encoded examples plus what decoding needs."""
+
+    examples: tuple[Example, ...]
+    tokenizer: Any
+    eos_token_id: int
+    pad_token_id: int
+
+
+def _single_token(tokenizer, text: str, what: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{what} {text!r} encodes to {len(ids)} tokens {ids}; multiple-choice "
+                         "scoring needs one token per option letter")
+    return int(ids[0])
+
+
+def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None
+           ) -> EvalSet:
+    """Tokenize `samples` (one image at most each, image first) and cut their images
+    (`image_cfg`: MoonViT preprocessing, default Kimi-VL's)."""
+    image_cfg = image_cfg or ImageConfig()
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    eos = _single_token(tokenizer, tok_lib.IM_END, "end token")
+    examples = []
+    for s in samples:
+        pixels = grid = None
+        if s.image is not None:
+            pixels, grid = preprocess_image(s.image, image_cfg)
+            grid = (int(grid[0]), int(grid[1]))
+        ids, answer = tok_lib.encode_example(tokenizer, s.prompt, s.answer,
+                                             None if grid is None else [grid])
+        options = tuple(_single_token(tokenizer, tasks.LETTERS[i], "option letter")
+                        for i in range(len(s.options)))
+        examples.append(Example(s, ids[~answer], ids[answer], pixels, grid, options))
+    return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
+
+
+def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None) -> EvalSet:
+    """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them."""
+    return encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
+                  image_cfg)
+
+
+# ---------------------------------------------------------------- batching
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
+    """Example indices per batch: same image grid, similar length."""
+    groups: dict[Any, list[int]] = {}
+    for i, ex in enumerate(data.examples):
+        groups.setdefault(ex.grid_hw, []).append(i)
+    out = []
+    for key in sorted(groups, key=str):
+        idx = sorted(groups[key], key=lambda i: len(data.examples[i].prompt_ids))
+        out += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    return out
+
+
+def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str, np.ndarray]:
+    examples = [data.examples[i] for i in rows]
+    seqs = [np.concatenate([e.prompt_ids, e.answer_ids]) if with_answer else e.prompt_ids
+            for e in examples]
+    ids, mask = generate.pad_left(seqs, data.pad_token_id,
+                                  _round_up(max(len(s) for s in seqs), 16))
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if examples[0].grid_hw is not None:
+        batch["pixel_values"] = np.concatenate([e.pixel_values for e in examples])
+        batch["image_grid_hws"] = np.asarray([e.grid_hw for e in examples], np.int64)
+    return batch
+
+
+# ---------------------------------------------------------------- one pass
+def _teacher_forced(model, data, rows, batch, reference, routing, k):
+    """Per-row NLL sums/counts, KL sums, MC choice, answer log-probs; routing counts of the
+    first `k` rows (the rest repeat a sample to fill the batch)."""
+    out = model(batch, return_routing=routing)
+    logits = out.logits
+    t = batch["input_ids"].shape[1]
+    target = np.zeros(batch["input_ids"].shape, bool)
+    for b, i in enumerate(rows):
+        target[b, t - len(data.examples[i].answer_ids):] = True
+    nll, count = metrics.answer_nll(logits, batch["input_ids"], target)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    res: dict[str, Any] = {"nll": np.asarray(nll), "count": np.asarray(count), "kl": None,
+                           "choice": [], "logprobs": [], "routing": None}
+    if callable(reference):
+        res["kl"] = np.asarray(metrics.answer_kl(reference(batch).logits, logits, target)[0])
+    for b, i in enumerate(rows):
+        ex = data.examples[i]
+        n = len(ex.answer_ids)
+        lp = logp[b, t - n - 1:t - 1]  # [n, V]: the distributions predicting the answer
+        res["logprobs"].append(lp)
+        res["choice"].append(int(np.argmax(lp[0, list(ex.option_ids)])) if ex.option_ids
+                             else None)
+    if isinstance(reference, dict):
+        res["kl"] = np.asarray([_kl(reference["answer_logprobs"][i], lp)
+                                for i, lp in zip(rows, res["logprobs"], strict=True)])
+    if routing:
+        res["routing"] = _routing_counts(out.routing, batch, model.config, k)
+    return res
+
+
+def _kl(ref_logp: np.ndarray, logp: np.ndarray) -> float:
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"reference answer log-probs {ref_logp.shape} do not match {logp.shape}: "
+                         "was the reference evaluated on the same data?")
+    p = np.exp(ref_logp.astype(np.float64))
+    return float(np.sum(np.where(p > 0, p * (ref_logp - logp), 0.0)))
+
+
+def _routing_counts(routing, batch, config, k) -> np.ndarray:
+    """[2, L_moe, E] int64: expert picks of image tokens (0) and other real tokens (1), rows
+    `[:k]`."""
+    real = np.asarray(batch["attention_mask"])[:k].astype(bool)
+    image = real & (np.asarray(batch["input_ids"])[:k] == config.media_placeholder_token_id)
+    e = config.text.n_routed_experts
+    out = np.zeros((2, len(routing), e), np.int64)
+    for layer, (ids, _) in enumerate(routing):
+        ids = np.asarray(ids)[:k]
+        for m, where in enumerate((image, real & ~image)):
+            out[m, layer] = np.bincount(ids[where].reshape(-1), minlength=e)
+    return out
+
+
+# ---------------------------------------------------------------- the evaluation
+def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
+             max_new_tokens: int = 8, routing: bool = False, keep_logprobs: bool = True) -> dict:
+    """Score `model` on `data`; returns a plain dict (see the module doc).
+
+    reference: None, a model (run on every batch) or the result of an earlier `evaluate` of
+    the reference model on the same data (its stored answer log-probs): adds "kl".
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(reference, dict):
+        if "answer_logprobs" not in reference:
+            raise ValueError("reference result has no 'answer_logprobs' (evaluate it with "
+                             "keep_logprobs=True)")
+        if len(reference["answer_logprobs"]) != len(data.examples):
+            raise ValueError(f"reference result covers {len(reference['answer_logprobs'])} "
+                             f"samples, the data {len(data.examples)}: not the same data")
+    start = time.perf_counter()
+    n = len(data.examples)
+    preds: list[str] = [""] * n
+    nll, count, kl = np.zeros(n), np.zeros(n), np.zeros(n)
+    choice: list[int | None] = [None] * n
+    logprobs: list[np.ndarray | None] = [None] * n
+    route = None
+    for rows in _batches(data, batch_size):
+        filled = rows + [rows[-1]] * (batch_size - len(rows))  # one shape per kind
+        k = len(rows)
+        res = _teacher_forced(model, data, filled, _model_batch(data, filled, True), reference,
+                              routing, k)
+        gen = generate.greedy_generate(model, _model_batch(data, filled, False), max_new_tokens,
+                                       data.eos_token_id)
+        texts = generate.decode(data.tokenizer, gen)
+        for j, i in enumerate(rows):
+            preds[i], choice[i] = texts[j], res["choice"][j]
+            nll[i], count[i] = res["nll"][j], res["count"][j]
+            logprobs[i] = res["logprobs"][j] if keep_logprobs else None
+            if res["kl"] is not None:
+                kl[i] = res["kl"][j]
+        if routing:
+            route = res["routing"] if route is None else route + res["routing"]
+    return _assemble(data, preds, nll, count, kl if reference is not None else None, choice,
+                     logprobs if keep_logprobs else None, route, time.perf_counter() - start)
+
+
+def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> dict:
+    samples = [e.sample for e in data.examples]
+    groups = {"family": [s.family for s in samples], "task": [s.task for s in samples],
+              "modality": [s.modality for s in samples]}
+    correct = metrics.exact_match(preds, [s.answer for s in samples])
+    ones = np.ones(len(samples))
+    result: dict[str, Any] = {
+        "n": len(samples),
+        "accuracy": metrics.breakdown(correct.astype(float), ones, groups),
+        "nll": metrics.breakdown(nll, count, groups),
+        "wall_seconds": seconds,
+        "predictions": preds,
+        "correct": correct.tolist(),
+    }
+    result["perplexity"] = _map(result["nll"], np.exp)
+    mc = [i for i, c in enumerate(choice) if c is not None]
+    if mc:
+        hits = np.asarray([choice[i] == samples[i].answer_index for i in mc], float)
+        result["mc_accuracy"] = metrics.breakdown(
+            hits, np.ones(len(mc)), {k: [v[i] for i in mc] for k, v in groups.items()})
+    if kl is not None:
+        result["kl"] = metrics.breakdown(kl, count, groups)
+    if logprobs is not None:
+        result["answer_logprobs"] = logprobs
+    if route is not None:
+        result["routing"] = {"image": route[0], "text": route[1]}
+    return result
+
+
+def _map(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    return float(fn(tree))
+
+
+# ---------------------------------------------------------------- reporting
+def summary(result: dict) -> dict:
+    """The JSON-friendly part of a result: metrics, counts as lists, no per-sample arrays."""
+    keep = ("n", "accuracy", "mc_accuracy", "perplexity", "kl", "wall_seconds")
+    out = {k: result[k] for k in keep if k in result}
+    if "routing" in result:
+        out["routing"] = {k: v.tolist() for k, v in result["routing"].items()}
+    return out
+
+
+def format_table(result: dict, title: str = "") -> str:
+    """One row per group (all, each family, task, modality); accuracy in percent."""
+    cols = [("accuracy", "exact %", 100.0), ("mc_accuracy", "choice %", 100.0),
+            ("perplexity", "ppl", 1.0), ("kl", "KL", 1.0)]
+    cols = [c for c in cols if c[0] in result]
+    rows = [("all", lambda m: m["all"])]
+    for g in GROUPINGS:
+        for label in result["accuracy"][g]:
+            rows.append((f"{g}={label}", lambda m, g=g, label=label: m.get(g, {}).get(label)))
+    header = f"{'group':<24}" + "".join(f"{name:>10}" for _, name, _ in cols)
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for label, get in rows:
+        cells = []
+        for key, _, scale in cols:
+            v = get(result[key])
+            cells.append(f"{'-':>10}" if v is None or np.isnan(v) else f"{v * scale:>10.3f}")
+        lines.append(f"{label:<24}" + "".join(cells))
+    lines.append(f"{result['n']} samples, {result['wall_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def routing_divergence(counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
+    """[L] Jensen-Shannon divergence (bits, in [0, 1]) between two [L, E] count tables' rows."""
+    p = np.asarray(counts_a, np.float64)
+    q = np.asarray(counts_b, np.float64)
+    if p.shape != q.shape or p.ndim != 2:
+        raise ValueError(f"count tables must be equal [L, E] arrays, got {p.shape}, {q.shape}")
+    p = p / np.maximum(p.sum(-1, keepdims=True), 1)
+    q = q / np.maximum(q.sum(-1, keepdims=True), 1)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return np.sum(np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)),
+                               0.0), axis=-1)
+
+    return (kl(p, m) + kl(q, m)) / 2
+

@@ -1,0 +1,354 @@
+"""Train the testbed: a small Kimi-VL (MoonViT + projector + DeepSeek-V3 MoE LM) on the task suite.
+
+    python -m mode_jax.testbed.train --out checkpoints/testbed
+
+Fixed seed; every step draws fresh training samples (`tasks.generate("train", ...)`): a batch of
+vision questions and a batch of text questions, run as two forward passes (a text prompt is
+~25 tokens, a vision prompt ~170) whose losses are averaged. The loss is the cross-entropy of
+the answer tokens (and the closing `<|im_end|>`) plus `context_weight` times that of the other
+text tokens (`answer_loss`); image placeholders carry none.
+
+Load balancing is DeepSeek-V3's auxiliary-loss-free rule: after each step every MoE layer's
+`e_score_correction_bias` moves by `gamma * sign(mean count - count_e)` (counts of real tokens
+routed to expert e in that step); the bias is excluded from the optimizer (and so from weight
+decay). Routed experts train through a capacity dispatch (`CapacityExperts`: each expert takes
+at most `capacity` token slots, the rest are dropped for that step), which on CPU costs a third
+of computing every expert for every token; evaluation uses the model's own exact (`sorted`)
+path. The run ends by writing the checkpoint in the published Kimi-VL layout
+(`mode_jax.convert.export`), reloading it with `mode_jax.load` and scoring the held-out split
+with the evaluation harness (`train_summary.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import mode_jax
+from mode_jax.convert import export
+from mode_jax.eval import harness
+from mode_jax.models.deepseek_v3 import TextConfig
+from mode_jax.models.kimivl import KimiVL, KimiVLConfig
+from mode_jax.models.moonvit import VisionConfig
+from mode_jax.preprocess import ImageConfig, preprocess_images
+from mode_jax.testbed import tasks
+from mode_jax.testbed import tokenizer as tok_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and data settings (the defaults are the testbed recipe)."""
+
+    steps: int = 1800
+    batch_vision: int = 20
+    batch_text: int = 48
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    clip_norm: float = 1.0
+    bias_gamma: float = 1e-2  # noaux_tc bias step per training step
+    capacity_factor: float = 2.0  # expert slots = factor * tokens * k / E
+    seed: int = 0
+    max_objects: int = 3
+    object_size: tuple[int, int] = (40, 56)
+    probe_samples: int = 128  # held-out rows per family scored during training
+    eval_samples: int = 1000  # held-out samples scored by the harness at the end
+    log_every: int = 50
+    context_weight: float = 0.5  # weight of the loss on question/template tokens
+    pos_emb_init: float = 0.02  # scale of the N(0, 1) vision position table at init
+
+    def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
+        return tasks.TaskConfig(tasks=family_tasks, max_objects=self.max_objects,
+                                object_size=self.object_size)
+
+
+def model_config(vocab_size: int = 256, image_token_id: int = 12) -> KimiVLConfig:
+    """The testbed architecture: Kimi-VL's layout at toy width (experts hold ~75% of weights)."""
+    text = TextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, q_lora_rank=None, moe_intermediate_size=128, n_routed_experts=16,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+        routed_scaling_factor=2.446, rms_norm_eps=1e-5, rope_theta=10000.0)
+    vision = VisionConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                          pos_emb_height=16, pos_emb_width=16)
+    return KimiVLConfig(text=text, vision=vision, media_placeholder_token_id=image_token_id,
+                        pad_token_id=0)
+
+
+# ---------------------------------------------------------------- training-only expert dispatch
+def capacity_experts(x, ids, weights, gate_up, down, capacity: int):
+    """Routed experts with at most `capacity` (token, slot) pairs per expert: `[N, D]`.
+
+    x `[N, D]`, ids/weights `[N, k]`, gate_up `[E, D, 2F]`, down `[E, F, D]`. Pairs are taken
+    in token order; an expert's pairs past its capacity contribute nothing this step. With
+    enough capacity it equals `moe.experts_dense`.
+    """
+    n, k = ids.shape
+    e, f = gate_up.shape[0], down.shape[1]
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=e)
+    starts = jnp.cumsum(sizes) - sizes
+    slot = jnp.arange(capacity)[None, :]
+    valid = slot < sizes[:, None]  # [E, C]
+    pair = order[jnp.clip(starts[:, None] + slot, 0, n * k - 1)]  # flat (token * k + slot)
+    token = pair // k
+    xe = x[token] * valid[..., None].astype(x.dtype)
+    h = jnp.einsum("ecd,edf->ecf", xe, gate_up)
+    y = jnp.einsum("ecf,efd->ecd", jax.nn.silu(h[..., :f]) * h[..., f:], down)
+    w = jnp.where(valid, weights.reshape(-1)[pair], 0.0).astype(jnp.float32)
+    out = jnp.zeros((n, x.shape[1]), jnp.float32)
+    contrib = (y.astype(jnp.float32) * w[..., None]).reshape(-1, y.shape[-1])
+    out = out.at[token.reshape(-1)].add(contrib)
+    return out.astype(x.dtype)
+
+
+class CapacityExperts(nnx.Module):
+    """Stand-in for `StackedExperts` during training; shares its `gate_up`/`down` variables."""
+
+    def __init__(self, gate_up: nnx.Param, down: nnx.Param, capacity_factor: float):
+        self.gate_up, self.down = gate_up, down
+        self.capacity_factor = capacity_factor
+
+    def __call__(self, x, ids, weights):
+        e, k = self.gate_up.shape[0], ids.shape[-1]
+        capacity = min(x.shape[0] * k, math.ceil(self.capacity_factor * x.shape[0] * k / e))
+        return capacity_experts(x, ids, weights, self.gate_up[...], self.down[...], capacity)
+
+
+def use_capacity_dispatch(model: KimiVL, capacity_factor: float) -> None:
+    """Swap every MoE layer's experts for `CapacityExperts` (same parameters, same paths)."""
+    for layer in model.language_model.layers:
+        if layer.is_moe:
+            old = layer.mlp.experts
+            layer.mlp.experts = CapacityExperts(old.gate_up, old.down, capacity_factor)
+
+
+# ---------------------------------------------------------------- data
+def round_up(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+def encode_rows(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig,
+                length: int) -> dict[str, np.ndarray]:
+    """Right-padded teacher-forcing rows: ids, attention mask, answer-target mask, images.
+
+    `length` is a minimum (rounded up to a multiple of 8 if a row is longer), so batches of a
+    family keep one shape and one compiled step.
+    """
+    images = [s.image for s in samples if s.image is not None]
+    pixels = preprocess_images(images, image_cfg) if images else None
+    grids = iter(pixels["image_grid_hws"]) if pixels else iter(())
+    rows = []
+    for s in samples:
+        grid = [next(grids)] if s.image is not None else None
+        rows.append(tok_lib.encode_example(tokenizer, s.prompt, s.answer, grid))
+    length = max(length, round_up(max(len(ids) for ids, _ in rows)))
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    target = np.zeros((len(rows), length), bool)
+    for b, (row, answer) in enumerate(rows):
+        ids[b, :len(row)], mask[b, :len(row)], target[b, :len(row)] = row, True, answer
+    out = {"input_ids": ids, "attention_mask": mask, "target_mask": target, "pixel_values": None,
+           "grid_hws": None}
+    if pixels:
+        out["pixel_values"] = pixels["pixel_values"]
+        out["grid_hws"] = tuple(tuple(int(v) for v in g) for g in pixels["image_grid_hws"])
+    return out
+
+
+def split_static(rows: dict) -> tuple[dict, tuple | None]:
+    """(arrays for jit, the static `grid_hws`)."""
+    return {k: v for k, v in rows.items() if k != "grid_hws"}, rows["grid_hws"]
+
+
+class Batches:
+    """Fresh training batches per step, deterministic in (seed, step)."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, image_cfg: ImageConfig):
+        self.cfg, self.tokenizer, self.image_cfg = cfg, tokenizer, image_cfg
+        self.vision_cfg = cfg.task_config(tasks.VISION_TASKS)
+        self.text_cfg = cfg.task_config(tasks.TEXT_TASKS)
+        self.lengths = {"vision": 184, "text": 40}
+
+    def family(self, name: str, split: str, n: int, seed: int
+               ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """(encode_rows batch, each row's task) of `n` fresh samples of one family."""
+        config = self.vision_cfg if name == "vision" else self.text_cfg
+        samples = tasks.generate(split, n, seed, config)
+        rows = encode_rows(samples, self.tokenizer, self.image_cfg, self.lengths[name])
+        self.lengths[name] = rows["input_ids"].shape[1]
+        return rows, [s.task for s in samples]
+
+    def step(self, step: int) -> tuple[dict, dict]:
+        base = self.cfg.seed * 10_000_000 + 2 * step
+        return (self.family("vision", "train", self.cfg.batch_vision, base)[0],
+                self.family("text", "train", self.cfg.batch_text, base + 1)[0])
+
+
+# ---------------------------------------------------------------- the step
+def answer_loss(model: KimiVL, rows: dict, grid_hws, context_weight: float = 0.0
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(answer loss + context_weight * context loss, [L_moe, E] routed-token counts, [B] row
+    all-correct, answer loss).
+
+    Answer loss: mean cross-entropy of the answer tokens. Context loss: mean cross-entropy of
+    the other real text tokens (question and chat markers; image placeholders excluded). After
+    an image, naming an object of the scene ("what color is the [circle]") needs the image, so
+    this gives the vision tower a dense signal long before answers do.
+    """
+    out = model.forward(rows["input_ids"], rows["attention_mask"], rows["pixel_values"],
+                        grid_hws, return_routing=True)
+    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    targets, answer = rows["input_ids"][:, 1:], rows["target_mask"][:, 1:]
+    context = (rows["attention_mask"][:, 1:].astype(bool) & ~answer
+               & (targets != model.config.media_placeholder_token_id))
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+    def mean(where):
+        return jnp.sum(jnp.where(where, nll, 0.0)) / jnp.maximum(where.sum(), 1)
+
+    loss = mean(answer)
+    real = rows["attention_mask"].astype(jnp.float32)
+    e = model.config.text.n_routed_experts
+    counts = jnp.stack([jnp.einsum("btke,bt->e", jax.nn.one_hot(ids, e), real)
+                        for ids, _ in out.routing])
+    hit = (jnp.argmax(out.logits[:, :-1], -1) == targets) | ~answer
+    return loss + context_weight * mean(context), counts, jnp.all(hit, axis=1), loss
+
+
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("e_score_correction_bias")))
+
+
+@nnx.jit(static_argnames=("grid_hws", "gamma", "context_weight"))
+def train_step(model: KimiVL, optimizer: nnx.Optimizer, vision: dict, text: dict, grid_hws,
+               gamma: float, context_weight: float):
+    """One AdamW step on the mean of the two families' losses, then the bias update.
+
+    Reports (total loss, vision answer loss, text answer loss, routed-token counts).
+
+    `vision` and `text` are `encode_rows` batches without their `grid_hws` (the vision one's
+    is the static `grid_hws`; text rows have no images).
+    """
+
+    def loss_fn(model):
+        total_v, cv, _, lv = answer_loss(model, vision, grid_hws, context_weight)
+        total_t, ct, _, lt = answer_loss(model, text, None, context_weight)
+        return (total_v + total_t) / 2, (lv, lt, cv + ct)
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, TRAINABLE), has_aux=True)
+    (loss, (lv, lt, counts)), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    moe_layers = [layer for layer in model.language_model.layers if layer.is_moe]
+    for layer, count in zip(moe_layers, counts, strict=True):
+        bias = layer.mlp.gate.e_score_correction_bias
+        bias[...] = bias[...] + gamma * jnp.sign(count.mean() - count)
+    return loss, lv, lt, counts
+
+
+@nnx.jit(static_argnames=("grid_hws",))
+def probe(model: KimiVL, rows: dict, grid_hws) -> jax.Array:
+    """[B] bool: every answer token is the argmax (= greedy decoding returns the answer)."""
+    return answer_loss(model, rows, grid_hws)[2]
+
+
+# ---------------------------------------------------------------- the run
+def build_tokenizer():
+    return tok_lib.build_tokenizer(tasks.vocabulary(tasks.TaskConfig()))
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
+    """Train, export to `out_dir`, reload it, score the held-out split; returns the summary."""
+    t_start = time.time()
+    tokenizer = build_tokenizer()
+    image_cfg = ImageConfig()
+    config = model_config(image_token_id=tok_lib.image_token_id(tokenizer))
+    if len(tokenizer) > config.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab {config.text.vocab_size}")
+    model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
+    pos = model.vision_tower.pos_emb  # N(0, 1) would drown the patch content at the start
+    pos.set_value(pos.get_value() * cfg.pos_emb_init)
+    use_capacity_dispatch(model, cfg.capacity_factor)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
+                                                  end_value=cfg.lr * 0.02)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay))
+    optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)
+    data = Batches(cfg, tokenizer, image_cfg)
+    probes = {f: data.family(f, "heldout", cfg.probe_samples, cfg.seed + 7)
+              for f in ("vision", "text")}
+    log(f"testbed: {_count(model)} parameters, {cfg.steps} steps of "
+        f"{cfg.batch_vision} vision + {cfg.batch_text} text samples")
+    history, window = [], []
+    for step in range(1, cfg.steps + 1):
+        (vision, grid_hws), (text, _) = (split_static(rows) for rows in data.step(step))
+        loss, lv, lt, counts = train_step(model, optimizer, vision, text, grid_hws,
+                                          cfg.bias_gamma, cfg.context_weight)
+        window.append((loss, lv, lt))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean = np.mean(np.asarray(jax.device_get(window)), axis=0)
+            hits = {f: np.asarray(probe(model, *split_static(rows)))
+                    for f, (rows, _) in probes.items()}
+            acc = {f: float(np.mean(h)) for f, h in hits.items()}
+            per_task = {t: float(np.mean([h for h, tt in zip(hits[f], names, strict=True)
+                                          if tt == t]))
+                        for f, (_, names) in probes.items() for t in sorted(set(names))}
+            c = np.asarray(counts)
+            balance = float((c.max(-1) / np.maximum(c.mean(-1), 1)).max())
+            history.append({"step": step, "loss": float(mean[0]), "vision_loss": float(mean[1]),
+                            "text_loss": float(mean[2]), "probe": acc, "probe_task": per_task,
+                            "seconds": time.time() - t_start})
+            log(f"step {step:5d}  loss {mean[0]:.4f} (vision {mean[1]:.4f}, text {mean[2]:.4f})"
+                f"  held-out probe vision {acc['vision']:.3f} text {acc['text']:.3f}"
+                f"  max/mean expert load {balance:.2f}  {time.time() - t_start:.0f}s\n"
+                "    " + " ".join(f"{t} {a:.2f}" for t, a in per_task.items()))
+            window = []
+    train_seconds = time.time() - t_start
+    out_dir = Path(out_dir)
+    export.save(model, out_dir, tokenizer=tokenizer, image_config=image_cfg)
+    shipped = mode_jax.load(out_dir)
+    heldout = tasks.generate("heldout", cfg.eval_samples, seed=0, config=cfg.task_config())
+    result = harness.evaluate(shipped, harness.encode(heldout, tokenizer, image_cfg))
+    log(harness.format_table(result))
+    summary = {"train_config": dataclasses.asdict(cfg), "parameters": _count(model),
+               "train_seconds": train_seconds, "history": history,
+               "heldout": harness.summary(result)}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _count(model) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(defaults, field.name)
+        if isinstance(value, tuple):
+            p.add_argument(f"--{field.name}", type=int, nargs=len(value), default=value)
+        else:
+            p.add_argument(f"--{field.name}", type=type(value), default=value)
+    args = vars(p.parse_args(argv))
+    out = args.pop("out")
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    train(cfg, out, log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The evaluation harness against independent references: a model whose own greedy answers are
+the expected answers scores 100%, one wrong answer per family costs exactly that share, KL of a
+model against itself is 0, perplexity and multiple-choice picks match a plain forward of each
+unpadded row, routing counts add up, and fake quantization is identity at 16 bits."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from scipy.spatial.distance import jensenshannon
+
+from mode_jax.eval import generate, harness
+from mode_jax.models.deepseek_v3 import TextConfig
+from mode_jax.models.kimivl import KimiVL, KimiVLConfig
+from mode_jax.models.moonvit import VisionConfig
+from mode_jax.preprocess import ImageConfig
+from mode_jax.quant import fake, rtn
+from mode_jax.testbed import tasks
+from mode_jax.testbed import tokenizer as tok_lib
+
+TASKS = tasks.TaskConfig(image_size=(112, 112), object_size=(10, 16), max_objects=3)
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tok_lib.build_tokenizer(tasks.vocabulary())
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    text = TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=8, v_head_dim=8, moe_intermediate_size=32,
+                      n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                      first_k_dense_replace=1, routed_scaling_factor=2.0)
+    vision = VisionConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                          pos_emb_height=4, pos_emb_width=4)
+    config = KimiVLConfig(text=text, vision=vision,
+                          media_placeholder_token_id=tok_lib.image_token_id(tokenizer))
+    model = KimiVL(config, rngs=nnx.Rngs(0))
+    for experts in fake.moe_experts(model):  # experts as strong as the rest (init is 0.02)
+        for var in (experts.gate_up, experts.down):
+            var.set_value(var.get_value() * 15.0)
+    return model
+
+
+WIDTH = 64  # every reference row is right-padded to this: one compiled shape per kind
+
+
+def _row_logits(model, ex, ids):
+    """Logits [len(ids), V] of one row `ids` (with `ex`'s image), computed alone.
+
+    Right padding (causal attention: it changes nothing before it) keeps one shape."""
+    batch = {"input_ids": np.zeros((1, WIDTH), np.int32),
+             "attention_mask": np.zeros((1, WIDTH), np.int32)}
+    batch["input_ids"][0, :len(ids)], batch["attention_mask"][0, :len(ids)] = ids, 1
+    if ex.grid_hw is not None:
+        batch.update(pixel_values=ex.pixel_values, image_grid_hws=np.asarray([ex.grid_hw]))
+    return np.asarray(model(batch).logits[0, :len(ids)], np.float64)
+
+
+def _own_answers(model, tokenizer, samples):
+    """Samples re-labelled with what the (random) model itself answers: its greedy text, found
+    one unpadded row at a time with a full forward per token, and for multiple choice the
+    option whose letter it scores highest right after the prompt."""
+    data = harness.encode(samples, tokenizer)
+    out = []
+    for s, ex in zip(samples, data.examples, strict=True):
+        seq, first = list(ex.prompt_ids), None
+        for _ in range(NEW_TOKENS):
+            logits = _row_logits(model, ex, seq)[-1]
+            first = logits if first is None else first
+            seq.append(int(np.argmax(logits)))
+            if seq[-1] == data.eos_token_id:
+                break
+        answer = tokenizer.decode(seq[len(ex.prompt_ids):], skip_special_tokens=True)
+        assert answer, "the model's answer decodes to nothing; pick another seed"
+        index = int(np.argmax(first[list(ex.option_ids)])) if s.options else None
+        out.append(dataclasses.replace(s, answer=answer, answer_index=index))
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(model, tokenizer):
+    """Four vision and four text questions (two multiple choice each) the model 'knows'."""
+    vision = tasks.generate("heldout", 4, 0, dataclasses.replace(TASKS, tasks=("color", "choice")))
+    text = tasks.generate("heldout", 4, 0,
+                          dataclasses.replace(TASKS, tasks=("arithmetic", "fact_choice")))
+    return _own_answers(model, tokenizer, vision + text)
+
+
+@pytest.fixture(scope="module")
+def data(samples, tokenizer):
+    return harness.encode(samples, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def result(model, data):
+    return harness.evaluate(model, data, batch_size=3, max_new_tokens=NEW_TOKENS, routing=True)
+
+
+def test_a_model_that_answers_perfectly_scores_100(result, data):
+    assert result["n"] == 8
+    assert result["accuracy"]["all"] == 1.0
+    assert result["accuracy"]["family"] == {"text": 1.0, "vision": 1.0}
+    assert result["mc_accuracy"]["all"] == 1.0
+    assert set(result["mc_accuracy"]["task"]) == {"choice", "fact_choice"}
+    assert result["correct"] == [True] * 8
+
+
+def test_wrong_answers_cost_their_share(model, samples, tokenizer):
+    wrong = list(samples)
+    for i in (0, 5):  # one vision, one text sample get an answer the model does not give
+        wrong[i] = dataclasses.replace(wrong[i], answer=wrong[i].answer + " zebra")
+    res = harness.evaluate(model, harness.encode(wrong, tokenizer), batch_size=3,
+                           max_new_tokens=NEW_TOKENS)
+    fam = [s.family for s in wrong]
+    assert res["accuracy"]["all"] == 6 / 8
+    assert res["accuracy"]["family"] == {f: 1 - 1 / fam.count(f) for f in set(fam)}
+    assert [i for i, c in enumerate(res["correct"]) if not c] == [0, 5]
+
+
+def test_perplexity_and_choices_match_a_plain_forward(model, data, result):
+    nll, count = [], []
+    for ex in data.examples:
+        logits = _row_logits(model, ex, np.concatenate([ex.prompt_ids, ex.answer_ids]))
+        n, t = len(ex.answer_ids), len(ex.prompt_ids)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll.append(-sum(logp[t - 1 + j, ex.answer_ids[j]] for j in range(n)))
+        count.append(n)
+    np.testing.assert_allclose(result["perplexity"]["all"], np.exp(sum(nll) / sum(count)),
+                               rtol=1e-5)
+    vis = [i for i, ex in enumerate(data.examples) if ex.sample.family == "vision"]
+    np.testing.assert_allclose(result["perplexity"]["family"]["vision"],
+                               np.exp(sum(nll[i] for i in vis) / sum(count[i] for i in vis)),
+                               rtol=1e-5)
+
+
+def test_kl_of_a_model_against_itself_is_zero(model, data, result):
+    kw = {"batch_size": 3, "max_new_tokens": NEW_TOKENS}
+    again = harness.evaluate(model, data, reference=result, **kw)
+    assert again["kl"]["all"] == 0.0
+    live = harness.evaluate(model, data, reference=model, **kw)
+    assert abs(live["kl"]["all"]) < 1e-7
+    other = fake.fake_quantize(model, fake.uniform_bits(model, 2), group_size=16)
+    moved = harness.evaluate(other, data, reference=result, **kw)
+    assert moved["kl"]["all"] > 1e-3
+    assert "KL" in harness.format_table(moved)
+
+
+def test_routing_counts_add_up(model, data, result):
+    k = model.config.text.num_experts_per_tok
+    image_tokens = sum(int(np.sum(ex.prompt_ids == model.config.media_placeholder_token_id))
+                       for ex in data.examples)
+    all_tokens = sum(len(ex.prompt_ids) + len(ex.answer_ids) for ex in data.examples)
+    counts = result["routing"]
+    assert counts["image"].shape == (1, 4)
+    np.testing.assert_array_equal(counts["image"].sum(-1), [k * image_tokens])
+    np.testing.assert_array_equal(counts["text"].sum(-1), [k * (all_tokens - image_tokens)])
+
+
+def test_routing_divergence_is_jensen_shannon():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 50, (3, 6)), rng.integers(0, 50, (3, 6))
+    expected = [jensenshannon(x, y, base=2) ** 2 for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(harness.routing_divergence(a, b), expected, rtol=1e-10)
+    assert harness.routing_divergence([[1, 0]], [[0, 3]])[0] == 1.0
+
+
+def test_fake_quantization_identity_at_16_bits_and_exact_per_expert(model, data):
+    original = np.asarray(fake.moe_experts(model)[0].down.get_value())
+    same = fake.fake_quantize(model, fake.uniform_bits(model, 16))
+    batch = harness._model_batch(data, [0, 1], True)
+    np.testing.assert_array_equal(np.asarray(same(batch).logits), np.asarray(model(batch).logits))
+    bits = fake.uniform_bits(model, 16)
+    bits[0, 1], bits[0, 3] = 2, 4
+    mixed = fake.fake_quantize(model, bits, group_size=16)
+    before, after = fake.moe_experts(model)[0], fake.moe_experts(mixed)[0]
+    want = rtn.fake_quantize_experts(before.gate_up.get_value(), before.down.get_value(),
+                                     bits[0], 16)
+    for name, ref in zip(("gate_up", "down"), want, strict=True):
+        w, got = (np.asarray(getattr(m, name).get_value()) for m in (before, after))
+        np.testing.assert_array_equal(got, np.asarray(ref))
+        for e in range(4):
+            if bits[0, e] == 16:
+                np.testing.assert_array_equal(got[e], w[e])
+                continue
+            groups = got[e].reshape(-1, 16, got.shape[-1])  # [G, 16 rows, N]
+            levels = max(len(np.unique(groups[g, :, n])) for g in range(groups.shape[0])
+                         for n in range(groups.shape[2]))
+            assert 2 < levels <= 2 ** bits[0, e]  # on the b-bit grid, not the original weights
+    assert not np.array_equal(np.asarray(mixed(batch).logits), np.asarray(model(batch).logits))
+    np.testing.assert_array_equal(np.asarray(fake.moe_experts(model)[0].down.get_value()),
+                                  original)  # the input model is untouched
+
+
+def test_bad_bit_maps_are_refused(model):
+    with pytest.raises(ValueError, match=r"bit map has shape \(2, 4\); this model needs \(1, 4\)"):
+        fake.fake_quantize(model, np.full((2, 4), 4))
+    with pytest.raises(ValueError, match=r"bits \[9\] not supported"):
+        fake.fake_quantize(model, np.asarray([[4, 9, 4, 4]]))
+
+
+def test_user_jsonl_is_scored_and_bad_lines_are_named(model, tokenizer, tmp_path):
+    Image.fromarray(np.full((112, 112, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    lines = [{"question": "what color is the circle ?", "image": "a.png", "answer": "red"},
+             {"question": "what is 2 plus 3 ?", "options": ["5", "6"], "answer_index": 0,
+              "task": "arithmetic"}]
+    good = tmp_path / "bench.jsonl"
+    good.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    data = harness.load_jsonl(good, tokenizer, ImageConfig())
+    assert data.examples[0].grid_hw == (8, 8)
+    res = harness.evaluate(model, data, batch_size=3, max_new_tokens=NEW_TOKENS)
+    assert set(res["accuracy"]["family"]) == {"vision", "text"}
+    assert set(res["mc_accuracy"]["task"]) == {"arithmetic"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[1]) + "\n" + '{"question": "x", "answer": 3}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'answer' must be a non-empty"):
+        harness.load_jsonl(bad, tokenizer)
+
+
+def test_pad_left_and_bad_arguments(model, data):
+    ids, mask = generate.pad_left([np.asarray([4, 5]), np.asarray([6])], 0, 4)
+    np.testing.assert_array_equal(ids, [[0, 0, 4, 5], [0, 0, 0, 6]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        harness.evaluate(model, data, batch_size=0)
+    with pytest.raises(ValueError, match="no 'answer_logprobs'"):
+        harness.evaluate(model, data, reference={"n": 8})
+    with pytest.raises(ValueError, match="no samples"):
+        harness.encode([], None)
