@@ -49,15 +49,10 @@ def _figure_accuracy(rows: list[dict], path: str) -> None:
 
 
 def modality_divergence(stats: dict) -> list[float]:
-    """Per-layer Jensen-Shannon divergence (bits) between text and key-vision frequencies."""
-    p = frequency.normalized_frequency(stats["count_text"])
-    q = frequency.normalized_frequency(stats["count_key"])
-    m = 0.5 * (p + q)
+    """Per-layer Jensen-Shannon divergence (bits) between text and key-vision routing counts."""
+    from mode_jax.eval import harness
 
-    def kl(a, b):
-        return np.where(a > 0, a * np.log2(np.where(a > 0, a, 1) / np.where(b > 0, b, 1)), 0)
-
-    return [float(v) for v in 0.5 * (kl(p, m).sum(-1) + kl(q, m).sum(-1))]
+    return [float(v) for v in harness.routing_divergence(stats["count_text"], stats["count_key"])]
 
 
 def _meta(workdir: str, stage: str, fingerprint: str) -> dict:
