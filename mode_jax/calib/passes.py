@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax import progress
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
 from mode_jax.models.deepseek_v3 import DeepseekV3
@@ -206,7 +207,7 @@ def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str
     graphdef, state = nnx.split(model)
     total: dict[str, np.ndarray] = {}
     samples = 0
-    for batch in _batches(batches):
+    for batch in progress.track(_batches(batches), "frequency pass batches"):
         dev, grid = device_batch(model, batch)
         out = jax.device_get(_frequency_batch(graphdef, state, dev, cfg, grid))
         for k, v in out.items():
@@ -272,7 +273,7 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
     graphdef, state = nnx.split(model)
     parts: list[dict] = []
     used = samples = skipped = 0
-    for batch in _batches(batches):
+    for batch in progress.track(_batches(batches), "token cache batches"):
         mask = np.asarray(batch["attention_mask"]).astype(bool)
         lengths = mask.sum(1)
         if skipped or used + lengths[0] > max_tokens:
@@ -361,7 +362,7 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
     sums = np.zeros((len(layers), n_exp, len(bits), 2))
     counts = np.zeros((len(layers), n_exp, 2), np.int64)
     samples = 0
-    for batch in _batches(batches):
+    for batch in progress.track(_batches(batches), "logit_kl batches"):
         dev, grid = device_batch(model, batch)
         prefixes = _prefix_batch(graphdef, state, dev, cfg, grid)
         for j, (layer, prefix) in enumerate(zip(layers, prefixes, strict=True)):
@@ -418,7 +419,8 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     total = np.zeros((len(moe_layers), text_model(model).config.n_routed_experts))
     batches = _batches(batches)
     keys = jax.random.split(jax.random.key(seed), len(batches))
-    for batch, key in zip(batches, keys, strict=True):
+    pairs = list(zip(batches, keys, strict=True))
+    for batch, key in progress.track(pairs, "hessian trace batches"):
         traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batch), key,
                                 num_probes, int(image_token_id))
         for path, value in jax.tree_util.tree_flatten_with_path(jax.device_get(traces))[0]:

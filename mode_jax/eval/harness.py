@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from mode_jax import progress
 from mode_jax.eval import generate, jsonl, metrics
 from mode_jax.preprocess import ImageConfig, preprocess_image
 from mode_jax.testbed import tasks
@@ -206,7 +207,7 @@ def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
     choice: list[int | None] = [None] * n
     logprobs: list[np.ndarray | None] = [None] * n
     route = None
-    for rows in _batches(data, batch_size):
+    for rows in progress.track(_batches(data, batch_size), "evaluation batches"):
         filled = rows + [rows[-1]] * (batch_size - len(rows))  # one shape per kind
         k = len(rows)
         res = _teacher_forced(model, data, filled, _model_batch(data, filled, True), reference,

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax import progress
 from mode_jax.calib import hessian
 from mode_jax.models import deepseek_v3 as dsv3
 from mode_jax.models.kimivl import KimiVL, prepare_batch
@@ -149,7 +150,7 @@ def quantize_model(
     states = _initial_states(model, batches) if config.method == "gptq" else []
     lm = model.language_model
     moe_index = {layer: i for i, layer in enumerate(text.moe_layers)}
-    for l, layer in enumerate(lm.layers):
+    for l, layer in progress.track(list(enumerate(lm.layers)), f"{config.method} layers"):
         _quantize_attention(layer, l, states, config, report)
         x = [_mlp_input(layer, s.h, s.ctx) for s in states]  # re-forward: quantized attention
         if layer.is_moe:
