@@ -21,7 +21,7 @@ from mode_jax.quant import fake, rtn
 from mode_jax.testbed import tasks
 from mode_jax.testbed import tokenizer as tok_lib
 
-TASKS = tasks.TaskConfig(image_size=(112, 112), object_size=(10, 16), max_objects=3)
+TASKS = tasks.TaskConfig(image_size=(112, 112), object_size=(10, 16), max_objects=3, cell=0)
 NEW_TOKENS = 3
 
 

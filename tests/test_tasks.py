@@ -196,7 +196,7 @@ def test_balance_answers_and_vocabulary(train, heldout):
 
 def test_small_scene_config():
     config = tasks.TaskConfig(image_size=(168, 224), max_objects=2, object_size=(14, 18),
-                              tasks=tasks.VISION_TASKS)
+                              cell=0, tasks=tasks.VISION_TASKS)
     samples = tasks.generate("train", 25, seed=0, config=config)
     assert {s.answer for s in samples if s.task == "count"} <= {"0", "1", "2"}
     for s in samples:
@@ -206,9 +206,32 @@ def test_small_scene_config():
 
 
 def test_crowded_scene_raises():
-    config = tasks.TaskConfig(image_size=(112, 112), object_size=(40, 40), tasks=("position",))
+    config = tasks.TaskConfig(image_size=(112, 112), object_size=(40, 40), cell=0,
+                              tasks=("position",))
     with pytest.raises(ValueError, match="no 'position' scene fits"):
         tasks.generate("train", 1, seed=0, config=config)
+    cells = tasks.TaskConfig(image_size=(56, 56), tasks=("position",))  # 2 x 2 cells, 1 fits
+    with pytest.raises(ValueError, match="no 'position' scene fits"):
+        tasks.generate("train", 1, seed=0, config=cells)
+
+
+def test_cell_placement_puts_each_object_alone_in_one_token(train):
+    """Default scenes: every object's pixels lie inside one 28-pixel cell (one merged image
+    token), and no two objects are in the same or neighbouring cells."""
+    for s in [s for s in train if s.family == "vision"][:60]:
+        chroma = s.image.astype(np.int32).max(-1) - s.image.astype(np.int32).min(-1)
+        labels, n = ndimage.label(chroma > 60)
+        found = []
+        for i in range(1, n + 1):
+            ys, xs = np.nonzero(labels == i)
+            if len(ys) < 30:
+                continue
+            cy, cx = {int(v) // 28 for v in ys}, {int(v) // 28 for v in xs}
+            assert len(cy) == len(cx) == 1, (s.question, sorted(cy), sorted(cx))
+            found.append((cy.pop(), cx.pop()))
+        for a in found:
+            for b in found:
+                assert a == b or max(abs(a[0] - b[0]), abs(a[1] - b[1])) > 1
 
 
 def test_only_selected_tasks():
@@ -224,7 +247,9 @@ def test_only_selected_tasks():
     (dict(heldout_fillers=len(tasks.FILLERS)), "heldout_fillers"),
     (dict(max_objects=1), "max_objects"),
     (dict(object_size=(30, 20)), "object_size"),
-    (dict(image_size=(56, 56)), "object_size"),
+    (dict(image_size=(28, 28)), "object_size"),
+    (dict(object_size=(14, 14)), "cell 28 must divide"),
+    (dict(cell=40), "cell 40 must divide"),
     (dict(max_objects=5), "max_objects"),
 ])
 def test_bad_config_raises(kwargs, match):

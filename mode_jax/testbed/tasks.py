@@ -69,8 +69,12 @@ class TaskConfig:
     heldout_percent: int = 10  # share of vision scene+question hashes that are held out
     heldout_fillers: int = 2  # of len(FILLERS) fillers per text core
     world_seed: int = 0
-    object_size: tuple[int, int] = (20, 30)  # object half-size range in pixels
-    max_objects: int = 4  # 2..4 objects per scene; count answers are 0..max_objects
+    object_size: tuple[int, int] = (10, 12)  # object half-size range in pixels
+    max_objects: int = 3  # 2..4 objects per scene; count answers are 0..max_objects
+    # 0: objects anywhere. > 0: every object sits in its own cell of this many pixels (28 is
+    # one merged image token), with the 8 cells around it left empty, so one image token holds
+    # one whole object; object_size must then fit: 2 * high + 2 <= cell.
+    cell: int = 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +195,10 @@ class Shape:
     r: int
 
 
-def _place(rng, kinds: Sequence[tuple[str, str]], config: TaskConfig) -> tuple[Shape, ...] | None:
+def place(rng, kinds: Sequence[tuple[str, str]], config: TaskConfig) -> tuple[Shape, ...] | None:
     """Non-overlapping objects of the given (shape, color) kinds, or None if placement fails."""
+    if config.cell:
+        return _place_in_cells(rng, kinds, config)
     h, w = config.image_size
     placed: list[Shape] = []
     for shape, color in kinds:
@@ -204,6 +210,27 @@ def _place(rng, kinds: Sequence[tuple[str, str]], config: TaskConfig) -> tuple[S
                 break
         else:
             return None
+    return tuple(placed)
+
+
+def _place_in_cells(rng, kinds, config: TaskConfig) -> tuple[Shape, ...] | None:
+    """One object per cell, no two in neighbouring cells, centred with a small jitter."""
+    cell = config.cell
+    rows, cols = config.image_size[0] // cell, config.image_size[1] // cell
+    taken: list[tuple[int, int]] = []
+    placed: list[Shape] = []
+    for shape, color in kinds:
+        for _ in range(50):
+            i, j = int(rng.integers(rows)), int(rng.integers(cols))
+            if all(max(abs(i - a), abs(j - b)) > 1 for a, b in taken):
+                break
+        else:
+            return None
+        r = int(rng.integers(config.object_size[0], config.object_size[1] + 1))
+        slack = cell // 2 - r - 1
+        dx, dy = (int(rng.integers(-slack, slack + 1)) for _ in range(2))
+        taken.append((i, j))
+        placed.append(Shape(shape, color, j * cell + cell // 2 + dx, i * cell + cell // 2 + dy, r))
     return tuple(placed)
 
 
@@ -269,13 +296,13 @@ def _scene_question(task: str, rng, config: TaskConfig):
         n_other = int(rng.integers(low, max(low, config.max_objects - n) + 1))
         kinds = [(target, str(rng.choice(list(COLORS)))) for _ in range(n)]
         kinds += [(str(rng.choice(others)), str(rng.choice(list(COLORS)))) for _ in range(n_other)]
-        objects = _place(rng, kinds, config)
+        objects = place(rng, kinds, config)
         if objects is None:
             return None
         return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None
     low = 2 if task == "position" else 1
-    objects = _place(rng, _distinct_kinds(rng, int(rng.integers(low, config.max_objects + 1))),
-                     config)
+    objects = place(rng, _distinct_kinds(rng, int(rng.integers(low, config.max_objects + 1))),
+                    config)
     if objects is None:
         return None
     target = objects[rng.integers(len(objects))]
@@ -338,6 +365,10 @@ def _check(config: TaskConfig, split: str) -> None:
     if not 6 <= low <= high or 2 * high + 8 >= min(h, w):
         raise ValueError(f"object_size {config.object_size} must be 6 <= low <= high with "
                          f"2 * high + 8 < {min(h, w)} (the image side)")
+    if config.cell and (config.cell < 8 or h % config.cell or w % config.cell
+                        or 2 * high + 2 > config.cell):
+        raise ValueError(f"cell {config.cell} must divide image_size {config.image_size} and "
+                         f"hold the largest object: 2 * {high} + 2 <= cell")
     if not 2 <= config.max_objects <= len(SHAPES):
         raise ValueError(f"max_objects {config.max_objects} must be in 2..{len(SHAPES)} (scenes "
                          "with distinct shapes; position questions need two objects)")
