@@ -1,0 +1,118 @@
+"""Training-only pieces of the testbed: the capacity dispatch against the model's dense experts,
+the vision warm-up labels against the scene geometry, the training batches' masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mode_jax.models import moe
+from mode_jax.models.deepseek_v3 import MLP
+from mode_jax.preprocess import ImageConfig
+from mode_jax.testbed import tasks, train, vision_warmup
+from mode_jax.testbed import tokenizer as tok_lib
+
+
+def _routing(seed, n=24, e=8, k=2, d=16, f=8):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (n, d))
+    logits = jax.random.normal(keys[1], (n, e))
+    ids, weights = moe.route(logits, moe.RouterConfig(num_experts=e, top_k=k))
+    gate_up = jax.random.normal(keys[2], (e, d, 2 * f)) * 0.3
+    down = jax.random.normal(keys[3], (e, f, d)) * 0.3
+    return x, ids, weights, gate_up, down
+
+
+def test_capacity_dispatch_equals_dense_experts_when_nothing_is_dropped():
+    x, ids, weights, gate_up, down = _routing(0)
+    want = moe.experts_dense(x, ids, weights, gate_up, down)
+    got = train.capacity_experts(x, ids, weights, gate_up, down, capacity=x.shape[0] * 2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_dispatch_drops_the_latest_tokens_of_a_full_expert():
+    x, ids, weights, gate_up, down = _routing(1)
+    cap = 2
+    got = np.asarray(train.capacity_experts(x, ids, weights, gate_up, down, capacity=cap))
+    # brute force: walk tokens in order, an expert serves its first `cap` (token, slot) pairs
+    served = np.zeros(gate_up.shape[0], int)
+    want = np.zeros_like(got)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            if served[e] < cap:
+                served[e] += 1
+                y = moe.swiglu(x[t:t + 1], gate_up[e], down[e])[0]
+                want[t] += float(weights[t, slot]) * np.asarray(y)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_experts_module_shares_the_model_parameters():
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+    before = model.language_model.layers[1].mlp.experts.gate_up
+    train.use_capacity_dispatch(model, 2.0)
+    swapped = model.language_model.layers[1].mlp.experts
+    assert isinstance(swapped, train.CapacityExperts) and swapped.gate_up is before
+    assert isinstance(model.language_model.layers[0].mlp, MLP)  # the dense layer is left alone
+
+
+def test_warmup_labels_follow_the_scene_geometry():
+    square = tasks.Shape("square", "blue", cx=98, cy=70, r=30)  # spans x 73..123, y 45..95
+    cross = tasks.Shape("cross", "red", cx=250, cy=250, r=34)
+    image, shapes, colors, centres = vision_warmup.cell_labels([square, cross], (336, 336), 5)
+    assert image.shape == (336, 336, 3)
+    def grid(a):
+        return a.reshape(12, 12)
+
+    sq, bl = tasks.SHAPES.index("square") + 1, list(tasks.COLORS).index("blue") + 1
+    assert grid(shapes)[2, 3] == sq and grid(colors)[2, 3] == bl  # cell y 56..83, x 84..111
+    assert grid(shapes)[0, 0] == grid(colors)[11, 0] == vision_warmup.BACKGROUND
+    assert grid(shapes)[8, 8] == tasks.SHAPES.index("cross") + 1  # the cross's centre cell
+    np.testing.assert_array_equal(np.flatnonzero(centres), [2 * 12 + 3, 8 * 12 + 8])
+    # every labelled cell is mostly covered by its object's bounding box
+    for cell in np.flatnonzero(shapes):
+        y, x = divmod(int(cell), 12)
+        o = square if shapes[cell] == sq else cross
+        assert o.cx - o.r - 28 < x * 28 + 14 < o.cx + o.r + 28
+        assert o.cy - o.r - 28 < y * 28 + 14 < o.cy + o.r + 28
+
+
+def test_training_rows_mark_answers_and_images():
+    tok = tok_lib.build_tokenizer(tasks.vocabulary())
+    samples = tasks.generate("train", 3, 0, tasks.TaskConfig(tasks=("color", "fact")))
+    rows = train.encode_rows(samples, tok, ImageConfig(), length=8)
+    assert rows["input_ids"].shape[1] % 8 == 0
+    assert rows["grid_hws"] == ((24, 24),) * sum(s.image is not None for s in samples)
+    for b, s in enumerate(samples):
+        answer = rows["input_ids"][b][rows["target_mask"][b]]
+        assert tok.decode(answer[:-1]) == s.answer
+        assert answer[-1] == tok.convert_tokens_to_ids(tok_lib.IM_END)
+        n_img = int(np.sum(rows["input_ids"][b] == tok_lib.image_token_id(tok)))
+        assert n_img == (144 if s.image is not None else 0)
+    assert jnp.asarray(rows["attention_mask"]).sum() == sum(
+        len(tok_lib.encode_example(tok, s.prompt, s.answer,
+                                   [(24, 24)] if s.image is not None else None)[0])
+        for s in samples)
+
+
+def test_warmup_positions_share_one_scale_across_image_sizes():
+    """Cell i of n gets label (2i + 1) * 12 // 2n: a small image's cells land on the labels of
+    the big image's cells at the same relative place."""
+    rng = np.random.default_rng(0)
+    small = tasks.TaskConfig(image_size=(168, 168))
+    _, grids, labels = vision_warmup.batch(rng, 2, small, ImageConfig(), grid=12)
+    assert grids == ((12, 12), (12, 12))  # patches; 6 x 6 merged tokens each
+    rows, cols = labels[3].reshape(2, 6, 6), labels[4].reshape(2, 6, 6)
+    np.testing.assert_array_equal(rows[0, :, 0], [1, 3, 5, 7, 9, 11])
+    np.testing.assert_array_equal(cols[1, 0, :], [1, 3, 5, 7, 9, 11])
+    _, _, big = vision_warmup.batch(rng, 1, tasks.TaskConfig(), ImageConfig(), grid=12)
+    np.testing.assert_array_equal(big[3].reshape(12, 12)[:, 0], np.arange(12))
+
+
+def test_curriculum_switches_scene_size_after_small_image_steps():
+    cfg = train.TrainConfig(small_image_steps=1, batch_vision_small=2, batch_vision=1,
+                            batch_text=1)
+    data = train.Batches(cfg, train.build_tokenizer(), ImageConfig())
+    first, _ = data.step(1)
+    second, _ = data.step(2)
+    assert first["grid_hws"] == ((12, 12),) * 2 and second["grid_hws"] == ((24, 24),)
