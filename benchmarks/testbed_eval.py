@@ -8,35 +8,25 @@ modality); for uniform round-to-nearest on every routed expert at 2, 3, 4 bits (
 accuracy and its drop per family and the KL to full precision; per MoE layer the Jensen-Shannon
 divergence between the expert-frequency distributions of text and image tokens; wall times.
 The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
-checkpoint was trained on (its train_summary.json).
+checkpoint was trained on (its train_summary.json); `mode_jax.testbed.card` writes the same
+figures into the checkpoint's MODEL_CARD.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import mode_jax
 from mode_jax.eval import harness
-from mode_jax.preprocess import ImageConfig
-from mode_jax.quant import fake
-from mode_jax.testbed import tasks
-from mode_jax.testbed import tokenizer as tok_lib
+from mode_jax.testbed import card
 
 
-def task_config(checkpoint: Path) -> tasks.TaskConfig:
-    """The task knobs the checkpoint was trained with (defaults when no summary is shipped)."""
-    summary = checkpoint / "train_summary.json"
-    if not summary.is_file():
-        return tasks.TaskConfig()
-    trained = json.loads(summary.read_text())["train_config"]
-    return tasks.TaskConfig(max_objects=trained["max_objects"],
-                            object_size=tuple(trained["object_size"]))
+def _cell(accuracy: float, drop: float) -> str:
+    return f"{accuracy:.1f} ({drop:+.1f})"
 
 
 def main() -> None:
@@ -49,12 +39,7 @@ def main() -> None:
     ckpt = Path(args.checkpoint)
 
     start = time.perf_counter()
-    model = mode_jax.load(ckpt)
-    tokenizer = tok_lib.load_tokenizer(ckpt)
-    image_cfg = ImageConfig.from_preprocessor_config(
-        json.loads((ckpt / "preprocessor_config.json").read_text()))
-    samples = tasks.generate("heldout", args.samples, seed=0, config=task_config(ckpt))
-    data = harness.encode(samples, tokenizer, image_cfg)
+    model, data = card.heldout(ckpt, args.samples)
     prepare = time.perf_counter() - start
     full = harness.evaluate(model, data, routing=True)
     print(harness.format_table(full, f"full precision, {args.checkpoint}"))
@@ -71,14 +56,10 @@ def main() -> None:
         "all": 100 * full["accuracy"]["all"]}
     print(f"{'fp32':>5}" + "".join(f"{fp[f]:>20.1f}" for f in [*families, "all"]) +
           f"{0.0:>10.4f}{full['wall_seconds']:>10.1f}")
-    for bits in args.bits:
-        quantized = fake.fake_quantize(model, fake.uniform_bits(model, bits), args.group_size)
-        res = harness.evaluate(quantized, data, reference=full, keep_logprobs=False)
-        acc = {f: 100 * res["accuracy"]["family"][f] for f in families} | {
-            "all": 100 * res["accuracy"]["all"]}
-        cells = "".join(f"{f'{acc[f]:.1f} ({acc[f] - fp[f]:+.1f})':>20}"
+    for row in card.rtn_sweep(model, data, full, args.bits, args.group_size):
+        cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
                         for f in [*families, "all"])
-        print(f"{bits:>5}" + cells + f"{res['kl']['all']:>10.4f}{res['wall_seconds']:>10.1f}")
+        print(f"{row['bits']:>5}" + cells + f"{row['kl']:>10.4f}{row['seconds']:>10.1f}")
 
     counts = full["routing"]
     js = harness.routing_divergence(counts["text"], counts["image"])
