@@ -30,13 +30,16 @@ BACKGROUND = 0  # label 0; shapes and colours are 1-based in tasks.SHAPES / task
 
 def random_scene(rng: np.random.Generator, task_cfg: tasks.TaskConfig) -> list[tasks.Shape]:
     """1..max_objects objects of random shape and colour, placed as the task suite places them."""
-    while True:
+    for _ in range(1000):
         n = int(rng.integers(1, task_cfg.max_objects + 1))
         kinds = [(str(rng.choice(tasks.SHAPES)), str(rng.choice(list(tasks.COLORS))))
                  for _ in range(n)]
         placed = tasks.place(rng, kinds, task_cfg)
         if placed is not None:
             return list(placed)
+    raise ValueError(f"no scene of {task_cfg.max_objects} objects fits image_size "
+                     f"{task_cfg.image_size} (object_size {task_cfg.object_size}, "
+                     f"cell {task_cfg.cell})")
 
 
 def cell_labels(objects: list[tasks.Shape], image_size: tuple[int, int], texture_seed: int,
