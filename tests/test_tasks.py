@@ -75,6 +75,7 @@ def _check_vision(s: tasks.Sample) -> None:
         shape = {v: k for k, v in tasks.PLURALS.items()}[m[1]]
         assert sum(o["shape"] == shape for o in objs) == int(expected)
     elif m := re.fullmatch(r"where is the (\w+) (\w+) relative to the (\w+) (\w+) \?", q):
+        assert len(objs) == 2  # a position scene holds just the two objects it names
         a = _one(objs, color=m[1], shape=m[2])
         b = _one(objs, color=m[3], shape=m[4])
         dx, dy = a["x"] - b["x"], a["y"] - b["y"]
@@ -116,11 +117,11 @@ def _check_text(s: tasks.Sample, facts: dict) -> None:
     elif m := re.fullmatch(r"what is the opposite of (\w+) \?", core):
         pairs = dict(tasks.OPPOSITES) | {b: a for a, b in tasks.OPPOSITES}
         assert expected == pairs[m[1]]
-    elif m := re.fullmatch(r"what color is (\w+) \?", core):
+    elif m := re.fullmatch(r"what color is (\w+ \w+) \?", core):
         assert expected == facts[m[1]]["color"]
-    elif m := re.fullmatch(r"what does (\w+) eat \?", core):
+    elif m := re.fullmatch(r"what does (\w+ \w+) eat \?", core):
         assert expected == facts[m[1]]["food"]
-    elif m := re.fullmatch(r"where does (\w+) live \?", core):
+    elif m := re.fullmatch(r"where does (\w+ \w+) live \?", core):
         assert expected == facts[m[1]]["home"]
     else:
         raise AssertionError(f"unexpected text question {q!r}")
@@ -133,6 +134,16 @@ def test_text_answers_are_right(train, heldout):
         if s.family == "text":
             assert s.image is None and s.modality == "text"
             _check_text(s, facts)
+
+
+def test_no_single_name_word_tells_a_fact():
+    """Facts need both words of a name: every word is shared by people whose facts differ."""
+    facts = tasks.world(0)
+    for word in (*tasks.GIVEN_NAMES, *tasks.FAMILY_NAMES):
+        people = [e for e in tasks.ENTITIES if word in e.split()]
+        assert len(people) == 8
+        for attr in ("color", "food", "home"):
+            assert len({facts[e][attr] for e in people}) > 1, (word, attr)
 
 
 def test_world_is_fixed_by_its_seed():

@@ -5,9 +5,9 @@ Two families, five sub-tasks each, short answers (one or two words) over a vocab
 - vision: rendered scenes of a few coloured shapes on a lightly textured, mostly empty background
   (so most image tokens are redundant, as in real photos): `color`, `shape`, `count`, `position`
   and `choice` (multiple choice on colour or shape, answered by letter);
-- text: knowledge that has to live in the weights: `fact` (colour, food, home of invented
-  entities), `fact_choice` (its multiple-choice form), `arithmetic` (plus/minus below 10),
-  `spelling` (first/last letter of a word), `opposite` (antonyms).
+- text: knowledge that has to live in the weights: `fact` (colour, food, home of 64 invented
+  people with two-word names), `fact_choice` (its multiple-choice form), `arithmetic`
+  (plus/minus below 10), `spelling` (first/last letter of a word), `opposite` (antonyms).
 
 Splits never overlap. A vision sample's split is decided by a hash of its scene and question
 (rejection-sampled), so no scene+question can fall in both. A text sample is a *core* question
@@ -42,9 +42,12 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "c
 RELATIONS = ("left", "right", "above", "below")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-ENTITIES = ("zorblat", "quenfir", "mivado", "trelkin", "ospira", "vantu", "glimber", "harvok",
-            "bexley", "runoga", "pelistra", "dravin", "sulmet", "yorrik", "fendal", "kalopi",
-            "wystan", "nebrin", "tolvar", "ismera", "corvu", "altheb", "muzzin", "gresha")
+# Invented people, named by a given and a family name (64 = 8 x 8). Every name word is shared
+# by 8 people, so no single token tells a fact: the model must combine both words (a
+# nonlinear lookup, the kind of knowledge that lives in MLP/expert weights).
+GIVEN_NAMES = ("zorblat", "quenfir", "mivado", "trelkin", "ospira", "vantu", "glimber", "harvok")
+FAMILY_NAMES = ("bexley", "runoga", "pelistra", "dravin", "sulmet", "yorrik", "fendal", "kalopi")
+ENTITIES = tuple(f"{g} {f}" for g in GIVEN_NAMES for f in FAMILY_NAMES)
 FOODS = ("apples", "bread", "fish", "rice", "cheese", "honey", "soup", "plums")
 DIRECTIONS = ("north", "south", "east", "west")
 TOWNS = ("morvale", "kestrin", "dunhollow", "brisk", "lanmoor", "quill")
@@ -300,9 +303,10 @@ def _scene_question(task: str, rng, config: TaskConfig):
         if objects is None:
             return None
         return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None
-    low = 2 if task == "position" else 1
-    objects = place(rng, _distinct_kinds(rng, int(rng.integers(low, config.max_objects + 1))),
-                    config)
+    # A position question's scene holds exactly its two objects: "where is a relative to b"
+    # then needs a's place against the scene's other object, not a search among distractors.
+    n = 2 if task == "position" else int(rng.integers(1, config.max_objects + 1))
+    objects = place(rng, _distinct_kinds(rng, n), config)
     if objects is None:
         return None
     target = objects[rng.integers(len(objects))]
