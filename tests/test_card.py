@@ -1,8 +1,11 @@
 """The model card renders every figure it is given (no model needed)."""
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 
-from mode_jax.testbed import card, tasks
+from mode_jax.testbed import card, tasks, train
 
 
 def _result(vision, text):
@@ -19,9 +22,33 @@ def test_card_reports_accuracies_rtn_drops_and_divergence():
     full = _result(0.9, 1.0)
     sweep = [{"bits": 2, "accuracy": {"text": 50.0, "vision": 40.0, "all": 45.0},
               "drop": {"text": -50.0, "vision": -50.0, "all": -50.0}, "kl": 1.25}]
+    removed = [{"removed": "routed", "accuracy": {"text": 90.0, "vision": 70.0, "all": 80.0},
+                "drop": {"text": -10.0, "vision": -20.0, "all": -15.0}, "kl": 0.5}]
     text = card.render(summary, tasks.TaskConfig(), full, sweep, np.array([0.125, 0.5]),
-                       (1, 2), 3 * 2**20)
+                       (1, 2), 3 * 2**20, removed)
+    assert "| routed | 90.0 (-10.0) | 70.0 (-20.0) | 80.0 (-15.0) | 0.5000 |" in text
     assert "| family vision | 90.0 |" in text and "| family text | 100.0 |" in text
     assert "| 2 | 50.0 (-50.0) | 40.0 (-50.0) | 45.0 (-50.0) | 1.2500 |" in text
     assert "| 1 | 0.125 |" in text and "| 2 | 0.500 |" in text
     assert "1,234 parameters" in text and "3.0 MiB" in text
+
+
+def test_without_switches_off_one_kind_of_expert_and_leaves_the_model_alone():
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+    ids = jnp.array([[5, 6, 7, 8, 9, 10]])
+    mask = jnp.ones_like(ids)
+    before = model.forward(ids, mask).logits
+    moe = [layer.mlp for layer in model.language_model.layers if layer.is_moe]
+    x = jnp.ones((1, 3, model.config.text.hidden_size))
+    for part in ("routed", "shared"):
+        off = card.without(model, part)
+        off_moe = [layer.mlp for layer in off.language_model.layers if layer.is_moe]
+        for full, cut in zip(moe, off_moe, strict=True):
+            y_full, _ = full(x)
+            y_cut, _ = cut(x)
+            kept = full.shared_experts(x) if part == "routed" else y_full - full.shared_experts(x)
+            np.testing.assert_allclose(np.asarray(y_cut), np.asarray(kept), atol=1e-5)
+        assert not np.allclose(np.asarray(off.forward(ids, mask).logits), np.asarray(before))
+    np.testing.assert_array_equal(np.asarray(model.forward(ids, mask).logits), np.asarray(before))
+    with pytest.raises(ValueError, match="part must be"):
+        card.without(model, "dense")

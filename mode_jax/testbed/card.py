@@ -14,7 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import mode_jax
 from mode_jax.eval import harness
@@ -60,13 +63,42 @@ def rtn_sweep(model, data, full: dict, bits=(2, 3, 4), group_size: int = 128) ->
     return rows
 
 
+def without(model, part: str):
+    """A copy of `model` with every MoE layer's routed ("routed") or shared ("shared") experts
+    switched off (their down projections zeroed); `model` is left as it was. The card uses it
+    to show where the skills live: a testbed whose routed experts can be removed at little cost
+    cannot judge an expert bit allocation."""
+    if part not in ("routed", "shared"):
+        raise ValueError(f"part must be 'routed' or 'shared', got {part!r}")
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, same arrays
+    for layer in new.language_model.layers:
+        if layer.is_moe:
+            down = (layer.mlp.experts.down if part == "routed"
+                    else layer.mlp.shared_experts.down_proj.kernel)
+            down.set_value(jnp.zeros_like(down.get_value()))
+    return new
+
+
+def ablations(model, data, full: dict) -> list[dict]:
+    """Accuracy (%), drop in points and KL with the routed or the shared experts removed."""
+    fp, rows = _accuracy(full), []
+    for part in ("routed", "shared"):
+        res = harness.evaluate(without(model, part), data, reference=full, keep_logprobs=False)
+        acc = _accuracy(res)
+        rows.append({"removed": part, "accuracy": acc,
+                     "drop": {k: acc[k] - fp[k] for k in acc}, "kl": res["kl"]["all"]})
+    return rows
+
+
 def _accuracy(result: dict) -> dict[str, float]:
     return {**{f: 100 * v for f, v in result["accuracy"]["family"].items()},
             "all": 100 * result["accuracy"]["all"]}
 
 
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],
-           divergence: np.ndarray, moe_layers, size_bytes: int) -> str:
+           divergence: np.ndarray, moe_layers, size_bytes: int,
+           removed: list[dict] = ()) -> str:
     """MODEL_CARD.md text from the training summary and the evaluations above."""
     cfg = summary["train_config"]
     acc = full["accuracy"]
@@ -132,6 +164,14 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
     for row in sweep:
         cells = [f"{row['accuracy'][f]:.1f} ({row['drop'][f]:+.1f})" for f in [*families, "all"]]
         lines.append(f"| {row['bits']} | " + " | ".join(cells) + f" | {row['kl']:.4f} |")
+    if removed:
+        lines += ["", "With all routed (or all shared) experts of every MoE layer off:", ""]
+        lines += ["| removed | " + " | ".join(families) + " | all | KL |",
+                  "| --- |" + " --- |" * (len(families) + 2)]
+        for row in removed:
+            cells = [f"{row['accuracy'][f]:.1f} ({row['drop'][f]:+.1f})"
+                     for f in [*families, "all"]]
+            lines.append(f"| {row['removed']} | " + " | ".join(cells) + f" | {row['kl']:.4f} |")
     lines += [
         "",
         "## Text and image tokens prefer different experts",
@@ -154,13 +194,15 @@ def write(checkpoint: str | Path, samples: int = 1000, log=print) -> dict:
     full = harness.evaluate(model, data, routing=True)
     log(harness.format_table(full, f"full precision, {checkpoint}"))
     sweep = rtn_sweep(model, data, full)
+    removed = ablations(model, data, full)
     divergence = harness.routing_divergence(full["routing"]["text"], full["routing"]["image"])
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     text = render(summary, task_config(checkpoint), full, sweep, divergence,
-                  model.config.text.moe_layers, size)
+                  model.config.text.moe_layers, size, removed)
     (checkpoint / "MODEL_CARD.md").write_text(text)
     log(text)
-    return {"heldout": harness.summary(full), "rtn": sweep, "divergence": divergence.tolist()}
+    return {"heldout": harness.summary(full), "rtn": sweep, "removed": removed,
+            "divergence": divergence.tolist()}
 
 
 def main() -> None:
