@@ -2,7 +2,7 @@
 
 The testbed model must enter the pipeline like a real checkpoint, so its tokenizer is saved in the
 standard Hugging Face files (`tokenizer.json`, `tokenizer_config.json` with the chat template,
-`special_tokens_map.json`) and loads offline through `transformers.AutoTokenizer`.
+`special_tokens_map.json`) and loads offline with transformers (`AutoTokenizer` reads it too).
 
 Chat format (Kimi-VL): a user turn is `<|im_user|>user<|im_middle|>{content}<|im_end|>`, the
 generation prompt is `<|im_assistant|>assistant<|im_middle|>`. An image in the content is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mode_jax.preprocess import IMAGE_BLOCK, MEDIA_PAD, expand_image_tokens
 
@@ -131,7 +131,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    # Not AutoTokenizer: it also reads the checkpoint's config.json, whose `kimi_vl` type
+    # transformers does not know, and warns on every load.
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
 def num_image_tokens(grid_hw: Sequence[int]) -> int:
