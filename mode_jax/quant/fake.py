@@ -37,6 +37,16 @@ def uniform_bits(model: KimiVL, bits: int) -> np.ndarray:
     return np.full(bit_map_shape(model), bits, np.int32)
 
 
+def editable_copy(model: KimiVL) -> KimiVL:
+    """A copy of `model` whose parameters can be set without touching `model`.
+
+    merge would reuse the input's Variable objects; tree-mapping makes new ones around the same
+    (immutable) arrays, so the copy costs no parameter memory until a value is replaced.
+    """
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+
 def fake_quantize(model: KimiVL, bits, group_size: int = 128) -> KimiVL:
     """A copy of `model` with routed expert e of MoE layer l fake-quantized at `bits[l, e]`.
 
@@ -51,10 +61,7 @@ def fake_quantize(model: KimiVL, bits, group_size: int = 128) -> KimiVL:
         raise ValueError(f"bit map must hold integers, got dtype {bits.dtype}")
     rtn.check_bits(bits, allow_keep=True)
     rtn.check_group_size(group_size)
-    graphdef, state = nnx.split(model)
-    # merge would reuse the input's Variable objects; tree-mapping makes new ones around the
-    # same (immutable) arrays, so setting a value below leaves `model` as it was
-    new = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    new = editable_copy(model)
     for row, experts in zip(bits, moe_experts(new), strict=True):
         if not (hasattr(experts, "gate_up") and hasattr(experts, "down")):
             raise ValueError(f"{type(experts).__name__} has no full-precision gate_up/down "

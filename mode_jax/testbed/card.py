@@ -3,7 +3,8 @@
     python -m mode_jax.testbed.card --checkpoint checkpoints/testbed [--samples 1000]
 
 Scores the checkpoint on the held-out split (full precision; uniform round-to-nearest on every
-routed expert at 2, 3 and 4 bits; routing divergence between text and image tokens) and writes
+routed expert at 2, 3 and 4 bits; all routed or all shared experts switched off; routing
+divergence between text and image tokens) and writes
 `MODEL_CARD.md` next to the weights. The training script calls `write` at the end of a run, so a
 retrained checkpoint always carries its own card.
 """
@@ -14,10 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import mode_jax
 from mode_jax.eval import harness
@@ -52,15 +51,9 @@ def heldout(checkpoint: Path, samples: int):
 
 def rtn_sweep(model, data, full: dict, bits=(2, 3, 4), group_size: int = 128) -> list[dict]:
     """Per bit-width: accuracy (%) per family and overall, drop vs `full` in points, KL."""
-    fp = _accuracy(full)
-    rows = []
-    for b in bits:
-        quantized = fake.fake_quantize(model, fake.uniform_bits(model, b), group_size)
-        res = harness.evaluate(quantized, data, reference=full, keep_logprobs=False)
-        acc = _accuracy(res)
-        rows.append({"bits": b, "accuracy": acc, "drop": {k: acc[k] - fp[k] for k in acc},
-                     "kl": res["kl"]["all"], "seconds": res["wall_seconds"]})
-    return rows
+    return [{"bits": b, **_against(full, fake.fake_quantize(model, fake.uniform_bits(model, b),
+                                                            group_size), data)}
+            for b in bits]
 
 
 def without(model, part: str):
@@ -70,8 +63,7 @@ def without(model, part: str):
     cannot judge an expert bit allocation."""
     if part not in ("routed", "shared"):
         raise ValueError(f"part must be 'routed' or 'shared', got {part!r}")
-    graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new Variables, same arrays
+    new = fake.editable_copy(model)
     for layer in new.language_model.layers:
         if layer.is_moe:
             down = (layer.mlp.experts.down if part == "routed"
@@ -82,13 +74,23 @@ def without(model, part: str):
 
 def ablations(model, data, full: dict) -> list[dict]:
     """Accuracy (%), drop in points and KL with the routed or the shared experts removed."""
-    fp, rows = _accuracy(full), []
-    for part in ("routed", "shared"):
-        res = harness.evaluate(without(model, part), data, reference=full, keep_logprobs=False)
-        acc = _accuracy(res)
-        rows.append({"removed": part, "accuracy": acc,
-                     "drop": {k: acc[k] - fp[k] for k in acc}, "kl": res["kl"]["all"]})
-    return rows
+    return [{"removed": part, **_against(full, without(model, part), data)}
+            for part in ("routed", "shared")]
+
+
+def _against(full: dict, candidate, data) -> dict:
+    """Accuracy (%) per family and overall of `candidate`, drop vs `full` in points, KL to it,
+    and the evaluation's wall time."""
+    res = harness.evaluate(candidate, data, reference=full, keep_logprobs=False)
+    fp, acc = _accuracy(full), _accuracy(res)
+    return {"accuracy": acc, "drop": {k: acc[k] - fp[k] for k in acc}, "kl": res["kl"]["all"],
+            "seconds": res["wall_seconds"]}
+
+
+def _row(label, row: dict, columns) -> str:
+    """A table row: `label`, then "accuracy (drop)" per column, then KL."""
+    cells = [f"{row['accuracy'][c]:.1f} ({row['drop'][c]:+.1f})" for c in columns]
+    return f"| {label} | " + " | ".join(cells) + f" | {row['kl']:.4f} |"
 
 
 def _accuracy(result: dict) -> dict[str, float]:
@@ -161,17 +163,12 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         "| 32 | " + " | ".join(f"{_accuracy(full)[f]:.1f}" for f in [*families, "all"])
         + " | 0 |",
     ]
-    for row in sweep:
-        cells = [f"{row['accuracy'][f]:.1f} ({row['drop'][f]:+.1f})" for f in [*families, "all"]]
-        lines.append(f"| {row['bits']} | " + " | ".join(cells) + f" | {row['kl']:.4f} |")
+    lines += [_row(row["bits"], row, [*families, "all"]) for row in sweep]
     if removed:
         lines += ["", "With all routed (or all shared) experts of every MoE layer off:", ""]
         lines += ["| removed | " + " | ".join(families) + " | all | KL |",
                   "| --- |" + " --- |" * (len(families) + 2)]
-        for row in removed:
-            cells = [f"{row['accuracy'][f]:.1f} ({row['drop'][f]:+.1f})"
-                     for f in [*families, "all"]]
-            lines.append(f"| {row['removed']} | " + " | ".join(cells) + f" | {row['kl']:.4f} |")
+        lines += [_row(row["removed"], row, [*families, "all"]) for row in removed]
     lines += [
         "",
         "## Text and image tokens prefer different experts",
