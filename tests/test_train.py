@@ -56,6 +56,40 @@ def test_capacity_experts_module_shares_the_model_parameters():
     assert isinstance(model.language_model.layers[0].mlp, MLP)  # the dense layer is left alone
 
 
+def test_routed_experts_start_at_the_dense_mlps_scale():
+    """Each expert's matrices start at LeCun normal per expert (std 1/sqrt(fan_in)), the init of
+    the shared expert's and the dense layer's nnx.Linear: at a smaller scale training would put
+    the skills in those instead."""
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+    mlp = model.language_model.layers[1].mlp
+    for w in (mlp.experts.gate_up[...], mlp.experts.down[...]):
+        fan_in = w.shape[1]
+        per_expert = np.asarray(w).reshape(w.shape[0], -1).std(axis=1)
+        np.testing.assert_allclose(per_expert, 1 / np.sqrt(fan_in), rtol=0.1)
+    shared = np.asarray(mlp.shared_experts.down_proj.kernel[...])
+    np.testing.assert_allclose(shared.std(), 1 / np.sqrt(shared.shape[0]), rtol=0.1)
+    gu = np.asarray(mlp.experts.gate_up[...])
+    assert not np.allclose(gu[0], gu[1])  # experts are drawn independently
+
+
+def test_zero_mlp_down_zeroes_every_language_mlp_output_and_nothing_else():
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    train.zero_mlp_down(model)
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    changed = []
+    for path, value in jax.tree_util.tree_leaves_with_path(after):
+        old = before
+        for key in path:
+            old = old[key.key]
+        if not np.array_equal(np.asarray(value), old):
+            assert not np.any(np.asarray(value))
+            changed.append(jax.tree_util.keystr(path))
+    layers = model.config.text.num_hidden_layers
+    assert len(changed) == 1 + 2 * (layers - 1), changed  # dense down; per MoE: shared, routed
+    assert all("language_model" in c and "down" in c for c in changed), changed
+
+
 def test_warmup_labels_follow_the_scene_geometry():
     square = tasks.Shape("square", "blue", cx=98, cy=70, r=30)  # spans x 73..123, y 45..95
     cross = tasks.Shape("cross", "red", cx=250, cy=250, r=34)

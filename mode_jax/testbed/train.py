@@ -75,6 +75,10 @@ class TrainConfig:
     log_every: int = 50
     context_weight: float = 0.5  # weight of the loss on question/template tokens
     pos_emb_init: float = 0.02  # scale of the N(0, 1) vision position table at init
+    # Start every language-model MLP's down projection (dense, shared, routed) at zero, so what
+    # an expert writes to the residual stream is all learned rather than a learned delta on a
+    # random map (a 500-step probe: held-out vision 45% vs 37% with LeCun-initialised downs).
+    zero_init_down: bool = True
 
     def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
         """The task suite's default settings (`family_tasks` picks the mix; a repeat doubles a
@@ -90,11 +94,14 @@ class TrainConfig:
 def model_config(vocab_size: int = 256, image_token_id: int = 12) -> KimiVLConfig:
     """The testbed architecture: Kimi-VL's layout at toy width (experts hold ~75% of weights).
 
-    (A narrower variant, dense layer and experts 64 wide with top-4 routing, learned far
+    The dense first layer is only 32 wide, so the facts have to live in the routed experts:
+    with it 256 wide, zeroing that one MLP took both families to 2% while switching off every
+    routed expert cost 8 text points (KL 0.25); at 32 wide, routed-off costs 15 text points
+    after 500 steps. (A narrower variant, experts 64 wide with top-4 routing, learned far
     slower: 40% vision and 16% fact_choice after 1600 steps.)
     """
     text = TextConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, q_lora_rank=None, moe_intermediate_size=128, n_routed_experts=16,
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -153,6 +160,19 @@ def use_capacity_dispatch(model: KimiVL, capacity_factor: float) -> None:
         if layer.is_moe:
             old = layer.mlp.experts
             layer.mlp.experts = CapacityExperts(old.gate_up, old.down, capacity_factor)
+
+
+def zero_mlp_down(model: KimiVL) -> None:
+    """Zero the down projection of every language-model MLP: dense, shared and routed experts."""
+    for layer in model.language_model.layers:
+        if layer.is_moe:
+            downs = [layer.mlp.experts.down]
+            if layer.mlp.shared_experts is not None:
+                downs.append(layer.mlp.shared_experts.down_proj.kernel)
+        else:
+            downs = [layer.mlp.down_proj.kernel]
+        for down in downs:
+            down.set_value(jnp.zeros_like(down.get_value()))
 
 
 # ---------------------------------------------------------------- data
@@ -325,6 +345,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                                  task_cfgs=(cfg.task_config(), cfg.small_task_config())
                                  if cfg.small_image_steps else (cfg.task_config(),),
                                  log=log, log_every=cfg.log_every)
+    if cfg.zero_init_down:
+        zero_mlp_down(model)
     use_capacity_dispatch(model, cfg.capacity_factor)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
                                                   end_value=cfg.lr * 0.02)
