@@ -22,6 +22,7 @@ out by hand. Each image is `<|media_start|>image<|media_content|><|media_pad|><|
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -221,10 +222,21 @@ def load_tokenizer(directory: str | Path):
     d = Path(directory)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # A plain fast tokenizer loads directly: AutoTokenizer would also read config.json, whose
+    # `kimi_vl` model type transformers does not know, and warn on every load.
+    loader, kwargs = AutoTokenizer, {"trust_remote_code": False}
+    config = d / "tokenizer_config.json"
+    if config.is_file() and (d / "tokenizer.json").is_file():
+        try:
+            named = json.loads(config.read_text()).get("tokenizer_class")
+        except (json.JSONDecodeError, AttributeError):
+            named = None
+        if named == "PreTrainedTokenizerFast":
+            loader, kwargs = PreTrainedTokenizerFast, {}
     try:
-        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+        return loader.from_pretrained(str(d), local_files_only=True, **kwargs)
     except Exception as err:  # any loader failure: say which directory and why
         raise ValueError(f"tokenizer files in {d} could not be loaded by transformers without "
                          f"remote code ({type(err).__name__}: {err}); pass a tokenizer "
