@@ -15,22 +15,44 @@ def _result(vision, text):
                          "modality": {"image": vision, "text": text}}}
 
 
+def _summary():
+    return {"train_config": {"seed": 0, "vision_warmup_steps": 5, "steps": 7, "batch_vision": 2,
+                             "batch_text": 3},
+            "parameters": 1234, "train_seconds": 120.0}
+
+
+def _against(text, vision, drop_text, drop_vision, kl, **label):
+    """A `card._against` row: accuracy (%) per family and overall, drops (points), KL."""
+    acc = {"text": text, "vision": vision, "all": (text + vision) / 2}
+    drop = {"text": drop_text, "vision": drop_vision, "all": (drop_text + drop_vision) / 2}
+    return {**label, "accuracy": acc, "drop": drop, "kl": kl}
+
+
 def test_card_reports_accuracies_rtn_drops_and_divergence():
-    summary = {"train_config": {"seed": 0, "vision_warmup_steps": 5, "steps": 7,
-                                "batch_vision": 2, "batch_text": 3},
-               "parameters": 1234, "train_seconds": 120.0}
     full = _result(0.9, 1.0)
-    sweep = [{"bits": 2, "accuracy": {"text": 50.0, "vision": 40.0, "all": 45.0},
-              "drop": {"text": -50.0, "vision": -50.0, "all": -50.0}, "kl": 1.25}]
-    removed = [{"removed": "routed", "accuracy": {"text": 90.0, "vision": 70.0, "all": 80.0},
-                "drop": {"text": -10.0, "vision": -20.0, "all": -15.0}, "kl": 0.5}]
-    text = card.render(summary, tasks.TaskConfig(), full, sweep, np.array([0.125, 0.5]),
+    sweep = [_against(50.0, 40.0, -50.0, -50.0, 1.25, bits=2)]
+    removed = [_against(90.0, 70.0, -10.0, -20.0, 0.5, removed="routed")]
+    text = card.render(_summary(), tasks.TaskConfig(), full, sweep, np.array([0.125, 0.5]),
                        (1, 2), 3 * 2**20, removed)
     assert "| routed | 90.0 (-10.0) | 70.0 (-20.0) | 80.0 (-15.0) | 0.5000 |" in text
     assert "| family vision | 90.0 |" in text and "| family text | 100.0 |" in text
     assert "| 2 | 50.0 (-50.0) | 40.0 (-50.0) | 45.0 (-50.0) | 1.2500 |" in text
     assert "| 1 | 0.125 |" in text and "| 2 | 0.500 |" in text
     assert "1,234 parameters" in text and "3.0 MiB" in text
+    assert "- Below the 95% target: vision." in text
+    assert "Not learned" not in text and "short of the 10-point target" not in text
+
+
+def test_card_states_what_the_checkpoint_cannot_show():
+    sweep = [_against(99.0, 28.0, -1.0, -2.0, 0.004, bits=2)]
+    removed = [_against(90.0, 20.0, -10.0, -10.0, 0.25, removed="routed")]
+    text = card.render(_summary(), tasks.TaskConfig(), _result(0.3, 1.0), sweep,
+                       np.array([0.1, 0.2]), (1, 2), 2**20, removed)
+    limits = text.split("## Known limits")[1]
+    assert "- Below the 95% target: vision." in limits
+    assert "- Not learned (under 50%, near the 25% of a 4-way guess): color 30%." in limits
+    assert ("costs 1.5 points (KL 0.0040), short of the 10-point target; switching every "
+            "routed expert off costs 10.0 (KL 0.2500)") in limits
 
 
 def test_without_switches_off_one_kind_of_expert_and_leaves_the_model_alone():

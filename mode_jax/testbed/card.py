@@ -98,6 +98,29 @@ def _accuracy(result: dict) -> dict[str, float]:
             "all": 100 * result["accuracy"]["all"]}
 
 
+def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
+    """What this checkpoint cannot show, read off its own figures (the targets are those a
+    testbed must meet to judge allocations: >= 95% per family, >= 10 points lost at 2 bits)."""
+    weak = {t: 100 * v for t, v in full["accuracy"]["task"].items() if v < 0.5}
+    two = next((r for r in sweep if r["bits"] == 2), None)
+    routed = next((r for r in removed if r["removed"] == "routed"), None)
+    lines = []
+    low = [f for f, v in full["accuracy"]["family"].items() if v < 0.95]
+    if low:
+        lines.append(f"- Below the 95% target: {', '.join(low)}.")
+    if weak:
+        lines.append("- Not learned (under 50%, near the 25% of a 4-way guess): "
+                     + ", ".join(f"{t} {v:.0f}%" for t, v in weak.items()) + ".")
+    if two is not None and -two["drop"]["all"] < 10:
+        text = (f"- Uniform 2-bit round-to-nearest costs {-two['drop']['all']:.1f} points "
+                f"(KL {two['kl']:.4f}), short of the 10-point target")
+        if routed is not None:
+            text += (f"; switching every routed expert off costs {-routed['drop']['all']:.1f} "
+                     f"(KL {routed['kl']:.4f})")
+        lines.append(text + ".")
+    return ["", "## Known limits", "", *lines] if lines else []
+
+
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],
            divergence: np.ndarray, moe_layers, size_bytes: int,
            removed: list[dict] = ()) -> str:
@@ -179,6 +202,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         "| --- | --- |",
     ]
     lines += [f"| {layer} | {js:.3f} |" for layer, js in zip(moe_layers, divergence, strict=True)]
+    lines += _limits(full, sweep, removed)
     lines += ["", "Reproduce: `python -m mode_jax.testbed.card --checkpoint <dir>`.", ""]
     return "\n".join(lines)
 
