@@ -311,3 +311,13 @@ def test_kimivl_fixture_counts_match_published_routing():
     assert int(got["num_tokens_key"]) == max(1, math.floor(0.25 * image.sum()))
     with pytest.raises(ValueError, match="image placeholder id is 40"):
         passes.frequency_pass(kimi, [batch], passes.StatsConfig(placeholder + 1))
+
+
+def test_negative_hutchinson_estimates_become_zero_and_are_logged(caplog):
+    trace = np.array([[0.5, -1e-3, 2.0], [-4.0, 0.0, 1.0]])
+    with caplog.at_level("INFO", logger="mode_jax.calib.passes"):
+        got = passes.nonnegative_trace(trace)
+    np.testing.assert_array_equal(got, [[0.5, 0.0, 2.0], [0.0, 0.0, 1.0]])
+    assert "2 negative Hutchinson estimates set to 0" in caplog.text
+    assert "(0, 1), (1, 0)" in caplog.text
+    np.testing.assert_array_equal(trace[0, 1], -1e-3)  # the input is left alone

@@ -430,6 +430,20 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     return total / len(batches)
 
 
+def nonnegative_trace(trace: np.ndarray) -> np.ndarray:
+    """Hutchinson traces clipped at 0, with the clipped experts logged.
+
+    The cross-entropy's Hessian is indefinite, so an expert with little curvature can get a
+    negative estimate; MoPEQ ranks experts by curvature, and "none measurable" is 0 (the
+    budgeted variant's cost, trace * 4^-b, would otherwise reward fewer bits).
+    """
+    negative = np.argwhere(trace < 0)
+    if negative.size:
+        log.info("hessian_trace: %d negative Hutchinson estimates set to 0 (MoE layer index, "
+                 "expert): %s", len(negative), [tuple(int(i) for i in p) for p in negative])
+    return np.maximum(trace, 0.0)
+
+
 def random_token_batches(vocab_size: int, *, num_samples: int, length: int, batch_size: int,
                          seed: int = 0, exclude: Sequence[int] = ()) -> list[dict[str, np.ndarray]]:
     """Seeded uniformly random token sequences (no padding) for data-free estimators."""
@@ -470,8 +484,9 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
         rand = random_token_batches(text_model(model).config.vocab_size, num_samples=n,
                                     length=t, batch_size=b, seed=seed,
                                     exclude=(cfg.image_token_id,))
-        out["hessian_trace"] = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
-                                                  num_probes=num_probes, seed=seed)
+        trace = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
+                                   num_probes=num_probes, seed=seed)
+        out["hessian_trace"] = nonnegative_trace(trace)
     else:
         out = {k: v for k, v in out.items() if k not in ("pmq_err", "gemq_cost")}
     for m in sensitivity.MODALITIES:
