@@ -78,17 +78,21 @@ def evaluated_runs(workdir: str) -> list[dict]:
         a = _meta(workdir, "allocate", a_fp)
         alloc = a["recorded_config"]["config"]["alloc"]
         quant = q["recorded_config"]["config"]["quant"]
-        label = alloc["method"] + (f"/{alloc['freq_key']}" if alloc["method"] == "mode" else "")
+        sens = _meta(workdir, "sensitivity", a["recorded_config"]["inputs"]["sensitivity"])
+        mode = alloc["method"] == "mode"
+        label = alloc["method"] + (f"/{alloc['freq_key']}" if mode else "")
         rows.append({
             "method": label, "budget_bits": float(alloc["budget_bits"]),
+            # only MODE reads the configured estimator; the baselines use their own costs
+            "estimator": sens["recorded_config"]["config"]["sens"]["estimator"] if mode else None,
             "candidate_bits": alloc["bits"], "quantizer": quant["method"],
             "router_finetune": bool(quant.get("router_finetune", False)),
             "average_bits": a["summary"]["average_bits"],
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
         })
-    return sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["quantizer"],
-                                       r["router_finetune"]))
+    return sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
+                                       r["quantizer"], r["router_finetune"]))
 
 
 def write(workdir: str, config, contexts: list, final_stage: str) -> str:
@@ -126,11 +130,12 @@ def _markdown(doc: dict) -> str:
     rows = doc["results"]
     metric_keys = [k for k in ("accuracy", "accuracy_vision", "accuracy_text", "kl", "perplexity",
                                "model_bytes") if any(k in r for r in rows)]
-    head = ["method", "quantizer", "router ft", "budget", "avg bits", *metric_keys]
+    head = ["method", "sensitivity", "quantizer", "router ft", "budget", "avg bits", *metric_keys]
     lines = ["# mode-jax report", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], r["quantizer"], "yes" if r.get("router_finetune") else "no",
+        cells = [r["method"], r.get("estimator") or "-", r["quantizer"],
+                 "yes" if r.get("router_finetune") else "no",
                  f"{r['budget_bits']:g}",
                  f"{r.get('average_bits', float('nan')):.3f}"]
         cells += [_fmt(r.get(k)) for k in metric_keys]

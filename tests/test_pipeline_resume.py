@@ -100,3 +100,15 @@ def test_changed_field_reruns_only_downstream(tmp_path, reference):
     ran = re.findall(r"stage (\w+)\s+running", log)
     assert ran == ["quantize", "evaluate"], log
     assert os.path.isfile(os.path.join(work, "report.md"))
+
+
+def test_report_tells_rows_with_another_sensitivity_estimator_apart(tmp_path, reference):
+    work = str(tmp_path / "w")
+    shutil.copytree(reference[0], work)
+    log = _run(work, "--config.sens.estimator=fisher")
+    assert re.findall(r"stage (\w+)\s+running", log) == [
+        "sensitivity", "allocate", "quantize", "evaluate"], log
+    with open(os.path.join(work, "report.md")) as f:
+        rows = [line for line in f if line.startswith("| mode/")]
+    estimators = sorted(line.split("|")[2].strip() for line in rows)
+    assert estimators == ["expert_mse", "fisher"], rows
