@@ -4,6 +4,7 @@ the vision warm-up labels against the scene geometry, the training batches' mask
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from mode_jax.models import moe
@@ -150,3 +151,24 @@ def test_curriculum_switches_scene_size_after_small_image_steps():
     first, _ = data.step(1)
     second, _ = data.step(2)
     assert first["grid_hws"] == ((12, 12),) * 2 and second["grid_hws"] == ((24, 24),)
+
+
+@pytest.mark.slow
+def test_the_training_script_reproduces_its_checkpoint_bit_for_bit(tmp_path):
+    """Retraining with the same seed gives the same weights and the same card figures, the
+    property that makes the shipped testbed reproducible (here on a few tiny steps)."""
+    cfg = train.TrainConfig(steps=3, small_image_steps=2, batch_vision=2, batch_vision_small=2,
+                            batch_text=2, vision_warmup_steps=2, vision_warmup_batch=2,
+                            probe_samples=2, eval_samples=4, log_every=1, warmup=1)
+    runs = [train.train(cfg, tmp_path / name, log=lambda _: None) for name in ("a", "b")]
+    a, b = ((tmp_path / n / "model.safetensors").read_bytes() for n in ("a", "b"))
+    assert a == b
+    assert runs[0]["heldout"]["accuracy"] == runs[1]["heldout"]["accuracy"]
+    assert runs[0]["rtn"] == [{**r, "seconds": r0["seconds"]}
+                              for r, r0 in zip(runs[1]["rtn"], runs[0]["rtn"], strict=True)]
+
+
+def test_a_warmup_as_long_as_the_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="warmup=100 must be .* below steps=50"):
+        train.train(train.TrainConfig(steps=50), tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -330,6 +330,8 @@ def build_tokenizer():
 
 def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     """Train, export to `out_dir`, reload it, score the held-out split; returns the summary."""
+    if not 0 <= cfg.warmup < cfg.steps:
+        raise ValueError(f"warmup={cfg.warmup} must be at least 0 and below steps={cfg.steps}")
     t_start = time.time()
     tokenizer = build_tokenizer()
     image_cfg = ImageConfig()
