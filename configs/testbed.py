@@ -1,11 +1,21 @@
 """The shipped testbed (checkpoints/testbed): the README's default job, on CPU.
 
   python main.py --config=configs/testbed.py --workdir=runs/testbed
-  python main.py --config=configs/testbed.py --workdir=runs/testbed --config.alloc.budget_bits=2 \
-      --config.alloc.bits='(1,2,3)'
 
-Runs MODE and every baseline on the same statistics (the sweep) at 3 average bits; a second
-command at 2 bits adds its rows to the same report.
+runs MODE and every baseline on the same statistics (the sweep) at 3 average bits. Further
+commands on the same workdir reuse the statistics and add their rows to the same report:
+
+  # 2 average bits, candidates 1/2/3
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.alloc.budget_bits=2 --config.alloc.bits='(1,2,3)'
+  # MODE's frequency-key ablations (add the two flags above for 2 bits)
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.sweep='("mode/total","mode/text+all-image","mode/text+redundant")'
+  # uniform round-to-nearest instead of GPTQ; GEMQ's router fine-tuning on GPTQ
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.quant.method=rtn --config.sweep='("uniform",)'
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.quant.router_finetune=True --config.sweep='("uniform","mode")'
 """
 
 from configs import common
