@@ -1,6 +1,7 @@
 """The shipped testbed checkpoint (checkpoints/testbed): it loads through the same loader as a
-real Kimi-VL checkpoint, its model card's held-out figures reproduce, and GPTQ beats
-round-to-nearest on every routed expert of a trained model (issue: quantization)."""
+real Kimi-VL checkpoint, its model card's held-out figures reproduce, GPTQ beats
+round-to-nearest on every routed expert of a trained model, and the packed checkpoint restores
+to the logits of the fake-quantized model (issue: quantization)."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from mode_jax.calib import data, sources
 from mode_jax.eval import harness
-from mode_jax.quant import apply
+from mode_jax.quant import apply, serialize
 from mode_jax.testbed import card
 from mode_jax.testbed import tokenizer as tok_lib
 
@@ -36,13 +37,18 @@ def test_card_accuracies_reproduce(summary):
         assert got["accuracy"]["family"][family] > 0.5, family  # it learned something
 
 
+def _batches(model, n, seed):
+    """Whole testbed conversations (vision and text), as the GPTQ stage reads them."""
+    samples = sources.testbed_samples(n, seed=seed, purpose="gptq")
+    tokenizer = tok_lib.load_tokenizer(CHECKPOINT)
+    return list(data.batches(samples, tokenizer, 16, pad_token_id=model.config.pad_token_id,
+                             max_length=256))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gptq_beats_rtn_on_every_routed_expert(bits):
     model, _ = card.heldout(CHECKPOINT, 1)
-    samples = sources.testbed_samples(48, seed=0, purpose="gptq")
-    tokenizer = tok_lib.load_tokenizer(CHECKPOINT)
-    batches = list(data.batches(samples, tokenizer, 16, pad_token_id=model.config.pad_token_id,
-                                max_length=256))
+    batches = _batches(model, 48, seed=0)
     text = model.config.text
     bit_map = np.full((len(text.moe_layers), text.n_routed_experts), bits)
     config = apply.QuantConfig(attention_bits=16, shared_expert_bits=16, dense_mlp_bits=16)
@@ -51,3 +57,21 @@ def test_gptq_beats_rtn_on_every_routed_expert(bits):
     skipped = expert_checks.assert_gptq_beats_rtn_per_expert(
         model, fake, batches, report, bits, config.group_size)
     assert len(skipped) <= 2, skipped  # nearly every expert is exercised
+
+
+def test_restored_packed_testbed_gives_the_fake_quantized_logits(tmp_path):
+    """A mixed 2/3/4 map (attention, shared and dense MLP at 4 bits, as configured by default):
+    the restored packed model and the float model of the same codes agree on fresh prompts."""
+    model, _ = card.heldout(CHECKPOINT, 1)
+    text = model.config.text
+    bit_map = np.resize([2, 3, 4], (len(text.moe_layers), text.n_routed_experts))
+    qmodel, report = apply.quantize_model(model, _batches(model, 32, seed=0), bit_map,
+                                          apply.QuantConfig())
+    serialize.save(str(tmp_path / "packed"), qmodel, {"report": report})
+    restored, meta = serialize.restore(str(tmp_path / "packed"))
+    assert meta["bit_map"] == bit_map.tolist()
+    fake = apply.fake_quantized(qmodel)
+    for batch in _batches(model, 16, seed=1):
+        got, want = restored(batch).logits, fake(batch).logits
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+        assert not np.allclose(np.asarray(want), np.asarray(model(batch).logits), atol=1e-3)
