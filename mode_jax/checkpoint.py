@@ -83,7 +83,7 @@ def load(path: str) -> tuple[dict, dict]:
     with open(os.path.join(path, META)) as f:
         doc = json.load(f)
     flat: dict[str, Any] = {}
-    arrays_dir = os.path.join(path, "arrays")
+    arrays_dir = os.path.join(os.path.abspath(path), "arrays")  # orbax wants absolute paths
     if os.path.isdir(arrays_dir):
         restored = ocp.StandardCheckpointer().restore(arrays_dir)
         flat.update({k: np.asarray(v) for k, v in _flatten(restored).items()})

@@ -40,3 +40,12 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert [n for n in os.listdir(tmp_path / "stage") if n.startswith(".tmp-")] == []
     with pytest.raises(FileNotFoundError, match="no complete artifact"):
         checkpoint.load(path)
+
+
+def test_relative_paths_round_trip(tmp_path, monkeypatch):
+    """`--workdir=runs/x` gives relative artifact paths; Orbax itself wants absolute ones."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save(os.path.join("runs", "stage", "abc"), {"x": np.arange(3.0)}, {"k": 1})
+    got, meta = checkpoint.load(os.path.join("runs", "stage", "abc"))
+    np.testing.assert_array_equal(got["x"], [0.0, 1.0, 2.0])
+    assert meta == {"k": 1}
