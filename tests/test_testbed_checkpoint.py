@@ -10,6 +10,7 @@ import expert_checks
 import numpy as np
 import pytest
 
+import mode_jax
 from mode_jax.calib import data, sources
 from mode_jax.eval import harness
 from mode_jax.quant import apply, serialize
@@ -18,6 +19,11 @@ from mode_jax.testbed import tokenizer as tok_lib
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "testbed"
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mode_jax.load(CHECKPOINT)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,7 @@ def _batches(model, n, seed):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_beats_rtn_on_every_routed_expert(bits):
-    model, _ = card.heldout(CHECKPOINT, 1)
+def test_gptq_beats_rtn_on_every_routed_expert(model, bits):
     batches = _batches(model, 48, seed=0)
     text = model.config.text
     bit_map = np.full((len(text.moe_layers), text.n_routed_experts), bits)
@@ -59,10 +64,9 @@ def test_gptq_beats_rtn_on_every_routed_expert(bits):
     assert len(skipped) <= 2, skipped  # nearly every expert is exercised
 
 
-def test_restored_packed_testbed_gives_the_fake_quantized_logits(tmp_path):
+def test_restored_packed_testbed_gives_the_fake_quantized_logits(model, tmp_path):
     """A mixed 2/3/4 map (attention, shared and dense MLP at 4 bits, as configured by default):
     the restored packed model and the float model of the same codes agree on fresh prompts."""
-    model, _ = card.heldout(CHECKPOINT, 1)
     text = model.config.text
     bit_map = np.resize([2, 3, 4], (len(text.moe_layers), text.n_routed_experts))
     qmodel, report = apply.quantize_model(model, _batches(model, 32, seed=0), bit_map,

@@ -64,12 +64,24 @@ def without(model, part: str):
     if part not in ("routed", "shared"):
         raise ValueError(f"part must be 'routed' or 'shared', got {part!r}")
     new = fake.editable_copy(model)
-    for layer in new.language_model.layers:
-        if layer.is_moe:
-            down = (layer.mlp.experts.down if part == "routed"
-                    else layer.mlp.shared_experts.down_proj.kernel)
-            down.set_value(jnp.zeros_like(down.get_value()))
+    for down in down_projections(new, (part,)):
+        down.set_value(jnp.zeros_like(down.get_value()))
     return new
+
+
+def down_projections(model, parts=("dense", "shared", "routed")) -> list:
+    """The down-projection Params of the language model's MLPs of the kinds in `parts`: what
+    writes an MLP's output to the residual stream (zeroed to switch one off)."""
+    out = []
+    for layer in model.language_model.layers:
+        if not layer.is_moe:
+            out += [layer.mlp.down_proj.kernel] if "dense" in parts else []
+            continue
+        if "routed" in parts:
+            out.append(layer.mlp.experts.down)
+        if "shared" in parts and layer.mlp.shared_experts is not None:
+            out.append(layer.mlp.shared_experts.down_proj.kernel)
+    return out
 
 
 def ablations(model, data, full: dict) -> list[dict]:

@@ -164,15 +164,8 @@ def use_capacity_dispatch(model: KimiVL, capacity_factor: float) -> None:
 
 def zero_mlp_down(model: KimiVL) -> None:
     """Zero the down projection of every language-model MLP: dense, shared and routed experts."""
-    for layer in model.language_model.layers:
-        if layer.is_moe:
-            downs = [layer.mlp.experts.down]
-            if layer.mlp.shared_experts is not None:
-                downs.append(layer.mlp.shared_experts.down_proj.kernel)
-        else:
-            downs = [layer.mlp.down_proj.kernel]
-        for down in downs:
-            down.set_value(jnp.zeros_like(down.get_value()))
+    for down in card.down_projections(model):
+        down.set_value(jnp.zeros_like(down.get_value()))
 
 
 # ---------------------------------------------------------------- data
