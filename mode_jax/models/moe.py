@@ -5,8 +5,9 @@ Routing (`route`) turns router logits `[T, E]` into expert ids `[T, k]` int32 an
 up columns `[F:]`) and `down [E, F, D]`, and computed two ways that agree:
 
 - `experts_dense`: every expert on every token, then a weighted sum (simple; vmaps; O(E) work);
-- `experts_sorted`: tokens sorted by expert and fed to a grouped matmul (`jax.lax.ragged_dot`),
-  O(k) work. `jax.vmap` over `ragged_dot` is not implemented on CPU: flatten batch and tokens.
+- `experts_sorted`: tokens sorted by expert and fed to a grouped matmul (`jax.lax.ragged_dot`
+  on GPU/TPU, blocks on CPU: `grouped_matmul`), O(k) work. `jax.vmap` over `ragged_dot` is not
+  implemented on CPU: flatten batch and tokens.
 
 The sorted path is split into `dispatch` -> a `GroupedFFN` -> `combine`, so a quantized expert
 implementation only has to supply its own grouped FFN `(x_sorted [N, D], group_sizes [E]) ->
@@ -21,6 +22,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mode_jax.models import grouped_matmul
 
 GroupedFFN = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -170,10 +173,14 @@ def combine(y_sorted: jax.Array, d: Dispatch, weights: jax.Array) -> jax.Array:
 
 
 def swiglu_grouped(gate_up: jax.Array, down: jax.Array) -> GroupedFFN:
-    """The grouped FFN of full-precision stacked experts, via `jax.lax.ragged_dot`."""
+    """The grouped FFN of full-precision stacked experts: `jax.lax.ragged_dot`, or on CPU both
+    matmuls block by block in one padded layout (`grouped_matmul.blocked_apply`)."""
     f = down.shape[1]
 
     def ffn(x_sorted, group_sizes):
+        if grouped_matmul.use_blocks():
+            return grouped_matmul.blocked_apply(x_sorted, group_sizes, swiglu, (gate_up, down),
+                                                down.shape[-1])
         h = jax.lax.ragged_dot(x_sorted, gate_up, group_sizes)
         a = jax.nn.silu(h[..., :f]) * h[..., f:]
         return jax.lax.ragged_dot(a, down, group_sizes)
