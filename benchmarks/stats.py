@@ -1,12 +1,13 @@
-"""MODE statistics passes on a small model: speed against PyTorch / per-expert loops, and how
-well the cheap sensitivity estimators rank experts like the exact logit KL.
+"""MODE statistics passes: speed against PyTorch / per-expert loops, and how well the cheap
+sensitivity estimators rank experts like the exact logit KL.
 
-The model is a random transformers `DeepseekV3ForCausalLM` (no trained testbed ships yet),
-initialised at a scale where routing and quantization matter (kernels ~ N(0, 1/fan_in), random
-correction biases), converted with `deepseek_v3_keys.from_torch` so both frameworks hold the
-same weights. Prompts look like MODE's: bos, a role token, a run of image-placeholder tokens
-whose embeddings are smooth low-rank "patch features", a marker, then text; some rows are
-right-padded. Both frameworks get the same `inputs_embeds`.
+The model is the shipped testbed (`--checkpoint checkpoints/testbed`, the default): its
+DeepSeek-V3 language model in both frameworks, the transformers `DeepseekV3ForCausalLM` loaded
+from the same safetensors. Prompts are the statistics stage's own calibration batches (image
+questions of the task suite, human turn only); the vision tower runs once (mode_jax) and both
+frameworks get the same `inputs_embeds`, since transformers has no MoonViT. `--checkpoint
+random` instead builds a random DeepSeek-V3 (`--experts`, `--top_k`, ... set its shape) with
+synthetic image-like prompts, for scaling experiments.
 
 Figures printed:
 1. frequency pass (jitted; per-layer key tokens + all counts) in real tokens/s, against the
@@ -22,26 +23,32 @@ Timings are the best of 3 compiled runs (first-run seconds, compilation included
 brackets). Thread counts come from the environment; on a shared, loaded machine run single-
 threaded (oversubscribed OpenMP threads slow PyTorch's many small ops far more than XLA):
 
+    python -m benchmarks.stats
     OMP_NUM_THREADS=1 XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python -m benchmarks.stats
-    python -m benchmarks.stats --experts 16 --sens_samples 4 --freq_samples 16   # quicker
+    python -m benchmarks.stats --checkpoint random --experts 32 --top_k 4   # random model
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from mode_jax.calib import passes, sensitivity
+import mode_jax
+from mode_jax import preprocess
+from mode_jax.calib import data, passes, sensitivity, sources
 from mode_jax.convert import deepseek_v3_keys
 from mode_jax.models import moe
 from mode_jax.quant import rtn
@@ -49,7 +56,54 @@ from mode_jax.quant import rtn
 IMG, SPECIAL = 4, (1, 2, 3)  # image placeholder; bos, role word, end-of-image marker
 
 
-def build_models(a):
+def testbed_models(a):
+    """(torch LM, mode_jax LM, StatsConfig, batch maker) for the checkpoint at `a.checkpoint`."""
+    path = Path(a.checkpoint)
+    model = mode_jax.load(path)
+    text_cfg = json.loads((path / "config.json").read_text())["text_config"]
+    tm = DeepseekV3ForCausalLM(DeepseekV3Config(**text_cfg)).eval()
+    prefix = "language_model."
+    flat = {}
+    for f in sorted(path.glob("*.safetensors")):
+        flat |= {k[len(prefix):]: v for k, v in load_file(f).items() if k.startswith(prefix)}
+    weights = {k: torch.from_numpy(v) for k, v in flat.items() if ".experts." not in k}
+    for i in c_moe_layers(text_cfg):  # transformers stacks the experts: [E, 2F, D], [E, D, F]
+        e = f"model.layers.{i}.mlp.experts"
+        per = range(text_cfg["n_routed_experts"])
+        weights[f"{e}.gate_up_proj"] = torch.from_numpy(np.stack(
+            [np.concatenate([flat[f"{e}.{j}.gate_proj.weight"], flat[f"{e}.{j}.up_proj.weight"]])
+             for j in per]))
+        weights[f"{e}.down_proj"] = torch.from_numpy(np.stack(
+            [flat[f"{e}.{j}.down_proj.weight"] for j in per]))
+    missing, unexpected = tm.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"torch LM keys: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = preprocess.load_tokenizer(path)
+    cfg = passes.StatsConfig(model.config.media_placeholder_token_id,
+                             tuple(int(i) for i in data.special_token_ids(tokenizer)),
+                             key_ratio=a.key_ratio)
+
+    def make(n, seed):
+        """Calibration batches as the stats stage builds them, with the decoder inputs."""
+        samples = sources.testbed_samples(n, seed, "stats")
+        out = []
+        for batch in data.batches(samples, tokenizer, a.batch,
+                                  pad_token_id=model.config.pad_token_id):
+            dev, grid = passes.device_batch(model, batch)
+            emb = np.asarray(passes.embed_inputs(model, dev, grid), np.float32)
+            out.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                        "inputs_embeds": emb})
+        return out
+
+    return tm, model.language_model, cfg, make
+
+
+def c_moe_layers(text_cfg: dict) -> range:
+    return range(text_cfg["first_k_dense_replace"], text_cfg["num_hidden_layers"])
+
+
+def random_models(a):
+    """(torch LM, mode_jax LM, StatsConfig, batch maker) of a random DeepSeek-V3."""
     cfg = DeepseekV3Config(
         vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
         moe_intermediate_size=a.moe_hidden, num_hidden_layers=a.layers, num_attention_heads=4,
@@ -71,7 +125,10 @@ def build_models(a):
         for layer in tm.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    return tm, deepseek_v3_keys.from_torch(tm)
+    embed = lambda ids: tm.model.embed_tokens(torch.as_tensor(ids)).detach().numpy().copy()
+    stats_cfg = passes.StatsConfig(IMG, SPECIAL, key_ratio=a.key_ratio)
+    return (tm, deepseek_v3_keys.from_torch(tm), stats_cfg,
+            lambda n, seed: make_batches(a, n, embed, seed))
 
 
 def make_batches(a, n, embed, seed):
@@ -241,6 +298,8 @@ def rank_table(est, exact):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="checkpoints/testbed",
+                   help="a Kimi-VL checkpoint directory, or 'random' for a random DeepSeek-V3")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--moe_hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -253,10 +312,12 @@ def main(argv=None):
     p.add_argument("--freq_samples", type=int, default=64)
     p.add_argument("--sens_samples", type=int, default=8)
     p.add_argument("--bits", default="2,3,4")
-    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--group_size", type=int, default=0,
+                   help="rtn group (default: 128 for a checkpoint, 32 for the random model)")
     p.add_argument("--key_ratio", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    a.group_size = a.group_size or (32 if a.checkpoint == "random" else 128)
     bits = np.array([int(b) for b in a.bits.split(",")], np.int32)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "XLA_FLAGS")
                    if k in os.environ)
@@ -266,15 +327,25 @@ def main(argv=None):
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
 
-    tm, model = build_models(a)
-    embed = lambda ids: tm.model.embed_tokens(torch.as_tensor(ids)).detach().numpy().copy()
-    print(f"model: DeepSeek-V3 {a.layers} layers (MoE {list(model.config.moe_layers)}), "
-          f"D={a.hidden}, {a.experts} experts of {a.moe_hidden}, top-{a.top_k}, 2 shared; "
-          f"prompts T={a.seq} with {a.image_tokens} image tokens")
-    cfg = passes.StatsConfig(IMG, SPECIAL, key_ratio=a.key_ratio)
+    tm, model, cfg, make = (random_models if a.checkpoint == "random" else testbed_models)(a)
+    c = model.config
+    a.experts, a.top_k = c.n_routed_experts, c.num_experts_per_tok
+    freq_batches = make(a.freq_samples, a.seed)
+    t_max = max(b["input_ids"].shape[1] for b in freq_batches)
+    print(f"model: {a.checkpoint}: DeepSeek-V3 {c.num_hidden_layers} layers (MoE "
+          f"{list(c.moe_layers)}), D={c.hidden_size}, {c.n_routed_experts} experts of "
+          f"{c.moe_intermediate_size}, top-{c.num_experts_per_tok}, {c.n_shared_experts} shared; "
+          f"prompts padded to T<={t_max}, batch {a.batch}")
+    with torch.inference_mode():  # the two frameworks hold the same model
+        b = freq_batches[0]
+        ref = tm(inputs_embeds=torch.as_tensor(b["inputs_embeds"]),
+                 attention_mask=torch.as_tensor(b["attention_mask"])).logits.numpy()
+    ours = np.asarray(model(inputs_embeds=jnp.asarray(b["inputs_embeds"]),
+                            attention_mask=jnp.asarray(b["attention_mask"])).logits)
+    real = b["attention_mask"].astype(bool)
+    print(f"parity: max |logits jax - torch| on real tokens {np.abs(ours - ref)[real].max():.1e}")
 
     # 1. frequency pass vs the transformers forward
-    freq_batches = make_batches(a, a.freq_samples, embed, a.seed)
     n_tok = sum(int(b["attention_mask"].sum()) for b in freq_batches)
 
     def torch_forward():
@@ -283,7 +354,7 @@ def main(argv=None):
                 tm(inputs_embeds=torch.as_tensor(b["inputs_embeds"]),
                    attention_mask=torch.as_tensor(b["attention_mask"]))
 
-    dense = deepseek_v3_keys.from_torch(tm, experts_impl="dense")
+    dense = deepseek_v3_keys.from_torch(tm, experts_impl="dense")  # same weights
     stats, t_sorted, t_sorted0 = timed(lambda: passes.frequency_pass(model, freq_batches, cfg))
     _, t_dense, t_dense0 = timed(lambda: passes.frequency_pass(dense, freq_batches, cfg))
     _, t_torch, t_torch0 = timed(torch_forward)
@@ -296,7 +367,7 @@ def main(argv=None):
     assert int(stats["count_all"].sum()) == n_tok * a.top_k * len(model.config.moe_layers)
 
     # 2. vmapped expert_mse vs a per-expert loop
-    sens_batches = make_batches(a, a.sens_samples, embed, a.seed + 1)
+    sens_batches = make(a.sens_samples, a.seed + 1)
     layers = model.config.moe_layers
     weights = [(model.layers[i].mlp.experts.gate_up[...], model.layers[i].mlp.experts.down[...])
                for i in layers]
