@@ -233,3 +233,19 @@ def test_pad_left_and_bad_arguments(model, data):
         harness.evaluate(model, data, reference={"n": 8})
     with pytest.raises(ValueError, match="no samples"):
         harness.encode([], None)
+
+
+def test_multiple_choice_scores_letters_or_options_by_the_answer_form(tokenizer):
+    """Lettered questions compare the letters' log-likelihoods, option-answered ones the
+    options' (cloze style); a multi-token option is an error naming it."""
+    for form in ("letter", "option"):
+        cfg = dataclasses.replace(TASKS, tasks=("fact_choice",), choice_answer=form)
+        s = tasks.generate("heldout", 1, 0, cfg)[0]
+        (ex,) = harness.encode([s], tokenizer).examples
+        words = tasks.LETTERS[:4] if form == "letter" else s.options
+        expected = [tokenizer.convert_tokens_to_ids(w) for w in words]
+        assert list(ex.option_ids) == expected and len(set(expected)) == 4
+        assert ex.option_ids[s.answer_index] == ex.answer_ids[0]  # the answer's first token
+    bad = dataclasses.replace(s, options=("north morvale", *s.options[1:]))
+    with pytest.raises(ValueError, match="option 'north morvale' encodes to 2 tokens"):
+        harness.encode([bad], tokenizer)

@@ -92,7 +92,8 @@ def test_perfect_model_multiple_choice_is_100_percent(tok, samples):
     rows, masks, owner = [], [], []
     for i, s in enumerate(mc):
         for k in range(len(s.options)):
-            ids, mask = tk.encode_example(tok, s.prompt, tasks.LETTERS[k], include_end=False)
+            option = tasks.LETTERS[k] if s.answer in tasks.LETTERS else s.options[k]
+            ids, mask = tk.encode_example(tok, s.prompt, option, include_end=False)
             rows.append(ids)
             masks.append(mask)
             owner.append(i)

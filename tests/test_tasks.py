@@ -52,6 +52,19 @@ def read_scene(image: np.ndarray) -> list[dict]:
     return objects
 
 
+def _split_choices(s: tasks.Sample) -> tuple[str, str]:
+    """(the question without its options, the right option) of a multiple-choice sample, in
+    either answer form; checks the listed options and the answer."""
+    assert len(set(s.options)) == len(s.options) == 4
+    right = s.options[s.answer_index]
+    lettered = " ".join(f"{tasks.LETTERS[i]}. {o}" for i, o in enumerate(s.options))
+    if s.answer == tasks.LETTERS[s.answer_index]:
+        assert s.question.endswith(" " + lettered)
+        return s.question[:-len(lettered) - 1], right
+    assert s.answer == right and s.question.endswith(" " + " or ".join(s.options))
+    return s.question[:-len(" or ".join(s.options)) - 1], right
+
+
 def _one(objects, **match):
     found = [o for o in objects if all(o[k] == v for k, v in match.items())]
     assert len(found) == 1, (match, objects)
@@ -60,13 +73,7 @@ def _one(objects, **match):
 
 def _check_vision(s: tasks.Sample) -> None:
     objs = read_scene(s.image)
-    q = s.question
-    if s.task == "choice":
-        assert s.answer == tasks.LETTERS[s.answer_index]
-        assert len(set(s.options)) == len(s.options) == 4
-        q, expected = q.split(" A. ")[0], s.options[s.answer_index]
-    else:
-        expected = s.answer
+    q, expected = _split_choices(s) if s.task == "choice" else (s.question, s.answer)
     if m := re.fullmatch(r"what color is the (\w+) \?", q):
         assert _one(objs, shape=m[1])["color"] == expected
     elif m := re.fullmatch(r"what shape is the (\w+) object \?", q):
@@ -103,12 +110,9 @@ def test_most_of_the_image_is_background(train):
 
 
 def _check_text(s: tasks.Sample, facts: dict) -> None:
-    q = s.question
-    filler, core = re.fullmatch(r"(.*?) ?((?:what|where) .*)", q.split(" A. ")[0]).groups()
+    q, expected = _split_choices(s) if s.task == "fact_choice" else (s.question, s.answer)
+    filler, core = re.fullmatch(r"(.*?) ?((?:what|where) .*)", q).groups()
     assert filler in tasks.FILLERS
-    expected = s.options[s.answer_index] if s.task == "fact_choice" else s.answer
-    if s.task == "fact_choice":
-        assert s.answer == tasks.LETTERS[s.answer_index] and len(set(s.options)) == 4
     if m := re.fullmatch(r"what is (\d+) (plus|minus) (\d+) \?", core):
         a, b = int(m[1]), int(m[3])
         assert int(expected) == (a + b if m[2] == "plus" else a - b) >= 0
@@ -125,6 +129,18 @@ def _check_text(s: tasks.Sample, facts: dict) -> None:
         assert expected == facts[m[1]]["home"]
     else:
         raise AssertionError(f"unexpected text question {q!r}")
+
+
+def test_lettered_multiple_choice_answers_are_right():
+    """The MMBench form (answer = the option's letter) of both multiple-choice tasks."""
+    cfg = tasks.TaskConfig(tasks=("choice", "fact_choice"), choice_answer="letter")
+    facts = tasks.world(cfg.world_seed)
+    samples = tasks.generate("train", 40, seed=1, config=cfg)
+    assert {s.answer for s in samples} <= set(tasks.LETTERS[:4])
+    for s in samples:
+        _check_vision(s) if s.family == "vision" else _check_text(s, facts)
+    with pytest.raises(ValueError, match="choice_answer"):
+        tasks.generate("train", 2, seed=1, config=tasks.TaskConfig(choice_answer="index"))
 
 
 def test_text_answers_are_right(train, heldout):
@@ -202,7 +218,9 @@ def test_balance_answers_and_vocabulary(train, heldout):
     answers = {t: {s.answer for s in train if s.task == t} for t in tasks.ALL_TASKS}
     assert answers["position"] == set(tasks.RELATIONS)
     assert answers["count"] == {str(i) for i in range(CONFIG.max_objects + 1)}
-    assert answers["choice"] == {"A", "B", "C", "D"}
+    assert answers["choice"] == set(tasks.COLORS) | set(tasks.SHAPES)
+    indices = {t: {s.answer_index for s in train if s.task == t} for t in ("choice", "fact_choice")}
+    assert indices == {"choice": {0, 1, 2, 3}, "fact_choice": {0, 1, 2, 3}}  # right option moves
 
 
 def test_small_scene_config():

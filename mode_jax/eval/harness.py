@@ -11,8 +11,9 @@ Per sample the harness runs
   answer (`metrics.exact_match`);
 - one teacher-forced pass over prompt + answer + `<|im_end|>` -> negative log-likelihood of the
   answer tokens (perplexity), KL(reference || model) of the next-token distributions at the
-  answer positions, and for multiple-choice samples the option letter with the highest
-  log-likelihood after the prompt (multiple-choice accuracy);
+  answer positions, and for multiple-choice samples the option with the highest
+  log-likelihood after the prompt (multiple-choice accuracy): the option letters when the
+  answer is a letter (MMBench style), else the options themselves (cloze style);
 - optionally (`routing=True`) per-MoE-layer expert counts of image and text tokens.
 Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {...}}`.
 
@@ -44,7 +45,8 @@ GROUPINGS = ("family", "task", "modality")
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), the
-    image's patches `[h * w, 3, p, p]` and grid (or None), option-letter token ids (MC)."""
+    image's patches `[h * w, 3, p, p]` and grid (or None), the token id of each option's letter
+    or, when the answer is the option itself, of the option (MC)."""
 
     sample: tasks.Sample
     prompt_ids: np.ndarray
@@ -68,8 +70,20 @@ def _single_token(tokenizer, text: str, what: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"{what} {text!r} encodes to {len(ids)} tokens {ids}; multiple-choice "
-                         "scoring needs one token per option letter")
+                         "scoring needs one token per option letter (or per option, when "
+                         "questions are answered by the option itself)")
     return int(ids[0])
+
+
+def option_token_ids(tokenizer, sample: tasks.Sample) -> tuple[int, ...]:
+    """What multiple-choice scoring compares: the letters, or the options when the answer is
+    an option's text."""
+    if not sample.options:
+        return ()
+    if sample.answer == tasks.LETTERS[sample.answer_index]:
+        return tuple(_single_token(tokenizer, tasks.LETTERS[i], "option letter")
+                     for i in range(len(sample.options)))
+    return tuple(_single_token(tokenizer, o, "option") for o in sample.options)
 
 
 def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None
@@ -88,9 +102,8 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
             grid = (int(grid[0]), int(grid[1]))
         ids, answer = tok_lib.encode_example(tokenizer, s.prompt, s.answer,
                                              None if grid is None else [grid])
-        options = tuple(_single_token(tokenizer, tasks.LETTERS[i], "option letter")
-                        for i in range(len(s.options)))
-        examples.append(Example(s, ids[~answer], ids[answer], pixels, grid, options))
+        examples.append(Example(s, ids[~answer], ids[answer], pixels, grid,
+                                option_token_ids(tokenizer, s)))
     return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
 
 

@@ -35,6 +35,7 @@ def task_config(checkpoint: Path) -> tasks.TaskConfig:
     if not summary.is_file():
         return tasks.TaskConfig()
     trained = json.loads(summary.read_text()).get("task_config", {})
+    trained.setdefault("choice_answer", "letter")  # checkpoints from before the option form
     return tasks.TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in trained.items() if k != "tasks"})
 
@@ -165,6 +166,8 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         "  image token) on a faint textured background: all but a few of the 144 image tokens",
         "  of a prompt are redundant.",
         f"- text ({', '.join(tasks.TEXT_TASKS)}).",
+        f"- Multiple choice (choice, fact_choice) lists four options, answered by the "
+        f"{scene.choice_answer}.",
         "",
         "## Training",
         f"    {TRAIN_COMMAND}",

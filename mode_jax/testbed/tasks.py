@@ -4,10 +4,17 @@ Two families, five sub-tasks each, short answers (one or two words) over a vocab
 250 words, so that a tiny Kimi-VL-style model learns them on CPU in minutes:
 - vision: rendered scenes of a few coloured shapes on a lightly textured, mostly empty background
   (so most image tokens are redundant, as in real photos): `color`, `shape`, `count`, `position`
-  and `choice` (multiple choice on colour or shape, answered by letter);
+  and `choice` (multiple choice on colour or shape);
 - text: knowledge that has to live in the weights: `fact` (colour, food, home of 64 invented
   people with two-word names), `fact_choice` (its multiple-choice form), `arithmetic`
   (plus/minus below 10), `spelling` (first/last letter of a word), `opposite` (antonyms).
+
+Multiple choice lists four options and, by default (`choice_answer="option"`), is answered by
+naming one: "what color is the circle ? red or blue or green or yellow" -> "blue", scored by the
+log-likelihood of each option (cloze style). `choice_answer="letter"` gives MMBench's lettered
+form ("... A. red B. blue ..." -> "B"), which user benchmarks use; the testbed model never
+learned it (every training run, and a text-only probe of 1200 steps on the bare matching task
+"which option is rice ?", stayed at chance), so the suite does not train it by default.
 
 Splits never overlap. A vision sample's split is decided by a hash of its scene and question
 (rejection-sampled), so no scene+question can fall in both. A text sample is a *core* question
@@ -78,6 +85,7 @@ class TaskConfig:
     # one merged image token), with the 8 cells around it left empty, so one image token holds
     # one whole object; object_size must then fit: 2 * high + 2 <= cell.
     cell: int = 28
+    choice_answer: str = "option"  # multiple choice answered by the option ("option") or letter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +93,8 @@ class Sample:
     """One question. `prompt` is chat-formatted with one `<|media_pad|>` per image (image first).
 
     `family` is "vision" or "text"; `task` the sub-task; multiple-choice samples carry `options`
-    and `answer_index`, and their `answer` is the option's letter. `key` identifies the content
+    and `answer_index`, and their `answer` is the option itself or its letter (`TaskConfig.
+    choice_answer`). `key` identifies the content
     (equal keys = same sample); `image` is [H, W, 3] uint8 or None.
     """
 
@@ -119,6 +128,14 @@ def format_choices(question: str, options: Sequence[str]) -> str:
         raise ValueError(f"need 2 to {len(LETTERS)} options, got {len(options)}")
     listed = " ".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
     return f"{question} {listed}"
+
+
+def multiple_choice(question: str, options: Sequence[str], index: int, answer_by: str
+                    ) -> tuple[str, str]:
+    """(question with its options, answer) in the `TaskConfig.choice_answer` form."""
+    if answer_by == "letter":
+        return format_choices(question, options), LETTERS[index]
+    return f"{question} {' or '.join(options)}", options[index]
 
 
 # ---------------------------------------------------------------- the world of invented facts
@@ -180,7 +197,7 @@ def _text_sample(task: str, rng: np.random.Generator, config: TaskConfig, split:
         options = [answer, *rng.choice(distractors, size=3, replace=False).tolist()]
         options = tuple(str(o) for o in rng.permutation(options))
         index = options.index(answer)
-        question, answer = format_choices(question, options), LETTERS[index]
+        question, answer = multiple_choice(question, options, index, config.choice_answer)
     return Sample(prompt=format_chat(question, with_image=False), question=question,
                   answer=answer, family="text", task=task, options=options, answer_index=index,
                   key=_digest("text", question, answer))
@@ -331,7 +348,7 @@ def _scene_question(task: str, rng, config: TaskConfig):
         distractors = rng.choice([p for p in pool if p != answer], size=3, replace=False)
         options = tuple(str(o) for o in rng.permutation([answer, *distractors.tolist()]))
         index = options.index(answer)
-        return objects, format_choices(q, options), LETTERS[index], options, index
+        return objects, *multiple_choice(q, options, index, config.choice_answer), options, index
     raise ValueError(f"unknown vision task {task!r} (allowed: {VISION_TASKS})")
 
 
@@ -378,6 +395,8 @@ def _check(config: TaskConfig, split: str) -> None:
                          "with distinct shapes; position questions need two objects)")
     if not 0 < config.heldout_percent < 100:
         raise ValueError(f"heldout_percent {config.heldout_percent} must be in 1..99")
+    if config.choice_answer not in ("option", "letter"):
+        raise ValueError(f"choice_answer {config.choice_answer!r} must be 'option' or 'letter'")
     if not 0 < config.heldout_fillers < len(FILLERS):
         raise ValueError(f"heldout_fillers {config.heldout_fillers} must be in "
                          f"1..{len(FILLERS) - 1}")
@@ -419,5 +438,5 @@ def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
     for task in TEXT_TASKS:
         for core, answer, pool in _text_cores(task, facts):
             texts += [core, answer, *pool]
-    texts.append(".")  # after option letters, see format_choices
+    texts += [".", "or"]  # after option letters (format_choices), between options
     return sorted({w for text in texts for w in split_words(text)})
