@@ -67,7 +67,7 @@ def testbed_models(a):
     for f in sorted(path.glob("*.safetensors")):
         flat |= {k[len(prefix):]: v for k, v in load_file(f).items() if k.startswith(prefix)}
     weights = {k: torch.from_numpy(v) for k, v in flat.items() if ".experts." not in k}
-    for i in c_moe_layers(text_cfg):  # transformers stacks the experts: [E, 2F, D], [E, D, F]
+    for i in model.language_model.config.moe_layers:  # transformers stacks experts: [E, 2F, D]
         e = f"model.layers.{i}.mlp.experts"
         per = range(text_cfg["n_routed_experts"])
         weights[f"{e}.gate_up_proj"] = torch.from_numpy(np.stack(
@@ -96,10 +96,6 @@ def testbed_models(a):
         return out
 
     return tm, model.language_model, cfg, make
-
-
-def c_moe_layers(text_cfg: dict) -> range:
-    return range(text_cfg["first_k_dense_replace"], text_cfg["num_hidden_layers"])
 
 
 def random_models(a):

@@ -1,87 +1,267 @@
-"""The CPU blocked grouped matmul against `jax.lax.ragged_dot` and a per-expert numpy loop."""
+"""Grouped mixed-bit matmul kernels against the plain-jnp references, plus lowering checks.
+
+``TestGroupedMatmul`` runs the kernels natively where a GPU/TPU is present;
+``TestGroupedMatmulInterpret`` runs the same cases in Pallas interpret mode on CPU (Triton
+kernel structure), ``TestGroupedMatmulInterpretMosaic`` the TPU structure (slow). Lowering
+tests ``jax.export`` every kernel configuration for TPU (Mosaic) and CUDA (Triton) on CPU.
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mode_jax.models import grouped_matmul as gm
-from mode_jax.models import moe
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import packing
+
+TOLERANCE = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float32): 2e-3}
 
 
-def loop_reference(x, w, sizes):
-    """Row block g of x times w[g]; rows past sum(sizes) are zero (ragged_dot's semantics)."""
-    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    out = np.zeros((x.shape[0], w.shape[-1]))
-    start = 0
-    for g, n in enumerate(sizes):
-        out[start:start + n] = x[start:start + n] @ w[g]
-        start += n
-    return out
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    bits: int
+    k: int
+    n: int  # output columns (F for swiglu)
+    group_sizes: tuple[int, ...]
+    m: int
+    swiglu: bool = False
+    dtype: str = "bfloat16"
+    config: gm.BlockConfig | None = None
 
 
-CASES = {
-    "balanced": [6, 6, 6, 6],
-    "empty groups": [0, 9, 0, 15],
-    "one row": [0, 0, 1, 0],
-    "ragged, many rows in one expert": [3, 130, 1, 7],
-    "rows past the groups": [2, 3, 0, 4],  # sum 9 of 12 rows
+CASES = [
+    Case("w1_aligned", 1, 256, 128, (7, 9, 16), 32),
+    Case("w2_empty_groups", 2, 384, 128, (0, 10, 0, 6), 16),
+    Case("w3_ragged_tail", 3, 256, 256, (5, 11, 3), 24),
+    Case("w4_odd_k_odd_n", 4, 200, 100, (9, 12), 21),
+    Case("w8_one_token_per_expert", 8, 128, 128, (1,) * 8, 8),
+    Case("w3_many_tokens", 3, 128, 256, (40, 50), 96, config=gm.BlockConfig(32, 256)),
+    Case("w2_all_empty", 2, 128, 128, (0, 0), 8),
+    Case("w4_float32", 4, 256, 128, (3, 13), 16, dtype="float32"),
+    Case("w3_swiglu_ragged_odd_f", 3, 256, 100, (4, 0, 13), 20, swiglu=True),
+    Case("w4_swiglu_one_token", 4, 128, 128, (1, 1, 1, 1), 4, swiglu=True),
+]
+
+
+def make_inputs(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g, cols = len(case.group_sizes), case.n * (2 if case.swiglu else 1)
+    if case.bits == 1:
+        codes = rng.choice(np.array([-1, 1]), size=(g, case.k, cols))
+    else:
+        half = 1 << (case.bits - 1)
+        codes = rng.integers(-half, half, size=(g, case.k, cols))
+    scales = rng.uniform(0.5, 1.5, size=(g, -(-case.k // 128), cols)) / np.sqrt(case.k)
+    scales = scales / (1 << max(case.bits - 2, 0))
+    weights = packing.pack(
+        codes, jnp.asarray(scales, jnp.bfloat16), case.bits, parts=2 if case.swiglu else 1
+    )
+    x = jnp.asarray(rng.standard_normal((case.m, case.k)), case.dtype)
+    return x, weights, jnp.asarray(case.group_sizes, jnp.int32)
+
+
+def assert_close(out, ref, dtype):
+    tol = TOLERANCE[jnp.dtype(dtype)]
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    scale = max(float(np.abs(ref).max()), 1.0)
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * scale)
+
+
+def check_kernel_case(case, backend, interpret):
+    x, weights, sizes = make_inputs(case)
+    op, ref_op = (
+        (gm.grouped_swiglu, gm.grouped_swiglu_reference)
+        if case.swiglu
+        else (gm.grouped_matmul, gm.grouped_matmul_reference)
+    )
+    out = op(x, weights, sizes, config=case.config, backend=backend, interpret=interpret)
+    ref = ref_op(x, weights, sizes)
+    assert out.shape == (case.m, case.n) and out.dtype == x.dtype
+    total = sum(case.group_sizes)
+    np.testing.assert_array_equal(np.asarray(out[total:], np.float32), 0.0)
+    assert_close(out, ref, x.dtype)
+
+
+class TestGroupedMatmul:
+    """Kernel vs reference on the native accelerator (skipped without one)."""
+
+    interpret = False
+    backend = "auto"
+
+    @pytest.fixture(autouse=True)
+    def _needs_backend(self):
+        if not self.interpret and jax.default_backend() not in ("gpu", "tpu"):
+            pytest.skip("no GPU/TPU: the native kernels cannot run here")
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+    def test_kernel_matches_reference(self, case):
+        check_kernel_case(case, self.backend, self.interpret)
+
+    def test_dense_weights_kernel_matches_ragged_dot(self):
+        rng = np.random.default_rng(3)
+        sizes = jnp.asarray([6, 0, 9], jnp.int32)
+        x = jnp.asarray(rng.standard_normal((16, 128)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((3, 128, 256)) / 12, jnp.bfloat16)
+        out = gm.grouped_matmul_dense(
+            x, w, sizes, fused=True, backend=self.backend, interpret=self.interpret
+        )
+        y = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+        assert_close(out, jax.nn.silu(y[:, :128]) * y[:, 128:], x.dtype)
+
+
+class TestGroupedMatmulInterpret(TestGroupedMatmul):
+    """The same cases in interpret mode on CPU, Triton kernel structure."""
+
+    interpret = True
+    backend = "triton"
+
+
+@pytest.mark.slow
+class TestGroupedMatmulInterpretMosaic(TestGroupedMatmul):
+    """The same cases in interpret mode, TPU (scalar-prefetch) kernel structure."""
+
+    interpret = True
+    backend = "mosaic_tpu"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[8]], ids=lambda c: c.name)
+def test_mosaic_structure_interpret_fast_subset(case):
+    check_kernel_case(case, "mosaic_tpu", interpret=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_xla_fallback_matches_reference(case):
+    x, weights, sizes = make_inputs(case, seed=1)
+    op, ref_op = (
+        (gm.grouped_swiglu, gm.grouped_swiglu_reference)
+        if case.swiglu
+        else (gm.grouped_matmul, gm.grouped_matmul_reference)
+    )
+    assert_close(op(x, weights, sizes, backend="xla"), ref_op(x, weights, sizes), x.dtype)
+
+
+def test_group_metadata_covers_every_row_once():
+    """Brute force: each row below sum(sizes) is in exactly one visit, of its own expert."""
+    rng = np.random.default_rng(7)
+    g, bm, m_pad = 5, 8, 96
+    for _ in range(30):
+        sizes = rng.integers(0, 3, size=g) * rng.integers(0, 10, size=g)  # sum <= 90
+        offsets, groups, tiles, count = map(
+            np.asarray, gm.group_metadata(jnp.asarray(sizes, jnp.int32), m_pad, bm)
+        )
+        n = int(count[0])
+        assert len(groups) == m_pad // bm + g - 1 >= n
+        assert (np.diff(tiles) >= 0).all()  # output tiles are revisited consecutively
+        if n:  # padding visits repeat the last real one
+            assert (groups[n:] == groups[n - 1]).all() and (tiles[n:] == tiles[n - 1]).all()
+        owner = np.repeat(np.arange(g), sizes)
+        hits = np.zeros(len(owner), int)
+        for grp, tile in zip(groups[:n], tiles[:n], strict=True):
+            assert sizes[grp] > 0
+            rows = np.arange(tile * bm, (tile + 1) * bm)
+            mine = rows[(rows >= offsets[grp]) & (rows < offsets[grp + 1])]
+            assert len(mine) > 0 and (owner[mine] == grp).all()
+            hits[mine] += 1
+        assert (hits == 1).all()
+
+
+def test_autotune_picks_a_working_config_and_skips_failing_ones():
+    case = Case("tune", 4, 128, 128, (3, 5), 8)
+    x, weights, sizes = make_inputs(case)
+    bad = gm.BlockConfig(block_m=8)  # Triton dots need block_m >= 16
+    best, timings = gm.autotune(
+        gm.grouped_matmul,
+        x,
+        weights,
+        sizes,
+        candidates=[bad, gm.BlockConfig(16, 128)],
+        backend="triton",
+        interpret=True,
+        repeats=2,
+    )
+    assert best == gm.BlockConfig(16, 128) and timings[bad] == float("inf")
+    assert 0 < timings[best] < float("inf")
+
+
+def test_backend_resolution_and_input_errors():
+    assert gm.resolve_backend("xla") == "xla"
+    expected = {"gpu": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "xla")
+    assert gm.resolve_backend("auto") == expected
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        gm.resolve_backend("cuda")
+    x, weights, sizes = make_inputs(Case("err", 2, 128, 128, (2, 2), 4))
+    with pytest.raises(ValueError, match="K=64"):
+        gm.grouped_matmul(x[:, :64], weights, sizes)
+    with pytest.raises(ValueError, match="sum <= M=4"):
+        gm.grouped_matmul(x, weights, jnp.asarray([3, 2], jnp.int32))
+    with pytest.raises(ValueError, match="parts=2"):
+        gm.grouped_swiglu(x, weights, sizes)
+    with pytest.raises(ValueError, match="power of two"):
+        gm.BlockConfig(block_m=24)
+
+
+# ---------------------------------------------------------------- lowering (no hardware)
+
+LOWERINGS = {
+    "tpu": ("mosaic_tpu", []),
+    "cuda": ("triton", [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]),
 }
+MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_blocked_matmul_matches_ragged_dot_and_a_loop(name):
-    sizes = np.asarray(CASES[name], np.int32)
-    rows = max(int(sizes.sum()), 1) + (3 if name == "rows past the groups" else 0)
-    rng = np.random.default_rng(len(name))
-    x = jnp.asarray(rng.normal(size=(rows, 37)), jnp.float32)  # K not a multiple of anything
-    w = jnp.asarray(rng.normal(size=(len(sizes), 37, 19)), jnp.float32)  # odd N
-    got = np.asarray(gm.blocked_matmul(x, w, jnp.asarray(sizes)))
-    np.testing.assert_allclose(got, loop_reference(x, w, sizes), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got, np.asarray(jax.lax.ragged_dot(x, w, jnp.asarray(sizes))),
-                               rtol=1e-5, atol=1e-4)
+def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat16):
+    backend, disabled = LOWERINGS[platform]
+    cols = 2 * n if swiglu else n
+    codes = jax.ShapeDtypeStruct((g, k, cols), jnp.int32)
+    scales = jax.ShapeDtypeStruct((g, -(-k // 128), cols), jnp.bfloat16)
+    weights = jax.eval_shape(
+        lambda q, s: packing.pack(q, s, bits, parts=2 if swiglu else 1), codes, scales
+    )
+    op = gm.grouped_swiglu if swiglu else gm.grouped_matmul
+    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend))
+    args = (
+        jax.ShapeDtypeStruct((m, k), dtype),
+        weights,
+        jax.ShapeDtypeStruct((g,), jnp.int32),
+    )
+    exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+    return exported.mlir_module()
 
 
-def test_blocked_matmul_keeps_bf16_and_preferred_type():
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(20, 16)), jnp.bfloat16)
-    w = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.bfloat16)
-    sizes = jnp.asarray([5, 0, 15], jnp.int32)
-    assert gm.blocked_matmul(x, w, sizes).dtype == jnp.bfloat16
-    got = gm.blocked_matmul(x, w, sizes, preferred_element_type=jnp.float32)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), loop_reference(x.astype(jnp.float32),
-                                                               w.astype(jnp.float32), [5, 0, 15]),
-                               rtol=2e-2, atol=2e-2)
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_kernels_lower_for_tpu_and_cuda(platform, bits, swiglu):
+    assert MARKERS[platform] in export_kernel(platform, bits, swiglu, m=64)
 
 
-def test_gradients_through_the_blocks_equal_the_dense_experts():
-    """The Fisher pass differentiates through the sorted experts: same gradients as computing
-    every expert for every token."""
-    rng = np.random.default_rng(1)
-    t, d, f, e, k = 40, 16, 12, 6, 2
-    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
-    ids = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    wts = jnp.asarray(rng.uniform(size=(t, k)), jnp.float32)
-    gu = jnp.asarray(rng.normal(size=(e, d, 2 * f)) / 4, jnp.float32)
-    dn = jnp.asarray(rng.normal(size=(e, f, d)) / 4, jnp.float32)
-
-    def loss(fn, x, gu, dn):
-        return jnp.sum(jnp.sin(fn(x, ids, wts, gu, dn)))
-
-    assert gm.use_blocks()  # the suite runs on CPU: experts_sorted takes the blocked path
-    sorted_grads = jax.grad(lambda *a: loss(moe.experts_sorted, *a), argnums=(0, 1, 2))(x, gu, dn)
-    dense_grads = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1, 2))(x, gu, dn)
-    for a, b in zip(sorted_grads, dense_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+def test_float32_activations_lower(platform, swiglu):
+    assert MARKERS[platform] in export_kernel(platform, 3, swiglu, m=64, dtype=jnp.float32)
 
 
-def test_block_size_and_bound():
-    assert gm.block_size(1, 64) == 8  # decode: one token
-    assert gm.block_size(2720, 16) == 64
-    assert gm.block_size(200, 16) == 16
-    sizes = jnp.asarray([1, 0, 17, 9], jnp.int32)  # every group leaves a partial block
-    lay = gm.layout(sizes, 27, 8)
-    assert int(lay.num_active) == 1 + 3 + 2
-    assert lay.block_expert.shape[0] == gm.num_blocks(27, 4, 8) >= int(lay.num_active)
-    assert len(set(np.asarray(lay.position).tolist())) == 27  # no two rows share a slot
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+def test_default_configs_lower_at_kimi_shapes(platform, regime, swiglu):
+    """64 experts: gate/up [2048, 2 x 1408], down [1408, 2048]; 4 and 512 tokens per expert."""
+    m = 64 * (4 if regime == "decode" else 512)
+    k, n = (2048, 1408) if swiglu else (1408, 2048)
+    assert MARKERS[platform] in export_kernel(platform, 3, swiglu, m=m, g=64, k=k, n=n)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_dense_baseline_kernel_lowers(platform):
+    backend, disabled = LOWERINGS[platform]
+    fn = jax.jit(lambda x, w, s: gm.grouped_matmul_dense(x, w, s, backend=backend))
+    args = (
+        jax.ShapeDtypeStruct((64, 256), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4,), jnp.int32),
+    )
+    exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+    assert MARKERS[platform] in exported.mlir_module()

@@ -100,12 +100,3 @@ def blocked_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array,
 def use_blocks() -> bool:
     """Blocks where `ragged_dot` has no grouped kernel (CPU); `ragged_dot` elsewhere."""
     return jax.default_backend() == "cpu"
-
-
-def grouped_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                   preferred_element_type=None) -> jax.Array:
-    """`ragged_dot` semantics with the fast implementation for the default backend."""
-    if use_blocks():
-        return blocked_matmul(x_sorted, w, group_sizes, preferred_element_type)
-    return jax.lax.ragged_dot(x_sorted, w, group_sizes,
-                              preferred_element_type=preferred_element_type)
