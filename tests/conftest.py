@@ -1,0 +1,21 @@
+"""Suite-wide fixtures.
+
+XLA:CPU maps every compiled executable's code and data into the process (about three memory
+mappings each) and keeps them while jax's caches hold the executable. One pytest process
+compiles tens of thousands of programs, and past Linux's `vm.max_map_count` (65530 by default)
+the next compilation aborts the interpreter ("Fatal Python error: Aborted" inside
+`backend_compile_and_load`). Dropping the caches after each test module releases them.
+"""
+
+import gc
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    jax.clear_caches()
+    gc.collect()
+
