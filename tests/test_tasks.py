@@ -162,6 +162,26 @@ def test_no_single_name_word_tells_a_fact():
             assert len({facts[e][attr] for e in people}) > 1, (word, attr)
 
 
+
+def test_the_knowledge_load_scales_with_names_and_arithmetic_max():
+    """A larger load adds people and sums, every answer still right; the default is ENTITIES."""
+    assert tasks.people() == tasks.ENTITIES and len(set(tasks.people(12))) == 144
+    words = [w for person in tasks.people(12) for w in person.split()]
+    assert len(set(words)) == 24 and not set(words) & set(tasks.vocabulary()) - set(
+        w for person in tasks.ENTITIES for w in person.split())
+    cfg = tasks.TaskConfig(tasks=tasks.TEXT_TASKS, names=12, arithmetic_max=19)
+    facts = tasks.world(cfg.world_seed, cfg.names)
+    cores = tasks.text_cores(cfg)
+    assert len(cores["fact"]) == 3 * 144 and len(cores["arithmetic"]) == 20 * 20 + 20 * 21 // 2
+    samples = tasks.generate("train", 300, seed=2, config=cfg)
+    for s in samples:
+        _check_text(s, facts)
+    assert any(int(s.answer) > 18 for s in samples if s.task == "arithmetic")
+    assert {"38", "kalodor", "vaskkami"} <= set(tasks.vocabulary(cfg))
+    for bad in ({"names": 1}, {"names": tasks.MAX_NAMES + 1}, {"arithmetic_max": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            tasks.generate("train", 1, seed=0, config=tasks.TaskConfig(**bad))
+
 def test_world_is_fixed_by_its_seed():
     assert tasks.world(0) == tasks.world(0)
     assert tasks.world(0) != tasks.world(1)

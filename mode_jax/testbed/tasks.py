@@ -8,6 +8,7 @@ Two families, five sub-tasks each, short answers (one or two words) over a vocab
 - text: knowledge that has to live in the weights: `fact` (colour, food, home of 64 invented
   people with two-word names), `fact_choice` (its multiple-choice form), `arithmetic`
   (plus/minus below 10), `spelling` (first/last letter of a word), `opposite` (antonyms).
+  `TaskConfig.names` and `arithmetic_max` scale the number of people and of sums up.
 
 Multiple choice lists four options and, by default (`choice_answer="option"`), is answered by
 naming one: "what color is the circle ? red or blue or green or yellow" -> "blue", scored by the
@@ -54,7 +55,22 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # nonlinear lookup, the kind of knowledge that lives in MLP/expert weights).
 GIVEN_NAMES = ("zorblat", "quenfir", "mivado", "trelkin", "ospira", "vantu", "glimber", "harvok")
 FAMILY_NAMES = ("bexley", "runoga", "pelistra", "dravin", "sulmet", "yorrik", "fendal", "kalopi")
-ENTITIES = tuple(f"{g} {f}" for g in GIVEN_NAMES for f in FAMILY_NAMES)
+_SYLLABLES = ("ka", "lo", "mi", "ru", "ve", "to", "sa", "ni")
+MAX_NAMES = len(GIVEN_NAMES) + len(_SYLLABLES) ** 2
+
+
+def people(names: int = len(GIVEN_NAMES)) -> tuple[str, ...]:
+    """The `names` x `names` invented people: the first `names` given and family names, the
+    fixed ones above and then invented ones ("kalodor vaskami"), so 8 gives `ENTITIES`."""
+    if not 2 <= names <= MAX_NAMES:
+        raise ValueError(f"names must be in 2..{MAX_NAMES}, got {names}")
+    extra = [a + b for a in _SYLLABLES for b in _SYLLABLES]
+    given = (*GIVEN_NAMES, *(f"{e}dor" for e in extra))[:names]
+    family = (*FAMILY_NAMES, *(f"vask{e}" for e in extra))[:names]
+    return tuple(f"{g} {f}" for g in given for f in family)
+
+
+ENTITIES = people()
 FOODS = ("apples", "bread", "fish", "rice", "cheese", "honey", "soup", "plums")
 DIRECTIONS = ("north", "south", "east", "west")
 TOWNS = ("morvale", "kestrin", "dunhollow", "brisk", "lanmoor", "quill")
@@ -79,6 +95,10 @@ class TaskConfig:
     heldout_percent: int = 10  # share of vision scene+question hashes that are held out
     heldout_fillers: int = 2  # of len(FILLERS) fillers per text core
     world_seed: int = 0
+    # The knowledge load of the text family: names x names invented people (3 facts each) and
+    # plus/minus over operands 0..arithmetic_max.
+    names: int = 8
+    arithmetic_max: int = 9
     object_size: tuple[int, int] = (10, 12)  # object half-size range in pixels
     max_objects: int = 3  # 2..4 objects per scene; count answers are 0..max_objects
     # 0: objects anywhere. > 0: every object sits in its own cell of this many pixels (28 is
@@ -139,11 +159,12 @@ def multiple_choice(question: str, options: Sequence[str], index: int, answer_by
 
 
 # ---------------------------------------------------------------- the world of invented facts
-def world(seed: int = 0) -> dict[str, dict[str, str]]:
-    """Fixed facts per entity: color, food, home ("direction town"), drawn from `seed`."""
+def world(seed: int = 0, names: int = len(GIVEN_NAMES)) -> dict[str, dict[str, str]]:
+    """Fixed facts per person of `people(names)`: color, food, home ("direction town"), drawn
+    from `seed`."""
     rng = np.random.default_rng([seed, 7])
     facts = {}
-    for name in ENTITIES:
+    for name in people(names):
         facts[name] = {
             "color": str(rng.choice(list(COLORS))),
             "food": str(rng.choice(FOODS)),
@@ -156,17 +177,19 @@ _FACT_QUESTIONS = {"color": "what color is {} ?", "food": "what does {} eat ?",
                    "home": "where does {} live ?"}
 
 
-def _text_cores(task: str, facts: dict) -> list[tuple[str, str, tuple[str, ...]]]:
+def _text_cores(task: str, facts: dict, arithmetic_max: int = 9
+                ) -> list[tuple[str, str, tuple[str, ...]]]:
     """(core question, answer, option pool) for every question a text task can ask."""
     if task in ("fact", "fact_choice"):
         attrs = ("color", "food", "home") if task == "fact" else ("color", "food")
         pools = {"color": tuple(COLORS), "food": FOODS, "home": ()}
         return [(_FACT_QUESTIONS[a].format(e), facts[e][a], pools[a])
-                for e in ENTITIES for a in attrs]
+                for e in facts for a in attrs]
     if task == "arithmetic":
-        plus = [(f"what is {a} plus {b} ?", str(a + b), ()) for a in range(10) for b in range(10)]
+        operands = range(arithmetic_max + 1)
+        plus = [(f"what is {a} plus {b} ?", str(a + b), ()) for a in operands for b in operands]
         minus = [(f"what is {a} minus {b} ?", str(a - b), ())
-                 for a in range(10) for b in range(a + 1)]
+                 for a in operands for b in range(a + 1)]
         return plus + minus
     if task == "spelling":
         return [(f"what is the {which} letter of {w} ?", w[0] if which == "first" else w[-1], ())
@@ -186,7 +209,7 @@ def split_fillers(core: str, config: TaskConfig, split: str) -> list[str]:
 
 def _text_sample(task: str, rng: np.random.Generator, config: TaskConfig, split: str,
                  facts: dict) -> Sample:
-    cores = _text_cores(task, facts)
+    cores = _text_cores(task, facts, config.arithmetic_max)
     core, answer, pool = cores[rng.integers(len(cores))]
     fillers = split_fillers(core, config, split)
     filler = fillers[rng.integers(len(fillers))]
@@ -379,6 +402,9 @@ def _check(config: TaskConfig, split: str) -> None:
     bad = [t for t in config.tasks if t not in ALL_TASKS]
     if bad or not config.tasks:
         raise ValueError(f"tasks {bad or '()'} unknown or empty (allowed: {ALL_TASKS})")
+    people(config.names)  # raises for a names count out of range
+    if not 1 <= config.arithmetic_max <= 99:
+        raise ValueError(f"arithmetic_max must be in 1..99, got {config.arithmetic_max}")
     h, w = config.image_size
     if h % 28 or w % 28 or h <= 0 or w <= 0:
         raise ValueError(f"image_size {config.image_size} must be positive multiples of 28")
@@ -410,7 +436,7 @@ def generate(split: str, n: int, seed: int, config: TaskConfig = TaskConfig()) -
     """
     _check(config, split)
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    facts = world(config.world_seed)
+    facts = world(config.world_seed, config.names)
     order = rng.permutation(n)
     samples: list[Sample | None] = [None] * n
     for i in range(n):
@@ -424,19 +450,19 @@ def generate(split: str, n: int, seed: int, config: TaskConfig = TaskConfig()) -
 
 def text_cores(config: TaskConfig = TaskConfig()) -> dict[str, list[str]]:
     """Every core question per text task: the facts the model must hold in its weights."""
-    facts = world(config.world_seed)
-    return {t: [c for c, _, _ in _text_cores(t, facts)] for t in TEXT_TASKS}
+    facts = world(config.world_seed, config.names)
+    return {t: [c for c, _, _ in _text_cores(t, facts, config.arithmetic_max)] for t in TEXT_TASKS}
 
 
 def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
     """Every word `generate` can emit under `config` (sorted): what the tokenizer must cover."""
-    facts = world(config.world_seed)
+    facts = world(config.world_seed, config.names)
     texts = [*FILLERS, *COLORS, *SHAPES, *PLURALS.values(), *RELATIONS, *LETTERS,
              *(str(i) for i in range(config.max_objects + 1)),
              "what color is the ? what shape is the object ? how many are there ?",
              "where is the relative to the ?"]
     for task in TEXT_TASKS:
-        for core, answer, pool in _text_cores(task, facts):
+        for core, answer, pool in _text_cores(task, facts, config.arithmetic_max):
             texts += [core, answer, *pool]
     texts += [".", "or"]  # after option letters (format_choices), between options
     return sorted({w for text in texts for w in split_words(text)})
