@@ -53,6 +53,17 @@ def test_card_states_what_the_checkpoint_cannot_show():
     assert "- Not learned (under 50%, near the 25% of a 4-way guess): color 30%." in limits
     assert ("costs 1.5 points (KL 0.0040), short of the 10-point target; switching every "
             "routed expert off costs 10.0 (KL 0.2500)") in limits
+    assert "twice over" not in limits
+
+
+def test_card_says_when_routed_and_shared_experts_hold_the_skills_twice():
+    removed = [_against(95.0, 80.0, -5.0, -10.0, 0.1, removed="routed"),
+               _against(99.0, 88.0, -1.0, -2.0, 0.04, removed="shared"),
+               _against(50.0, 40.0, -50.0, -50.0, 1.0, removed="routed+shared")]
+    text = card.render(_summary(), tasks.TaskConfig(), _result(0.9, 1.0), [],
+                       np.array([0.1, 0.2]), (1, 2), 2**20, removed)
+    assert ("either kind alone off costs 7.5 or 1.5 points, both off 50.0" in text)
+    assert "| routed+shared | 50.0 (-50.0) | 40.0 (-50.0) | 45.0 (-50.0) | 1.0000 |" in text
 
 
 def test_without_switches_off_one_kind_of_expert_and_leaves_the_model_alone():
@@ -62,13 +73,14 @@ def test_without_switches_off_one_kind_of_expert_and_leaves_the_model_alone():
     before = model.forward(ids, mask).logits
     moe = [layer.mlp for layer in model.language_model.layers if layer.is_moe]
     x = jnp.ones((1, 3, model.config.text.hidden_size))
-    for part in ("routed", "shared"):
+    for part in ("routed", "shared", "routed+shared"):
         off = card.without(model, part)
         off_moe = [layer.mlp for layer in off.language_model.layers if layer.is_moe]
         for full, cut in zip(moe, off_moe, strict=True):
             y_full, _ = full(x)
             y_cut, _ = cut(x)
-            kept = full.shared_experts(x) if part == "routed" else y_full - full.shared_experts(x)
+            kept = {"routed": full.shared_experts(x), "shared": y_full - full.shared_experts(x),
+                    "routed+shared": jnp.zeros_like(y_full)}[part]
             np.testing.assert_allclose(np.asarray(y_cut), np.asarray(kept), atol=1e-5)
         assert not np.allclose(np.asarray(off.forward(ids, mask).logits), np.asarray(before))
     np.testing.assert_array_equal(np.asarray(model.forward(ids, mask).logits), np.asarray(before))

@@ -3,8 +3,8 @@
     python -m mode_jax.testbed.card --checkpoint checkpoints/testbed [--samples 1000]
 
 Scores the checkpoint on the held-out split (full precision; uniform round-to-nearest on every
-routed expert at 2, 3 and 4 bits; all routed or all shared experts switched off; routing
-divergence between text and image tokens) and writes
+routed expert at 1, 2, 3 and 4 bits; the routed, the shared or both kinds of experts switched
+off; routing divergence between text and image tokens) and writes
 `MODEL_CARD.md` next to the weights. The training script calls `write` at the end of a run, so a
 retrained checkpoint always carries its own card.
 """
@@ -50,22 +50,25 @@ def heldout(checkpoint: Path, samples: int):
     return model, harness.encode(data, tokenizer, image_cfg)
 
 
-def rtn_sweep(model, data, full: dict, bits=(2, 3, 4), group_size: int = 128) -> list[dict]:
+def rtn_sweep(model, data, full: dict, bits=(1, 2, 3, 4), group_size: int = 128) -> list[dict]:
     """Per bit-width: accuracy (%) per family and overall, drop vs `full` in points, KL."""
     return [{"bits": b, **_against(full, fake.fake_quantize(model, fake.uniform_bits(model, b),
                                                             group_size), data)}
             for b in bits]
 
 
+PARTS = ("routed", "shared", "routed+shared")
+
+
 def without(model, part: str):
-    """A copy of `model` with every MoE layer's routed ("routed") or shared ("shared") experts
-    switched off (their down projections zeroed); `model` is left as it was. The card uses it
-    to show where the skills live: a testbed whose routed experts can be removed at little cost
-    cannot judge an expert bit allocation."""
-    if part not in ("routed", "shared"):
-        raise ValueError(f"part must be 'routed' or 'shared', got {part!r}")
+    """A copy of `model` with every MoE layer's routed ("routed"), shared ("shared") or both
+    kinds of experts ("routed+shared") switched off (their down projections zeroed); `model` is
+    left as it was. The card uses it to show where the skills live: a testbed whose routed
+    experts can be removed at little cost cannot judge an expert bit allocation."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     new = fake.editable_copy(model)
-    for down in down_projections(new, (part,)):
+    for down in down_projections(new, tuple(part.split("+"))):
         down.set_value(jnp.zeros_like(down.get_value()))
     return new
 
@@ -86,9 +89,8 @@ def down_projections(model, parts=("dense", "shared", "routed")) -> list:
 
 
 def ablations(model, data, full: dict) -> list[dict]:
-    """Accuracy (%), drop in points and KL with the routed or the shared experts removed."""
-    return [{"removed": part, **_against(full, without(model, part), data)}
-            for part in ("routed", "shared")]
+    """Accuracy (%), drop in points and KL with the routed, the shared or both removed."""
+    return [{"removed": part, **_against(full, without(model, part), data)} for part in PARTS]
 
 
 def _against(full: dict, candidate, data) -> dict:
@@ -116,6 +118,7 @@ def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
     testbed must meet to judge allocations: >= 95% per family, >= 10 points lost at 2 bits)."""
     weak = {t: 100 * v for t, v in full["accuracy"]["task"].items() if v < 0.5}
     two = next((r for r in sweep if r["bits"] == 2), None)
+    drops = {r["removed"]: -r["drop"]["all"] for r in removed}
     routed = next((r for r in removed if r["removed"] == "routed"), None)
     lines = []
     low = [f for f, v in full["accuracy"]["family"].items() if v < 0.95]
@@ -131,6 +134,12 @@ def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
             text += (f"; switching every routed expert off costs {-routed['drop']['all']:.1f} "
                      f"(KL {routed['kl']:.4f})")
         lines.append(text + ".")
+    if set(drops) == set(PARTS) and drops["routed+shared"] > 2 * (drops["routed"]
+                                                                   + drops["shared"]):
+        lines.append(f"- The routed and the shared experts hold the skills twice over: either "
+                     f"kind alone off costs {drops['routed']:.1f} or {drops['shared']:.1f} "
+                     f"points, both off {drops['routed+shared']:.1f}, so noise in one kind is "
+                     f"covered by the other.")
     return ["", "## Known limits", "", *lines] if lines else []
 
 
@@ -203,7 +212,8 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
     ]
     lines += [_row(row["bits"], row, [*families, "all"]) for row in sweep]
     if removed:
-        lines += ["", "With all routed (or all shared) experts of every MoE layer off:", ""]
+        lines += ["", "With the routed, the shared or both kinds of experts of every MoE layer "
+                  "off:", ""]
         lines += ["| removed | " + " | ".join(families) + " | all | KL |",
                   "| --- |" + " --- |" * (len(families) + 2)]
         lines += [_row(row["removed"], row, [*families, "all"]) for row in removed]
