@@ -19,8 +19,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import jax.numpy as jnp
-import optax
 from flax import nnx
 
 import mode_jax
@@ -56,10 +54,7 @@ def _step(model, optimizer, rows, gamma: float):
                                  has_aux=True)
     (_, (answer, counts)), grads = grad_fn(model)
     optimizer.update(model, grads)
-    moe = [layer for layer in model.language_model.layers if layer.is_moe]
-    for layer, count in zip(moe, counts, strict=True):
-        bias = layer.mlp.gate.e_score_correction_bias
-        bias[...] = bias[...] + gamma * jnp.sign(count.mean() - count)
+    train.balance_experts(model, counts, gamma)
     return answer
 
 
@@ -75,10 +70,8 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     train.zero_mlp_down(model)
     train.use_capacity_dispatch(model, 2.0)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(100, cfg.steps // 10),
-                                                  cfg.steps, end_value=cfg.lr * 0.02)
-    optimizer = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-        schedule, b2=0.98, weight_decay=0.05)), wrt=train.trainable(True))
+    optimizer = train.make_optimizer(model, cfg.lr, min(100, cfg.steps // 10), cfg.steps,
+                                     clip_norm=1.0, weight_decay=0.05, freeze_vision=True)
     image_cfg, length, start = ImageConfig(), 40, time.time()
     for step in range(1, cfg.steps + 1):
         samples = tasks.generate("train", cfg.batch, cfg.seed * 10_000_000 + step, task_cfg)

@@ -303,11 +303,17 @@ def train_step(model: KimiVL, optimizer: nnx.Optimizer, vision: dict, text: dict
                                  has_aux=True)
     (loss, (lv, lt, counts)), grads = grad_fn(model)
     optimizer.update(model, grads)
+    balance_experts(model, counts, gamma)
+    return loss, lv, lt, counts
+
+
+def balance_experts(model: KimiVL, counts: jax.Array, gamma: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: every MoE layer's correction bias moves by
+    `gamma * sign(mean count - count_e)` (`counts [L_moe, E]`, routed tokens this step)."""
     moe_layers = [layer for layer in model.language_model.layers if layer.is_moe]
     for layer, count in zip(moe_layers, counts, strict=True):
         bias = layer.mlp.gate.e_score_correction_bias
         bias[...] = bias[...] + gamma * jnp.sign(count.mean() - count)
-    return loss, lv, lt, counts
 
 
 @nnx.jit(static_argnames=("grid_hws",))
@@ -317,6 +323,16 @@ def probe(model: KimiVL, rows: dict, grid_hws) -> jax.Array:
 
 
 # ---------------------------------------------------------------- the run
+def make_optimizer(model: KimiVL, lr: float, warmup: int, steps: int, clip_norm: float,
+                   weight_decay: float, freeze_vision: bool) -> nnx.Optimizer:
+    """AdamW on `trainable(freeze_vision)`: linear warm-up, cosine decay to 2% of `lr`, global
+    norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr * 0.02)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
+    return nnx.Optimizer(model, tx, wrt=trainable(freeze_vision))
+
+
 def build_tokenizer():
     return tok_lib.build_tokenizer(tasks.vocabulary(tasks.TaskConfig()))
 
@@ -343,11 +359,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     if cfg.zero_init_down:
         zero_mlp_down(model)
     use_capacity_dispatch(model, cfg.capacity_factor)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
-                                                  end_value=cfg.lr * 0.02)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay))
-    optimizer = nnx.Optimizer(model, tx, wrt=trainable(cfg.freeze_vision))
+    optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.clip_norm,
+                               cfg.weight_decay, cfg.freeze_vision)
     data = Batches(cfg, tokenizer, image_cfg)
     probes = {f: data.family(f, "heldout", cfg.probe_samples, cfg.seed + 7)
               for f in ("vision", "text")}
