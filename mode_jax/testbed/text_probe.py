@@ -63,7 +63,7 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
     task_cfg = tasks.TaskConfig(tasks=tasks.TEXT_TASKS, names=cfg.names,
                                 arithmetic_max=cfg.arithmetic_max)
     tokenizer = tok_lib.build_tokenizer(tasks.vocabulary(task_cfg))
-    config = train.model_config(vocab_size=max(256, train.round_up(len(tokenizer), 64)),
+    config = train.model_config(vocab_size=train.vocab_size_for(tokenizer),
                                 image_token_id=tok_lib.image_token_id(tokenizer))
     config = dataclasses.replace(config, text=dataclasses.replace(
         config.text, moe_intermediate_size=cfg.expert_width, n_shared_experts=cfg.shared_experts))

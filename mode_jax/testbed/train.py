@@ -91,7 +91,15 @@ class TrainConfig:
         return tasks.TaskConfig(tasks=family_tasks, image_size=self.small_image_size)
 
 
-def model_config(vocab_size: int = 256, image_token_id: int = 12) -> KimiVLConfig:
+VOCAB_SIZE = 256  # the default task suite's 223 words, rounded up to a multiple of 64
+
+
+def vocab_size_for(tokenizer) -> int:
+    """The embedding rows for `tokenizer`: at least VOCAB_SIZE, a multiple of 64."""
+    return max(VOCAB_SIZE, round_up(len(tokenizer), 64))
+
+
+def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12) -> KimiVLConfig:
     """The testbed architecture: Kimi-VL's layout at toy width (experts hold ~75% of weights).
 
     The dense first layer is only 32 wide, so the facts have to live in the routed experts:
@@ -344,9 +352,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     t_start = time.time()
     tokenizer = build_tokenizer()
     image_cfg = ImageConfig()
-    config = model_config(image_token_id=tok_lib.image_token_id(tokenizer))
-    if len(tokenizer) > config.text.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > vocab {config.text.vocab_size}")
+    config = model_config(vocab_size=vocab_size_for(tokenizer),
+                          image_token_id=tok_lib.image_token_id(tokenizer))
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     pos = model.vision_tower.pos_emb  # N(0, 1) would drown the patch content at the start
     pos.set_value(pos.get_value() * cfg.pos_emb_init)
