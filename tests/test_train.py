@@ -130,6 +130,16 @@ def test_training_rows_mark_answers_and_images():
         for s in samples)
 
 
+def test_embedding_rows_cover_the_tokenizer_of_a_larger_task_suite():
+    """The default suite fits the shipped 256 rows; operands up to 29 add 40 number words and
+    must grow the embedding (to the next multiple of 64), not overflow it."""
+    default = tok_lib.build_tokenizer(tasks.vocabulary())
+    larger = tok_lib.build_tokenizer(tasks.vocabulary(tasks.TaskConfig(arithmetic_max=29)))
+    assert len(default) <= 256 == train.vocab_size_for(default)
+    assert len(larger) == len(default) + 40
+    assert train.vocab_size_for(larger) == 320 >= len(larger)
+
+
 def test_warmup_positions_share_one_scale_across_image_sizes():
     """Cell i of n gets label (2i + 1) * 12 // 2n: a small image's cells land on the labels of
     the big image's cells at the same relative place."""
