@@ -85,7 +85,7 @@ def testbed_models(a):
 
     def make(n, seed):
         """Calibration batches as the stats stage builds them, with the decoder inputs."""
-        samples = sources.testbed_samples(n, seed, "stats")
+        samples = sources.testbed_samples(n, seed, "stats", str(path))
         out = []
         for batch in data.batches(samples, tokenizer, a.batch,
                                   pad_token_id=model.config.pad_token_id):

@@ -38,7 +38,8 @@ def _eval_set(ctx):
     from mode_jax.testbed import tasks
 
     n = c.eval.num_samples or DEFAULT_HELDOUT
-    return harness.encode(tasks.generate("heldout", n, seed=c.seed), tokenizer)
+    suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
+    return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer)
 
 
 def _harness(ctx, fp_model, q_model):

@@ -309,3 +309,38 @@ def test_bad_config_raises(kwargs, match):
 def test_bad_split_raises():
     with pytest.raises(ValueError, match="split 'test' unknown"):
         tasks.generate("test", 1, seed=0)
+
+
+def _arithmetic_answers(samples):
+    return [int(s.answer) for s in samples if s.task == "arithmetic"]
+
+
+def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path):
+    """A checkpoint trained with operands up to 29 must be evaluated (evaluate stage) and
+    calibrated (GPTQ data) on sums up to 58, not on the default suite's sums up to 18."""
+    import json
+    import types
+
+    from mode_jax import evaluation
+    from mode_jax.calib import sources
+    from mode_jax.testbed import tokenizer as tok_lib
+
+    recorded = {"arithmetic_max": 29, "names": 12, "tasks": ["color"], "image_size": [336, 336]}
+    (tmp_path / "train_summary.json").write_text(json.dumps({"task_config": recorded}))
+    suite = tasks.recorded_config(tmp_path)
+    assert (suite.arithmetic_max, suite.names, suite.image_size) == (29, 12, (336, 336))
+    assert suite.tasks == tasks.TaskConfig().tasks  # the mix of a training run is not the suite
+    assert tasks.recorded_config(tmp_path / "elsewhere") == tasks.TaskConfig()
+
+    def sums(samples):
+        return [int(s.messages[-1]["content"]) for s in samples
+                if " plus " in str(s.messages[-2]["content"])]
+
+    assert max(sums(sources.testbed_samples(300, 0, "gptq", str(tmp_path)))) > 18
+    assert max(sums(sources.testbed_samples(300, 0, "gptq"))) <= 18
+
+    tok_lib.save_tokenizer(tok_lib.build_tokenizer(tasks.vocabulary(suite)), tmp_path)
+    config = types.SimpleNamespace(model=types.SimpleNamespace(path=str(tmp_path)), seed=0,
+                                   eval=types.SimpleNamespace(jsonl="", num_samples=300))
+    held_out = evaluation._eval_set(types.SimpleNamespace(config=config))
+    assert max(_arithmetic_answers([e.sample for e in held_out.examples])) > 18

@@ -59,7 +59,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
         samples = data.sharegpt_samples(data_cfg.calib_json, data_cfg.image_dir, n, seed,
                                         human_only=purpose == "stats")
     else:
-        samples = testbed_samples(n, seed, purpose)
+        samples = testbed_samples(n, seed, purpose, model_path)
     batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length))
@@ -67,15 +67,20 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     return Calibration(batches, int(image_id), special)
 
 
-def testbed_samples(n: int, seed: int, purpose: str) -> list[data.Sample]:
+def testbed_samples(n: int, seed: int, purpose: str, checkpoint: str | None = None
+                    ) -> list[data.Sample]:
+    """Training-split samples of the suite `checkpoint` was trained on (its recorded task
+    settings; the defaults without one): vision prompts for statistics, whole conversations of
+    both families for GPTQ."""
     from mode_jax.testbed import tasks  # the synthetic suite only matters for this source
 
+    suite = tasks.recorded_config(checkpoint) if checkpoint else tasks.TaskConfig()
     if purpose == "stats":
-        cfg = tasks.TaskConfig(tasks=tasks.VISION_TASKS)
+        cfg = dataclasses.replace(suite, tasks=tasks.VISION_TASKS)
         return [data.Sample(tuple(s.messages()), (s.image,)) for s in
                 tasks.generate("train", n, seed, cfg)]
     out = []
-    for s in tasks.generate("train", n, seed):
+    for s in tasks.generate("train", n, seed, suite):
         messages = (*s.messages(), {"role": "assistant", "content": s.answer})
         out.append(data.Sample(messages, (s.image,) if s.image is not None else (), s.family))
     return out

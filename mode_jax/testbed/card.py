@@ -28,25 +28,13 @@ from mode_jax.testbed import tokenizer as tok_lib
 TRAIN_COMMAND = "python -m mode_jax.testbed.train --out checkpoints/testbed"
 
 
-def task_config(checkpoint: Path) -> tasks.TaskConfig:
-    """The task settings the checkpoint was trained with (its train_summary.json), else the
-    suite's defaults."""
-    summary = checkpoint / "train_summary.json"
-    if not summary.is_file():
-        return tasks.TaskConfig()
-    trained = json.loads(summary.read_text()).get("task_config", {})
-    trained.setdefault("choice_answer", "letter")  # checkpoints from before the option form
-    return tasks.TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in trained.items() if k != "tasks"})
-
-
 def heldout(checkpoint: Path, samples: int):
     """(model, encoded held-out split) for a checkpoint in the published layout."""
     model = mode_jax.load(checkpoint)
     tokenizer = tok_lib.load_tokenizer(checkpoint)
     image_cfg = ImageConfig.from_preprocessor_config(
         json.loads((checkpoint / "preprocessor_config.json").read_text()))
-    data = tasks.generate("heldout", samples, seed=0, config=task_config(checkpoint))
+    data = tasks.generate("heldout", samples, seed=0, config=tasks.recorded_config(checkpoint))
     return model, harness.encode(data, tokenizer, image_cfg)
 
 
@@ -243,7 +231,7 @@ def write(checkpoint: str | Path, samples: int = 1000, log=print) -> dict:
     removed = ablations(model, data, full)
     divergence = harness.routing_divergence(full["routing"]["text"], full["routing"]["image"])
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
-    text = render(summary, task_config(checkpoint), full, sweep, divergence,
+    text = render(summary, tasks.recorded_config(checkpoint), full, sweep, divergence,
                   model.config.text.moe_layers, size, removed)
     (checkpoint / "MODEL_CARD.md").write_text(text)
     log(text)

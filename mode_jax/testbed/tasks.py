@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -446,6 +448,20 @@ def generate(split: str, n: int, seed: int, config: TaskConfig = TaskConfig()) -
         else:
             samples[order[i]] = _text_sample(task, rng, config, split, facts)
     return samples
+
+
+def recorded_config(checkpoint: str | Path) -> TaskConfig:
+    """The task settings a testbed checkpoint was trained with (the "task_config" of its
+    train_summary.json; the task mix itself is left at the default), else the defaults. Held-out
+    and calibration sets of a checkpoint are drawn from these, so a checkpoint trained on a
+    changed suite is scored on the suite it learned."""
+    summary = Path(checkpoint) / "train_summary.json"
+    if not summary.is_file():
+        return TaskConfig()
+    trained = json.loads(summary.read_text()).get("task_config", {})
+    trained.setdefault("choice_answer", "letter")  # checkpoints from before the option form
+    return TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in trained.items() if k != "tasks"})
 
 
 def text_cores(config: TaskConfig = TaskConfig()) -> dict[str, list[str]]:
