@@ -36,8 +36,7 @@ def model(tokenizer):
                       num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                       moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                      n_shared_experts=1,
-                      first_k_dense_replace=1, routed_scaling_factor=2.0)
+                      n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.0)
     vision = VisionConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                           pos_emb_height=4, pos_emb_width=4)
     config = KimiVLConfig(text=text, vision=vision,

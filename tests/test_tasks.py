@@ -311,10 +311,6 @@ def test_bad_split_raises():
         tasks.generate("test", 1, seed=0)
 
 
-def _arithmetic_answers(samples):
-    return [int(s.answer) for s in samples if s.task == "arithmetic"]
-
-
 def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path):
     """A checkpoint trained with operands up to 29 must be evaluated (evaluate stage) and
     calibrated (GPTQ data) on sums up to 58, not on the default suite's sums up to 18."""
@@ -343,4 +339,5 @@ def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path
     config = types.SimpleNamespace(model=types.SimpleNamespace(path=str(tmp_path)), seed=0,
                                    eval=types.SimpleNamespace(jsonl="", num_samples=300))
     held_out = evaluation._eval_set(types.SimpleNamespace(config=config))
-    assert max(_arithmetic_answers([e.sample for e in held_out.examples])) > 18
+    assert max(int(e.sample.answer) for e in held_out.examples
+               if e.sample.task == "arithmetic") > 18

@@ -91,7 +91,7 @@ class TrainConfig:
         return tasks.TaskConfig(tasks=family_tasks, image_size=self.small_image_size)
 
 
-VOCAB_SIZE = 256  # the default task suite's 223 words, rounded up to a multiple of 64
+VOCAB_SIZE = 256  # the default task suite's 240 tokens, rounded up to a multiple of 64
 
 
 def vocab_size_for(tokenizer) -> int:
