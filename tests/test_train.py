@@ -1,6 +1,8 @@
 """Training-only pieces of the testbed: the capacity dispatch against the model's dense experts,
 the vision warm-up labels against the scene geometry, the training batches' masks."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from flax import nnx
 from mode_jax.models import moe
 from mode_jax.models.deepseek_v3 import MLP
 from mode_jax.preprocess import ImageConfig
-from mode_jax.testbed import tasks, train, vision_warmup
+from mode_jax.testbed import card, tasks, train, vision_warmup
 from mode_jax.testbed import tokenizer as tok_lib
 
 
@@ -176,6 +178,17 @@ def test_the_training_script_reproduces_its_checkpoint_bit_for_bit(tmp_path):
     assert runs[0]["heldout"]["accuracy"] == runs[1]["heldout"]["accuracy"]
     assert runs[0]["rtn"] == [{**r, "seconds": r0["seconds"]}
                               for r, r0 in zip(runs[1]["rtn"], runs[0]["rtn"], strict=True)]
+    # Rerunning the card alone refreshes the figures in train_summary.json too.
+    path = tmp_path / "a" / "train_summary.json"
+    stale = json.loads(path.read_text())
+    assert [r["bits"] for r in stale["rtn"]] == [1, 2, 3, 4]
+    path.write_text(json.dumps({**stale, "rtn": stale["rtn"][1:], "removed": []}))
+    card.write(tmp_path / "a", cfg.eval_samples, log=lambda _: None)
+    fresh = json.loads(path.read_text())
+    assert [r["bits"] for r in fresh["rtn"]] == [1, 2, 3, 4]
+    assert [r["removed"] for r in fresh["removed"]] == list(card.PARTS)
+    assert fresh["heldout"]["accuracy"] == stale["heldout"]["accuracy"]
+    assert fresh["history"] == stale["history"]  # the training record is kept
 
 
 def test_a_warmup_as_long_as_the_run_is_a_clear_error(tmp_path):

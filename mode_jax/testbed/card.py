@@ -221,7 +221,8 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
 
 
 def write(checkpoint: str | Path, samples: int = 1000, log=print) -> dict:
-    """Evaluate `checkpoint` and write its MODEL_CARD.md; returns the figures as a dict."""
+    """Evaluate `checkpoint`, write its MODEL_CARD.md and the same figures into its
+    train_summary.json (so the two never disagree after a rerun); returns the figures."""
     checkpoint = Path(checkpoint)
     summary = json.loads((checkpoint / "train_summary.json").read_text())
     model, data = heldout(checkpoint, samples)
@@ -235,8 +236,11 @@ def write(checkpoint: str | Path, samples: int = 1000, log=print) -> dict:
                   model.config.text.moe_layers, size, removed)
     (checkpoint / "MODEL_CARD.md").write_text(text)
     log(text)
-    return {"heldout": harness.summary(full), "rtn": sweep, "removed": removed,
-            "divergence": divergence.tolist()}
+    figures = {"heldout": harness.summary(full), "rtn": sweep, "removed": removed,
+               "divergence": divergence.tolist()}
+    summary |= figures
+    (checkpoint / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return figures
 
 
 def main() -> None:

@@ -404,9 +404,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                "task_config": dataclasses.asdict(cfg.task_config()), "parameters": _count(model),
                "train_seconds": train_seconds, "vision_warmup": warm, "history": history}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    summary |= card.write(out_dir, cfg.eval_samples, log)  # reloads the export, as users do
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    # The card reloads the export, as users do, and adds its figures to train_summary.json.
+    return summary | card.write(out_dir, cfg.eval_samples, log)
 
 
 def _count(model) -> int:
