@@ -89,6 +89,15 @@ def _check_vision(s: tasks.Sample) -> None:
         side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else (
             "above" if dy < 0 else "below")
         assert side == expected
+    elif m := re.fullmatch(r"what shape is (to the left of|to the right of|above|below) the "
+                           r"other \?", q):
+        assert len(objs) == 2  # a position scene holds just two objects, of distinct shapes
+        a, b = objs if objs[0]["shape"] == expected else objs[::-1]
+        assert a["shape"] == expected != b["shape"]
+        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+        side = ("to the left of" if dx < 0 else "to the right of") if abs(dx) > abs(dy) else (
+            "above" if dy < 0 else "below")
+        assert side == m[1]
     else:
         raise AssertionError(f"unexpected vision question {q!r}")
 
@@ -141,6 +150,20 @@ def test_lettered_multiple_choice_answers_are_right():
         _check_vision(s) if s.family == "vision" else _check_text(s, facts)
     with pytest.raises(ValueError, match="choice_answer"):
         tasks.generate("train", 2, seed=1, config=tasks.TaskConfig(choice_answer="index"))
+
+
+def test_shape_form_of_position_questions():
+    """"what shape is above the other ?" -> the shape lying there; its extra word is in the
+    vocabulary of that form only, so the default tokenizer (and model) stay as shipped."""
+    cfg = tasks.TaskConfig(tasks=("position",), position_form="shape")
+    samples = tasks.generate("train", 40, seed=2, config=cfg)
+    assert {s.answer for s in samples} == set(tasks.SHAPES)
+    for s in samples:
+        _check_vision(s)
+        assert set(split_words(s.question)) <= set(tasks.vocabulary(cfg))
+    assert set(tasks.vocabulary(cfg)) - set(tasks.vocabulary()) == {"other"}
+    with pytest.raises(ValueError, match="position_form 'where' must be"):
+        tasks.generate("train", 2, seed=1, config=tasks.TaskConfig(position_form="where"))
 
 
 def test_text_answers_are_right(train, heldout):
@@ -326,6 +349,8 @@ def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path
     suite = tasks.recorded_config(tmp_path)
     assert (suite.arithmetic_max, suite.names, suite.image_size) == (29, 12, (336, 336))
     assert suite.tasks == tasks.TaskConfig().tasks  # the mix of a training run is not the suite
+    # A summary from before these fields stands for the forms its checkpoint was trained on.
+    assert (suite.position_form, suite.choice_answer) == ("relation", "letter")
     assert tasks.recorded_config(tmp_path / "elsewhere") == tasks.TaskConfig()
 
     def sums(samples):

@@ -165,6 +165,21 @@ def test_curriculum_switches_scene_size_after_small_image_steps():
     assert first["grid_hws"] == ((12, 12),) * 2 and second["grid_hws"] == ((24, 24),)
 
 
+def test_the_position_form_flag_reaches_tokenizer_and_batches():
+    """`--position_form shape` needs its extra word ("other") in the tokenizer, and its position
+    questions in both scene sizes; the default keeps the shipped tokenizer (240 tokens)."""
+    assert len(train.build_tokenizer()) == 240
+    cfg = train.TrainConfig(position_form="shape", small_image_steps=1, batch_vision_small=8,
+                            batch_vision=8, batch_text=1)
+    tokenizer = train.build_tokenizer(cfg)
+    assert "other" in tokenizer.get_vocab() and len(tokenizer) == 241
+    data = train.Batches(cfg, tokenizer, ImageConfig())
+    other = tokenizer.convert_tokens_to_ids("other")
+    for step in (1, 2):  # small scenes, then full-size ones
+        vision, _ = data.step(step)
+        assert (vision["input_ids"] == other).sum() == train.VISION_MIX.count("position")
+
+
 @pytest.mark.slow
 def test_the_training_script_reproduces_its_checkpoint_bit_for_bit(tmp_path):
     """Retraining with the same seed gives the same weights and the same card figures, the

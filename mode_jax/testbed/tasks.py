@@ -50,6 +50,7 @@ COLORS = {"red": (215, 35, 35), "green": (30, 160, 50), "blue": (35, 75, 225),
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 RELATIONS = ("left", "right", "above", "below")
+PLACES = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # Invented people, named by a given and a family name (64 = 8 x 8). Every name word is shared
@@ -108,6 +109,10 @@ class TaskConfig:
     # one whole object; object_size must then fit: 2 * high + 2 <= cell.
     cell: int = 28
     choice_answer: str = "option"  # multiple choice answered by the option ("option") or letter
+    # "relation": "where is the red circle relative to the blue square ?" -> left/right/above/
+    # below (two named roles to bind). "shape": "what shape is to the left of the other ?" ->
+    # the shape lying there (no roles). See README, "relative position", for what each taught.
+    position_form: str = "relation"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,8 +368,10 @@ def _scene_question(task: str, rng, config: TaskConfig):
         if not pairs:
             return None
         a, b = pairs[rng.integers(len(pairs))]
-        q = f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?"
-        return objects, q, wanted, (), None
+        if config.position_form == "relation":
+            q = f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?"
+            return objects, q, wanted, (), None
+        return objects, f"what shape is {PLACES[wanted]} the other ?", a.shape, (), None
     if task == "choice":
         if rng.integers(2):
             q, answer, pool = f"what color is the {target.shape} ?", target.color, list(COLORS)
@@ -425,6 +432,8 @@ def _check(config: TaskConfig, split: str) -> None:
         raise ValueError(f"heldout_percent {config.heldout_percent} must be in 1..99")
     if config.choice_answer not in ("option", "letter"):
         raise ValueError(f"choice_answer {config.choice_answer!r} must be 'option' or 'letter'")
+    if config.position_form not in ("shape", "relation"):
+        raise ValueError(f"position_form {config.position_form!r} must be 'shape' or 'relation'")
     if not 0 < config.heldout_fillers < len(FILLERS):
         raise ValueError(f"heldout_fillers {config.heldout_fillers} must be in "
                          f"1..{len(FILLERS) - 1}")
@@ -460,6 +469,7 @@ def recorded_config(checkpoint: str | Path) -> TaskConfig:
         return TaskConfig()
     trained = json.loads(summary.read_text()).get("task_config", {})
     trained.setdefault("choice_answer", "letter")  # checkpoints from before the option form
+    trained.setdefault("position_form", "relation")  # and from before the shape form
     return TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in trained.items() if k != "tasks"})
 
@@ -477,6 +487,8 @@ def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
              *(str(i) for i in range(config.max_objects + 1)),
              "what color is the ? what shape is the object ? how many are there ?",
              "where is the relative to the ?"]
+    if config.position_form == "shape":
+        texts += [*PLACES.values(), "the other"]
     for task in TEXT_TASKS:
         for core, answer, pool in _text_cores(task, facts, config.arithmetic_max):
             texts += [core, answer, *pool]

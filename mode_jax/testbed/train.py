@@ -79,16 +79,18 @@ class TrainConfig:
     # an expert writes to the residual stream is all learned rather than a learned delta on a
     # random map (a 500-step probe: held-out vision 45% vs 37% with LeCun-initialised downs).
     zero_init_down: bool = True
+    position_form: str = "relation"  # how position questions are asked (tasks.TaskConfig)
 
     def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
         """The task suite's default settings (`family_tasks` picks the mix; a repeat doubles a
         share). The checkpoint records them in train_summary.json ("task_config")."""
-        return tasks.TaskConfig(tasks=family_tasks)
+        return tasks.TaskConfig(tasks=family_tasks, position_form=self.position_form)
 
     def small_task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS
                           ) -> tasks.TaskConfig:
         """The curriculum's small scenes."""
-        return tasks.TaskConfig(tasks=family_tasks, image_size=self.small_image_size)
+        return tasks.TaskConfig(tasks=family_tasks, image_size=self.small_image_size,
+                                position_form=self.position_form)
 
 
 VOCAB_SIZE = 256  # the default task suite's 240 tokens, rounded up to a multiple of 64
@@ -341,8 +343,8 @@ def make_optimizer(model: KimiVL, lr: float, warmup: int, steps: int, clip_norm:
     return nnx.Optimizer(model, tx, wrt=trainable(freeze_vision))
 
 
-def build_tokenizer():
-    return tok_lib.build_tokenizer(tasks.vocabulary(tasks.TaskConfig()))
+def build_tokenizer(cfg: TrainConfig = TrainConfig()):
+    return tok_lib.build_tokenizer(tasks.vocabulary(cfg.task_config()))
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
@@ -350,7 +352,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     if not 0 <= cfg.warmup < cfg.steps:
         raise ValueError(f"warmup={cfg.warmup} must be at least 0 and below steps={cfg.steps}")
     t_start = time.time()
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg)
     image_cfg = ImageConfig()
     config = model_config(vocab_size=vocab_size_for(tokenizer),
                           image_token_id=tok_lib.image_token_id(tokenizer))
