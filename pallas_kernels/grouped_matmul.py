@@ -42,6 +42,7 @@ from pallas_kernels import packing
 from pallas_kernels.packing import PackedWeight
 
 BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
+DEQUANT_MODES = ("convert", "magic")
 DECODE_MAX_TOKENS_PER_EXPERT = 32
 
 
@@ -50,25 +51,38 @@ class BlockConfig:
     """Tile sizes: ``block_m`` rows of x, ``block_n`` output columns (powers of two).
 
     ``block_n`` is halved until it divides the padded column width (a multiple of 128).
-    ``num_warps``/``num_stages`` are Triton's; Mosaic ignores them.
+    ``num_warps``/``num_stages`` are Triton's; Mosaic ignores them. ``dequant`` is how a tile's
+    codes become matmul operands (both exact, so both give the same products):
+      "convert"  int32 codes -> float32 -> x's dtype (int-to-float instructions);
+      "magic"    float32 codes from exponent bits (``packing.unpack_tile_float``) -> x's dtype.
+    (Multiplying the float32 codes in TF32 instead was measured 2.5x slower on an H100.)
     """
 
     block_m: int = 16
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    dequant: str = "convert"
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
             if v < 8 or v & (v - 1):
                 raise ValueError(f"BlockConfig.{name}={v} must be a power of two >= 8")
+        if self.dequant not in DEQUANT_MODES:
+            raise ValueError(f"BlockConfig.dequant={self.dequant!r} is not one of {DEQUANT_MODES}")
 
 
-# Frozen defaults per backend and regime (decode: <= 32 tokens per expert on average). Chosen
-# from the layout (16-row dots at decode, 128-lane N tiles), not yet tuned on hardware: re-run
-# ``autotune`` (or benchmarks/kernels.py) on the target device and update them here.
+# Frozen defaults per backend and regime (decode: <= 32 tokens per expert on average), with
+# per-op entries (fused = gate/up SwiGLU). Triton per-op entries: the fastest of
+# ``benchmarks.kernels --sweep`` at Kimi-VL shapes, 4 bits, 1/16/512 tokens per expert, on an
+# H100 (2026-11-24); the rest follow the layout (16-row dots at decode, 128-lane N tiles).
+# Re-run the sweep on new hardware.
 DEFAULT_CONFIGS = {
+    ("triton", "decode", True): BlockConfig(16, 128, num_warps=8, num_stages=2, dequant="magic"),
+    ("triton", "decode", False): BlockConfig(16, 128, num_warps=4, num_stages=4, dequant="magic"),
+    ("triton", "prefill", True): BlockConfig(128, 128, num_warps=8, num_stages=3, dequant="magic"),
+    ("triton", "prefill", False): BlockConfig(128, 128, num_warps=4, num_stages=2),
     ("triton", "decode"): BlockConfig(block_m=16, block_n=128, num_warps=4, num_stages=4),
     ("triton", "prefill"): BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
     ("mosaic_tpu", "decode"): BlockConfig(block_m=16, block_n=256),
@@ -76,10 +90,10 @@ DEFAULT_CONFIGS = {
 }
 
 
-def default_config(backend: str, m: int, num_experts: int) -> BlockConfig:
-    """The frozen config for ``backend`` in the regime given by tokens per expert."""
+def default_config(backend: str, m: int, num_experts: int, fused: bool = False) -> BlockConfig:
+    """The frozen config for ``backend``, the op and the regime given by tokens per expert."""
     regime = "decode" if m <= DECODE_MAX_TOKENS_PER_EXPERT * num_experts else "prefill"
-    return DEFAULT_CONFIGS[(backend, regime)]
+    return DEFAULT_CONFIGS.get((backend, regime, fused), DEFAULT_CONFIGS[(backend, regime)])
 
 
 def candidate_configs(backend: str) -> list[BlockConfig]:
@@ -242,7 +256,7 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     m, k = x.shape
     num_experts = arrays[0].shape[0]
     if config is None:
-        config = default_config(backend, m, num_experts)
+        config = default_config(backend, m, num_experts, spec.fused)
     bm = config.block_m
     bn = _fit_block_n(config.block_n, spec.part_padded)
     if backend == "mosaic_tpu" and bn % 128:
@@ -278,7 +292,10 @@ def group_metadata(group_sizes: jax.Array, m_padded: int, block_m: int):
     num_tiles = visit_end[-1]
     m_tiles = m_padded // block_m
     t = jnp.minimum(jnp.arange(m_tiles + num_experts - 1), jnp.maximum(num_tiles - 1, 0))
-    group = jnp.minimum(jnp.searchsorted(visit_end, t, side="right"), num_experts - 1)
+    # searchsorted(visit_end, t, side="right") as one comparison: jnp.searchsorted's default
+    # is a loop, and a loop on GPU costs a host round trip per step (~0.3 ms per call here).
+    group = jnp.sum(visit_end[None, :] <= t[:, None], axis=1, dtype=jnp.int32)
+    group = jnp.minimum(group, num_experts - 1)
     tile = first[group] + t - (visit_end[group] - count[group])
     tile = jnp.clip(tile, 0, m_tiles - 1).astype(jnp.int32)
     return offsets, group.astype(jnp.int32), tile, num_tiles.reshape(1).astype(jnp.int32)
@@ -287,7 +304,8 @@ def group_metadata(group_sizes: jax.Array, m_padded: int, block_m: int):
 # ---------------------------------------------------------------- kernel bodies
 
 
-def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_loop: bool):
+def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_loop: bool,
+                  dequant: str = "convert"):
     """Accumulates each operand's ``x @ W`` over K groups; SwiGLU when fused.
 
     ``operands``: per output (gate, up) a pair ``(load_words(kg) -> tuple | array,
@@ -303,9 +321,12 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
         for acc, (load_w, load_s) in zip(accs, operands, strict=True):
             if spec.bits is None:
                 w = load_w(kg).astype(xk.dtype)
-            else:
+            elif dequant == "convert":
                 q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size)
                 w = q.astype(jnp.float32).astype(xk.dtype)
+            else:
+                w = packing.unpack_tile_float(load_w(kg), spec.bits, spec.group_size)
+                w = w.astype(xk.dtype)
             part = jnp.dot(xk, w, precision=precision, preferred_element_type=jnp.float32)
             new.append(acc + (part if load_s is None else part * load_s(kg).astype(jnp.float32)))
         return tuple(new)
@@ -350,7 +371,8 @@ def _triton_call(x, arrays, meta, spec, bm, bn, config, interpret):
             for i in range(_num_outputs(spec)):
                 cols = pl.ds(pl.multiple_of((n + i * n_blocks) * bn, bn), bn)
                 operands.append(_triton_operand(w_refs, g, cols, spec))
-            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=False)
+            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=False,
+                              dequant=config.dequant)
             mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
             plgpu.store(o_ref.at[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)], y, mask=mask)
 
@@ -378,7 +400,6 @@ def _triton_operand(w_refs, g, cols, spec):
 
 
 def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
-    del config  # Mosaic has no warps/stages to set
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
     n_out = _num_outputs(spec)
@@ -395,7 +416,8 @@ def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
             operands = [
                 _mosaic_operand(w_refs[i * per_out : (i + 1) * per_out], spec) for i in range(n_out)
             ]
-            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True)
+            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True,
+                              dequant=config.dequant)
             mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
             o_ref[...] = jnp.where(mask, y, o_ref[...])
 
@@ -484,15 +506,21 @@ def _round_up(x: int, m: int) -> int:
 # ---------------------------------------------------------------- timing and autotuning
 
 
-def time_call(fn: Callable, *args, repeats: int = 20, warmup: int = 2) -> float:
-    """Median seconds of ``fn(*args)`` (jit it first), after ``warmup`` untimed calls."""
+def time_call(fn: Callable, *args, repeats: int = 20, warmup: int = 2, queued: int = 1) -> float:
+    """Median seconds per call of ``fn(*args)`` (jit it first), after ``warmup`` untimed calls.
+
+    Each sample times ``queued`` calls dispatched back to back and waited for once: with
+    ``queued > 1`` the host's dispatch overlaps the device's work, as inside a jitted model
+    step, so the figure is the device's time per call rather than a host round trip.
+    """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
+        outs = [fn(*args) for _ in range(queued)]
+        jax.block_until_ready(outs)
+        samples.append((time.perf_counter() - start) / queued)
     return statistics.median(samples)
 
 

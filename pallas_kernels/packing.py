@@ -168,13 +168,21 @@ def unpack_tile(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax
     Only broadcasts, iota shifts, masks and one reshape per plane: safe inside Triton and
     Mosaic TPU kernels. Works on uint32 or int32 words.
     """
-    u = None
-    shift = 0
-    for width, w in zip(plane_widths(bits), words, strict=True):
-        piece = _unpack_plane_tile(w, width, group_size)
-        u = piece if u is None else u | (piece << shift)
-        shift += width
-    return _to_signed(u, bits)
+    return _to_signed(_unpack_unsigned_tile(words, bits, group_size), bits)
+
+
+def unpack_tile_float(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+    """``unpack_tile`` as exact float32 codes, built without int-to-float conversions.
+
+    ``u | 0x4B000000`` read as float32 is ``2^23 + u`` (u < 2^23 sits in the mantissa), so one
+    OR and one subtraction give the signed code; GPUs convert int to float at a quarter of
+    their ALU rate, and a tile converts every one of its ``gs * bn`` codes.
+    """
+    u = _unpack_unsigned_tile(words, bits, group_size)
+    f = lax.bitcast_convert_type(u | 0x4B000000, jnp.float32)
+    if bits == 1:
+        return 2 * (f - 2.0**23) - 1  # q = 2u - 1; each step is exact in float32
+    return f - (2.0**23 + (1 << (bits - 1)))
 
 
 @jax.jit
@@ -308,6 +316,17 @@ def _pack_plane(piece: jax.Array, width: int, group_size: int) -> jax.Array:
         axis = -2
     # Slots occupy disjoint bits, so the sum is their bitwise OR.
     return jnp.sum(words, axis=axis, dtype=jnp.uint32)
+
+
+def _unpack_unsigned_tile(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+    """Unsigned int32 codes ``[gs, bn]``: each plane's pieces shifted into place and OR-ed."""
+    u = None
+    shift = 0
+    for width, w in zip(plane_widths(bits), words, strict=True):
+        piece = _unpack_plane_tile(w, width, group_size)
+        u = piece if u is None else u | (piece << shift)
+        shift += width
+    return u
 
 
 def _unpack_plane_tile(words: jax.Array, width: int, group_size: int) -> jax.Array:

@@ -100,6 +100,12 @@ class TestGroupedMatmul:
     def test_kernel_matches_reference(self, case):
         check_kernel_case(case, self.backend, self.interpret)
 
+    @pytest.mark.parametrize("mode", gm.DEQUANT_MODES)
+    @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7], CASES[8]], ids=lambda c: c.name)
+    def test_every_dequant_mode_matches_reference(self, case, mode):
+        config = dataclasses.replace(case.config or gm.BlockConfig(), dequant=mode)
+        check_kernel_case(dataclasses.replace(case, config=config), self.backend, self.interpret)
+
     def test_dense_weights_kernel_matches_ragged_dot(self):
         rng = np.random.default_rng(3)
         sizes = jnp.asarray([6, 0, 9], jnp.int32)
@@ -201,6 +207,8 @@ def test_backend_resolution_and_input_errors():
         gm.grouped_swiglu(x, weights, sizes)
     with pytest.raises(ValueError, match="power of two"):
         gm.BlockConfig(block_m=24)
+    with pytest.raises(ValueError, match="dequant='lut'"):
+        gm.BlockConfig(dequant="lut")
 
 
 # ---------------------------------------------------------------- lowering (no hardware)

@@ -150,3 +150,21 @@ def test_bad_shapes_raise():
         packing.pack(codes, np.ones((2, 8)), 4, parts=3)
     with pytest.raises(ValueError, match="group_size=100"):
         packing.pack(codes, np.ones((2, 8)), 4, group_size=100)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_float_unpack_equals_integer_unpack(bits):
+    """The exponent-bit construction gives exactly the integer codes, over their full range."""
+    rng = np.random.default_rng(bits)
+    lo, hi = (-1, 2) if bits == 1 else (-(1 << (bits - 1)), 1 << (bits - 1))
+    codes = rng.integers(lo, hi, size=(256, 128))
+    codes = np.where(codes == 0, 1, codes) if bits == 1 else codes
+    codes[:2, 0] = [lo, hi - 1]  # both ends of the range
+    packed = packing.pack(codes, jnp.ones((2, 128), jnp.bfloat16), bits)
+    for g in range(2):
+        words = tuple(p[g] for p in packed.planes)
+        ints = packing.unpack_tile(words, bits, 128)
+        floats = packing.unpack_tile_float(words, bits, 128)
+        assert floats.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(floats), np.asarray(ints, np.float32))
+        np.testing.assert_array_equal(np.asarray(ints), codes[g * 128:(g + 1) * 128])
