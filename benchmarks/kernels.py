@@ -10,11 +10,14 @@ ragged_dot); use ``--small`` there.
 
   python -m benchmarks.kernels                      # full Kimi-VL shapes (GPU/TPU)
   python -m benchmarks.kernels --small --bits 2,3,4 # reduced shapes, e.g. on CPU
+  python -m benchmarks.kernels --dequant convert,magic   # dequant modes side by side
+  python -m benchmarks.kernels --sweep --bits 4 --tokens 1 # time block configs (autotune)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -33,6 +36,12 @@ def parse_args(argv):
     p.add_argument("--backend", default="auto", choices=gm.BACKENDS)
     p.add_argument("--small", action="store_true", help="8 experts, K=512, F=256, N=512")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--queued", type=int, default=10, help="calls dispatched per timing sample "
+                   "before waiting (1: a host round trip per call)")
+    p.add_argument("--dequant", default="", help="comma-separated BlockConfig.dequant modes "
+                   "(rows per mode); default: the frozen config's")
+    p.add_argument("--sweep", action="store_true", help="autotune block configs and dequant "
+                   "modes per (op, bits, tokens) and print the fastest, instead of the table")
     return p.parse_args(argv)
 
 
@@ -45,7 +54,7 @@ def op_shapes(small: bool):
 def measure_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Bytes/s of a device copy (read + write) of ``nbytes``: the floor's bandwidth."""
     a = jnp.ones((nbytes // 4,), jnp.float32)
-    seconds = gm.time_call(jax.jit(lambda v: v + 1), a, repeats=repeats)
+    seconds = gm.time_call(jax.jit(lambda v: v + 1), a, repeats=repeats, queued=2)
     return 2 * a.nbytes / seconds
 
 
@@ -73,8 +82,10 @@ def run(args) -> None:
     print(f"backend: {backend}{fallback_note}")
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     print("command: python -m benchmarks.kernels " + " ".join(sys.argv[1:]))
+    print(f"times: median per call over {args.repeats} samples of {args.queued} queued calls")
     print(
-        f"{'op':8} {'bits':>4} {'tok/exp':>7} {'M':>6} {'time_us':>10} {'packed_MB':>9} "
+        f"{'op':8} {'bits':>4} {'dequant':>9} {'tok/exp':>7} {'M':>6} {'time_us':>10} "
+        f"{'packed_MB':>9} "
         f"{'GB/s':>7} {'%floor':>6} {'x_ragged_bf16':>13} {'x_kernel_bf16':>13} {'err':>8}"
     )
     key = jax.random.key(0)
@@ -85,33 +96,69 @@ def run(args) -> None:
         for tokens in (int(t) for t in args.tokens.split(",")):
             x = jax.random.normal(key, (experts * tokens, k), jnp.bfloat16)
             sizes = jnp.full((experts,), tokens, jnp.int32)
-            bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args)
+            if args.sweep:
+                sweep(op_name, fused, x, sizes, packed, backend, args)
+            else:
+                bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args)
         print(f"  ({op_name}: bf16 weights {w_bf16.size * 2 / 1e6:.1f} MB, {cols} -> {out_cols})")
 
 
 def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args):
     """One table row per bit width at one token count, with the bf16 baselines timed once."""
     repeats = args.repeats
-    t_ragged = gm.time_call(_ragged_bf16, x, w_bf16, sizes, fused, repeats=repeats)
+    timer = functools.partial(gm.time_call, repeats=repeats, queued=args.queued)
+    t_ragged = timer(_ragged_bf16, x, w_bf16, sizes, fused)
     t_dense = None
     if backend != "xla":
         dense = functools.partial(gm.grouped_matmul_dense, fused=fused, backend=backend)
-        t_dense = gm.time_call(jax.jit(dense), x, w_bf16, sizes, repeats=repeats)
+        try:
+            t_dense = timer(jax.jit(dense), x, w_bf16, sizes)
+        except Exception as e:  # e.g. its default tiles exceed shared memory at prefill
+            print(f"  (bf16 kernel baseline failed: {str(e).splitlines()[0][:100]})")
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
-    kernel = jax.jit(functools.partial(op, backend=backend))
     fallback = jax.jit(functools.partial(op, backend="xla"))
     tokens = x.shape[0] // sizes.shape[0]
+    base = None if backend == "xla" else gm.default_config(backend, x.shape[0], sizes.shape[0],
+                                                           fused)
+    modes = args.dequant.split(",") if args.dequant and base else [base.dequant if base else "-"]
     for bits, w in packed.items():
-        seconds = gm.time_call(kernel, x, w, sizes, repeats=repeats)
-        err = _relative_error(kernel(x, w, sizes), fallback(x, w, sizes))
-        nbytes = packing.nbytes(w)
-        floor = nbytes / bandwidth
-        vs_dense = f"{t_dense / seconds:13.2f}" if t_dense else f"{'n/a':>13}"
-        print(
-            f"{op_name:8} {bits:4d} {tokens:7d} {x.shape[0]:6d} {seconds * 1e6:10.1f} "
-            f"{nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:7.1f} {floor / seconds:6.1%} "
-            f"{t_ragged / seconds:13.2f} {vs_dense} {err:8.1e}"
-        )
+        for mode in modes:
+            config = dataclasses.replace(base, dequant=mode) if base else None
+            kernel = jax.jit(functools.partial(op, backend=backend, config=config))
+            seconds = timer(kernel, x, w, sizes)
+            err = _relative_error(kernel(x, w, sizes), fallback(x, w, sizes))
+            nbytes = packing.nbytes(w)
+            floor = nbytes / bandwidth
+            vs_dense = f"{t_dense / seconds:13.2f}" if t_dense else f"{'n/a':>13}"
+            print(
+                f"{op_name:8} {bits:4d} {mode:>9} {tokens:7d} {x.shape[0]:6d} "
+                f"{seconds * 1e6:10.1f} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:7.1f} "
+                f"{floor / seconds:6.1%} {t_ragged / seconds:13.2f} {vs_dense} {err:8.1e}"
+            )
+
+
+def sweep(op_name, fused, x, sizes, packed, backend, args):
+    """Autotunes every (bits) at this token count; prints the five fastest and the default."""
+    op = gm.grouped_swiglu if fused else gm.grouped_matmul
+    default = gm.default_config(backend, x.shape[0], sizes.shape[0], fused)
+    decode = default.block_m <= 16
+    candidates = [
+        gm.BlockConfig(bm, bn, warps, stages, mode)
+        for bm in ((16,) if decode else (64, 128))
+        for bn in (128, 256)
+        for warps in (4, 8)
+        for stages in ((2, 4) if decode else (2, 3))
+        for mode in gm.DEQUANT_MODES
+    ]
+    for bits, w in packed.items():
+        _, timings = gm.autotune(op, x, w, sizes, candidates=[default, *candidates],
+                                 backend=backend, repeats=args.repeats)
+        ranked = sorted(timings.items(), key=lambda kv: kv[1])
+        tokens = x.shape[0] // sizes.shape[0]
+        print(f"{op_name} {bits}-bit, {tokens} tokens/expert: default {default} "
+              f"{timings[default] * 1e6:.1f} us")
+        for cfg, seconds in ranked[:5]:
+            print(f"    {seconds * 1e6:9.1f} us  {cfg}")
 
 
 @functools.partial(jax.jit, static_argnums=3)
