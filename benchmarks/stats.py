@@ -121,7 +121,8 @@ def random_models(a):
         for layer in tm.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
-    embed = lambda ids: tm.model.embed_tokens(torch.as_tensor(ids)).detach().numpy().copy()
+    embed = lambda ids: (tm.model.embed_tokens(torch.as_tensor(ids, device=tm.device))
+                         .detach().cpu().numpy().copy())
     stats_cfg = passes.StatsConfig(IMG, SPECIAL, key_ratio=a.key_ratio)
     return (tm, deepseek_v3_keys.from_torch(tm), stats_cfg,
             lambda n, seed: make_batches(a, n, embed, seed))
@@ -312,6 +313,10 @@ def main(argv=None):
                    help="rtn group (default: 128 for a checkpoint, 32 for the random model)")
     p.add_argument("--key_ratio", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--matmul_precision", default="highest",
+                   help="jax's float32 matmul precision (torch computes float32 without TF32)")
+    p.add_argument("--torch_device", default="auto",
+                   help="where the transformers forward runs: cpu, cuda, or auto (cuda if present)")
     a = p.parse_args(argv)
     a.group_size = a.group_size or (32 if a.checkpoint == "random" else 128)
     bits = np.array([int(b) for b in a.bits.split(",")], np.int32)
@@ -320,10 +325,16 @@ def main(argv=None):
     command = f"{env} python -m benchmarks.stats " + " ".join(
         sys.argv[1:] if argv is None else argv)
     print("command:", command.strip())
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+    tdev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                        if a.torch_device == "auto" else a.torch_device)
+    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"(on {tdev}; {torch.get_num_threads()} CPU threads); jax float32 matmuls: "
+          f"{a.matmul_precision}")
 
+    jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     tm, model, cfg, make = (random_models if a.checkpoint == "random" else testbed_models)(a)
+    tm.to(tdev)
+    on_torch = lambda array: torch.as_tensor(array, device=tdev)
     c = model.config
     a.experts, a.top_k = c.n_routed_experts, c.num_experts_per_tok
     freq_batches = make(a.freq_samples, a.seed)
@@ -334,8 +345,8 @@ def main(argv=None):
           f"prompts padded to T<={t_max}, batch {a.batch}")
     with torch.inference_mode():  # the two frameworks hold the same model
         b = freq_batches[0]
-        ref = tm(inputs_embeds=torch.as_tensor(b["inputs_embeds"]),
-                 attention_mask=torch.as_tensor(b["attention_mask"])).logits.numpy()
+        ref = tm(inputs_embeds=on_torch(b["inputs_embeds"]),
+                 attention_mask=on_torch(b["attention_mask"])).logits.float().cpu().numpy()
     ours = np.asarray(model(inputs_embeds=jnp.asarray(b["inputs_embeds"]),
                             attention_mask=jnp.asarray(b["attention_mask"])).logits)
     real = b["attention_mask"].astype(bool)
@@ -347,15 +358,17 @@ def main(argv=None):
     def torch_forward():
         with torch.inference_mode():
             for b in freq_batches:
-                tm(inputs_embeds=torch.as_tensor(b["inputs_embeds"]),
-                   attention_mask=torch.as_tensor(b["attention_mask"]))
+                tm(inputs_embeds=on_torch(b["inputs_embeds"]),
+                   attention_mask=on_torch(b["attention_mask"]))
+        if tdev.type == "cuda":
+            torch.cuda.synchronize()  # the timer must see the queued kernels finish
 
     dense = deepseek_v3_keys.from_torch(tm, experts_impl="dense")  # same weights
     stats, t_sorted, t_sorted0 = timed(lambda: passes.frequency_pass(model, freq_batches, cfg))
     _, t_dense, t_dense0 = timed(lambda: passes.frequency_pass(dense, freq_batches, cfg))
     _, t_torch, t_torch0 = timed(torch_forward)
     print(f"\n1. frequency pass, {a.freq_samples} samples, {n_tok} real tokens (tokens/s)")
-    print(f"   transformers forward ({tm.config._experts_implementation} experts): "
+    print(f"   transformers forward on {tdev.type} ({tm.config._experts_implementation} experts): "
           f"{n_tok / t_torch:8.0f} [{t_torch0:.2f} s first]")
     for name, t, t0 in (("sorted", t_sorted, t_sorted0), ("dense", t_dense, t_dense0)):
         print(f"   mode_jax frequency_pass, {name:6s} experts: {n_tok / t:8.0f} "
