@@ -29,6 +29,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADi
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
 ESTIMATORS = ("expert_mse", "logit_kl", "fisher")
+MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
 
 
@@ -232,6 +233,9 @@ def validate(config) -> None:
         raise UserError(f"alloc.freq_key={c.alloc.freq_key!r}; allowed: {', '.join(FREQ_KEYS)}")
     if c.model.dtype not in DTYPES:
         raise UserError(f"model.dtype={c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
+    if c.model.matmul_precision not in MATMUL_PRECISIONS:
+        raise UserError(f"model.matmul_precision={c.model.matmul_precision!r}; allowed: "
+                        f"{', '.join(MATMUL_PRECISIONS)}")
     if c.sens.estimator not in ESTIMATORS:
         raise UserError(f"sens.estimator={c.sens.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
     if not c.model.path:
@@ -298,11 +302,14 @@ def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "
     methods = tuple(config.sweep) or (config.alloc.method,)
     shared: dict = {}  # the full-precision model and its evaluation, shared by the methods
     contexts = []
-    for method in methods:
-        ctx = runner.Context(method_config(config, method), workdir, STAGES)
-        ctx.cache = shared  # one model in memory for every method
-        log.info("method %s: %s", method, ctx.ensure(final_stage).path)
-        contexts.append(ctx)
+    import jax
+
+    with jax.default_matmul_precision(config.model.matmul_precision):
+        for method in methods:
+            ctx = runner.Context(method_config(config, method), workdir, STAGES)
+            ctx.cache = shared  # one model in memory for every method
+            log.info("method %s: %s", method, ctx.ensure(final_stage).path)
+            contexts.append(ctx)
     from mode_jax import report
 
     return report.write(workdir, config, contexts, final_stage)

@@ -47,6 +47,7 @@ CASES = {
     "unknown method": (["--config.alloc.method=magic"], ("magic",)),
     "infeasible budget": (["--config.alloc.budget_bits=5.0"], ("infeasible bit budget",)),
     "unknown estimator": (["--config.sens.estimator=guess"], ("guess",)),
+    "unknown matmul precision": (["--config.model.matmul_precision=tf33"], ("tf33",)),
 }
 
 
