@@ -180,6 +180,20 @@ def test_the_position_form_flag_reaches_tokenizer_and_batches():
         assert (vision["input_ids"] == other).sum() == train.VISION_MIX.count("position")
 
 
+def test_the_vision_mix_flags_set_each_phase():
+    cfg = train.TrainConfig(small_image_steps=1, batch_vision_small=6, batch_vision=6,
+                            batch_text=1, vision_mix_small=("color",),
+                            vision_mix=("position", "position", "count"))
+    data = train.Batches(cfg, train.build_tokenizer(cfg), ImageConfig())
+    small = data.family("vision_small", "train", 6, 0)[1]
+    full = data.family("vision", "train", 6, 0)[1]
+    assert small == ["color"] * 6 and sorted(full) == ["count"] * 2 + ["position"] * 4
+    with pytest.raises(ValueError, match="unknown \\['colour'\\]"):
+        train.TrainConfig(vision_mix=("colour",))
+    with pytest.raises(ValueError, match="vision_mix_small=\\(\\)"):
+        train.TrainConfig(vision_mix_small=())
+
+
 @pytest.mark.slow
 def test_the_training_script_reproduces_its_checkpoint_bit_for_bit(tmp_path):
     """Retraining with the same seed gives the same weights and the same card figures, the

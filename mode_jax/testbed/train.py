@@ -44,6 +44,13 @@ from mode_jax.preprocess import ImageConfig, preprocess_images
 from mode_jax.testbed import card, tasks, vision_warmup
 from mode_jax.testbed import tokenizer as tok_lib
 
+# Shares of the sub-tasks per batch (a repeat doubles a share). Relative position (find two
+# objects, compare their places) and counting are the slowest skills: with a third of the
+# vision batch on small scenes, position went from chance to 50% in 350 steps of a fine-tune,
+# where a 2/7 share had left it at chance for the whole run.
+TEXT_MIX = tasks.TEXT_TASKS
+VISION_MIX = ("color", "shape", "count", "count", "position", "position", "position", "choice")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -80,6 +87,17 @@ class TrainConfig:
     # random map (a 500-step probe: held-out vision 45% vs 37% with LeCun-initialised downs).
     zero_init_down: bool = True
     position_form: str = "relation"  # how position questions are asked (tasks.TaskConfig)
+    # Vision sub-task shares per batch on full-size and on small (curriculum) scenes.
+    vision_mix: tuple[str, ...] = VISION_MIX
+    vision_mix_small: tuple[str, ...] = VISION_MIX
+
+    def __post_init__(self):
+        for name in ("vision_mix", "vision_mix_small"):
+            mix = getattr(self, name)
+            unknown = sorted(set(mix) - set(tasks.VISION_TASKS))
+            if not mix or unknown:
+                raise ValueError(f"{name}={mix}: needs one or more of {tasks.VISION_TASKS}"
+                                 + (f"; unknown {unknown}" if unknown else ""))
 
     def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
         """The task suite's default settings (`family_tasks` picks the mix; a repeat doubles a
@@ -216,21 +234,14 @@ def split_static(rows: dict) -> tuple[dict, tuple | None]:
     return {k: v for k, v in rows.items() if k != "grid_hws"}, rows["grid_hws"]
 
 
-# Shares of the sub-tasks per batch (a repeat doubles a share). Relative position (find two
-# objects, compare their places) and counting are the slowest skills: with a third of the
-# vision batch on small scenes, position went from chance to 50% in 350 steps of a fine-tune,
-# where a 2/7 share had left it at chance for the whole run.
-TEXT_MIX = tasks.TEXT_TASKS
-VISION_MIX = ("color", "shape", "count", "count", "position", "position", "position", "choice")
-
 
 class Batches:
     """Fresh training batches per step, deterministic in (seed, step)."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, image_cfg: ImageConfig):
         self.cfg, self.tokenizer, self.image_cfg = cfg, tokenizer, image_cfg
-        self.configs = {"vision": cfg.task_config(VISION_MIX),
-                        "vision_small": cfg.small_task_config(VISION_MIX),
+        self.configs = {"vision": cfg.task_config(cfg.vision_mix),
+                        "vision_small": cfg.small_task_config(cfg.vision_mix_small),
                         "text": cfg.task_config(TEXT_MIX)}
         self.lengths = {"vision": 184, "vision_small": 80, "text": 40}
 
@@ -434,13 +445,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     for field in dataclasses.fields(TrainConfig):
         value = getattr(defaults, field.name)
-        if isinstance(value, tuple):
+        if isinstance(value, tuple) and isinstance(value[0], str):  # a task mix
+            p.add_argument(f"--{field.name}", nargs="+", default=value)
+        elif isinstance(value, tuple):
             p.add_argument(f"--{field.name}", type=int, nargs=len(value), default=value)
         else:
             p.add_argument(f"--{field.name}", type=_flag_type(value), default=value)
     args = vars(p.parse_args(argv))
     out = args.pop("out")
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    try:
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    except ValueError as e:
+        p.error(str(e))  # usage line + message, exit code 2
     train(cfg, out, log=lambda msg: print(msg, flush=True))
 
 
