@@ -224,3 +224,18 @@ def test_a_warmup_as_long_as_the_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="warmup=100 must be .* below steps=50"):
         train.train(train.TrainConfig(steps=50), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_command_line_flags_reach_the_train_config(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(train, "train", lambda cfg, out, log: seen.append(cfg))
+    train.main(["--out", str(tmp_path), "--attention_heads", "8", "--position_form", "shape",
+                "--vision_mix", "color", "shape"])
+    (cfg,) = seen
+    assert (cfg.attention_heads, cfg.position_form, cfg.vision_mix) == (8, "shape",
+                                                                         ("color", "shape"))
+    assert cfg.vision_mix_small == train.VISION_MIX
+    assert train.model_config(attention_heads=8).text.num_attention_heads == 8
+    with pytest.raises(SystemExit) as bad:
+        train.main(["--out", str(tmp_path), "--vision_mix", "colour"])
+    assert bad.value.code == 2

@@ -87,6 +87,7 @@ class TrainConfig:
     # random map (a 500-step probe: held-out vision 45% vs 37% with LeCun-initialised downs).
     zero_init_down: bool = True
     position_form: str = "relation"  # how position questions are asked (tasks.TaskConfig)
+    attention_heads: int = 4  # of the language model (model_config)
     # Vision sub-task shares per batch on full-size and on small (curriculum) scenes.
     vision_mix: tuple[str, ...] = VISION_MIX
     vision_mix_small: tuple[str, ...] = VISION_MIX
@@ -119,7 +120,8 @@ def vocab_size_for(tokenizer) -> int:
     return max(VOCAB_SIZE, round_up(len(tokenizer), 64))
 
 
-def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12) -> KimiVLConfig:
+def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12,
+                 attention_heads: int = 4) -> KimiVLConfig:
     """The testbed architecture: Kimi-VL's layout at toy width (experts hold ~75% of weights).
 
     The dense first layer is only 32 wide, so the facts have to live in the routed experts:
@@ -130,7 +132,8 @@ def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12) -> Kimi
     """
     text = TextConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        num_attention_heads=attention_heads, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
         v_head_dim=32, q_lora_rank=None, moe_intermediate_size=128, n_routed_experts=16,
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
         scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
@@ -366,7 +369,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     tokenizer = build_tokenizer(cfg)
     image_cfg = ImageConfig()
     config = model_config(vocab_size=vocab_size_for(tokenizer),
-                          image_token_id=tok_lib.image_token_id(tokenizer))
+                          image_token_id=tok_lib.image_token_id(tokenizer),
+                          attention_heads=cfg.attention_heads)
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     pos = model.vision_tower.pos_emb  # N(0, 1) would drown the patch content at the start
     pos.set_value(pos.get_value() * cfg.pos_emb_init)
