@@ -81,6 +81,14 @@ def _check_vision(s: tasks.Sample) -> None:
     elif m := re.fullmatch(r"how many (\w+) are there \?", q):
         shape = {v: k for k, v in tasks.PLURALS.items()}[m[1]]
         assert sum(o["shape"] == shape for o in objs) == int(expected)
+    elif m := re.fullmatch(r"where is the (\w+) (\w+) relative to the other object \?", q):
+        assert len(objs) == 2  # the named object and the other one
+        a = _one(objs, color=m[1], shape=m[2])
+        b = objs[1] if objs[0] is a else objs[0]
+        dx, dy = a["x"] - b["x"], a["y"] - b["y"]
+        side = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else (
+            "above" if dy < 0 else "below")
+        assert side == expected
     elif m := re.fullmatch(r"where is the (\w+) (\w+) relative to the (\w+) (\w+) \?", q):
         assert len(objs) == 2  # a position scene holds just the two objects it names
         a = _one(objs, color=m[1], shape=m[2])
@@ -152,8 +160,9 @@ def test_lettered_multiple_choice_answers_are_right():
         tasks.generate("train", 2, seed=1, config=tasks.TaskConfig(choice_answer="index"))
 
 
-def test_shape_form_of_position_questions():
-    """"what shape is above the other ?" -> the shape lying there; its extra word is in the
+def test_shape_and_subject_forms_of_position_questions():
+    """"what shape is above the other ?" -> the shape lying there; "where is the red circle
+    relative to the other object ?" -> left/right/above/below. Their extra word is in the
     vocabulary of that form only, so the default tokenizer (and model) stay as shipped."""
     cfg = tasks.TaskConfig(tasks=("position",), position_form="shape")
     samples = tasks.generate("train", 40, seed=2, config=cfg)
@@ -162,6 +171,13 @@ def test_shape_form_of_position_questions():
         _check_vision(s)
         assert set(split_words(s.question)) <= set(tasks.vocabulary(cfg))
     assert set(tasks.vocabulary(cfg)) - set(tasks.vocabulary()) == {"other"}
+    subject = tasks.TaskConfig(tasks=("position",), position_form="subject")
+    samples = tasks.generate("train", 40, seed=2, config=subject)
+    assert {s.answer for s in samples} == set(tasks.RELATIONS)
+    for s in samples:
+        _check_vision(s)
+        assert s.question.endswith("relative to the other object ?")
+    assert set(tasks.vocabulary(subject)) - set(tasks.vocabulary()) == {"other"}
     with pytest.raises(ValueError, match="position_form 'where' must be"):
         tasks.generate("train", 2, seed=1, config=tasks.TaskConfig(position_form="where"))
 

@@ -96,7 +96,8 @@ def test_zero_mlp_down_zeroes_every_language_mlp_output_and_nothing_else():
 def test_warmup_labels_follow_the_scene_geometry():
     square = tasks.Shape("square", "blue", cx=98, cy=70, r=30)  # spans x 73..123, y 45..95
     cross = tasks.Shape("cross", "red", cx=250, cy=250, r=34)
-    image, shapes, colors, centres = vision_warmup.cell_labels([square, cross], (336, 336), 5)
+    image, shapes, colors, centres, relations = vision_warmup.cell_labels(
+        [square, cross], (336, 336), 5)
     assert image.shape == (336, 336, 3)
     def grid(a):
         return a.reshape(12, 12)
@@ -112,6 +113,28 @@ def test_warmup_labels_follow_the_scene_geometry():
         o = square if shapes[cell] == sq else cross
         assert o.cx - o.r - 28 < x * 28 + 14 < o.cx + o.r + 28
         assert o.cy - o.r - 28 < y * 28 + 14 < o.cy + o.r + 28
+    # two objects: each one's cells carry where it lies relative to the other (dx = dy here:
+    # no clear axis, so no label); a clear pair labels both, each from its own side
+    assert not relations.any()
+    left = tasks.Shape("circle", "green", cx=60, cy=170, r=30)
+    _, shapes, _, _, relations = vision_warmup.cell_labels([left, cross], (336, 336), 5)
+    is_left = shapes == tasks.SHAPES.index("circle") + 1
+    is_cross = shapes == tasks.SHAPES.index("cross") + 1
+    assert is_left.any() and is_cross.any()
+    assert set(relations[is_left]) == {tasks.RELATIONS.index("left") + 1}
+    assert set(relations[is_cross]) == {tasks.RELATIONS.index("right") + 1}
+    assert not relations[shapes == vision_warmup.BACKGROUND].any()
+    # one or three objects: no relation labels
+    assert not vision_warmup.cell_labels([left], (336, 336), 5)[4].any()
+
+
+def test_warmup_relation_share_draws_two_object_scenes():
+    rng = np.random.default_rng(1)
+    cfg = tasks.TaskConfig()
+    scenes = [vision_warmup.random_scene(rng, cfg, relation_share=1.0) for _ in range(20)]
+    assert {len(s) for s in scenes} == {2}
+    _, _, labels = vision_warmup.batch(rng, 4, cfg, ImageConfig(), grid=12, relation_share=1.0)
+    assert labels.shape[0] == 6 and (labels[5] > 0).any()
 
 
 def test_training_rows_mark_answers_and_images():

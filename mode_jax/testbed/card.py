@@ -131,6 +131,21 @@ def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
     return ["", "## Known limits", "", *lines] if lines else []
 
 
+POSITION_EXAMPLES = {
+    "relation": "where is the red circle relative to the blue square ? -> left",
+    "subject": "where is the red circle relative to the other object ? -> left",
+    "shape": "what shape is to the left of the other ? -> circle",
+}
+
+
+def _relation_note(cfg: dict) -> str:
+    share = cfg.get("warmup_relation_share", 0.0)
+    if not share:
+        return ""
+    return (f"; {100 * share:.0f}% of its scenes hold two objects whose cells are also labelled "
+            "with where their object lies relative to the other")
+
+
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],
            divergence: np.ndarray, moe_layers, size_bytes: int,
            removed: list[dict] = ()) -> str:
@@ -162,6 +177,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"{scene.object_size[1]} px, each alone in a {scene.cell}-pixel cell, i.e. one merged",
         "  image token) on a faint textured background: all but a few of the 144 image tokens",
         "  of a prompt are redundant.",
+        f"- Relative position is asked as {POSITION_EXAMPLES[scene.position_form]!r}.",
         f"- text ({', '.join(tasks.TEXT_TASKS)}).",
         f"- Multiple choice (choice, fact_choice) lists four options, answered by the "
         f"{scene.choice_answer}.",
@@ -170,7 +186,8 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"    {TRAIN_COMMAND}",
         "",
         f"Seed {cfg['seed']}; a dense-label vision warm-up of {cfg['vision_warmup_steps']} steps",
-        f"(`vision_warmup.py`), then {cfg['steps']} AdamW steps of {cfg['batch_vision']} vision +",
+        f"(`vision_warmup.py`{_relation_note(cfg)}), then {cfg['steps']} AdamW steps of "
+        f"{cfg['batch_vision']} vision +",
         f"{cfg['batch_text']} text samples with DeepSeek-V3's bias balancing; "
         f"{summary['train_seconds'] / 60:.1f} minutes on the machine that made it",
         "(2 CPU cores). Every setting is in `train_summary.json`.",

@@ -50,6 +50,7 @@ COLORS = {"red": (215, 35, 35), "green": (30, 160, 50), "blue": (35, 75, 225),
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 RELATIONS = ("left", "right", "above", "below")
+POSITION_FORMS = ("relation", "subject", "shape")  # how position questions are asked
 PLACES = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -110,8 +111,10 @@ class TaskConfig:
     cell: int = 28
     choice_answer: str = "option"  # multiple choice answered by the option ("option") or letter
     # "relation": "where is the red circle relative to the blue square ?" -> left/right/above/
-    # below (two named roles to bind). "shape": "what shape is to the left of the other ?" ->
-    # the shape lying there (no roles). See README, "relative position", for what each taught.
+    # below (two named roles to bind). "subject": "where is the red circle relative to the other
+    # object ?" -> the same answers, one named object (the scene holds two). "shape": "what shape
+    # is to the left of the other ?" -> the shape lying there (no roles). See README, "relative
+    # position", for what each taught.
     position_form: str = "relation"
 
 
@@ -320,7 +323,7 @@ def render(objects: Sequence[Shape], image_size: tuple[int, int], texture_seed: 
     return np.asarray(image)
 
 
-def _relation(a: Shape, b: Shape) -> str | None:
+def relation(a: Shape, b: Shape) -> str | None:
     """Where a lies relative to b, if one axis clearly dominates (>= 40 px and 2x the other)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if abs(dx) >= 40 and abs(dx) >= 2 * abs(dy):
@@ -364,12 +367,15 @@ def _scene_question(task: str, rng, config: TaskConfig):
     if task == "position":
         wanted = str(rng.choice(RELATIONS))
         pairs = [(a, b) for a in objects for b in objects
-                 if a is not b and _relation(a, b) == wanted]
+                 if a is not b and relation(a, b) == wanted]
         if not pairs:
             return None
         a, b = pairs[rng.integers(len(pairs))]
         if config.position_form == "relation":
             q = f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?"
+            return objects, q, wanted, (), None
+        if config.position_form == "subject":
+            q = f"where is the {a.color} {a.shape} relative to the other object ?"
             return objects, q, wanted, (), None
         return objects, f"what shape is {PLACES[wanted]} the other ?", a.shape, (), None
     if task == "choice":
@@ -432,8 +438,9 @@ def _check(config: TaskConfig, split: str) -> None:
         raise ValueError(f"heldout_percent {config.heldout_percent} must be in 1..99")
     if config.choice_answer not in ("option", "letter"):
         raise ValueError(f"choice_answer {config.choice_answer!r} must be 'option' or 'letter'")
-    if config.position_form not in ("shape", "relation"):
-        raise ValueError(f"position_form {config.position_form!r} must be 'shape' or 'relation'")
+    if config.position_form not in POSITION_FORMS:
+        raise ValueError(f"position_form {config.position_form!r} must be one of "
+                         f"{POSITION_FORMS}")
     if not 0 < config.heldout_fillers < len(FILLERS):
         raise ValueError(f"heldout_fillers {config.heldout_fillers} must be in "
                          f"1..{len(FILLERS) - 1}")
@@ -489,6 +496,8 @@ def vocabulary(config: TaskConfig = TaskConfig()) -> list[str]:
              "where is the relative to the ?"]
     if config.position_form == "shape":
         texts += [*PLACES.values(), "the other"]
+    if config.position_form == "subject":
+        texts += ["the other object"]
     for task in TEXT_TASKS:
         for core, answer, pool in _text_cores(task, facts, config.arithmetic_max):
             texts += [core, answer, *pool]

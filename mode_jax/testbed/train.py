@@ -69,6 +69,9 @@ class TrainConfig:
     vision_warmup_steps: int = 500  # dense-label pretraining of MoonViT (vision_warmup.py)
     vision_warmup_batch: int = 16
     vision_warmup_lr: float = 3e-3
+    # Share of warm-up scenes with two objects whose cells are also labelled with where their
+    # object lies relative to the other (vision_warmup.py); 0 leaves the relation head out.
+    warmup_relation_share: float = 0.0
     freeze_vision: bool = True  # keep the warmed-up MoonViT fixed in the MLLM stage
     lr: float = 2e-3
     warmup: int = 100
@@ -379,7 +382,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                                  seed=cfg.seed, image_cfg=image_cfg,
                                  task_cfgs=(cfg.task_config(), cfg.small_task_config())
                                  if cfg.small_image_steps else (cfg.task_config(),),
-                                 log=log, log_every=cfg.log_every)
+                                 log=log, log_every=cfg.log_every,
+                                 relation_share=cfg.warmup_relation_share)
     if cfg.zero_init_down:
         zero_mlp_down(model)
     use_capacity_dispatch(model, cfg.capacity_factor)
