@@ -189,18 +189,21 @@ def test_curriculum_switches_scene_size_after_small_image_steps():
 
 
 def test_the_position_form_flag_reaches_tokenizer_and_batches():
-    """`--position_form shape` needs its extra word ("other") in the tokenizer, and its position
-    questions in both scene sizes; the default keeps the shipped tokenizer (240 tokens)."""
-    assert len(train.build_tokenizer()) == 240
-    cfg = train.TrainConfig(position_form="shape", small_image_steps=1, batch_vision_small=8,
-                            batch_vision=8, batch_text=1)
-    tokenizer = train.build_tokenizer(cfg)
-    assert "other" in tokenizer.get_vocab() and len(tokenizer) == 241
-    data = train.Batches(cfg, tokenizer, ImageConfig())
-    other = tokenizer.convert_tokens_to_ids("other")
-    for step in (1, 2):  # small scenes, then full-size ones
-        vision, _ = data.step(step)
-        assert (vision["input_ids"] == other).sum() == train.VISION_MIX.count("position")
+    """The 'subject' (default) and 'shape' forms need their extra word ("other") in the
+    tokenizer, and their position questions in both scene sizes; 'relation' does without it."""
+    assert len(train.build_tokenizer(train.TrainConfig(position_form="relation"))) == 240
+    assert "other" in train.build_tokenizer().get_vocab()  # the shipped (subject) form
+    for form in ("subject", "shape"):
+        cfg = train.TrainConfig(position_form=form, small_image_steps=1, batch_vision_small=8,
+                                batch_vision=8, batch_text=1, vision_mix=("position", "color"),
+                                vision_mix_small=("position", "color"))
+        tokenizer = train.build_tokenizer(cfg)
+        assert "other" in tokenizer.get_vocab() and len(tokenizer) == 241
+        data = train.Batches(cfg, tokenizer, ImageConfig())
+        other = tokenizer.convert_tokens_to_ids("other")
+        for step in (1, 2):  # small scenes, then full-size ones
+            vision, _ = data.step(step)
+            assert (vision["input_ids"] == other).sum() == 4
 
 
 def test_the_vision_mix_flags_set_each_phase():
