@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,8 +52,6 @@ def model_from_artifact(ctx: runner.Context, art: runner.Artifact):
 
 def place(ctx: runner.Context, model):
     """With several devices (or hosts), split the experts over a mesh (mode_jax.sharding)."""
-    import jax
-
     if jax.device_count() > 1:
         from mode_jax import sharding
 
@@ -294,16 +293,12 @@ def method_config(config, entry: str):
 def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "evaluate") -> str:
     """Run every stage up to `final_stage` for each method; returns the report path."""
     if distributed:
-        import jax
-
         jax.distributed.initialize()
     runner.check_workdir(workdir)
     validate(config)
     methods = tuple(config.sweep) or (config.alloc.method,)
     shared: dict = {}  # the full-precision model and its evaluation, shared by the methods
     contexts = []
-    import jax
-
     with jax.default_matmul_precision(config.model.matmul_precision):
         for method in methods:
             ctx = runner.Context(method_config(config, method), workdir, STAGES)

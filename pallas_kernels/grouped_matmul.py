@@ -77,14 +77,12 @@ class BlockConfig:
 # per-op entries (fused = gate/up SwiGLU). Triton per-op entries: the fastest of
 # ``benchmarks.kernels --sweep`` at Kimi-VL shapes, 4 bits, 1/16/512 tokens per expert, on an
 # H100 (2026-11-24); the rest follow the layout (16-row dots at decode, 128-lane N tiles).
-# Re-run the sweep on new hardware.
+# Mosaic has one entry per regime for both ops. Re-run the sweep on new hardware.
 DEFAULT_CONFIGS = {
     ("triton", "decode", True): BlockConfig(16, 128, num_warps=8, num_stages=2, dequant="magic"),
     ("triton", "decode", False): BlockConfig(16, 128, num_warps=4, num_stages=4, dequant="magic"),
     ("triton", "prefill", True): BlockConfig(128, 128, num_warps=8, num_stages=3, dequant="magic"),
     ("triton", "prefill", False): BlockConfig(128, 128, num_warps=4, num_stages=2),
-    ("triton", "decode"): BlockConfig(block_m=16, block_n=128, num_warps=4, num_stages=4),
-    ("triton", "prefill"): BlockConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
     ("mosaic_tpu", "decode"): BlockConfig(block_m=16, block_n=256),
     ("mosaic_tpu", "prefill"): BlockConfig(block_m=128, block_n=256),
 }
@@ -93,7 +91,7 @@ DEFAULT_CONFIGS = {
 def default_config(backend: str, m: int, num_experts: int, fused: bool = False) -> BlockConfig:
     """The frozen config for ``backend``, the op and the regime given by tokens per expert."""
     regime = "decode" if m <= DECODE_MAX_TOKENS_PER_EXPERT * num_experts else "prefill"
-    return DEFAULT_CONFIGS.get((backend, regime, fused), DEFAULT_CONFIGS[(backend, regime)])
+    return DEFAULT_CONFIGS.get((backend, regime, fused)) or DEFAULT_CONFIGS[(backend, regime)]
 
 
 def candidate_configs(backend: str) -> list[BlockConfig]:

@@ -131,11 +131,10 @@ def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
     return ["", "## Known limits", "", *lines] if lines else []
 
 
-POSITION_EXAMPLES = {
-    "relation": "where is the red circle relative to the blue square ? -> left",
-    "subject": "where is the red circle relative to the other object ? -> left",
-    "shape": "what shape is to the left of the other ? -> circle",
-}
+def _position_example(form: str) -> str:
+    question, answer = tasks.position_question(form, tasks.Shape("circle", "red", 60, 100, 12),
+                                               tasks.Shape("square", "blue", 200, 100, 12))
+    return f"{question} -> {answer}"
 
 
 def _relation_note(cfg: dict) -> str:
@@ -177,7 +176,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"{scene.object_size[1]} px, each alone in a {scene.cell}-pixel cell, i.e. one merged",
         "  image token) on a faint textured background: all but a few of the 144 image tokens",
         "  of a prompt are redundant.",
-        f"- Relative position is asked as {POSITION_EXAMPLES[scene.position_form]!r}.",
+        f"- Relative position is asked as {_position_example(scene.position_form)!r}.",
         f"- text ({', '.join(tasks.TEXT_TASKS)}).",
         f"- Multiple choice (choice, fact_choice) lists four options, answered by the "
         f"{scene.choice_answer}.",

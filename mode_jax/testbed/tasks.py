@@ -323,6 +323,16 @@ def render(objects: Sequence[Shape], image_size: tuple[int, int], texture_seed: 
     return np.asarray(image)
 
 
+def position_question(form: str, a: Shape, b: Shape) -> tuple[str, str]:
+    """(question, answer) about where `a` lies relative to `b` in `form` (POSITION_FORMS)."""
+    where = relation(a, b)
+    if form == "relation":
+        return f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?", where
+    if form == "subject":
+        return f"where is the {a.color} {a.shape} relative to the other object ?", where
+    return f"what shape is {PLACES[where]} the other ?", a.shape
+
+
 def relation(a: Shape, b: Shape) -> str | None:
     """Where a lies relative to b, if one axis clearly dominates (>= 40 px and 2x the other)."""
     dx, dy = a.cx - b.cx, a.cy - b.cy
@@ -371,13 +381,7 @@ def _scene_question(task: str, rng, config: TaskConfig):
         if not pairs:
             return None
         a, b = pairs[rng.integers(len(pairs))]
-        if config.position_form == "relation":
-            q = f"where is the {a.color} {a.shape} relative to the {b.color} {b.shape} ?"
-            return objects, q, wanted, (), None
-        if config.position_form == "subject":
-            q = f"where is the {a.color} {a.shape} relative to the other object ?"
-            return objects, q, wanted, (), None
-        return objects, f"what shape is {PLACES[wanted]} the other ?", a.shape, (), None
+        return objects, *position_question(config.position_form, a, b), (), None
     if task == "choice":
         if rng.integers(2):
             q, answer, pool = f"what color is the {target.shape} ?", target.color, list(COLORS)
