@@ -4,9 +4,10 @@
 
 Trains the testbed's language model (no images: the text family only, the testbed recipe's
 optimiser, balancing and capacity dispatch) with a chosen knowledge load (`--names`,
-`--arithmetic_max`) and expert shape (`--expert_width`, `--shared_experts`), then prints the
-held-out accuracy per task of the trained model, of the model with its routed or its shared
-experts switched off, and of uniform round-to-nearest at 2, 3 and 4 bits on the routed experts.
+`--arithmetic_max`) and expert layout (`--expert_width`, `--shared_experts`, `--experts`,
+`--top_k`), then prints the held-out accuracy per task of the trained model, of the model with
+its routed or its shared experts switched off, and of uniform round-to-nearest at 2, 3 and 4
+bits on the routed experts.
 A few minutes per run on 2 CPU cores: the quick way to try a recipe before the 35-minute
 multimodal retrain (`train.py`), which shares every function used here.
 """
@@ -37,6 +38,8 @@ class ProbeConfig:
     arithmetic_max: int = 9
     expert_width: int = 128
     shared_experts: int = 1
+    experts: int = 16
+    top_k: int = 2
     steps: int = 600
     batch: int = 48
     lr: float = 2e-3
@@ -66,7 +69,8 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
     config = train.model_config(vocab_size=train.vocab_size_for(tokenizer),
                                 image_token_id=tok_lib.image_token_id(tokenizer))
     config = dataclasses.replace(config, text=dataclasses.replace(
-        config.text, moe_intermediate_size=cfg.expert_width, n_shared_experts=cfg.shared_experts))
+        config.text, moe_intermediate_size=cfg.expert_width, n_shared_experts=cfg.shared_experts,
+        n_routed_experts=cfg.experts, num_experts_per_tok=cfg.top_k))
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     train.zero_mlp_down(model)
     train.use_capacity_dispatch(model, 2.0)
@@ -85,7 +89,7 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
         model = mode_jax.load(tmp)
     data = harness.encode(tasks.generate("heldout", cfg.eval_samples, cfg.seed, task_cfg),
                           tokenizer, image_cfg)
-    full = harness.evaluate(model, data)
+    full = harness.evaluate(model, data, routing=True)  # expert counts, for the record
     results = {"full precision": full}
     for part in ("routed", "shared"):
         if part == "routed" or cfg.shared_experts:
