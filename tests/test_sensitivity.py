@@ -89,6 +89,27 @@ def test_vmapped_costs_equal_per_expert_loop():
     np.testing.assert_allclose(only_mse["vision"], want["expert_mse_vision"], rtol=2e-4)
 
 
+def test_stacked_costs_equal_the_per_expert_loop_of_each_layer(caplog):
+    """Two layers dispatched together (one of them starving expert 2 of vision tokens) give
+    each layer's loop figures, in layer order, and log the starved expert under its layer id."""
+    rng = np.random.default_rng(3)
+    layers = [(_tokens(rng), *_experts(rng)), (_tokens(rng, starve=2), *_experts(rng))]
+    runs = []
+    for tokens, gate_up, down in layers:
+        gu, dn = jnp.asarray(gate_up), jnp.asarray(down)
+        runs.append((tokens, gu, dn, *sens.quantize_layer(gu, dn, BITS, GROUP)))
+    with caplog.at_level(logging.INFO, logger="mode_jax.calib.sensitivity"):
+        got = sens.stacked_costs(runs, num_samples=2, layer_ids=[4, 9], chunk=4)
+    for j, (tokens, gate_up, down) in enumerate(layers):
+        want = _loop_costs(tokens, gate_up, down, num_samples=2)
+        for k in want:
+            assert got[k].shape == (2, E, len(BITS))
+            np.testing.assert_allclose(got[k][j], want[k], rtol=2e-4, atol=1e-9, err_msg=k)
+    assert "MoE layer 9: experts [2] received no vision token" in caplog.text
+    with pytest.raises(ValueError, match="at least one layer"):
+        sens.stacked_costs([], num_samples=1)
+
+
 def test_expert_without_modality_tokens_is_zero_and_logged(caplog):
     rng = np.random.default_rng(1)
     gate_up, down = _experts(rng)

@@ -311,14 +311,13 @@ def token_costs(model, cache: TokenCache, bits, group_size: int, *, chunk: int =
     """The token-level estimators stacked over MoE layers, each `[L_moe, E, B]`."""
     bits = sensitivity.check_bits(bits)
     text = text_model(model)
-    rows = []
-    for tokens, layer in zip(cache.layers, text.config.moe_layers, strict=True):
+    layers = text.config.moe_layers
+    runs = []
+    for tokens, layer in zip(cache.layers, layers, strict=True):
         gu, dn = _layer_experts(text, layer)
-        guq, dnq = sensitivity.quantize_layer(gu, dn, bits, group_size)
-        rows.append(sensitivity.layer_costs(tokens, gu, dn, guq, dnq,
-                                            num_samples=cache.num_samples, layer=layer,
-                                            chunk=chunk))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        runs.append((tokens, gu, dn, *sensitivity.quantize_layer(gu, dn, bits, group_size)))
+    return sensitivity.stacked_costs(runs, num_samples=cache.num_samples, layer_ids=layers,
+                                     chunk=chunk)
 
 
 # ---------------------------------------------------------------- stage 2: exact logit KL

@@ -142,34 +142,68 @@ def _expert_sums(rows, w, valid, x, modality, g2f, g2l, gate_up, down, gate_up_q
 
 
 @jax.jit
-def _layer_sums(tokens, index, weight, valid, gate_up, down, gate_up_q, down_q):
-    """`_expert_sums` vmapped over the experts given (index etc. [e, C], gate_up_q [B, e, ...])."""
+def _layer_sums(tokens, sel, index, weight, valid, gate_up, down, gate_up_q, down_q):
+    """`_expert_sums` vmapped over the experts `sel` [e] (index etc. [e, C]; the weights are the
+    whole layer's, gathered here so that a chunk costs one dispatch)."""
 
     def one(rows, w, ok, gu, dn, guq, dnq):
         return _expert_sums(rows, w, ok, tokens.x, tokens.modality, tokens.g2_fisher,
                             tokens.g2_loss, gu, dn, guq, dnq)
 
     axes = (0, 0, 0, 0, 0, 1, 1)
-    return jax.vmap(one, in_axes=axes)(index, weight, valid, gate_up, down, gate_up_q, down_q)
+    return jax.vmap(one, in_axes=axes)(index, weight, valid, gate_up[sel], down[sel],
+                                       gate_up_q[:, sel], down_q[:, sel])
 
 
-def _chunked_sums(tokens: LayerTokens, buffers: ExpertBuffers, gate_up, down, gate_up_q,
-                  down_q, chunk: int) -> dict[str, np.ndarray]:
-    """`_layer_sums` over chunks of `chunk` experts taken busiest first, each chunk's buffers
-    cut to its own busiest expert (rounded up to a power of two): a vmapped call per chunk,
-    padding bounded by the load imbalance within a chunk rather than across the layer."""
-    dev = jax.tree.map(jnp.asarray, tokens)
+class _Launched(NamedTuple):
+    """One layer's chunked sums, dispatched and not yet waited for."""
+
+    parts: list  # per chunk, a dict of device arrays [e, B, ...]
+    order: np.ndarray  # the experts of the concatenated parts
+    counts: np.ndarray  # [E, 2] text / key-vision tokens per expert
+    shape: tuple[int, int]  # (tokens, hidden dim) of the layer cache
+
+
+def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int) -> _Launched:
+    """Dispatch `_layer_sums` over chunks of `chunk` experts taken busiest first, each chunk's
+    buffers cut to its own busiest expert (rounded up to a power of two): padding is bounded by
+    the load imbalance within a chunk rather than across the layer. Nothing here waits for the
+    device, so the layers of a pass overlap and the host syncs once (`_collect`)."""
+    buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
+    dev = jax.device_put(tokens)
     counts = buffers.valid.sum(1)
     order = np.argsort(-counts, kind="stable")
     parts = []
     for start in range(0, len(order), chunk):
         sel = order[start:start + chunk]
         cap = min(buffers.index.shape[1], int(2 ** np.ceil(np.log2(max(counts[sel].max(), 8)))))
-        cut = [jnp.asarray(a[sel, :cap]) for a in buffers]
-        parts.append(_layer_sums(dev, *cut, gate_up[sel], down[sel], gate_up_q[:, sel],
-                                 down_q[:, sel]))
-    joined = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-    return {k: v[np.argsort(order)] for k, v in joined.items()}
+        cut = jax.device_put((sel.astype(np.int32), *(a[sel, :cap] for a in buffers)))
+        parts.append(_layer_sums(dev, *cut, gate_up, down, gate_up_q, down_q))
+    return _Launched(parts, order, modality_counts(tokens, buffers), tokens.x.shape)
+
+
+def _collect(launched: list[_Launched], num_samples: int, layers) -> list[dict[str, np.ndarray]]:
+    """Wait once for every launched layer and turn its sums into the estimators."""
+    fetched = jax.device_get([run.parts for run in launched])
+    out = []
+    for run, parts, layer in zip(launched, fetched, layers, strict=True):
+        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        sums = {k: v[np.argsort(run.order)] for k, v in joined.items()}
+        note_empty(run.counts, layer)
+        out.append(_estimators(sums, run.counts, run.shape, num_samples))
+    return out
+
+
+def _estimators(sums, counts, shape, num_samples: int) -> dict[str, np.ndarray]:
+    mse = np.asarray(sums["mse"], np.float64) / np.maximum(counts, 1)[:, None, :]
+    n_tok, dim = shape
+    out = {f"expert_mse_{m}": mse[..., i] for i, m in enumerate(MODALITIES)}
+    out["pmq_err"] = np.asarray(sums["pmq"], np.float64) / max(n_tok * dim, 1)
+    if "fisher" in sums:
+        fisher = 0.5 * np.asarray(sums["fisher"], np.float64) / max(num_samples, 1)
+        out.update({f"fisher_{m}": fisher[..., i] for i, m in enumerate(MODALITIES)})
+        out["gemq_cost"] = np.asarray(sums["gemq"], np.float64) / max(num_samples, 1)
+    return out
 
 
 def modality_counts(tokens: LayerTokens, buffers: ExpertBuffers) -> np.ndarray:
@@ -205,19 +239,25 @@ def layer_costs(
     of fisher and gemq). Returns expert_mse_{text,vision}, pmq_err and, when `tokens` carry
     gradients, fisher_{text,vision} and gemq_cost.
     """
-    buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
-    sums = _chunked_sums(tokens, buffers, gate_up, down, gate_up_q, down_q, chunk)
-    counts = modality_counts(tokens, buffers)
-    note_empty(counts, layer)
-    mse = np.asarray(sums["mse"], np.float64) / np.maximum(counts, 1)[:, None, :]
-    n_tok, dim = tokens.x.shape
-    out = {f"expert_mse_{m}": mse[..., i] for i, m in enumerate(MODALITIES)}
-    out["pmq_err"] = np.asarray(sums["pmq"], np.float64) / max(n_tok * dim, 1)
-    if "fisher" in sums:
-        fisher = 0.5 * np.asarray(sums["fisher"], np.float64) / max(num_samples, 1)
-        out.update({f"fisher_{m}": fisher[..., i] for i, m in enumerate(MODALITIES)})
-        out["gemq_cost"] = np.asarray(sums["gemq"], np.float64) / max(num_samples, 1)
-    return out
+    run = _launch(tokens, gate_up, down, gate_up_q, down_q, chunk)
+    return _collect([run], num_samples, [layer])[0]
+
+
+def stacked_costs(layers, *, num_samples: int, layer_ids=None, chunk: int = 16
+                  ) -> dict[str, np.ndarray]:
+    """`layer_costs` of several MoE layers, each estimator stacked `[L, E, B]`.
+
+    layers: one `(tokens, gate_up, down, gate_up_q, down_q)` per layer. Every layer is
+    dispatched before the host waits for any, so a pass costs one device sync, not one per
+    layer (on a GPU the syncs and small transfers, not the arithmetic, dominate at testbed size).
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("stacked_costs needs at least one layer")
+    ids = list(layer_ids) if layer_ids is not None else list(range(len(layers)))
+    launched = [_launch(*layer, chunk) for layer in layers]
+    rows = _collect(launched, num_samples, ids)
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def expert_mse(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, *, layer=None,
