@@ -1,6 +1,7 @@
 """Training-only pieces of the testbed: the capacity dispatch against the model's dense experts,
 the vision warm-up labels against the scene geometry, the training batches' masks."""
 
+import dataclasses
 import json
 
 import jax
@@ -265,3 +266,21 @@ def test_command_line_flags_reach_the_train_config(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as bad:
         train.main(["--out", str(tmp_path), "--vision_mix", "colour"])
     assert bad.value.code == 2
+
+
+def test_command_line_round_trips_through_the_parser(monkeypatch):
+    """The card's training command, run, rebuilds the recorded config (defaults left out)."""
+    cfg = train.TrainConfig(steps=1900, small_image_size=(112, 112), freeze_vision=False,
+                            lr=1e-3, attention_heads=8, vision_mix=("color", "shape"))
+    line = train.command_line(cfg)
+    assert line.startswith("python -m mode_jax.testbed.train --out checkpoints/testbed --")
+    assert "--seed" not in line and "--freeze_vision false" in line
+    assert train.command_line(train.TrainConfig()) == card.TRAIN_COMMAND
+    seen = []
+    monkeypatch.setattr(train, "train", lambda c, out, log: seen.append((c, out)))
+    train.main(line.split()[3:])
+    assert seen == [(cfg, "checkpoints/testbed")]
+    recorded = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as train_summary.json holds it
+    assert card.train_command(recorded) == line
+    del recorded["attention_heads"]  # a summary written before that flag existed
+    assert "older recipe" in card.train_command(recorded)

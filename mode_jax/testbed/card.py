@@ -12,6 +12,7 @@ retrained checkpoint always carries its own card.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +27,17 @@ from mode_jax.testbed import tasks
 from mode_jax.testbed import tokenizer as tok_lib
 
 TRAIN_COMMAND = "python -m mode_jax.testbed.train --out checkpoints/testbed"
+
+
+def train_command(train_config: dict) -> str:
+    """The train.py command of a recorded `train_config` (train_summary.json)."""
+    from mode_jax.testbed import train  # train imports this module
+
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    if set(train_config) != fields:  # recorded by an older train.py
+        return TRAIN_COMMAND + "  (older recipe: see train_summary.json for its settings)"
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in train_config.items()}
+    return train.command_line(train.TrainConfig(**cfg))
 
 
 def heldout(checkpoint: Path, samples: int):
@@ -182,7 +194,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"{scene.choice_answer}.",
         "",
         "## Training",
-        f"    {TRAIN_COMMAND}",
+        f"    {train_command(cfg)}",
         "",
         f"Seed {cfg['seed']}; a dense-label vision warm-up of {cfg['vision_warmup_steps']} steps",
         f"(`vision_warmup.py`{_relation_note(cfg)}), then {cfg['steps']} AdamW steps of "

@@ -446,6 +446,23 @@ def _flag_type(default):
     return parse
 
 
+def _flag_text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def command_line(cfg: TrainConfig, out: str = "checkpoints/testbed") -> str:
+    """The command that trains `cfg`: the recipe's defaults are left out, so the shipped
+    checkpoint's card shows the bare command and a probe run's card shows its flags."""
+    defaults = TrainConfig()
+    flags = [f"--{f.name} {_flag_text(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
+             if getattr(cfg, f.name) != getattr(defaults, f.name)]
+    return " ".join(["python -m mode_jax.testbed.train --out", out, *flags])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
