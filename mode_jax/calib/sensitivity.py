@@ -187,8 +187,8 @@ def _collect(launched: list[_Launched], num_samples: int, layers) -> list[dict[s
     fetched = jax.device_get([run.parts for run in launched])
     out = []
     for run, parts, layer in zip(launched, fetched, layers, strict=True):
-        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        sums = {k: v[np.argsort(run.order)] for k, v in joined.items()}
+        back = np.argsort(run.order)  # chunk order -> expert order
+        sums = {k: np.concatenate([p[k] for p in parts])[back] for k in parts[0]}
         note_empty(run.counts, layer)
         out.append(_estimators(sums, run.counts, run.shape, num_samples))
     return out
