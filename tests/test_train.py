@@ -256,13 +256,14 @@ def test_a_warmup_as_long_as_the_run_is_a_clear_error(tmp_path):
 def test_command_line_flags_reach_the_train_config(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(train, "train", lambda cfg, out, log: seen.append(cfg))
-    train.main(["--out", str(tmp_path), "--attention_heads", "8", "--position_form", "shape",
-                "--vision_mix", "color", "shape"])
+    train.main(["--out", str(tmp_path), "--attention_heads", "8", "--head_dim", "16",
+                "--position_form", "shape", "--vision_mix", "color", "shape"])
     (cfg,) = seen
-    assert (cfg.attention_heads, cfg.position_form, cfg.vision_mix) == (8, "shape",
-                                                                         ("color", "shape"))
+    assert (cfg.attention_heads, cfg.head_dim, cfg.position_form, cfg.vision_mix) == (
+        8, 16, "shape", ("color", "shape"))
     assert cfg.vision_mix_small == train.VISION_MIX
-    assert train.model_config(attention_heads=8).text.num_attention_heads == 8
+    text = train.model_config(attention_heads=8, head_dim=16).text
+    assert (text.num_attention_heads, text.qk_nope_head_dim, text.v_head_dim) == (8, 16, 16)
     with pytest.raises(SystemExit) as bad:
         train.main(["--out", str(tmp_path), "--vision_mix", "colour"])
     assert bad.value.code == 2

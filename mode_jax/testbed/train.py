@@ -90,6 +90,7 @@ class TrainConfig:
     zero_init_down: bool = True
     position_form: str = "subject"  # how position questions are asked (tasks.TaskConfig)
     attention_heads: int = 4  # of the language model (model_config)
+    head_dim: int = 32  # its query-key (no-rope part) and value width per head
     # Vision sub-task shares per batch on full-size and on small (curriculum) scenes.
     vision_mix: tuple[str, ...] = VISION_MIX
     vision_mix_small: tuple[str, ...] = VISION_MIX
@@ -123,7 +124,7 @@ def vocab_size_for(tokenizer) -> int:
 
 
 def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12,
-                 attention_heads: int = 4) -> KimiVLConfig:
+                 attention_heads: int = 4, head_dim: int = 32) -> KimiVLConfig:
     """The testbed architecture: Kimi-VL's layout at toy width (experts hold ~75% of weights).
 
     The dense first layer is only 32 wide, so the facts have to live in the routed experts:
@@ -134,10 +135,9 @@ def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12,
     """
     text = TextConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=attention_heads, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32, q_lora_rank=None, moe_intermediate_size=128, n_routed_experts=16,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        num_attention_heads=attention_heads, kv_lora_rank=64, qk_nope_head_dim=head_dim,
+        qk_rope_head_dim=16, v_head_dim=head_dim, q_lora_rank=None, moe_intermediate_size=128,
+        n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
         scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
         routed_scaling_factor=2.446, rms_norm_eps=1e-5, rope_theta=10000.0)
     vision = VisionConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
@@ -372,7 +372,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     image_cfg = ImageConfig()
     config = model_config(vocab_size=vocab_size_for(tokenizer),
                           image_token_id=tok_lib.image_token_id(tokenizer),
-                          attention_heads=cfg.attention_heads)
+                          attention_heads=cfg.attention_heads, head_dim=cfg.head_dim)
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     pos = model.vision_tower.pos_emb  # N(0, 1) would drown the patch content at the start
     pos.set_value(pos.get_value() * cfg.pos_emb_init)
