@@ -339,10 +339,27 @@ def test_only_selected_tasks():
     (dict(object_size=(14, 14)), "cell 28 must divide"),
     (dict(cell=40), "cell 40 must divide"),
     (dict(max_objects=5), "max_objects"),
+    (dict(min_objects=0), "min_objects 0"),
+    (dict(min_objects=4), "min_objects 4"),
 ])
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tasks.generate("train", 1, seed=0, config=tasks.TaskConfig(**kwargs))
+
+
+def test_min_objects_sets_the_fewest_objects_of_look_up_scenes():
+    """Scenes read back by the independent reader: colour, shape and choice scenes hold
+    min_objects..max_objects objects; count and position scenes keep their own rules."""
+    seen = {}
+    for fewest in (1, 3):
+        config = tasks.TaskConfig(min_objects=fewest, max_objects=3)
+        for s in tasks.generate("train", 60, seed=5, config=config):
+            if s.family == "vision":
+                seen.setdefault((fewest, s.task), set()).add(len(read_scene(s.image)))
+    for task in ("color", "shape", "choice"):
+        assert seen[(1, task)] == {1, 2, 3} and seen[(3, task)] == {3}
+    assert seen[(3, "position")] == {2}
+    assert min(seen[(3, "count")]) < 3  # count scenes still draw their own object numbers
 
 
 def test_bad_split_raises():

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import ndimage
 
 from mode_jax.models import moe
 from mode_jax.models.deepseek_v3 import MLP
@@ -219,6 +220,31 @@ def test_the_vision_mix_flags_set_each_phase():
         train.TrainConfig(vision_mix=("colour",))
     with pytest.raises(ValueError, match="vision_mix_small=\\(\\)"):
         train.TrainConfig(vision_mix_small=())
+
+
+def test_train_min_objects_shapes_training_scenes_not_the_probes():
+    """Training look-up scenes get at least train_min_objects objects in both scene sizes; the
+    held-out probes are drawn like the held-out split (one-object scenes included)."""
+    cfg = train.TrainConfig(train_min_objects=3, vision_mix=("shape",),
+                            vision_mix_small=("color",))
+    data = train.Batches(cfg, None, ImageConfig())
+    for name in ("vision", "vision_small"):
+        assert data.configs[name].min_objects == 3
+        assert data.probe_configs[name].min_objects == 1
+        samples = tasks.generate("train", 8, 0, data.configs[name])
+        assert [_objects(s.image) for s in samples] == [3] * 8
+    probes = tasks.generate("heldout", 40, 0, data.probe_configs["vision"])
+    assert {_objects(s.image) for s in probes} == {1, 2, 3}
+    assert train.TrainConfig().training_configs()["vision"] == train.TrainConfig().task_config(
+        train.VISION_MIX)  # the default recipe trains on the held-out suite's scenes
+    with pytest.raises(ValueError, match="train_min_objects=4"):
+        train.TrainConfig(train_min_objects=4)
+
+
+def _objects(image) -> int:
+    """Saturated blobs on the pale background (objects never touch: one per 28-pixel cell)."""
+    img = image.astype(int)
+    return ndimage.label(img.max(-1) - img.min(-1) > 60)[1]
 
 
 @pytest.mark.slow

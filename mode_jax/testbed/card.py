@@ -157,6 +157,14 @@ def _relation_note(cfg: dict) -> str:
             "with where their object lies relative to the other")
 
 
+def _min_objects_note(cfg: dict) -> list[str]:
+    fewest = cfg.get("train_min_objects", 1)
+    if fewest == 1:
+        return []
+    return [f"Training scenes of colour, shape and choice questions hold {fewest} or more objects",
+            "(the held-out ones 1 or more): a lone object asks for no look-up."]
+
+
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],
            divergence: np.ndarray, moe_layers, size_bytes: int,
            removed: list[dict] = ()) -> str:
@@ -202,6 +210,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"{cfg['batch_text']} text samples with DeepSeek-V3's bias balancing; "
         f"{summary['train_seconds'] / 60:.1f} minutes on the machine that made it",
         "(2 CPU cores). Every setting is in `train_summary.json`.",
+        *_min_objects_note(cfg),
         "",
         f"## Held-out accuracy ({full['n']} samples, greedy decoding, exact match)",
         "",

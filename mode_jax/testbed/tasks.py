@@ -105,6 +105,10 @@ class TaskConfig:
     arithmetic_max: int = 9
     object_size: tuple[int, int] = (10, 12)  # object half-size range in pixels
     max_objects: int = 3  # 2..4 objects per scene; count answers are 0..max_objects
+    # Fewest objects in a colour, shape or choice scene (1..max_objects). A one-object scene
+    # asks no look-up ("the red object" is the only one), so training may set 2 to spend every
+    # such question on finding the named object; count and position scenes ignore it.
+    min_objects: int = 1
     # 0: objects anywhere. > 0: every object sits in its own cell of this many pixels (28 is
     # one merged image token), with the 8 cells around it left empty, so one image token holds
     # one whole object; object_size must then fit: 2 * high + 2 <= cell.
@@ -365,7 +369,8 @@ def _scene_question(task: str, rng, config: TaskConfig):
         return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None
     # A position question's scene holds exactly its two objects: "where is a relative to b"
     # then needs a's place against the scene's other object, not a search among distractors.
-    n = 2 if task == "position" else int(rng.integers(1, config.max_objects + 1))
+    n = 2 if task == "position" else int(rng.integers(config.min_objects,
+                                                       config.max_objects + 1))
     objects = place(rng, _distinct_kinds(rng, n), config)
     if objects is None:
         return None
@@ -435,6 +440,9 @@ def _check(config: TaskConfig, split: str) -> None:
                         or 2 * high + 2 > config.cell):
         raise ValueError(f"cell {config.cell} must divide image_size {config.image_size} and "
                          f"hold the largest object: 2 * {high} + 2 <= cell")
+    if not 1 <= config.min_objects <= config.max_objects:
+        raise ValueError(f"min_objects {config.min_objects} must be in 1..max_objects "
+                         f"({config.max_objects})")
     if not 2 <= config.max_objects <= len(SHAPES):
         raise ValueError(f"max_objects {config.max_objects} must be in 2..{len(SHAPES)} (scenes "
                          "with distinct shapes; position questions need two objects)")

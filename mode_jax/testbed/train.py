@@ -94,6 +94,10 @@ class TrainConfig:
     # Vision sub-task shares per batch on full-size and on small (curriculum) scenes.
     vision_mix: tuple[str, ...] = VISION_MIX
     vision_mix_small: tuple[str, ...] = VISION_MIX
+    # Fewest objects in a training scene of a colour, shape or choice question (the held-out
+    # split keeps the suite's 1..max_objects): one-object scenes teach no look-up, and looking
+    # up an object by its colour is the skill the LM learns last (README, "testbed").
+    train_min_objects: int = 1
 
     def __post_init__(self):
         for name in ("vision_mix", "vision_mix_small"):
@@ -102,6 +106,10 @@ class TrainConfig:
             if not mix or unknown:
                 raise ValueError(f"{name}={mix}: needs one or more of {tasks.VISION_TASKS}"
                                  + (f"; unknown {unknown}" if unknown else ""))
+        most = tasks.TaskConfig().max_objects
+        if not 1 <= self.train_min_objects <= most:
+            raise ValueError(f"train_min_objects={self.train_min_objects}: must be in 1..{most} "
+                             "(the suite's max_objects)")
 
     def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
         """The task suite's default settings (`family_tasks` picks the mix; a repeat doubles a
@@ -113,6 +121,15 @@ class TrainConfig:
         """The curriculum's small scenes."""
         return tasks.TaskConfig(tasks=family_tasks, image_size=self.small_image_size,
                                 position_form=self.position_form)
+
+    def training_configs(self) -> dict[str, tasks.TaskConfig]:
+        """The generator settings of the training batches per family ("vision", "vision_small",
+        "text"): the held-out settings with the training mixes and `train_min_objects`."""
+        fewest = {"min_objects": self.train_min_objects}
+        return {"vision": dataclasses.replace(self.task_config(self.vision_mix), **fewest),
+                "vision_small": dataclasses.replace(self.small_task_config(self.vision_mix_small),
+                                                    **fewest),
+                "text": self.task_config(TEXT_MIX)}
 
 
 VOCAB_SIZE = 256  # the default task suite's 240 tokens, rounded up to a multiple of 64
@@ -245,16 +262,18 @@ class Batches:
 
     def __init__(self, cfg: TrainConfig, tokenizer, image_cfg: ImageConfig):
         self.cfg, self.tokenizer, self.image_cfg = cfg, tokenizer, image_cfg
-        self.configs = {"vision": cfg.task_config(cfg.vision_mix),
-                        "vision_small": cfg.small_task_config(cfg.vision_mix_small),
-                        "text": cfg.task_config(TEXT_MIX)}
+        self.configs = cfg.training_configs()
+        # Held-out probes are drawn as the held-out split is (no train_min_objects).
+        self.probe_configs = {"vision": cfg.task_config(cfg.vision_mix),
+                              "vision_small": cfg.small_task_config(cfg.vision_mix_small),
+                              "text": cfg.task_config(TEXT_MIX)}
         self.lengths = {"vision": 184, "vision_small": 80, "text": 40}
 
     def family(self, name: str, split: str, n: int, seed: int
                ) -> tuple[dict[str, np.ndarray], list[str]]:
         """(encode_rows batch, each row's task) of `n` fresh samples of one family
         ("vision", "vision_small" or "text")."""
-        config = self.configs[name]
+        config = (self.configs if split == "train" else self.probe_configs)[name]
         samples = tasks.generate(split, n, seed, config)
         rows = encode_rows(samples, self.tokenizer, self.image_cfg, self.lengths[name])
         self.lengths[name] = rows["input_ids"].shape[1]
