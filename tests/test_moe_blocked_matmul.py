@@ -43,6 +43,25 @@ def test_blocked_matmul_matches_ragged_dot_and_a_loop(name):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("blocks", [True, False])
+@pytest.mark.parametrize("name", CASES)
+def test_grouped_gram_matches_a_per_group_loop(name, blocks):
+    """x_g^T x_g per group, both paths; rows past the groups (here NaN) are never read."""
+    sizes = np.asarray(CASES[name], np.int32)
+    rows = max(int(sizes.sum()), 1) + (3 if name == "rows past the groups" else 0)
+    rng = np.random.default_rng(len(name) + 1)
+    x = rng.normal(size=(rows, 21)).astype(np.float32)
+    x[int(sizes.sum()):] = np.nan
+    got = np.asarray(gm.grouped_gram(jnp.asarray(x), jnp.asarray(sizes), blocks=blocks))
+    want, start = np.zeros((len(sizes), 21, 21)), 0
+    for g, n in enumerate(sizes):
+        part = x[start:start + n].astype(np.float64)
+        want[g] = part.T @ part
+        start += n
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_blocked_matmul_keeps_bf16_and_preferred_type():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(20, 16)), jnp.bfloat16)

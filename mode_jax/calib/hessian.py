@@ -8,9 +8,10 @@ divides, giving `H = 2/n sum_t x_t x_t^T` (the GPTQ reference's normalisation, o
   the real tokens routed to it. Gate and up share the input x, so one `[E, D, D]` Hessian
   serves both; the down projection's `[E, F, F]` Hessian uses each expert's own intermediate
   activations `silu(x Wg_e) * (x Wu_e)` over its tokens (pass the already-quantized gate_up in
-  layer-sequential GPTQ). Experts are vmapped with a routing mask (each expert computes on all
-  T tokens and masks, E/k times the routed work; `expert_chunk` bounds the memory). An expert
-  with no token keeps count 0 and a zero Hessian: gptq_quantize falls back to RTN for it.
+  layer-sequential GPTQ). The (token, slot) pairs are sorted by expert and each expert's Gram
+  matrices are built from its own rows (`grouped_matmul.grouped_gram`), so the work is that of
+  the routed pairs, not E/k times it as masking every expert over all tokens would be. An
+  expert with no token keeps count 0 and a zero Hessian: gptq_quantize falls back to RTN for it.
 
 Masked tokens are excluded with `where`, so padding may hold any value (even NaN).
 All sums are float32 with HIGHEST matmul precision (no TF32/bf16 passes on accelerators).
@@ -23,6 +24,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mode_jax.models import grouped_matmul, moe
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -79,20 +82,14 @@ def update_dense(state: HessianState, x, mask=None) -> HessianState:
     return HessianState(state.h_sum + _gram(x, mask), state.count + mask.sum(dtype=jnp.int32))
 
 
-def routed_mask(ids, mask, num_experts: int):
-    """[E, T] bool: token t is real and routed to expert e (ids [T, k], mask [T])."""
-    hit = ids[None, :, :] == jnp.arange(num_experts)[:, None, None]
-    return hit.any(axis=-1) & mask[None, :]
-
-
-@functools.partial(jax.jit, static_argnames=("expert_chunk",))
+@functools.partial(jax.jit, static_argnames=("blocks",))
 def update_experts(state: ExpertHessianState, x, ids, gate_up, mask=None,
-                   expert_chunk: int | None = None) -> ExpertHessianState:
+                   blocks: bool | None = None) -> ExpertHessianState:
     """Add one batch to a MoE layer's per-expert sums.
 
-    x [..., D] hidden states entering the experts, ids [..., k] routed expert ids, mask [...]
-    (1 = real token), gate_up [E, D, 2F] (gate columns first). `expert_chunk` experts are
-    processed at a time (None = all at once).
+    x [..., D] hidden states entering the experts, ids [..., k] routed expert ids (distinct per
+    token, as top-k gives them), mask [...] (1 = real token), gate_up [E, D, 2F] (gate columns
+    first). `blocks` picks the grouped-matmul path (None: blocks on CPU only).
     """
     e, d, two_f = gate_up.shape
     if state.gate_up.shape != (e, d, d) or state.down.shape != (e, two_f // 2, two_f // 2):
@@ -104,18 +101,23 @@ def update_experts(state: ExpertHessianState, x, ids, gate_up, mask=None,
         raise ValueError(f"expected x [..., {d}] and ids [..., k] with the same leading dims, "
                          f"got {x.shape} and {ids.shape}")
     x, mask = _tokens(x, mask, "update_experts")
-    member = routed_mask(ids.reshape(-1, ids.shape[-1]), mask, e)
-
-    def one_expert(args):
-        w, m = args
-        h = jnp.matmul(x, w.astype(jnp.float32), precision=HIGHEST)
-        f = two_f // 2
-        act = jax.nn.silu(h[:, :f]) * h[:, f:]
-        return _gram(x, m), _gram(act, m)
-
-    h_gu, h_dn = jax.lax.map(one_expert, (gate_up, member), batch_size=expert_chunk or e)
+    ids = ids.reshape(-1, ids.shape[-1])
+    # Padding tokens go to a pseudo-expert `e`: sorted last, outside every group, never read.
+    sent = moe.dispatch(jnp.where(mask[:, None], x, 0.0),
+                        jnp.where(mask[:, None], ids, e).astype(jnp.int32), e)
+    sizes = sent.group_sizes
+    use_blocks = grouped_matmul.use_blocks() if blocks is None else blocks
+    if use_blocks:
+        h = grouped_matmul.blocked_matmul(sent.x_sorted, gate_up.astype(jnp.float32), sizes)
+    else:
+        h = jax.lax.ragged_dot(sent.x_sorted, gate_up.astype(jnp.float32), sizes,
+                               precision=HIGHEST, preferred_element_type=jnp.float32)
+    f = two_f // 2
+    act = jax.nn.silu(h[:, :f]) * h[:, f:]
     return ExpertHessianState(
-        state.gate_up + h_gu, state.down + h_dn, state.count + member.sum(-1, dtype=jnp.int32)
+        state.gate_up + 2.0 * grouped_matmul.grouped_gram(sent.x_sorted, sizes, use_blocks),
+        state.down + 2.0 * grouped_matmul.grouped_gram(act, sizes, use_blocks),
+        state.count + sizes,
     )
 
 

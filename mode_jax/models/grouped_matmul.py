@@ -98,6 +98,47 @@ def blocked_matmul(x_sorted: jax.Array, w: jax.Array, group_sizes: jax.Array,
         (w,), w.shape[-1], out_dtype)
 
 
+def grouped_gram(x_sorted: jax.Array, group_sizes: jax.Array, blocks: bool | None = None
+                 ) -> jax.Array:
+    """`[E, K, K]`: `x_e^T x_e` over each group's rows of `x_sorted [M, K]` (rows past
+    `sum(group_sizes)` ignored), in float32 at HIGHEST precision.
+
+    The transposed grouped matmul (megablox's `tgmm`): per-expert Gram matrices for GPTQ
+    Hessians at O(M K^2) work, not O(E M K^2) as masking every expert over all rows would be.
+    `ragged_dot_general` with a ragged contracting dimension on GPU/TPU; on CPU, where that
+    op is E times slower, a scan over the padded blocks of `layout` adding each block's Gram
+    to its expert's (`blocks` forces either path).
+    """
+    m, k = x_sorted.shape
+    e = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    x = jnp.where((jnp.arange(m) < jnp.sum(sizes))[:, None], x_sorted.astype(jnp.float32), 0.0)
+    if not (use_blocks() if blocks is None else blocks):
+        dims = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+            rhs_group_dimensions=[])
+        return jax.lax.ragged_dot_general(x, x, sizes, dims,
+                                          precision=jax.lax.Precision.HIGHEST,
+                                          preferred_element_type=jnp.float32)
+    block = block_size(m, e)
+    lay = layout(sizes, m, block)
+    n = num_blocks(m, e, block)
+    xp = jnp.zeros((n * block, k), jnp.float32).at[lay.position].set(x).reshape(n, block, k)
+
+    def add_block(acc, inputs):
+        xb, expert, index = inputs
+        acc = jax.lax.cond(
+            index < lay.num_active,
+            lambda a: a.at[expert].add(
+                jnp.matmul(xb.T, xb, precision=jax.lax.Precision.HIGHEST)),
+            lambda a: a, acc)
+        return acc, None
+
+    acc, _ = jax.lax.scan(add_block, jnp.zeros((e, k, k), jnp.float32),
+                          (xp, lay.block_expert, jnp.arange(n)))
+    return acc
+
+
 def use_blocks() -> bool:
     """Blocks where `ragged_dot` has no grouped kernel (CPU); `ragged_dot` elsewhere."""
     return jax.default_backend() == "cpu"

@@ -65,7 +65,7 @@ class QuantConfig:
 
     scale_dtype: dtype of the stored group scales (bf16: 16 bits per group and column, the
     format's theoretical size). use_kernels: whether the returned model runs its experts and
-    linears through the Pallas kernels. expert_chunk: experts per vmapped Hessian/GPTQ call
+    linears through the Pallas kernels. expert_chunk: experts per vmapped GPTQ call
     (None: all; bounds memory on large layers).
     """
 
@@ -371,7 +371,7 @@ def _expert_hessians(xr, ids, states, gate_up, config) -> hessian.ExpertHessianS
     e, d, two_f = gate_up.shape
     acc = hessian.init_experts(e, d, two_f // 2)
     for v, i, s in zip(xr, ids, states, strict=True):
-        acc = hessian.update_experts(acc, v, i, gate_up, s.mask, expert_chunk=config.expert_chunk)
+        acc = hessian.update_experts(acc, v, i, gate_up, s.mask)
     return acc
 
 
