@@ -170,3 +170,40 @@ def test_bad_template_and_bad_half_are_clear():
 def test_load_into_reports_missing_values():
     with pytest.raises(MappingError, match="no value for model parameters: .*bias"):
         mapping.load_into(abstract(), {})
+
+
+def test_put_moves_each_target_as_soon_as_its_last_piece_arrives():
+    """With `put`, a target leaves the host the moment it is complete (so conversion never
+    holds a host copy of the whole model); a write after that is still reported."""
+    _, _, _, per_expert, _ = torch_style_tensors(np.random.default_rng(6))
+    items = list(per_expert.items())
+    consumed, put_at = [0], {}
+
+    def stream(pairs):
+        for pair in pairs:
+            consumed[0] += 1
+            yield pair
+
+    def put(path, buf):
+        put_at[path] = consumed[0]
+        return jnp.asarray(buf)
+
+    arrays = mapping.fill(stream(items), PER_EXPERT, mapping.target_specs(abstract()), put=put)
+    names = [n for n, _ in items]
+    last_piece = {"layers.0.proj": names.index("layers.0.proj.weight") + 1,
+                  "layers.1.proj": names.index("layers.1.proj.weight") + 1,
+                  "bias": names.index("bias") + 1,
+                  "experts.gate_up": max(names.index(f"experts.{e}.{p}_proj.weight")
+                                         for e in range(E) for p in ("gate", "up")) + 1,
+                  "experts.down": names.index(f"experts.{E - 1}.down_proj.weight") + 1}
+    assert put_at == last_piece
+    want = mapping.fill(items, PER_EXPERT, mapping.target_specs(abstract()))
+    for path, value in want.items():
+        assert isinstance(arrays[path], jnp.ndarray)
+        np.testing.assert_array_equal(np.asarray(arrays[path]), value)
+
+    items.append(("experts.0.down_proj.weight", np.zeros((D, F))))  # after down is complete
+    with pytest.raises(MappingError, match=r"experts\.0\.down_proj\.weight: writes "
+                       r"experts\.down\[0\], but every element of experts\.down was already "
+                       r"written \(last by experts\.2\.down_proj\.weight\)"):
+        mapping.fill(items, PER_EXPERT, mapping.target_specs(abstract()), put=put)

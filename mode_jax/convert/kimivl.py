@@ -164,7 +164,8 @@ def from_directory(path: str | Path, *, param_dtype=jnp.float32,
     rules, ignore = model_rules(config, raw["model_type"])
     abstract = abstract_model(config, param_dtype, experts_impl)
     try:
-        return _convert(safetensors_io.iter_tensors(path), rules, abstract, ignore)
+        return mapping.convert(safetensors_io.iter_tensors(path), rules, abstract,
+                               ignore=ignore)
     except mapping.MappingError as err:
         raise mapping.MappingError(f"{path}: {err}") from None
 
@@ -177,16 +178,5 @@ def from_torch(torch_model: Any, *, param_dtype=jnp.float32,
     layout = "deepseek_v3" if config.vision is None else "kimi_k25"
     rules, ignore = model_rules(config, layout)
     abstract = abstract_model(config, param_dtype, experts_impl)
-    return _convert(deepseek_v3_keys.torch_items(torch_model), rules, abstract, ignore)
-
-
-def _convert(tensors, rules, abstract, ignore) -> KimiVL:
-    """`mapping.convert`, but each host buffer is dropped as soon as its device copy exists,
-    so the peak stays near one model size instead of two."""
-    arrays = mapping.fill(tensors, rules, mapping.target_specs(abstract), ignore=ignore)
-
-    def put(path, array):
-        del arrays[path]
-        return jnp.asarray(array)
-
-    return mapping.load_into(abstract, arrays, put=put)
+    return mapping.convert(deepseek_v3_keys.torch_items(torch_model), rules, abstract,
+                           ignore=ignore)

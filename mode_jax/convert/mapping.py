@@ -20,7 +20,10 @@ time), writes each piece into a numpy buffer of the target's dtype (bf16 stays b
 ml_dtypes), checks shapes and finiteness per piece, and at the end raises one `MappingError`
 listing every problem: unmatched source keys, targets the model lacks, shape mismatches,
 non-finite values, overlapping writes, and targets not fully filled. `load_into` turns the
-filled buffers into a concrete model; `convert` does both.
+filled buffers into a concrete model; `convert` does both. With `put`, `fill` moves each target
+to devices the moment its last piece arrives and drops the host buffer, so converting holds
+about one model's size plus the targets still being filled (one MoE layer's expert stacks),
+not a host copy of the whole model beside the device one.
 
 Coverage is counted in elements per target (no per-element mask, so a 16B-parameter model needs
 no extra memory); two writes with the same index are reported as a duplicate.
@@ -145,11 +148,13 @@ def _index_str(index: tuple | None) -> str:
 class _Filler:
     """Holds the buffers, coverage counts and problems while tensors stream in."""
 
-    def __init__(self, specs: Mapping[str, jax.ShapeDtypeStruct]):
-        self.specs = specs
-        self.buffers: dict[str, np.ndarray] = {}
+    def __init__(self, specs: Mapping[str, jax.ShapeDtypeStruct], put=None):
+        self.specs, self.put = specs, put
+        self.buffers: dict[str, Any] = {}
+        self.done: set[str] = set()  # targets already handed to `put`
         self.filled: dict[str, int] = {}
         self.writers: dict[tuple[str, str], str] = {}
+        self.last: dict[str, tuple[str, str]] = {}  # target -> key of its latest write
         self.unmatched: list[str] = []
         self.problems: list[str] = []
 
@@ -179,6 +184,10 @@ class _Filler:
         spec = self.specs[target]
         index = rule.index(groups, spec.shape) if rule.index is not None else None
         where = f"{target}{_index_str(index)}"
+        if target in self.done:
+            self.problems.append(f"{name}: writes {where}, but every element of {target} was "
+                                 f"already written (last by {self.writers[self.last[target]]})")
+            return
         buf = self.buffer(target)
         try:
             view = buf if index is None else buf[index]
@@ -207,6 +216,10 @@ class _Filler:
         else:
             buf[index] = piece
         self.filled[target] += int(piece.size)
+        self.last[target] = key
+        if self.put is not None and self.filled[target] == int(np.prod(spec.shape)):
+            self.buffers[target] = self.put(target, buf)
+            self.done.add(target)
 
     def report(self) -> None:
         lines = []
@@ -239,7 +252,8 @@ def fill(
     specs: Mapping[str, jax.ShapeDtypeStruct],
     *,
     ignore: Sequence[str] = (),
-) -> dict[str, np.ndarray]:
+    put: Callable[[str, np.ndarray], jax.Array] | None = None,
+) -> dict[str, Any]:
     """Write every `(name, array)` into numpy buffers shaped and typed like `specs`.
 
     Args:
@@ -247,13 +261,15 @@ def fill(
       rules: tried in order; the first whose pattern fully matches a name is used.
       specs: `target_specs(abstract_model)`: dotted path -> shape and dtype.
       ignore: regexes (fullmatch) of source names to skip silently (e.g. rotary buffers).
+      put: `put(path, buffer) -> device array`, called once per target as soon as it is
+        complete (its host buffer is then dropped); None keeps every buffer on the host.
     Returns:
-      dotted path -> numpy array of the target's shape and dtype, for every target.
+      dotted path -> the target's array (numpy, or what `put` returned), for every target.
     Raises:
       MappingError listing all unmatched keys, bad tensors and incompletely filled targets.
     """
     ignore_re = [re.compile(p) for p in ignore]
-    filler = _Filler(specs)
+    filler = _Filler(specs, put)
     for name, array in tensors:
         if any(r.fullmatch(name) for r in ignore_re):
             continue
@@ -264,6 +280,7 @@ def fill(
                 break
         else:
             filler.unmatched.append(name)
+        del array  # let the source tensor go before the next one is read
     filler.report()
     return filler.buffers
 
@@ -297,6 +314,8 @@ def convert(
     ignore: Sequence[str] = (),
     put: Callable[[str, np.ndarray], jax.Array] | None = None,
 ) -> nnx.Module:
-    """`fill` then `load_into`: checkpoint tensors -> concrete NNX model."""
-    arrays = fill(tensors, rules, target_specs(abstract_model), ignore=ignore)
-    return load_into(abstract_model, arrays, put=put)
+    """`fill` then `load_into`: checkpoint tensors -> concrete NNX model. Each target goes to
+    devices (`put`, default `jnp.asarray`) as soon as it is complete."""
+    put = put or (lambda path, a: jnp.asarray(a))
+    arrays = fill(tensors, rules, target_specs(abstract_model), ignore=ignore, put=put)
+    return load_into(abstract_model, arrays, put=lambda path, a: a)

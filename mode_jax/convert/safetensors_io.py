@@ -156,6 +156,7 @@ def iter_shard(file: Path, names: list[str] | None = None) -> Iterator[tuple[str
         array = np.fromfile(file, dtype=dtype, count=count,
                             offset=start + info["data_offsets"][0])
         yield name, array.reshape(info["shape"])
+        del array  # before the next read: a held reference would keep two tensors alive
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
