@@ -5,8 +5,11 @@ and how differently text and image tokens route.
 
 Prints: the full-precision table (exact match, multiple choice, perplexity per family, task,
 modality); for uniform round-to-nearest on every routed expert at 2, 3, 4 bits (group 128) the
-accuracy and its drop per family and the KL to full precision; per MoE layer the Jensen-Shannon
-divergence between the expert-frequency distributions of text and image tokens; wall times.
+accuracy and its drop per family and the KL to full precision; the relative weight error of
+that quantization, and the same table for the routed experts' output scaled by a factor (is
+quantization noise any worse than shrinking the experts' output by as much?); per MoE layer
+the Jensen-Shannon divergence between the expert-frequency distributions of text and image
+tokens; wall times.
 The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
 checkpoint was trained on (its train_summary.json); `mode_jax.testbed.card` writes the same
 figures into the checkpoint's MODEL_CARD.md.
@@ -19,14 +22,28 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from mode_jax.eval import harness
+from mode_jax.quant import fake, rtn
 from mode_jax.testbed import card
 
 
 def _cell(accuracy: float, drop: float) -> str:
     return f"{accuracy:.1f} ({drop:+.1f})"
+
+
+def _relative_error(model, bits: int, group_size: int, which: int) -> float:
+    """||Q(W) - W|| / ||W|| over every MoE layer's gate_up (which=0) or down (1) kernels."""
+    err = ref = 0.0
+    for experts in fake.moe_experts(model):
+        gate_up, down = experts.gate_up.get_value(), experts.down.get_value()
+        q = rtn.fake_quantize_experts(gate_up, down, np.full(gate_up.shape[0], bits), group_size)
+        w = (gate_up, down)[which]
+        err += float(jnp.sum((q[which] - w) ** 2))
+        ref += float(jnp.sum(w ** 2))
+    return (err / ref) ** 0.5
 
 
 def main() -> None:
@@ -35,6 +52,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--group_size", type=int, default=128)
+    p.add_argument("--scales", type=float, nargs="*", default=[0.66, 0.5, 0.0],
+                   help="routed-expert output factors for the aligned-shrink rows")
     args = p.parse_args()
     ckpt = Path(args.checkpoint)
 
@@ -60,6 +79,19 @@ def main() -> None:
         cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
                         for f in [*families, "all"])
         print(f"{row['bits']:>5}" + cells + f"{row['kl']:>10.4f}{row['seconds']:>10.1f}")
+
+    print("\nrelative weight error ||Q(W) - W|| / ||W|| of the routed experts (all MoE layers)")
+    for bits in args.bits:
+        print(f"{bits:>5} bits: gate_up {_relative_error(model, bits, args.group_size, 0):.3f}, "
+              f"down {_relative_error(model, bits, args.group_size, 1):.3f}")
+    print("routed experts' output scaled by s (a perturbation along the output itself; s = 0.66 "
+          "is the size of 2-bit noise)")
+    print(head)
+    for s in args.scales:
+        row = card.against(full, card.scaled(model, "routed", s), data)
+        cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
+                        for f in [*families, "all"])
+        print(f"{s:>5}" + cells + f"{row['kl']:>10.4f}")
 
     counts = full["routing"]
     js = harness.routing_divergence(counts["text"], counts["image"])

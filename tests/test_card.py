@@ -22,7 +22,7 @@ def _summary():
 
 
 def _against(text, vision, drop_text, drop_vision, kl, **label):
-    """A `card._against` row: accuracy (%) per family and overall, drops (points), KL."""
+    """A `card.against` row: accuracy (%) per family and overall, drops (points), KL."""
     acc = {"text": text, "vision": vision, "all": (text + vision) / 2}
     drop = {"text": drop_text, "vision": drop_vision, "all": (drop_text + drop_vision) / 2}
     return {**label, "accuracy": acc, "drop": drop, "kl": kl}
@@ -92,3 +92,18 @@ def test_without_switches_off_one_kind_of_expert_and_leaves_the_model_alone():
     np.testing.assert_array_equal(np.asarray(model.forward(ids, mask).logits), np.asarray(before))
     with pytest.raises(ValueError, match="part must be"):
         card.without(model, "dense")
+
+
+def test_scaled_routed_experts_write_that_share_of_their_output():
+    """MoE output = shared + s * routed, checked against the unscaled layer's two parts."""
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(1))
+    half = card.scaled(model, "routed", 0.5)
+    x = jnp.ones((1, 3, model.config.text.hidden_size))
+    pairs = zip([la.mlp for la in model.language_model.layers if la.is_moe],
+                [la.mlp for la in half.language_model.layers if la.is_moe], strict=True)
+    for full, cut in pairs:
+        shared = full.shared_experts(x)
+        y_full, _ = full(x)
+        y_half, _ = cut(x)
+        np.testing.assert_allclose(np.asarray(y_half), np.asarray(shared + 0.5 * (y_full - shared)),
+                                   atol=1e-5)

@@ -52,7 +52,7 @@ def heldout(checkpoint: Path, samples: int):
 
 def rtn_sweep(model, data, full: dict, bits=(1, 2, 3, 4), group_size: int = 128) -> list[dict]:
     """Per bit-width: accuracy (%) per family and overall, drop vs `full` in points, KL."""
-    return [{"bits": b, **_against(full, fake.fake_quantize(model, fake.uniform_bits(model, b),
+    return [{"bits": b, **against(full, fake.fake_quantize(model, fake.uniform_bits(model, b),
                                                             group_size), data)}
             for b in bits]
 
@@ -65,11 +65,18 @@ def without(model, part: str):
     kinds of experts ("routed+shared") switched off (their down projections zeroed); `model` is
     left as it was. The card uses it to show where the skills live: a testbed whose routed
     experts can be removed at little cost cannot judge an expert bit allocation."""
+    return scaled(model, part, 0.0)
+
+
+def scaled(model, part: str, factor: float):
+    """A copy of `model` whose experts of kind `part` (as in `without`) write `factor` times
+    their output: the perturbation of an expert's output along itself, to set beside
+    quantization noise of the same relative size."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     new = fake.editable_copy(model)
     for down in down_projections(new, tuple(part.split("+"))):
-        down.set_value(jnp.zeros_like(down.get_value()))
+        down.set_value(down.get_value() * jnp.asarray(factor, down.get_value().dtype))
     return new
 
 
@@ -90,10 +97,10 @@ def down_projections(model, parts=("dense", "shared", "routed")) -> list:
 
 def ablations(model, data, full: dict) -> list[dict]:
     """Accuracy (%), drop in points and KL with the routed, the shared or both removed."""
-    return [{"removed": part, **_against(full, without(model, part), data)} for part in PARTS]
+    return [{"removed": part, **against(full, without(model, part), data)} for part in PARTS]
 
 
-def _against(full: dict, candidate, data) -> dict:
+def against(full: dict, candidate, data) -> dict:
     """Accuracy (%) per family and overall of `candidate`, drop vs `full` in points, KL to it,
     and the evaluation's wall time."""
     res = harness.evaluate(candidate, data, reference=full, keep_logprobs=False)
