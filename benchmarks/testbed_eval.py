@@ -86,7 +86,7 @@ def main() -> None:
               f"down {_relative_error(model, bits, args.group_size, 1):.3f}")
     print("routed experts' output scaled by s (a perturbation along the output itself; s = 0.66 "
           "is the size of 2-bit noise)")
-    print(head)
+    print(f"{'s':>5}" + head[5:])
     for s in args.scales:
         row = card.against(full, card.scaled(model, "routed", s), data)
         cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
