@@ -1,5 +1,7 @@
 """Streamed GPTQ Hessians against a plain per-expert numpy loop."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -87,3 +89,15 @@ def test_shape_mismatches_are_clear_errors():
         hessian.update_experts(hessian.init_experts(E, D, F), x, ids, gate_up, mask[:4])
     with pytest.raises(ValueError, match="Hessian dim"):
         hessian.update_dense(hessian.init_dense(D + 1), x, mask)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_path_lowers_for_gpu_and_tpu(platform):
+    """The ragged_dot / ragged_dot_general path (GPU, TPU) is not run on CPU CI, but its lowering
+    is: a shape or dimension-number error would show up here."""
+    args = (hessian.init_experts(E, D, F), jax.ShapeDtypeStruct((40, D), jnp.float32),
+            jax.ShapeDtypeStruct((40, K_TOP), jnp.int32),
+            jax.ShapeDtypeStruct((E, D, 2 * F), jnp.float32), jax.ShapeDtypeStruct((40,), bool))
+    fn = jax.jit(lambda s, x, i, w, m: hessian.update_experts(s, x, i, w, m, blocks=False))
+    exported = jax.export.export(fn, platforms=[platform])(*args)
+    assert "ragged_dot" in exported.mlir_module()
