@@ -1,5 +1,8 @@
 """The model card renders every figure it is given (no model needed)."""
 
+import json
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -107,3 +110,12 @@ def test_scaled_routed_experts_write_that_share_of_their_output():
         y_half, _ = cut(x)
         np.testing.assert_allclose(np.asarray(y_half), np.asarray(shared + 0.5 * (y_full - shared)),
                                    atol=1e-5)
+
+
+def test_the_shipped_summary_records_every_training_setting():
+    """A TrainConfig field added after the shipped run must be recorded in its summary (with the
+    value that run used), or the card would call the shipped recipe an older one."""
+    summary = Path(__file__).parents[1] / "checkpoints" / "testbed" / "train_summary.json"
+    recorded = json.loads(summary.read_text())["train_config"]
+    assert card.train_command(recorded) == "python -m mode_jax.testbed.train --out " \
+                                           "checkpoints/testbed"
