@@ -222,17 +222,20 @@ def test_the_vision_mix_flags_set_each_phase():
         train.TrainConfig(vision_mix_small=())
 
 
-def test_train_min_objects_shapes_training_scenes_not_the_probes():
-    """Training look-up scenes get at least train_min_objects objects in both scene sizes; the
-    held-out probes are drawn like the held-out split (one-object scenes included)."""
+def test_train_min_objects_shapes_full_size_training_scenes_only():
+    """Full-size training look-up scenes get at least train_min_objects objects; the small-scene
+    phase and the held-out probes are drawn like the held-out split (one-object scenes
+    included)."""
     cfg = train.TrainConfig(train_min_objects=3, vision_mix=("shape",),
                             vision_mix_small=("color",))
     data = train.Batches(cfg, None, ImageConfig())
+    samples = tasks.generate("train", 8, 0, data.configs["vision"])
+    assert [_objects(s.image) for s in samples] == [3] * 8
+    small = tasks.generate("train", 40, 0, data.configs["vision_small"])
+    assert {_objects(s.image) for s in small} == {1, 2, 3}
     for name in ("vision", "vision_small"):
-        assert data.configs[name].min_objects == 3
         assert data.probe_configs[name].min_objects == 1
-        samples = tasks.generate("train", 8, 0, data.configs[name])
-        assert [_objects(s.image) for s in samples] == [3] * 8
+    assert data.configs["vision_small"] == cfg.small_task_config(("color",))
     probes = tasks.generate("heldout", 40, 0, data.probe_configs["vision"])
     assert {_objects(s.image) for s in probes} == {1, 2, 3}
     assert train.TrainConfig().training_configs()["vision"] == train.TrainConfig().task_config(

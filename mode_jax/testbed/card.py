@@ -168,8 +168,9 @@ def _min_objects_note(cfg: dict) -> list[str]:
     fewest = cfg.get("train_min_objects", 1)
     if fewest == 1:
         return []
-    return [f"Training scenes of colour, shape and choice questions hold {fewest} or more objects",
-            "(the held-out ones 1 or more): a lone object asks for no look-up."]
+    return [f"Full-size training scenes of colour, shape and choice questions hold {fewest} or",
+            "more objects (the small-scene phase and the held-out ones 1 or more): a lone object",
+            "asks for no look-up."]
 
 
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],

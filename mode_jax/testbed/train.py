@@ -94,9 +94,11 @@ class TrainConfig:
     # Vision sub-task shares per batch on full-size and on small (curriculum) scenes.
     vision_mix: tuple[str, ...] = VISION_MIX
     vision_mix_small: tuple[str, ...] = VISION_MIX
-    # Fewest objects in a training scene of a colour, shape or choice question (the held-out
-    # split keeps the suite's 1..max_objects): one-object scenes teach no look-up, and looking
-    # up an object by its colour is the skill the LM learns last (README, "testbed").
+    # Fewest objects in a full-size training scene of a colour, shape or choice question (the
+    # small-scene phase and the held-out split keep the suite's 1..max_objects): one-object
+    # scenes teach no look-up, and looking up an object by its colour is the skill the LM learns
+    # last (README, "testbed"). Applied to both phases, 2 stopped the look-up from being learned
+    # at all; on the full-size phase only, the small-scene phase is the default recipe's.
     train_min_objects: int = 1
 
     def __post_init__(self):
@@ -124,11 +126,11 @@ class TrainConfig:
 
     def training_configs(self) -> dict[str, tasks.TaskConfig]:
         """The generator settings of the training batches per family ("vision", "vision_small",
-        "text"): the held-out settings with the training mixes and `train_min_objects`."""
-        fewest = {"min_objects": self.train_min_objects}
-        return {"vision": dataclasses.replace(self.task_config(self.vision_mix), **fewest),
-                "vision_small": dataclasses.replace(self.small_task_config(self.vision_mix_small),
-                                                    **fewest),
+        "text"): the held-out settings with the training mixes, and `train_min_objects` on the
+        full-size scenes."""
+        return {"vision": dataclasses.replace(self.task_config(self.vision_mix),
+                                              min_objects=self.train_min_objects),
+                "vision_small": self.small_task_config(self.vision_mix_small),
                 "text": self.task_config(TEXT_MIX)}
 
 
