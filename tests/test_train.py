@@ -157,6 +157,24 @@ def test_training_rows_mark_answers_and_images():
         for s in samples)
 
 
+def test_label_smoothing_spreads_the_answer_target_over_the_vocabulary():
+    tok = tok_lib.build_tokenizer(tasks.vocabulary())
+    samples = tasks.generate("train", 4, 1, tasks.TaskConfig(tasks=("fact", "arithmetic")))
+    rows, _ = train.split_static(train.encode_rows(samples, tok, ImageConfig(), length=8))
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(2))
+    logits = model.forward(rows["input_ids"], rows["attention_mask"], None, None).logits
+    logp = np.asarray(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1), np.float64)
+    targets = np.asarray(rows["input_ids"])[:, 1:]
+    answer = np.asarray(rows["target_mask"])[:, 1:]
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0][answer]
+    uniform = -logp.mean(-1)[answer]  # cross-entropy against the uniform distribution
+    for eps in (0.0, 0.2):
+        fit, _, _, plain = train.answer_loss(model, rows, None, label_smoothing=eps)
+        np.testing.assert_allclose(float(plain), nll.mean(), rtol=1e-5)  # reported: plain CE
+        np.testing.assert_allclose(float(fit), ((1 - eps) * nll + eps * uniform).mean(),
+                                   rtol=1e-5)
+
+
 def test_embedding_rows_cover_the_tokenizer_of_a_larger_task_suite():
     """The default suite fits the shipped 256 rows; operands up to 29 add 40 number words and
     must grow the embedding (to the next multiple of 64), not overflow it."""

@@ -45,12 +45,14 @@ class ProbeConfig:
     lr: float = 2e-3
     eval_samples: int = 500
     seed: int = 0
+    label_smoothing: float = 0.0  # on the answer tokens (train.answer_loss)
 
 
-@nnx.jit(static_argnames=("gamma",))
-def _step(model, optimizer, rows, gamma: float):
+@nnx.jit(static_argnames=("gamma", "label_smoothing"))
+def _step(model, optimizer, rows, gamma: float, label_smoothing: float = 0.0):
     def loss_fn(m):
-        total, counts, _, answer = train.answer_loss(m, rows, None, context_weight=0.5)
+        total, counts, _, answer = train.answer_loss(m, rows, None, context_weight=0.5,
+                                                     label_smoothing=label_smoothing)
         return total, (answer, counts)
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, train.trainable(True)),
@@ -81,7 +83,7 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
         samples = tasks.generate("train", cfg.batch, cfg.seed * 10_000_000 + step, task_cfg)
         rows = train.encode_rows(samples, tokenizer, image_cfg, length)
         length = rows["input_ids"].shape[1]
-        loss = _step(model, optimizer, train.split_static(rows)[0], 1e-2)
+        loss = _step(model, optimizer, train.split_static(rows)[0], 1e-2, cfg.label_smoothing)
         if step % 200 == 0 or step == cfg.steps:
             log(f"step {step}  answer loss {float(loss):.4f}  {time.time() - start:.0f}s")
     with tempfile.TemporaryDirectory() as tmp:  # reload as users do (exact experts path)
