@@ -50,6 +50,11 @@ def test_card_reports_accuracies_rtn_drops_and_divergence():
     text = card.render(summary, tasks.TaskConfig(), full, sweep, np.array([0.125, 0.5]),
                        (1, 2), 3 * 2**20, removed)
     assert "choice questions hold 2 or" in text
+    assert "text on the small scenes" not in text
+    summary["train_config"]["batch_text_small"] = 5
+    text = card.render(summary, tasks.TaskConfig(), full, sweep, np.array([0.125, 0.5]),
+                       (1, 2), 3 * 2**20, removed)
+    assert "3 text samples (5 text on the small scenes)" in text
 
 
 def test_card_states_what_the_checkpoint_cannot_show():

@@ -201,11 +201,12 @@ def test_warmup_positions_share_one_scale_across_image_sizes():
 
 def test_curriculum_switches_scene_size_after_small_image_steps():
     cfg = train.TrainConfig(small_image_steps=1, batch_vision_small=2, batch_vision=1,
-                            batch_text=1)
+                            batch_text_small=3, batch_text=1)
     data = train.Batches(cfg, train.build_tokenizer(), ImageConfig())
-    first, _ = data.step(1)
-    second, _ = data.step(2)
+    first, first_text = data.step(1)
+    second, second_text = data.step(2)
     assert first["grid_hws"] == ((12, 12),) * 2 and second["grid_hws"] == ((24, 24),)
+    assert len(first_text["input_ids"]) == 3 and len(second_text["input_ids"]) == 1
 
 
 def test_the_position_form_flag_reaches_tokenizer_and_batches():

@@ -164,6 +164,11 @@ def _relation_note(cfg: dict) -> str:
             "with where their object lies relative to the other")
 
 
+def _small_text_note(cfg: dict) -> str:
+    small = cfg.get("batch_text_small", cfg["batch_text"])
+    return "" if small == cfg["batch_text"] else f" ({small} text on the small scenes)"
+
+
 def _min_objects_note(cfg: dict) -> list[str]:
     fewest = cfg.get("train_min_objects", 1)
     if fewest == 1:
@@ -215,7 +220,8 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         f"Seed {cfg['seed']}; a dense-label vision warm-up of {cfg['vision_warmup_steps']} steps",
         f"(`vision_warmup.py`{_relation_note(cfg)}), then {cfg['steps']} AdamW steps of "
         f"{cfg['batch_vision']} vision +",
-        f"{cfg['batch_text']} text samples with DeepSeek-V3's bias balancing; "
+        f"{cfg['batch_text']} text samples{_small_text_note(cfg)} with DeepSeek-V3's bias "
+        "balancing; "
         f"{summary['train_seconds'] / 60:.1f} minutes on the machine that made it",
         "(2 CPU cores). Every setting is in `train_summary.json`.",
         *_min_objects_note(cfg),

@@ -65,6 +65,7 @@ class TrainConfig:
     small_image_steps: int = 1100
     small_image_size: tuple[int, int] = (168, 168)
     batch_vision_small: int = 48
+    batch_text_small: int = 48  # text samples per step of the small-scene phase
     vision_warmup_steps: int = 800  # dense-label pretraining of MoonViT (vision_warmup.py)
     vision_warmup_batch: int = 16
     vision_warmup_lr: float = 3e-3
@@ -286,7 +287,8 @@ class Batches:
         small = step <= self.cfg.small_image_steps
         vision = self.family("vision_small" if small else "vision", "train",
                              self.cfg.batch_vision_small if small else self.cfg.batch_vision, base)
-        return vision[0], self.family("text", "train", self.cfg.batch_text, base + 1)[0]
+        n_text = self.cfg.batch_text_small if small else self.cfg.batch_text
+        return vision[0], self.family("text", "train", n_text, base + 1)[0]
 
 
 # ---------------------------------------------------------------- the step
