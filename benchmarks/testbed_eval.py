@@ -1,7 +1,7 @@
 """Does the shipped testbed judge quantization? Full-precision accuracy, uniform RTN damage,
 and how differently text and image tokens route.
 
-    python benchmarks/testbed_eval.py [--checkpoint checkpoints/testbed] [--samples 1000]
+    python -m benchmarks.testbed_eval [--checkpoint checkpoints/testbed] [--samples 1000]
 
 Prints: the full-precision table (exact match, multiple choice, perplexity per family, task,
 modality); for uniform round-to-nearest on every routed expert at 2, 3, 4 bits (group 128) the
@@ -9,7 +9,9 @@ accuracy and its drop per family and the KL to full precision; the relative weig
 that quantization, and the same table for the routed experts' output scaled by a factor (is
 quantization noise any worse than shrinking the experts' output by as much?); per MoE layer
 the Jensen-Shannon divergence between the expert-frequency distributions of text and image
-tokens; wall times.
+tokens; answer margins (the teacher-forced log-prob gap between each answer token and the best
+other token) at full precision and how far 2-bit RTN, the 0.66 shrink and switching the routed
+experts off move them; wall times.
 The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
 checkpoint was trained on (its train_summary.json); `mode_jax.testbed.card` writes the same
 figures into the checkpoint's MODEL_CARD.md.
@@ -25,7 +27,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from mode_jax.eval import harness
+from mode_jax.eval import harness, metrics
 from mode_jax.quant import fake, rtn
 from mode_jax.testbed import card
 
@@ -44,6 +46,31 @@ def _relative_error(model, bits: int, group_size: int, which: int) -> float:
         err += float(jnp.sum((q[which] - w) ** 2))
         ref += float(jnp.sum(w ** 2))
     return (err / ref) ** 0.5
+
+
+def _print_margins(model, data, full: dict, group_size: int) -> None:
+    """How near the answers are to flipping, against how far each perturbation moves them."""
+    ids = [ex.answer_ids for ex in data.examples]
+    base = metrics.answer_margins(full["answer_logprobs"], ids)
+    q = np.percentile(base, [1, 10, 50])
+    print("\nanswer margins (nats; min over an answer's tokens of log p(answer) - "
+          "max log p(other))")
+    print(f"  full precision: 1% {q[0]:.2f}, 10% {q[1]:.2f}, median {q[2]:.2f}; "
+          f"{int(np.sum(base <= 0))} of {len(base)} not greedy-correct, "
+          f"{int(np.sum((base > 0) & (base < 1)))} within 1 nat")
+    variants = {"2-bit RTN": fake.fake_quantize(model, fake.uniform_bits(model, 2), group_size),
+                "routed x 0.66": card.scaled(model, "routed", 0.66),
+                "routed off": card.scaled(model, "routed", 0.0)}
+    print(f"  {'variant':<14}{'|shift| median':>16}{'90%':>8}{'99%':>8}{'max':>8}"
+          f"{'median shift/margin':>22}{'flipped':>9}")
+    for label, candidate in variants.items():
+        res = harness.evaluate(candidate, data, keep_logprobs=True)
+        shift = metrics.answer_margins(res["answer_logprobs"], ids) - base
+        p = np.percentile(np.abs(shift), [50, 90, 99])
+        flipped = int(np.sum((base > 0) != (base + shift > 0)))
+        rel = np.median(np.abs(shift[base > 0]) / base[base > 0])
+        print(f"  {label:<14}{p[0]:>16.2f}{p[1]:>8.2f}{p[2]:>8.2f}{np.abs(shift).max():>8.2f}"
+              f"{rel:>22.3f}{flipped:>9}")
 
 
 def main() -> None:
@@ -93,6 +120,8 @@ def main() -> None:
                         for f in [*families, "all"])
         print(f"{s:>5}" + cells + f"{row['kl']:>10.4f}")
 
+    _print_margins(model, data, full, args.group_size)
+
     counts = full["routing"]
     js = harness.routing_divergence(counts["text"], counts["image"])
     layers = model.config.text.moe_layers
@@ -105,7 +134,7 @@ def main() -> None:
             return " ".join(f"{e}:{share[e]:.0f}" for e in np.argsort(-c)[:4])
         print(f"{layer:>6}{js[i]:>8.3f}   {top(counts['text'][i])} | {top(counts['image'][i])}")
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
-    print("reproduce: python " + " ".join(sys.argv))
+    print("reproduce: python -m benchmarks.testbed_eval " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

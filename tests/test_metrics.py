@@ -207,3 +207,22 @@ def test_bad_inputs_raise():
         metrics.exact_match(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="group 'task' has 2 labels"):
         metrics.breakdown([1.0, 2.0, 3.0], [1, 1, 1], {"task": ["a", "b"]})
+
+
+def test_answer_margins_match_a_loop_and_the_sign_of_greedy_correctness():
+    """Margins against a plain loop over positions and vocabulary; positive exactly when the
+    argmax at every position is the answer token."""
+    rng = np.random.default_rng(3)
+    logprobs = [jax.nn.log_softmax(rng.normal(size=(n, 9)) * 3) for n in (1, 2, 3, 1)]
+    logprobs = [np.asarray(lp) for lp in logprobs]
+    answers = [list(rng.integers(0, 9, len(lp))) for lp in logprobs]
+    answers[0] = [int(np.argmax(logprobs[0][0]))]  # one greedy-correct answer at least
+    margins = metrics.answer_margins(logprobs, answers)
+    for lp, ids, m in zip(logprobs, answers, margins, strict=True):
+        gaps = [lp[t, a] - max(lp[t, v] for v in range(lp.shape[1]) if v != a)
+                for t, a in enumerate(ids)]
+        assert m == pytest.approx(min(gaps))
+        assert (m > 0) == all(int(np.argmax(lp[t])) == a for t, a in enumerate(ids))
+    assert margins[0] > 0
+    with pytest.raises(ValueError, match="answer 1"):
+        metrics.answer_margins(logprobs[:2], [[1], [1, 2, 3]])

@@ -110,6 +110,27 @@ def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> np.ndarra
                        for p, a in zip(predictions, answers, strict=True)], dtype=bool)
 
 
+def answer_margins(logprobs: Sequence[np.ndarray], answer_ids: Sequence[Sequence[int]]
+                   ) -> np.ndarray:
+    """[N] per answer, the smallest gap over its positions between the answer token's log-prob
+    and the best other token's (`logprobs[i]` is `[n_i, V]`, the teacher-forced distributions
+    predicting answer i's `n_i` tokens). Positive iff greedy decoding reproduces every answer
+    token; how far a perturbation moves it, against its size, says how close answers are to
+    flipping."""
+    if len(logprobs) != len(answer_ids):
+        raise ValueError(f"{len(logprobs)} log-prob arrays for {len(answer_ids)} answers")
+    out = np.empty(len(logprobs))
+    for i, (lp, ids) in enumerate(zip(logprobs, answer_ids, strict=True)):
+        lp, ids = np.asarray(lp, np.float64), np.asarray(ids)
+        if lp.ndim != 2 or lp.shape[0] != len(ids) or not len(ids):
+            raise ValueError(f"answer {i}: log-probs {lp.shape} for {len(ids)} answer tokens")
+        rows = np.arange(len(ids))
+        others = lp.copy()
+        others[rows, ids] = -np.inf
+        out[i] = float(np.min(lp[rows, ids] - others.max(axis=1)))
+    return out
+
+
 def ratio(sums, counts) -> float:
     """sum(sums) / sum(counts) (a token- or sample-weighted mean); nan when nothing counted."""
     total = float(np.sum(np.asarray(counts, dtype=np.float64)))
