@@ -10,8 +10,8 @@ that quantization, and the same table for the routed experts' output scaled by a
 quantization noise any worse than shrinking the experts' output by as much?); per MoE layer
 the Jensen-Shannon divergence between the expert-frequency distributions of text and image
 tokens; answer margins (the teacher-forced log-prob gap between each answer token and the best
-other token) at full precision and how far 2-bit RTN, the 0.66 shrink and switching the routed
-experts off move them; wall times.
+other token) at full precision and how far each of those RTN and scaled models moves them; wall
+times.
 The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
 checkpoint was trained on (its train_summary.json); `mode_jax.testbed.card` writes the same
 figures into the checkpoint's MODEL_CARD.md.
@@ -48,8 +48,9 @@ def _relative_error(model, bits: int, group_size: int, which: int) -> float:
     return (err / ref) ** 0.5
 
 
-def _print_margins(model, data, full: dict, group_size: int) -> None:
-    """How near the answers are to flipping, against how far each perturbation moves them."""
+def _print_margins(data, full: dict, variants: dict[str, dict]) -> None:
+    """How near the answers are to flipping, against how far each perturbation (a `card.against`
+    row kept with its log-probs) moves them."""
     ids = [ex.answer_ids for ex in data.examples]
     base = metrics.answer_margins(full["answer_logprobs"], ids)
     q = np.percentile(base, [1, 10, 50])
@@ -58,14 +59,10 @@ def _print_margins(model, data, full: dict, group_size: int) -> None:
     print(f"  full precision: 1% {q[0]:.2f}, 10% {q[1]:.2f}, median {q[2]:.2f}; "
           f"{int(np.sum(base <= 0))} of {len(base)} not greedy-correct, "
           f"{int(np.sum((base > 0) & (base < 1)))} within 1 nat")
-    variants = {"2-bit RTN": fake.fake_quantize(model, fake.uniform_bits(model, 2), group_size),
-                "routed x 0.66": card.scaled(model, "routed", 0.66),
-                "routed off": card.scaled(model, "routed", 0.0)}
     print(f"  {'variant':<14}{'|shift| median':>16}{'90%':>8}{'99%':>8}{'max':>8}"
           f"{'median shift/margin':>22}{'flipped':>9}")
-    for label, candidate in variants.items():
-        res = harness.evaluate(candidate, data, keep_logprobs=True)
-        shift = metrics.answer_margins(res["answer_logprobs"], ids) - base
+    for label, row in variants.items():
+        shift = metrics.answer_margins(row["answer_logprobs"], ids) - base
         p = np.percentile(np.abs(shift), [50, 90, 99])
         flipped = int(np.sum((base > 0) != (base + shift > 0)))
         rel = np.median(np.abs(shift[base > 0]) / base[base > 0])
@@ -102,7 +99,9 @@ def main() -> None:
         "all": 100 * full["accuracy"]["all"]}
     print(f"{'fp32':>5}" + "".join(f"{fp[f]:>20.1f}" for f in [*families, "all"]) +
           f"{0.0:>10.4f}{full['wall_seconds']:>10.1f}")
-    for row in card.rtn_sweep(model, data, full, args.bits, args.group_size):
+    variants = {}  # every perturbed model's row, for the margins
+    for row in card.rtn_sweep(model, data, full, args.bits, args.group_size, keep_logprobs=True):
+        variants[f"{row['bits']}-bit RTN"] = row
         cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
                         for f in [*families, "all"])
         print(f"{row['bits']:>5}" + cells + f"{row['kl']:>10.4f}{row['seconds']:>10.1f}")
@@ -115,12 +114,13 @@ def main() -> None:
           "is the size of 2-bit noise)")
     print(f"{'s':>5}" + head[5:])
     for s in args.scales:
-        row = card.against(full, card.scaled(model, "routed", s), data)
+        row = card.against(full, card.scaled(model, "routed", s), data, keep_logprobs=True)
+        variants[f"routed x {s:g}"] = row
         cells = "".join(f"{_cell(row['accuracy'][f], row['drop'][f]):>20}"
                         for f in [*families, "all"])
         print(f"{s:>5}" + cells + f"{row['kl']:>10.4f}")
 
-    _print_margins(model, data, full, args.group_size)
+    _print_margins(data, full, variants)
 
     counts = full["routing"]
     js = harness.routing_divergence(counts["text"], counts["image"])

@@ -50,10 +50,11 @@ def heldout(checkpoint: Path, samples: int):
     return model, harness.encode(data, tokenizer, image_cfg)
 
 
-def rtn_sweep(model, data, full: dict, bits=(1, 2, 3, 4), group_size: int = 128) -> list[dict]:
+def rtn_sweep(model, data, full: dict, bits=(1, 2, 3, 4), group_size: int = 128,
+              keep_logprobs: bool = False) -> list[dict]:
     """Per bit-width: accuracy (%) per family and overall, drop vs `full` in points, KL."""
     return [{"bits": b, **against(full, fake.fake_quantize(model, fake.uniform_bits(model, b),
-                                                            group_size), data)}
+                                                            group_size), data, keep_logprobs)}
             for b in bits]
 
 
@@ -100,13 +101,16 @@ def ablations(model, data, full: dict) -> list[dict]:
     return [{"removed": part, **against(full, without(model, part), data)} for part in PARTS]
 
 
-def against(full: dict, candidate, data) -> dict:
+def against(full: dict, candidate, data, keep_logprobs: bool = False) -> dict:
     """Accuracy (%) per family and overall of `candidate`, drop vs `full` in points, KL to it,
-    and the evaluation's wall time."""
-    res = harness.evaluate(candidate, data, reference=full, keep_logprobs=False)
+    the evaluation's wall time, and its answer log-probs if asked for."""
+    res = harness.evaluate(candidate, data, reference=full, keep_logprobs=keep_logprobs)
     fp, acc = _accuracy(full), _accuracy(res)
-    return {"accuracy": acc, "drop": {k: acc[k] - fp[k] for k in acc}, "kl": res["kl"]["all"],
-            "seconds": res["wall_seconds"]}
+    row = {"accuracy": acc, "drop": {k: acc[k] - fp[k] for k in acc}, "kl": res["kl"]["all"],
+           "seconds": res["wall_seconds"]}
+    if keep_logprobs:
+        row["answer_logprobs"] = res["answer_logprobs"]
+    return row
 
 
 def _row(label, row: dict, columns) -> str:
