@@ -139,10 +139,10 @@ def _limits(full: dict, sweep: list[dict], removed: list[dict]) -> list[str]:
         lines.append("- Not learned (under 50%, near the 25% of a 4-way guess): "
                      + ", ".join(f"{t} {v:.0f}%" for t, v in weak.items()) + ".")
     if two is not None and -two["drop"]["all"] < 10:
-        text = (f"- Uniform 2-bit round-to-nearest costs {-two['drop']['all']:.1f} points "
+        text = (f"- Uniform 2-bit round-to-nearest costs {0.0 - two['drop']['all']:.1f} points "
                 f"(KL {two['kl']:.4f}), short of the 10-point target")
         if routed is not None:
-            text += (f"; switching every routed expert off costs {-routed['drop']['all']:.1f} "
+            text += (f"; switching every routed expert off costs {0.0 - routed['drop']['all']:.1f} "
                      f"(KL {routed['kl']:.4f})")
         lines.append(text + ".")
     if set(drops) == set(PARTS) and drops["routed+shared"] > 2 * (drops["routed"]
