@@ -257,8 +257,9 @@ def test_train_min_objects_shapes_full_size_training_scenes_only():
     assert data.configs["vision_small"] == cfg.small_task_config(("color",))
     probes = tasks.generate("heldout", 40, 0, data.probe_configs["vision"])
     assert {_objects(s.image) for s in probes} == {1, 2, 3}
-    assert train.TrainConfig().training_configs()["vision"] == train.TrainConfig().task_config(
-        train.VISION_MIX)  # the default recipe trains on the held-out suite's scenes
+    one = train.TrainConfig(train_min_objects=1)  # 1 trains on the held-out suite's scenes
+    assert one.training_configs()["vision"] == one.task_config(train.VISION_MIX)
+    assert train.TrainConfig().training_configs()["vision"].min_objects == 3  # the shipped recipe
     with pytest.raises(ValueError, match="train_min_objects=4"):
         train.TrainConfig(train_min_objects=4)
 
