@@ -46,6 +46,8 @@ class ProbeConfig:
     eval_samples: int = 500
     seed: int = 0
     label_smoothing: float = 0.0  # on the answer tokens (train.answer_loss)
+    layers: int = 4  # language-model depth (the first stays dense)
+    weight_decay: float = 0.05
 
 
 @nnx.jit(static_argnames=("gamma", "label_smoothing"))
@@ -72,12 +74,14 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
                                 image_token_id=tok_lib.image_token_id(tokenizer))
     config = dataclasses.replace(config, text=dataclasses.replace(
         config.text, moe_intermediate_size=cfg.expert_width, n_shared_experts=cfg.shared_experts,
-        n_routed_experts=cfg.experts, num_experts_per_tok=cfg.top_k))
+        n_routed_experts=cfg.experts, num_experts_per_tok=cfg.top_k,
+        num_hidden_layers=cfg.layers))
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     train.zero_mlp_down(model)
     train.use_capacity_dispatch(model, 2.0)
     optimizer = train.make_optimizer(model, cfg.lr, min(100, cfg.steps // 10), cfg.steps,
-                                     clip_norm=1.0, weight_decay=0.05, freeze_vision=True)
+                                     clip_norm=1.0, weight_decay=cfg.weight_decay,
+                                     freeze_vision=True)
     image_cfg, length, start = ImageConfig(), 40, time.time()
     for step in range(1, cfg.steps + 1):
         samples = tasks.generate("train", cfg.batch, cfg.seed * 10_000_000 + step, task_cfg)
