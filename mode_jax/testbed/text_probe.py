@@ -46,8 +46,9 @@ class ProbeConfig:
     eval_samples: int = 500
     seed: int = 0
     label_smoothing: float = 0.0  # on the answer tokens (train.answer_loss)
-    layers: int = 4  # language-model depth (the first stays dense)
-    weight_decay: float = 0.05
+    # language-model depth (the first layer stays dense) and AdamW decay: the testbed's own
+    layers: int = train.model_config().text.num_hidden_layers
+    weight_decay: float = train.TrainConfig.weight_decay
 
 
 @nnx.jit(static_argnames=("gamma", "label_smoothing"))
