@@ -116,7 +116,10 @@ def test_attention_stays_inside_each_image(k25):
     np.testing.assert_array_equal(a[:4], b[:4])
     assert np.abs(a[4:] - b[4:]).max() > 1e-3
     alone = _features(ours, pixels[:16], grids[:1])
-    np.testing.assert_allclose(alone, a[:4], rtol=1e-6, atol=1e-6)
+    # Alone vs packed is the same arithmetic on other shapes, so only float32 rounding may
+    # differ (up to 4e-6 on features of size ~20 on some CPUs); a leak between the images
+    # moves features by far more than that (the 1e-3 check above).
+    np.testing.assert_allclose(alone, a[:4], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_tower_tolerance(k25):
