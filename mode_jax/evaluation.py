@@ -7,17 +7,25 @@ What is scored depends on the data at hand:
 - otherwise (random tokens, a checkpoint without tokenizer): KL and perplexity of the next-token
   distributions over every real position of seeded random prompts.
 The full-precision result is computed once per process and shared by every method of a sweep.
+
+Besides the aggregate metrics, `evaluate` returns per-sample arrays (what the report's paired
+bootstrap intervals need, `eval.bootstrap`): `kl` [n] KL summed over each sample's scored
+positions, `kl_tokens` [n] how many positions that is, and, where answers are scored, `correct`
+[n] (1 = exact match). `metrics["eval_digest"]` names the samples (equal digests = same samples
+in the same order).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
 DEFAULT_HELDOUT = 400  # eval.num_samples = 0 on the testbed
 
 
-def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict]:
-    """(flat metrics for the report, per-group tables) of `q_model`."""
+def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict, dict]:
+    """(flat metrics for the report, per-group tables, per-sample arrays) of `q_model`."""
     c = ctx.config
     if c.eval.jsonl or c.data.source == "testbed":
         return _harness(ctx, fp_model, q_model)
@@ -60,12 +68,16 @@ def _harness(ctx, fp_model, q_model):
         "kl": res["kl"]["all"],
         "perplexity": res["perplexity"]["all"],
         "n": res["n"],
+        "eval_digest": harness.digest(data),
     }
     for family, acc in res["accuracy"]["family"].items():
         metrics[f"accuracy_{family}"] = acc
         metrics[f"fp_accuracy_{family}"] = full["accuracy"]["family"][family]
     tables = {"quantized": harness.format_table(res), "full_precision": harness.format_table(full)}
-    return metrics, tables
+    per_sample = {"correct": np.asarray(res["correct"], np.int8),
+                  "kl": np.asarray(res["sample_kl"], np.float64),
+                  "kl_tokens": np.asarray(res["answer_tokens"], np.float64)}
+    return metrics, tables, per_sample
 
 
 def _next_token(ctx, fp_model, q_model):
@@ -79,16 +91,21 @@ def _next_token(ctx, fp_model, q_model):
     cfg = fp_model.config
     batches = sources.random_batches(cfg.text.vocab_size, cfg.media_placeholder_token_id, n,
                                      c.data.batch_size, c.seed + 3)
-    kl_sum = kl_n = nll_sum = 0.0
+    kl_rows, n_rows, nll_sum = [], [], 0.0
+    digest = hashlib.sha256()
     for batch in batches:
+        digest.update(np.asarray(batch["input_ids"], np.int64).tobytes())
         ref = fp_model(batch).logits
         out = q_model(batch).logits
         mask = np.asarray(batch["attention_mask"]).astype(bool).copy()
         mask[:, 0] = False  # position t is predicted by t - 1
         s, k = m.answer_kl(ref, out, mask)
         nll, _ = m.answer_nll(out, batch["input_ids"], mask)
-        kl_sum += float(jax.numpy.sum(s))
-        kl_n += float(jax.numpy.sum(k))
+        kl_rows.append(np.asarray(s, np.float64))
+        n_rows.append(np.asarray(k, np.float64))
         nll_sum += float(jax.numpy.sum(nll))
-    metrics = {"kl": kl_sum / kl_n, "perplexity": float(np.exp(nll_sum / kl_n)), "n": n}
-    return metrics, {}
+    kl, tokens = np.concatenate(kl_rows), np.concatenate(n_rows)
+    metrics = {"kl": float(kl.sum() / tokens.sum()),
+               "perplexity": float(np.exp(nll_sum / tokens.sum())), "n": n,
+               "eval_digest": digest.hexdigest()[:16]}
+    return metrics, {}, {"kl": kl, "kl_tokens": tokens}

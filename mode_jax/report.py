@@ -14,6 +14,7 @@ import numpy as np
 from mode_jax import checkpoint
 from mode_jax.alloc import bitmap
 from mode_jax.calib import frequency
+from mode_jax.eval import bootstrap
 
 
 def _figure_frequencies(stats: dict, path: str) -> None:
@@ -91,8 +92,57 @@ def evaluated_runs(workdir: str) -> list[dict]:
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
         })
-    return sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
+    rows = sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
                                        r["quantizer"], r["router_finetune"]))
+    return with_intervals(rows, {r["evaluate"]: _per_sample(workdir, r["evaluate"]) for r in rows})
+
+
+def _per_sample(workdir: str, fingerprint: str) -> dict | None:
+    """The evaluate artifact's per-sample arrays (None for artifacts written before they were
+    kept)."""
+    arrays, _ = checkpoint.load(os.path.join(workdir, "evaluate", fingerprint))
+    return arrays.get("per_sample")
+
+
+def _pair_key(row: dict) -> tuple:
+    return (row["budget_bits"], row["quantizer"], row["router_finetune"], row.get("eval_digest"))
+
+
+def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.RESAMPLES
+                   ) -> list[dict]:
+    """Add 95% bootstrap intervals to each row, and a paired comparison with the uniform row of
+    the same budget, quantizer and router setting scored on the same samples.
+
+    samples: evaluate fingerprint -> per-sample arrays (`evaluation.evaluate`), or None. Every
+    row scored on the same samples uses the same resamples (seed 0), so the comparisons are
+    paired. Adds `accuracy_ci`, `kl_ci` ([low, high]) and `vs_uniform` = {accuracy_points,
+    kl_ratio: [estimate, low, high], share_kl_lower}.
+    """
+    weights: dict[str, np.ndarray] = {}
+    uniform = {_pair_key(r): r for r in rows
+               if r["method"] == "uniform" and samples.get(r["evaluate"]) is not None}
+    for r in rows:
+        own = samples.get(r["evaluate"])
+        if own is None or "eval_digest" not in r:
+            continue
+        w = weights.setdefault(r["eval_digest"], bootstrap.draws(len(own["kl"]), resamples))
+        kl = (own["kl"], own["kl_tokens"])
+        r["kl_ci"] = bootstrap.interval(*kl, w).as_list()[1:]
+        if "correct" in own:
+            r["accuracy_ci"] = bootstrap.interval(own["correct"], np.ones(len(own["correct"])),
+                                                  w).as_list()[1:]
+        ref = uniform.get(_pair_key(r))
+        if ref is None or ref is r:
+            continue
+        other = samples[ref["evaluate"]]
+        kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)
+        r["vs_uniform"] = {"share_kl_lower": kl_cmp["share_a_lower"],
+                           "kl_ratio": kl_cmp["ratio"].as_list() if kl_cmp["ratio"] else None}
+        if "correct" in own:
+            ones = np.ones(len(own["correct"]))
+            acc = bootstrap.compare((own["correct"], ones), (other["correct"], ones), w)
+            r["vs_uniform"]["accuracy_points"] = [100 * v for v in acc["difference"].as_list()]
+    return rows
 
 
 def write(workdir: str, config, contexts: list, final_stage: str) -> str:
@@ -130,7 +180,9 @@ def _markdown(doc: dict) -> str:
     rows = doc["results"]
     metric_keys = [k for k in ("accuracy", "accuracy_vision", "accuracy_text", "kl", "perplexity",
                                "model_bytes") if any(k in r for r in rows)]
-    head = ["method", "sensitivity", "quantizer", "router ft", "budget", "avg bits", *metric_keys]
+    ci_keys = [k for k in ("accuracy_ci", "kl_ci") if any(k in r for r in rows)]
+    head = ["method", "sensitivity", "quantizer", "router ft", "budget", "avg bits", *metric_keys,
+            *(f"{k[:-3]} 95% CI" for k in ci_keys)]
     lines = ["# mode-jax report", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for r in rows:
@@ -139,7 +191,9 @@ def _markdown(doc: dict) -> str:
                  f"{r['budget_bits']:g}",
                  f"{r.get('average_bits', float('nan')):.3f}"]
         cells += [_fmt(r.get(k)) for k in metric_keys]
+        cells += [_fmt_range(r.get(k)) for k in ci_keys]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _paired_table(rows)
     if "modality_js_divergence_per_layer" in doc:
         js = ", ".join(f"{v:.3f}" for v in doc["modality_js_divergence_per_layer"])
         lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}"]
@@ -149,6 +203,34 @@ def _markdown(doc: dict) -> str:
         lines += ["", f"Full precision: accuracy {fp['fp_accuracy']:.4g} ({fams})"]
     lines += ["", "Figures: figures/*.png; bit maps: bitmaps/<method>-<key>-<budget>/", ""]
     return "\n".join(lines)
+
+
+def _paired_table(rows: list[dict]) -> list[str]:
+    """Each method against uniform at the same budget, on the same samples (paired bootstrap)."""
+    paired = [r for r in rows if "vs_uniform" in r]
+    if not paired:
+        return []
+    n = paired[0].get("n")
+    lines = ["", f"Against uniform at the same budget and quantizer, paired over the same {n} "
+             "samples (estimate [95% bootstrap interval]; an interval that holds 0 points, or "
+             "a KL ratio of 1, is no evidence of a difference):", "",
+             "| method | sensitivity | quantizer | budget | accuracy - uniform (points) | "
+             "KL / uniform KL | resamples with lower KL |", "|---|---|---|---|---|---|---|"]
+    for r in paired:
+        vs = r["vs_uniform"]
+        acc = vs.get("accuracy_points")
+        ratio = vs.get("kl_ratio")
+        lines.append(
+            f"| {r['method']} | {r.get('estimator') or '-'} | {r['quantizer']} | "
+            f"{r['budget_bits']:g} | "
+            f"{'-' if acc is None else f'{acc[0]:+.1f} [{acc[1]:+.1f}, {acc[2]:+.1f}]'} | "
+            f"{'-' if ratio is None else f'{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]'} | "
+            f"{100 * vs['share_kl_lower']:.0f}% |")
+    return lines
+
+
+def _fmt_range(v) -> str:
+    return "-" if v is None else f"[{v[0]:.4g}, {v[1]:.4g}]"
 
 
 def _fmt(v) -> str:

@@ -179,10 +179,10 @@ def run_evaluate(ctx, inputs):
     if qmodel is None:
         qmodel = serialize.from_artifact(q.arrays, q.meta, source=q.path)
     qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels)
-    metrics, tables = evaluation.evaluate(ctx, fp, qmodel)
+    metrics, tables, per_sample = evaluation.evaluate(ctx, fp, qmodel)
     metrics["model_bytes"] = int(q.meta["nbytes"]["total"])
     metrics["packed_expert_bytes"] = int(q.meta["nbytes"]["packed"])
-    return {}, {"metrics": metrics, "tables": tables}
+    return {"per_sample": per_sample}, {"metrics": metrics, "tables": tables}
 
 
 STAGES = {

@@ -150,6 +150,18 @@ def test_kl_of_a_model_against_itself_is_zero(model, data, result):
     moved = harness.evaluate(other, data, reference=result, **kw)
     assert moved["kl"]["all"] > 1e-3
     assert "KL" in harness.format_table(moved)
+    # the per-sample sums behind it (what the report's paired intervals resample)
+    assert np.sum(moved["sample_kl"]) / np.sum(moved["answer_tokens"]) == pytest.approx(
+        moved["kl"]["all"], rel=1e-12)
+    assert moved["answer_tokens"] == [len(ex.answer_ids) for ex in data.examples]
+
+
+def test_digest_names_the_samples_and_their_order(data, samples, tokenizer):
+    assert harness.digest(data) == harness.digest(harness.encode(samples, tokenizer))
+    assert harness.digest(data) != harness.digest(harness.encode(samples[::-1], tokenizer))
+    changed = list(samples)
+    changed[3] = dataclasses.replace(changed[3], answer=changed[3].answer + " zebra")
+    assert harness.digest(data) != harness.digest(harness.encode(changed, tokenizer))
 
 
 def test_routing_counts_add_up(model, data, result):

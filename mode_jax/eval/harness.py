@@ -25,6 +25,7 @@ so a whole held-out split compiles only a few shapes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,6 +175,17 @@ def _teacher_forced(model, data, rows, batch, reference, routing, k):
     return res
 
 
+def digest(data: EvalSet) -> str:
+    """A short hash of the encoded questions and answers: results with equal digests were
+    scored on the same samples in the same order, so they can be compared sample by sample."""
+    h = hashlib.sha256()
+    for ex in data.examples:
+        for ids in (ex.prompt_ids, ex.answer_ids):
+            h.update(np.asarray(ids, np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def _kl(ref_logp: np.ndarray, logp: np.ndarray) -> float:
     if ref_logp.shape != logp.shape:
         raise ValueError(f"reference answer log-probs {ref_logp.shape} do not match {logp.shape}: "
@@ -253,6 +265,7 @@ def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> 
         "wall_seconds": seconds,
         "predictions": preds,
         "correct": correct.tolist(),
+        "answer_tokens": np.asarray(count, np.float64).tolist(),
     }
     result["perplexity"] = _map(result["nll"], np.exp)
     mc = [i for i, c in enumerate(choice) if c is not None]
@@ -262,6 +275,7 @@ def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> 
             hits, np.ones(len(mc)), {k: [v[i] for i in mc] for k, v in groups.items()})
     if kl is not None:
         result["kl"] = metrics.breakdown(kl, count, groups)
+        result["sample_kl"] = np.asarray(kl, np.float64).tolist()  # summed over answer tokens
     if logprobs is not None:
         result["answer_logprobs"] = logprobs
     if route is not None:

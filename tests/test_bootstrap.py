@@ -1,0 +1,116 @@
+"""Paired bootstrap intervals (eval.bootstrap) and the report rows that use them."""
+
+import numpy as np
+import pytest
+
+from mode_jax import report
+from mode_jax.eval import bootstrap
+
+
+def test_resampled_ratio_equals_a_loop_over_drawn_indices():
+    rng = np.random.default_rng(1)
+    n, r = 37, 50
+    sums, counts = rng.random(n), rng.integers(1, 5, n).astype(float)
+    idx = rng.integers(0, n, (r, n))
+    weights = np.stack([np.bincount(i, minlength=n) for i in idx]).astype(float)
+    want = [sums[i].sum() / counts[i].sum() for i in idx]
+    np.testing.assert_allclose(bootstrap.resampled(sums, counts, weights), want, rtol=1e-12)
+
+
+def test_draws_are_multiplicities_of_n_samples():
+    w = bootstrap.draws(10, 300, seed=3)
+    assert w.shape == (300, 10)
+    np.testing.assert_array_equal(w.sum(1), 10)
+    np.testing.assert_array_equal(w, bootstrap.draws(10, 300, seed=3))  # seeded
+    assert not np.array_equal(w, bootstrap.draws(10, 300, seed=4))
+
+
+def test_accuracy_intervals_cover_the_true_rate_about_95_percent_of_the_time():
+    rng = np.random.default_rng(0)
+    n, trials, p = 200, 300, 0.8
+    weights = bootstrap.draws(n, 1000, seed=1)
+    covered = 0
+    for _ in range(trials):
+        correct = (rng.random(n) < p).astype(float)
+        ci = bootstrap.interval(correct, np.ones(n), weights)
+        assert ci.low <= ci.estimate <= ci.high
+        covered += ci.low <= p <= ci.high
+    assert 0.90 <= covered / trials <= 0.99, covered / trials
+
+
+def test_pairing_resolves_a_difference_that_separate_intervals_cannot():
+    """Two models share each question's difficulty; b is worse by a small constant. Their own
+    intervals overlap, the paired difference excludes 0."""
+    rng = np.random.default_rng(2)
+    n = 300
+    difficulty = rng.exponential(1.0, n)
+    tokens = np.ones(n)
+    a, b = difficulty, difficulty + 0.05
+    w = bootstrap.draws(n, 2000)
+    ia, ib = bootstrap.interval(a, tokens, w), bootstrap.interval(b, tokens, w)
+    assert ia.high > ib.low  # separately: no visible difference
+    cmp = bootstrap.compare((a, tokens), (b, tokens), w)
+    assert cmp["difference"].high < 0
+    assert cmp["difference"].estimate == pytest.approx(-0.05)
+    assert cmp["share_a_lower"] == 1.0
+    assert cmp["ratio"].high < 1
+
+
+def test_a_model_against_itself_differs_by_exactly_nothing():
+    x, t = np.array([0.1, 0.5, 0.0, 2.0]), np.array([1.0, 2.0, 1.0, 3.0])
+    cmp = bootstrap.compare((x, t), (x, t), bootstrap.draws(4, 100))
+    assert cmp["difference"].as_list() == [0.0, 0.0, 0.0]
+    assert cmp["ratio"].as_list() == [1.0, 1.0, 1.0]
+    assert cmp["share_a_lower"] == 0.0
+
+
+def test_a_zero_reference_has_no_ratio():
+    x, t = np.array([0.1, 0.5]), np.ones(2)
+    assert bootstrap.compare((x, t), (np.zeros(2), t), bootstrap.draws(2, 10))["ratio"] is None
+
+
+@pytest.mark.parametrize("sums, counts, match", [
+    ([0.1, np.nan], [1, 1], "NaN"),
+    ([0.1, 0.2, 0.3], [1, 1, 1], "must be"),
+    ([0.1, 0.2], [0, 0], "sum to zero"),
+])
+def test_bad_input_is_named(sums, counts, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap.interval(sums, counts, bootstrap.draws(2, 10))
+
+
+def test_draws_need_samples():
+    with pytest.raises(ValueError, match="at least one sample"):
+        bootstrap.draws(0)
+
+
+def _row(method, fp, digest="d1", budget=3.0):
+    return {"method": method, "evaluate": fp, "budget_bits": budget, "quantizer": "gptq",
+            "router_finetune": False, "eval_digest": digest, "n": 6, "estimator": None,
+            "average_bits": budget}
+
+
+def test_report_pairs_each_method_with_uniform_on_the_same_samples():
+    tokens = np.ones(6)
+    samples = {
+        "u": {"correct": np.array([1, 1, 1, 0, 1, 1], np.int8), "kl": np.full(6, 0.2),
+              "kl_tokens": tokens},
+        "m": {"correct": np.array([1, 1, 1, 1, 1, 1], np.int8), "kl": np.full(6, 0.1),
+              "kl_tokens": tokens},
+        "other": {"correct": np.ones(6, np.int8), "kl": np.full(6, 0.1), "kl_tokens": tokens},
+    }
+    rows = [_row("uniform", "u"), _row("mode/text+key", "m"), _row("pmq", "other", "d2"),
+            _row("gemq", "old")]
+    out = report.with_intervals(rows, {**samples, "old": None}, resamples=200)
+    uniform, mode, other, old = out
+    assert "vs_uniform" not in uniform and "kl_ci" in uniform
+    vs = mode["vs_uniform"]
+    assert vs["kl_ratio"] == pytest.approx([0.5, 0.5, 0.5])
+    assert vs["share_kl_lower"] == 1.0
+    assert vs["accuracy_points"][0] == pytest.approx(100 / 6)
+    assert "vs_uniform" not in other  # scored on other samples: not paired
+    assert "kl_ci" in other
+    assert "kl_ci" not in old and "vs_uniform" not in old  # an artifact without per-sample data
+    text = report._markdown({"results": out})
+    assert "| mode/text+key | - | gptq | 3 | +16.7 [" in text
+    assert "0.50 [0.50, 0.50] | 100% |" in text
