@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sens = ml_collections.ConfigDict()
     c.sens.estimator = "expert_mse"  # expert_mse | logit_kl | fisher
     c.sens.group_size = 128
+    c.sens.quantizer = "rtn"  # rtn (method.md stage 2) | gptq (copies as the quantize stage makes)
     c.sens.max_tokens = 65536  # cached MoE-input tokens per layer for the token estimators
     c.sens.hutchinson_probes = 100  # MoPEQ
 

@@ -84,8 +84,8 @@ def evaluated_runs(workdir: str) -> list[dict]:
         label = alloc["method"] + (f"/{alloc['freq_key']}" if mode else "")
         rows.append({
             "method": label, "budget_bits": float(alloc["budget_bits"]),
-            # only MODE reads the configured estimator; the baselines use their own costs
-            "estimator": sens["recorded_config"]["config"]["sens"]["estimator"] if mode else None,
+            "estimator": _sensitivity_label(alloc["method"],
+                                            sens["recorded_config"]["config"]["sens"]),
             "candidate_bits": alloc["bits"], "quantizer": quant["method"],
             "router_finetune": bool(quant.get("router_finetune", False)),
             "average_bits": a["summary"]["average_bits"],
@@ -95,6 +95,16 @@ def evaluated_runs(workdir: str) -> list[dict]:
     rows = sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
                                        r["quantizer"], r["router_finetune"]))
     return with_intervals(rows, {r["evaluate"]: _per_sample(workdir, r["evaluate"]) for r in rows})
+
+
+def _sensitivity_label(method: str, sens: dict) -> str | None:
+    """What a row's allocation read from the sensitivity stage: MODE its configured estimator,
+    PMQ and GEMQ their own costs; '/gptq' when the expert copies were not round-to-nearest."""
+    quantizer = sens.get("quantizer", "rtn")  # artifacts older than the option: rtn
+    suffix = "" if quantizer == "rtn" else f"/{quantizer}"
+    if method == "mode":
+        return sens["estimator"] + suffix
+    return f"own costs{suffix}" if suffix and method in ("pmq", "gemq") else None
 
 
 def _per_sample(workdir: str, fingerprint: str) -> dict | None:

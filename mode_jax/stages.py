@@ -30,6 +30,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADi
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
 ESTIMATORS = ("expert_mse", "logit_kl", "fisher")
+SENS_QUANTIZERS = ("rtn", "gptq")
 MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
 
@@ -119,8 +120,10 @@ def run_sensitivity(ctx, inputs):
         model, calib.batches, stats_config(ctx, calib), bits=np.asarray(c.alloc.bits),
         group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
         max_tokens=c.sens.max_tokens, num_probes=c.sens.hutchinson_probes, seed=c.seed,
+        quantizer=c.sens.quantizer,
     )
-    return {k: np.asarray(v) for k, v in out.items()}, {"estimator": c.sens.estimator}
+    meta = {"estimator": c.sens.estimator, "quantizer": c.sens.quantizer}
+    return {k: np.asarray(v) for k, v in out.items()}, meta
 
 
 def allocation_options(alloc) -> dict:
@@ -237,6 +240,9 @@ def validate(config) -> None:
                         f"{', '.join(MATMUL_PRECISIONS)}")
     if c.sens.estimator not in ESTIMATORS:
         raise UserError(f"sens.estimator={c.sens.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+    if c.sens.quantizer not in SENS_QUANTIZERS:
+        raise UserError(f"sens.quantizer={c.sens.quantizer!r}; allowed: "
+                        f"{', '.join(SENS_QUANTIZERS)}")
     if not c.model.path:
         raise UserError("no model: pass --config.model.path=<checkpoint directory>")
     if not os.path.isdir(c.model.path):

@@ -47,6 +47,7 @@ CASES = {
     "unknown method": (["--config.alloc.method=magic"], ("magic",)),
     "infeasible budget": (["--config.alloc.budget_bits=5.0"], ("infeasible bit budget",)),
     "unknown estimator": (["--config.sens.estimator=guess"], ("guess",)),
+    "unknown sensitivity quantizer": (["--config.sens.quantizer=awq"], ("sens.quantizer", "awq")),
     "unknown matmul precision": (["--config.model.matmul_precision=tf33"], ("tf33",)),
 }
 

@@ -238,6 +238,46 @@ def test_sensitivity_pass_assembles_the_artifact(model):
                                 estimator="mse")
 
 
+def test_gptq_sensitivity_copies_reach_every_estimator(model):
+    """quantizer="gptq": the pass quantizes each layer's experts by GPTQ on that layer's cached
+    tokens, and logit_kl is still the exact KL of a brute-force re-forward with those copies."""
+    cfg = passes.StatsConfig(IMG, SPECIAL, key_ratio=0.3)
+    batches = BATCHES[:1]
+    out = passes.sensitivity_pass(model, batches, cfg, bits=BITS, group_size=GROUP,
+                                  estimator="logit_kl", baselines=False, quantizer="gptq")
+    cache = passes.collect_tokens(model, batches, cfg, gradients=False)
+    copies = []
+    for tok, layer in zip(cache.layers, CFG.moe_layers, strict=True):
+        experts = model.layers[layer].mlp.experts
+        copies.append(sens.gptq_quantize_layer(experts.gate_up[...], experts.down[...], BITS,
+                                               GROUP, tok.x, tok.ids))
+    mse = passes.token_costs(model, cache, BITS, GROUP, quantized=copies)
+    rtn_mse = passes.token_costs(model, cache, BITS, GROUP)
+    for m in ("text", "vision"):
+        np.testing.assert_allclose(out[f"expert_mse_{m}"], mse[f"expert_mse_{m}"], rtol=1e-6)
+        assert not np.allclose(out[f"expert_mse_{m}"], rtn_mse[f"expert_mse_{m}"])
+
+    batch = batches[0]
+    classes, _, _ = _loop_classes(model, batch, cfg)
+    p = _log_softmax(_forward_with(model, batch))
+    j, layer, bi = 0, CFG.moe_layers[0], 0  # the last layer moves only the last tokens
+    tok = cache.layers[j]
+    e = int(np.argmax([min(((tok.ids == x).any(-1) & (tok.modality == c)).sum()
+                           for c in (sens.TEXT, sens.KEY)) for x in range(CFG.n_routed_experts)]))
+    experts = model.layers[layer].mlp.experts
+    gu = experts.gate_up[...].at[e].set(copies[j][0][bi, e])
+    dn = experts.down[...].at[e].set(copies[j][1][bi, e])
+    for m, name in enumerate(("text", "vision")):
+        q = _log_softmax(_forward_with(model, batch, layer, gu, dn,
+                                       classes[j] == ("text", "key")[m]))
+        want = (np.exp(p) * (p - q)).sum() / 3
+        assert want > 1e-6  # the expert has tokens of both modalities
+        np.testing.assert_allclose(out[f"logit_kl_{name}"][j, e, bi], want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        passes.sensitivity_pass(model, batches, cfg, bits=BITS, group_size=GROUP,
+                                baselines=False, quantizer="awq")
+
+
 def test_bad_config_and_batches_are_clear_errors(model):
     with pytest.raises(ValueError, match="attention_mode"):
         passes.StatsConfig(IMG, attention_mode="sideways")

@@ -42,6 +42,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values", "i
 # (D = 2048, 26 MoE layers, float32) 16384 tokens are about 10 GiB of host memory.
 DEFAULT_MAX_TOKENS = 16384
 ESTIMATORS = ("expert_mse", "fisher", "logit_kl")
+QUANTIZERS = ("rtn", "gptq")  # what the sensitivity copies of the experts are quantized with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,16 +307,37 @@ def _layer_experts(text: DeepseekV3, layer: int):
     return experts.gate_up[...], experts.down[...]
 
 
-def token_costs(model, cache: TokenCache, bits, group_size: int, *, chunk: int = 16
-                ) -> dict[str, np.ndarray]:
-    """The token-level estimators stacked over MoE layers, each `[L_moe, E, B]`."""
+def quantized_experts(model, bits, group_size: int, quantizer: str = "rtn",
+                      cache: TokenCache | None = None) -> list[tuple[jax.Array, jax.Array]]:
+    """Per MoE layer, the experts fake-quantized at every candidate bit (`[B, E, ...]` pairs):
+    round-to-nearest (method.md stage 2), or GPTQ from the cache's tokens (an ablation)."""
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"sensitivity quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    bits = sensitivity.check_bits(bits)
+    text = text_model(model)
+    weights = [_layer_experts(text, layer) for layer in text.config.moe_layers]
+    if quantizer == "rtn":
+        return [sensitivity.quantize_layer(gu, dn, bits, group_size) for gu, dn in weights]
+    if cache is None:
+        raise ValueError("GPTQ sensitivity copies need the token cache (collect_tokens)")
+    return [sensitivity.gptq_quantize_layer(gu, dn, bits, group_size, tokens.x, tokens.ids)
+            for (gu, dn), tokens in zip(weights, cache.layers, strict=True)]
+
+
+def token_costs(model, cache: TokenCache, bits, group_size: int, *, chunk: int = 16,
+                quantized=None) -> dict[str, np.ndarray]:
+    """The token-level estimators stacked over MoE layers, each `[L_moe, E, B]`.
+
+    quantized: `quantized_experts(...)` to reuse; None = round-to-nearest copies.
+    """
     bits = sensitivity.check_bits(bits)
     text = text_model(model)
     layers = text.config.moe_layers
+    if quantized is None:
+        quantized = quantized_experts(model, bits, group_size)
     runs = []
-    for tokens, layer in zip(cache.layers, layers, strict=True):
-        gu, dn = _layer_experts(text, layer)
-        runs.append((tokens, gu, dn, *sensitivity.quantize_layer(gu, dn, bits, group_size)))
+    for tokens, layer, q in zip(cache.layers, layers, quantized, strict=True):
+        runs.append((tokens, *_layer_experts(text, layer), *q))
     return sensitivity.stacked_costs(runs, num_samples=cache.num_samples, layer_ids=layers,
                                      chunk=chunk)
 
@@ -343,12 +365,13 @@ def _kl_layer(graphdef, state, prefix, gu, dn, guq, dnq, layer, chunk):
 
 
 def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_size: int, *,
-                  chunk: int = 8) -> dict[str, np.ndarray]:
+                  chunk: int = 8, quantized=None) -> dict[str, np.ndarray]:
     """Exact logit_kl_{text,vision} `[L_moe, E, B]`, averaged over the batches' samples.
 
     Per batch one fp forward caches each MoE layer's residual stream; each layer's E * B
     variants then re-run only the later layers, `chunk` variants per folded batch. Holds the
-    B fake-quantized copies of every layer's experts for the whole pass.
+    B fake-quantized copies of every layer's experts for the whole pass (`quantized`, as
+    `quantized_experts` returns them; None = round-to-nearest).
     """
     bits = sensitivity.check_bits(bits)
     check_model(model, cfg)
@@ -356,7 +379,8 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
     text = text_model(model)
     layers = text.config.moe_layers
     weights = [_layer_experts(text, i) for i in layers]
-    quantized = [sensitivity.quantize_layer(gu, dn, bits, group_size) for gu, dn in weights]
+    if quantized is None:
+        quantized = quantized_experts(model, bits, group_size)
     n_exp = text.config.n_routed_experts
     sums = np.zeros((len(layers), n_exp, len(bits), 2))
     counts = np.zeros((len(layers), n_exp, 2), np.int64)
@@ -462,9 +486,11 @@ def random_token_batches(vocab_size: int, *, num_samples: int, length: int, batc
 def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                      group_size: int, estimator: str = "expert_mse", baselines: bool = True,
                      max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
-                     seed: int = 0) -> dict[str, np.ndarray]:
+                     seed: int = 0, quantizer: str = "rtn") -> dict[str, np.ndarray]:
     """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
     estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
+    `quantizer` makes the quantized expert copies every estimator compares against
+    (`quantized_experts`).
 
     hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches.
     """
@@ -474,9 +500,10 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
     bits = sensitivity.check_bits(bits)
     grads = baselines or estimator == "fisher"
     cache = collect_tokens(model, batches, cfg, max_tokens=max_tokens, gradients=grads)
-    out = {"bits": bits, **token_costs(model, cache, bits, group_size)}
+    quantized = quantized_experts(model, bits, group_size, quantizer, cache)
+    out = {"bits": bits, **token_costs(model, cache, bits, group_size, quantized=quantized)}
     if estimator == "logit_kl":
-        out.update(logit_kl_pass(model, batches, cfg, bits, group_size))
+        out.update(logit_kl_pass(model, batches, cfg, bits, group_size, quantized=quantized))
     if baselines:
         b, t = np.asarray(batches[0]["input_ids"]).shape
         n = sum(len(np.asarray(x["input_ids"])) for x in batches)

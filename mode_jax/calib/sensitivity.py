@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mode_jax.calib import hessian
 from mode_jax.models import moe
-from mode_jax.quant import rtn
+from mode_jax.quant import gptq, rtn
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,38 @@ def _quantize_layer(gate_up, down, bits, group_size: int):
         return rtn.fake_quantize(gate_up, b, group_size), rtn.fake_quantize(down, b, group_size)
 
     return jax.vmap(one)(jnp.asarray(bits, jnp.int32))
+
+
+def gptq_quantize_layer(gate_up, down, bits, group_size: int, x, ids, *, damp: float = 0.01):
+    """GPTQ copies of a layer's experts at every candidate bit-width, shaped as `quantize_layer`'s.
+
+    An ablation of method.md stage 2, whose sensitivity uses round-to-nearest [ref] although the
+    experts are then GPTQ-quantized: RTN costs can rank bit-widths differently from what GPTQ
+    delivers (GPTQ recovers more at 2 bits than at 1). Hessians come from the cached tokens
+    (x [N, D] MoE-block inputs, ids [N, k] their experts), i.e. the sensitivity samples, not the
+    quantize stage's GPTQ set; down's Hessian is recomputed through the quantized gate_up at each
+    bit, as the quantize stage does. Experts without a token fall back to round-to-nearest.
+    """
+    bits = check_bits(bits)
+    gate_up, down, x, ids = (jnp.asarray(a) for a in (gate_up, down, x, ids))
+    e, d, two_f = gate_up.shape
+
+    def hessians(gu):
+        acc = hessian.update_experts(hessian.init_experts(e, d, two_f // 2), x, ids, gu)
+        return (hessian.finalize(acc.gate_up, acc.count),
+                hessian.finalize(acc.down, acc.count))
+
+    h_gate_up, _ = hessians(gate_up)
+    opts = {"group_size": group_size, "damp": damp, "block_size": group_size}
+    gu_q, dn_q = [], []
+    for b in bits:
+        per_expert = jnp.full((e,), b, jnp.int32)
+        gu = gptq.gptq_quantize_experts(gate_up, h_gate_up, per_expert, **opts).weight
+        _, h_down = hessians(gu)
+        dn = gptq.gptq_quantize_experts(down, h_down, per_expert, **opts).weight
+        gu_q.append(gu.astype(gate_up.dtype))
+        dn_q.append(dn.astype(down.dtype))
+    return jnp.stack(gu_q), jnp.stack(dn_q)
 
 
 def check_bits(bits) -> np.ndarray:
