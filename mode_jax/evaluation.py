@@ -11,8 +11,8 @@ The full-precision result is computed once per process and shared by every metho
 Besides the aggregate metrics, `evaluate` returns per-sample arrays (what the report's paired
 bootstrap intervals need, `eval.bootstrap`): `kl` [n] KL summed over each sample's scored
 positions, `kl_tokens` [n] how many positions that is, and, where answers are scored, `correct`
-[n] (1 = exact match). `metrics["eval_digest"]` names the samples (equal digests = same samples
-in the same order).
+[n] (1 = exact match) and `family` [n] (index into `metrics["families"]`, e.g. text / vision).
+`metrics["eval_digest"]` names the samples (equal digests = same samples in the same order).
 """
 
 from __future__ import annotations
@@ -74,9 +74,12 @@ def _harness(ctx, fp_model, q_model):
         metrics[f"accuracy_{family}"] = acc
         metrics[f"fp_accuracy_{family}"] = full["accuracy"]["family"][family]
     tables = {"quantized": harness.format_table(res), "full_precision": harness.format_table(full)}
+    families = [ex.sample.family for ex in data.examples]
+    metrics["families"] = sorted(set(families))
     per_sample = {"correct": np.asarray(res["correct"], np.int8),
                   "kl": np.asarray(res["sample_kl"], np.float64),
-                  "kl_tokens": np.asarray(res["answer_tokens"], np.float64)}
+                  "kl_tokens": np.asarray(res["answer_tokens"], np.float64),
+                  "family": np.asarray([metrics["families"].index(f) for f in families], np.int8)}
     return metrics, tables, per_sample
 
 

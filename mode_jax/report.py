@@ -148,6 +148,13 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
         kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)
         r["vs_uniform"] = {"share_kl_lower": kl_cmp["share_a_lower"],
                            "kl_ratio": kl_cmp["ratio"].as_list() if kl_cmp["ratio"] else None}
+        for i, family in enumerate(r.get("families", []) if "family" in own else []):
+            # the same resamples, counting only this family's samples
+            mask = own["family"] == i
+            cmp = bootstrap.compare((own["kl"] * mask, own["kl_tokens"] * mask),
+                                    (other["kl"] * mask, other["kl_tokens"] * mask), w)
+            r["vs_uniform"][f"kl_ratio_{family}"] = (cmp["ratio"].as_list() if cmp["ratio"]
+                                                     else None)
         if "correct" in own:
             ones = np.ones(len(own["correct"]))
             acc = bootstrap.compare((own["correct"], ones), (other["correct"], ones), w)
@@ -221,22 +228,28 @@ def _paired_table(rows: list[dict]) -> list[str]:
     if not paired:
         return []
     n = paired[0].get("n")
+    families = sorted({k[9:] for r in paired for k in r["vs_uniform"] if k.startswith("kl_ratio_")})
+    head = ["method", "sensitivity", "quantizer", "budget", "accuracy - uniform (points)",
+            "KL / uniform KL", *(f"{f} KL / uniform's" for f in families),
+            "resamples with lower KL"]
     lines = ["", f"Against uniform at the same budget and quantizer, paired over the same {n} "
              "samples (estimate [95% bootstrap interval]; an interval that holds 0 points, or "
              "a KL ratio of 1, is no evidence of a difference):", "",
-             "| method | sensitivity | quantizer | budget | accuracy - uniform (points) | "
-             "KL / uniform KL | resamples with lower KL |", "|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in paired:
         vs = r["vs_uniform"]
         acc = vs.get("accuracy_points")
-        ratio = vs.get("kl_ratio")
-        lines.append(
-            f"| {r['method']} | {r.get('estimator') or '-'} | {r['quantizer']} | "
-            f"{r['budget_bits']:g} | "
-            f"{'-' if acc is None else f'{acc[0]:+.1f} [{acc[1]:+.1f}, {acc[2]:+.1f}]'} | "
-            f"{'-' if ratio is None else f'{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]'} | "
-            f"{100 * vs['share_kl_lower']:.0f}% |")
+        cells = [r["method"], r.get("estimator") or "-", r["quantizer"], f"{r['budget_bits']:g}",
+                 "-" if acc is None else f"{acc[0]:+.1f} [{acc[1]:+.1f}, {acc[2]:+.1f}]",
+                 _fmt_ratio(vs.get("kl_ratio")),
+                 *(_fmt_ratio(vs.get(f"kl_ratio_{f}")) for f in families),
+                 f"{100 * vs['share_kl_lower']:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _fmt_ratio(v) -> str:
+    return "-" if v is None else f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"
 
 
 def _fmt_range(v) -> str:

@@ -87,17 +87,20 @@ def test_draws_need_samples():
 def _row(method, fp, digest="d1", budget=3.0):
     return {"method": method, "evaluate": fp, "budget_bits": budget, "quantizer": "gptq",
             "router_finetune": False, "eval_digest": digest, "n": 6, "estimator": None,
-            "average_bits": budget}
+            "average_bits": budget, "families": ["text", "vision"]}
 
 
 def test_report_pairs_each_method_with_uniform_on_the_same_samples():
     tokens = np.ones(6)
+    family = np.array([0, 0, 0, 1, 1, 1], np.int8)  # text, then vision
     samples = {
         "u": {"correct": np.array([1, 1, 1, 0, 1, 1], np.int8), "kl": np.full(6, 0.2),
-              "kl_tokens": tokens},
-        "m": {"correct": np.array([1, 1, 1, 1, 1, 1], np.int8), "kl": np.full(6, 0.1),
-              "kl_tokens": tokens},
-        "other": {"correct": np.ones(6, np.int8), "kl": np.full(6, 0.1), "kl_tokens": tokens},
+              "kl_tokens": tokens, "family": family},
+        "m": {"correct": np.array([1, 1, 1, 1, 1, 1], np.int8),
+              "kl": np.array([0.05, 0.05, 0.05, 0.15, 0.15, 0.15]), "kl_tokens": tokens,
+              "family": family},
+        "other": {"correct": np.ones(6, np.int8), "kl": np.full(6, 0.1), "kl_tokens": tokens,
+                  "family": family},
     }
     rows = [_row("uniform", "u"), _row("mode/text+key", "m"), _row("pmq", "other", "d2"),
             _row("gemq", "old")]
@@ -105,7 +108,10 @@ def test_report_pairs_each_method_with_uniform_on_the_same_samples():
     uniform, mode, other, old = out
     assert "vs_uniform" not in uniform and "kl_ci" in uniform
     vs = mode["vs_uniform"]
-    assert vs["kl_ratio"] == pytest.approx([0.5, 0.5, 0.5])
+    est, low, high = vs["kl_ratio"]
+    assert est == pytest.approx(0.5) and 0.25 <= low < 0.5 < high <= 0.75
+    assert vs["kl_ratio_text"] == pytest.approx([0.25, 0.25, 0.25])  # each family on its own
+    assert vs["kl_ratio_vision"] == pytest.approx([0.75, 0.75, 0.75])
     assert vs["share_kl_lower"] == 1.0
     assert vs["accuracy_points"][0] == pytest.approx(100 / 6)
     assert "vs_uniform" not in other  # scored on other samples: not paired
@@ -113,4 +119,5 @@ def test_report_pairs_each_method_with_uniform_on_the_same_samples():
     assert "kl_ci" not in old and "vs_uniform" not in old  # an artifact without per-sample data
     text = report._markdown({"results": out})
     assert "| mode/text+key | - | gptq | 3 | +16.7 [" in text
-    assert "0.50 [0.50, 0.50] | 100% |" in text
+    assert "| 0.25 [0.25, 0.25] | 0.75 [0.75, 0.75] | 100% |" in text
+    assert "text KL / uniform's | vision KL / uniform's" in text
