@@ -11,6 +11,11 @@ commands on the same workdir reuse the statistics and add their rows to the same
   # MODE's frequency-key ablations (add the two flags above for 2 bits)
   python main.py --config=configs/testbed.py --workdir=runs/testbed \
       --config.sweep='("mode/total","mode/text+all-image","mode/text+redundant")'
+  # MODE with the exact logit_kl estimator; sensitivity measured on GPTQ copies of the experts
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.sens.estimator=logit_kl --config.sweep='("mode",)'
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.sens.quantizer=gptq --config.sweep='("mode","pmq","gemq")'
   # uniform round-to-nearest instead of GPTQ; GEMQ's router fine-tuning on GPTQ
   python main.py --config=configs/testbed.py --workdir=runs/testbed \
       --config.quant.method=rtn --config.sweep='("uniform",)'
