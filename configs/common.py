@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.source = "sharegpt"  # sharegpt (calib_json + image_dir) | testbed | random
     c.data.calib_json = ""  # ShareGPT4V-style JSON; empty = the testbed's own calibration split
     c.data.image_dir = ""
+    c.data.testbed_stats_tasks = "vision"  # testbed source: statistics on vision | all tasks
     c.data.num_freq_samples = 512  # method.md stage 1
     c.data.num_sens_samples = 128  # method.md stage 2
     c.data.num_gptq_samples = 128

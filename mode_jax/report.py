@@ -82,6 +82,8 @@ def evaluated_runs(workdir: str) -> list[dict]:
         sens = _meta(workdir, "sensitivity", a["recorded_config"]["inputs"]["sensitivity"])
         mode = alloc["method"] == "mode"
         label = alloc["method"] + (f"/{alloc['freq_key']}" if mode else "")
+        if sens["recorded_config"]["config"].get("data.testbed_stats_tasks") == "all":
+            label += " (statistics on all tasks)"  # not the reference's vision prompts only
         rows.append({
             "method": label, "budget_bits": float(alloc["budget_bits"]),
             "estimator": _sensitivity_label(alloc["method"],
@@ -142,7 +144,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
             r["accuracy_ci"] = bootstrap.interval(own["correct"], np.ones(len(own["correct"])),
                                                   w).as_list()[1:]
         ref = uniform.get(_pair_key(r))
-        if ref is None or ref is r:
+        if ref is None or r["method"].startswith("uniform"):
             continue
         other = samples[ref["evaluate"]]
         kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)

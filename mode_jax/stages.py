@@ -192,13 +192,15 @@ STAGES = {
     "convert": Stage("convert", (), ("model.path", "model.dtype"), run_convert),
     "calibrate": Stage(
         "calibrate", ("convert",),
-        ("data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
+        ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
+         "data.num_freq_samples",
          "data.batch_size", "data.max_length", "stats", "seed"),
         run_calibrate,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
-        ("data.source", "data.calib_json", "data.image_dir", "data.num_sens_samples",
+        ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
+         "data.num_sens_samples",
          "data.batch_size", "data.max_length", "stats", "sens", "alloc.bits", "seed"),
         run_sensitivity,
     ),

@@ -399,3 +399,17 @@ def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path
     held_out = evaluation._eval_set(types.SimpleNamespace(config=config))
     assert max(int(e.sample.answer) for e in held_out.examples
                if e.sample.task == "arithmetic") > 18
+
+
+def test_testbed_statistics_prompts_are_vision_only_unless_asked_for_all_tasks():
+    from mode_jax.calib import sources
+
+    vision = sources.testbed_samples(40, 0, "stats")
+    assert {s.family for s in vision} == {"vision"} and all(len(s.images) == 1 for s in vision)
+    both = sources.testbed_samples(40, 0, "stats", stats_tasks="all")
+    assert {s.family for s in both} == {"vision", "text"}
+    for s in both:
+        assert len(s.images) == (s.family == "vision")
+        assert s.messages[-1]["role"] == "user"  # prompts only: statistics see no answer
+    with pytest.raises(ValueError, match="testbed_stats_tasks"):
+        sources.testbed_samples(4, 0, "stats", stats_tasks="text")

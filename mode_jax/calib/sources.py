@@ -21,6 +21,7 @@ from mode_jax.calib import data
 
 SOURCES = ("sharegpt", "testbed", "random")
 PURPOSES = ("stats", "gptq")
+STATS_TASKS = ("vision", "all")  # data.testbed_stats_tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
         samples = data.sharegpt_samples(data_cfg.calib_json, data_cfg.image_dir, n, seed,
                                         human_only=purpose == "stats")
     else:
-        samples = testbed_samples(n, seed, purpose, model_path)
+        samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
     batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length))
@@ -67,18 +68,24 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     return Calibration(batches, int(image_id), special)
 
 
-def testbed_samples(n: int, seed: int, purpose: str, checkpoint: str | None = None
-                    ) -> list[data.Sample]:
+def testbed_samples(n: int, seed: int, purpose: str, checkpoint: str | None = None,
+                    stats_tasks: str = "vision") -> list[data.Sample]:
     """Training-split samples of the suite `checkpoint` was trained on (its recorded task
-    settings; the defaults without one): vision prompts for statistics, whole conversations of
-    both families for GPTQ."""
+    settings; the defaults without one): prompts for statistics, whole conversations of both
+    families for GPTQ. Statistics see vision prompts only (`stats_tasks="vision"`, as the
+    reference calibrates on image + instruction prompts) or every task (`"all"`, so experts
+    that serve text-only questions are measured too)."""
     from mode_jax.testbed import tasks  # the synthetic suite only matters for this source
 
+    if stats_tasks not in STATS_TASKS:
+        raise ValueError(f"data.testbed_stats_tasks={stats_tasks!r}; allowed: "
+                         f"{', '.join(STATS_TASKS)}")
     suite = tasks.recorded_config(checkpoint) if checkpoint else tasks.TaskConfig()
     if purpose == "stats":
-        cfg = dataclasses.replace(suite, tasks=tasks.VISION_TASKS)
-        return [data.Sample(tuple(s.messages()), (s.image,)) for s in
-                tasks.generate("train", n, seed, cfg)]
+        cfg = suite if stats_tasks == "all" else dataclasses.replace(suite,
+                                                                     tasks=tasks.VISION_TASKS)
+        return [data.Sample(tuple(s.messages()), (s.image,) if s.image is not None else (),
+                            s.family) for s in tasks.generate("train", n, seed, cfg)]
     out = []
     for s in tasks.generate("train", n, seed, suite):
         messages = (*s.messages(), {"role": "assistant", "content": s.answer})
