@@ -16,6 +16,9 @@ commands on the same workdir reuse the statistics and add their rows to the same
       --config.sens.estimator=logit_kl --config.sweep='("mode",)'
   python main.py --config=configs/testbed.py --workdir=runs/testbed \
       --config.sens.quantizer=gptq --config.sweep='("mode","pmq","gemq")'
+  # statistics on text-only prompts too (the reference sees image prompts only)
+  python main.py --config=configs/testbed.py --workdir=runs/testbed \
+      --config.data.testbed_stats_tasks=all
   # uniform round-to-nearest instead of GPTQ; GEMQ's router fine-tuning on GPTQ
   python main.py --config=configs/testbed.py --workdir=runs/testbed \
       --config.quant.method=rtn --config.sweep='("uniform",)'
