@@ -116,6 +116,10 @@ def _per_sample(workdir: str, fingerprint: str) -> dict | None:
     return arrays.get("per_sample")
 
 
+def _is_uniform(row: dict) -> bool:
+    return row["method"].split(" ")[0] == "uniform"
+
+
 def _pair_key(row: dict) -> tuple:
     return (row["budget_bits"], row["quantizer"], row["router_finetune"], row.get("eval_digest"))
 
@@ -131,8 +135,8 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
     kl_ratio: [estimate, low, high], share_kl_lower}.
     """
     weights: dict[str, np.ndarray] = {}
-    uniform = {_pair_key(r): r for r in rows
-               if r["method"] == "uniform" and samples.get(r["evaluate"]) is not None}
+    uniform = {_pair_key(r): r for r in rows  # calibration variants of uniform are the same
+               if _is_uniform(r) and samples.get(r["evaluate"]) is not None}
     for r in rows:
         own = samples.get(r["evaluate"])
         if own is None or "eval_digest" not in r:
@@ -144,7 +148,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
             r["accuracy_ci"] = bootstrap.interval(own["correct"], np.ones(len(own["correct"])),
                                                   w).as_list()[1:]
         ref = uniform.get(_pair_key(r))
-        if ref is None or r["method"].startswith("uniform"):
+        if ref is None or _is_uniform(r):
             continue
         other = samples[ref["evaluate"]]
         kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)

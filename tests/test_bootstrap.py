@@ -121,3 +121,15 @@ def test_report_pairs_each_method_with_uniform_on_the_same_samples():
     assert "| mode/text+key | - | gptq | 3 | +16.7 [" in text
     assert "| 0.25 [0.25, 0.25] | 0.75 [0.75, 0.75] | 100% |" in text
     assert "text KL / uniform's | vision KL / uniform's" in text
+
+
+def test_a_calibration_variant_of_uniform_is_a_reference_too_and_never_paired():
+    tokens = np.ones(4)
+    samples = {"u": {"kl": np.full(4, 0.2), "kl_tokens": tokens},
+               "m": {"kl": np.full(4, 0.4), "kl_tokens": tokens}}
+    rows = [_row("uniform (statistics on all tasks)", "u"),
+            _row("mode/text+key (statistics on all tasks)", "m")]
+    uniform, mode = report.with_intervals(rows, samples, resamples=50)
+    assert "vs_uniform" not in uniform
+    assert mode["vs_uniform"]["kl_ratio"] == pytest.approx([2.0, 2.0, 2.0])
+    assert "accuracy_points" not in mode["vs_uniform"]  # next-token runs score no answers
