@@ -85,7 +85,8 @@ def evaluated_runs(workdir: str) -> list[dict]:
         if sens["recorded_config"]["config"].get("data.testbed_stats_tasks") == "all":
             label += " (statistics on all tasks)"  # not the reference's vision prompts only
         rows.append({
-            "method": label, "budget_bits": float(alloc["budget_bits"]),
+            "method": label, "allocator": alloc["method"],
+            "budget_bits": float(alloc["budget_bits"]),
             "estimator": _sensitivity_label(alloc["method"],
                                             sens["recorded_config"]["config"]["sens"]),
             "candidate_bits": alloc["bits"], "quantizer": quant["method"],
@@ -116,10 +117,6 @@ def _per_sample(workdir: str, fingerprint: str) -> dict | None:
     return arrays.get("per_sample")
 
 
-def _is_uniform(row: dict) -> bool:
-    return row["method"].split(" ")[0] == "uniform"
-
-
 def _pair_key(row: dict) -> tuple:
     return (row["budget_bits"], row["quantizer"], row["router_finetune"], row.get("eval_digest"))
 
@@ -136,7 +133,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
     """
     weights: dict[str, np.ndarray] = {}
     uniform = {_pair_key(r): r for r in rows  # calibration variants of uniform are the same
-               if _is_uniform(r) and samples.get(r["evaluate"]) is not None}
+               if r["allocator"] == "uniform" and samples.get(r["evaluate"]) is not None}
     for r in rows:
         own = samples.get(r["evaluate"])
         if own is None or "eval_digest" not in r:
@@ -148,7 +145,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
             r["accuracy_ci"] = bootstrap.interval(own["correct"], np.ones(len(own["correct"])),
                                                   w).as_list()[1:]
         ref = uniform.get(_pair_key(r))
-        if ref is None or _is_uniform(r):
+        if ref is None or r["allocator"] == "uniform":
             continue
         other = samples[ref["evaluate"]]
         kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)

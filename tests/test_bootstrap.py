@@ -85,9 +85,10 @@ def test_draws_need_samples():
 
 
 def _row(method, fp, digest="d1", budget=3.0):
-    return {"method": method, "evaluate": fp, "budget_bits": budget, "quantizer": "gptq",
-            "router_finetune": False, "eval_digest": digest, "n": 6, "estimator": None,
-            "average_bits": budget, "families": ["text", "vision"]}
+    allocator = method.split("/")[0].split(" ")[0]  # "mode/text+key (...)" -> "mode"
+    return {"method": method, "allocator": allocator, "evaluate": fp, "budget_bits": budget,
+            "quantizer": "gptq", "router_finetune": False, "eval_digest": digest, "n": 6,
+            "estimator": None, "average_bits": budget, "families": ["text", "vision"]}
 
 
 def test_report_pairs_each_method_with_uniform_on_the_same_samples():
