@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sens.quantizer = "rtn"  # rtn (method.md stage 2) | gptq (copies as the quantize stage makes)
     c.sens.max_tokens = 65536  # cached MoE-input tokens per layer for the token estimators
     c.sens.hutchinson_probes = 100  # MoPEQ
+    # MoPEQ's trace: hessian (method.md) | gauss_newton (its PSD part; on random tokens the
+    # Hessian's traces are mostly negative, see passes.hessian_trace_pass)
+    c.sens.trace_curvature = "hessian"
 
     c.alloc = ml_collections.ConfigDict()
     c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget

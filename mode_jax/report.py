@@ -102,11 +102,15 @@ def evaluated_runs(workdir: str) -> list[dict]:
 
 def _sensitivity_label(method: str, sens: dict) -> str | None:
     """What a row's allocation read from the sensitivity stage: MODE its configured estimator,
-    PMQ and GEMQ their own costs; '/gptq' when the expert copies were not round-to-nearest."""
+    PMQ and GEMQ their own costs; '/gptq' when the expert copies were not round-to-nearest;
+    MoPEQ its trace when it is the Gauss-Newton one."""
     quantizer = sens.get("quantizer", "rtn")  # artifacts older than the option: rtn
     suffix = "" if quantizer == "rtn" else f"/{quantizer}"
     if method == "mode":
         return sens["estimator"] + suffix
+    if method.startswith("mopeq"):  # older artifacts: the Hessian
+        curvature = sens.get("trace_curvature", "hessian")
+        return None if curvature == "hessian" else f"{curvature} trace"
     return f"own costs{suffix}" if suffix and method in ("pmq", "gemq") else None
 
 

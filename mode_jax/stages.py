@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
-ESTIMATORS = ("expert_mse", "logit_kl", "fisher")
-SENS_QUANTIZERS = ("rtn", "gptq")
 MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
 
@@ -120,9 +118,10 @@ def run_sensitivity(ctx, inputs):
         model, calib.batches, stats_config(ctx, calib), bits=np.asarray(c.alloc.bits),
         group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
         max_tokens=c.sens.max_tokens, num_probes=c.sens.hutchinson_probes, seed=c.seed,
-        quantizer=c.sens.quantizer,
+        quantizer=c.sens.quantizer, curvature=c.sens.trace_curvature,
     )
-    meta = {"estimator": c.sens.estimator, "quantizer": c.sens.quantizer}
+    meta = {"estimator": c.sens.estimator, "quantizer": c.sens.quantizer,
+            "trace_curvature": c.sens.trace_curvature}
     return {k: np.asarray(v) for k, v in out.items()}, meta
 
 
@@ -240,11 +239,16 @@ def validate(config) -> None:
     if c.model.matmul_precision not in MATMUL_PRECISIONS:
         raise UserError(f"model.matmul_precision={c.model.matmul_precision!r}; allowed: "
                         f"{', '.join(MATMUL_PRECISIONS)}")
-    if c.sens.estimator not in ESTIMATORS:
-        raise UserError(f"sens.estimator={c.sens.estimator!r}; allowed: {', '.join(ESTIMATORS)}")
-    if c.sens.quantizer not in SENS_QUANTIZERS:
-        raise UserError(f"sens.quantizer={c.sens.quantizer!r}; allowed: "
-                        f"{', '.join(SENS_QUANTIZERS)}")
+    from mode_jax.calib import passes, sources
+
+    for field, allowed in (("sens.estimator", passes.ESTIMATORS),
+                           ("sens.quantizer", passes.QUANTIZERS),
+                           ("sens.trace_curvature", passes.CURVATURES),
+                           ("data.source", sources.SOURCES),
+                           ("data.testbed_stats_tasks", sources.STATS_TASKS)):
+        value = c[field.split(".")[0]][field.split(".")[1]]
+        if value not in allowed:
+            raise UserError(f"{field}={value!r}; allowed: {', '.join(allowed)}")
     if not c.model.path:
         raise UserError("no model: pass --config.model.path=<checkpoint directory>")
     if not os.path.isdir(c.model.path):

@@ -49,6 +49,11 @@ CASES = {
     "unknown estimator": (["--config.sens.estimator=guess"], ("guess",)),
     "unknown sensitivity quantizer": (["--config.sens.quantizer=awq"], ("sens.quantizer", "awq")),
     "unknown matmul precision": (["--config.model.matmul_precision=tf33"], ("tf33",)),
+    "unknown trace curvature": (["--config.sens.trace_curvature=fisher"],
+                                ("sens.trace_curvature", "fisher")),
+    "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
+    "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
+                                 ("data.testbed_stats_tasks", "text")),
 }
 
 

@@ -293,25 +293,38 @@ def test_bad_config_and_batches_are_clear_errors(model):
 
 
 @pytest.mark.slow
-def test_hessian_trace_matches_exact_block_traces(model):
+@pytest.mark.parametrize("curvature", passes.CURVATURES)
+def test_hessian_trace_matches_exact_block_traces(model, curvature):
     batch = passes.random_token_batches(CFG.vocab_size, num_samples=2, length=8, batch_size=2,
                                         seed=0, exclude=(IMG,))
     probes = 100
-    got = passes.hessian_trace_pass(model, batch, image_token_id=IMG, num_probes=probes, seed=1)
+    got = passes.hessian_trace_pass(model, batch, image_token_id=IMG, num_probes=probes, seed=1,
+                                    curvature=curvature)
     assert got.shape == (len(CFG.moe_layers), CFG.n_routed_experts)
 
     graphdef, experts, rest = nnx.split(model, passes._is_routed_expert, ...)
     dev, _ = passes.device_batch(model, batch[0])
     ids, mask = dev["input_ids"], dev["attention_mask"]
 
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        logits = m(ids, attention_mask=mask).logits
+    def loss_of_logits(logits, ids, mask):
         return sens.next_token_nll(logits, ids, mask, IMG) / (ids.shape[0] * (ids.shape[1] - 1))
 
+    def loss(params):
+        return loss_of_logits(nnx.merge(graphdef, params, rest)(ids, attention_mask=mask).logits,
+                              ids, mask)
+
     flat, unravel = jax.flatten_util.ravel_pytree(experts)
-    hvp = jax.jit(lambda v: jax.flatten_util.ravel_pytree(
-        jax.jvp(jax.grad(loss), (experts,), (unravel(v),))[1])[0])
+    if curvature == "hessian":
+        hvp = jax.jit(lambda v: jax.flatten_util.ravel_pytree(
+            jax.jvp(jax.grad(loss), (experts,), (unravel(v),))[1])[0])
+    else:  # G v = J^T H_z J v, H_z = the cross-entropy's Hessian in the logits (jax.hessian)
+        def logits(params):
+            return nnx.merge(graphdef, params, rest)(ids, attention_mask=mask).logits
+
+        z, pullback = jax.vjp(logits, experts)
+        h_z = jax.hessian(lambda zz: loss_of_logits(zz, ids, mask))(z)
+        hvp = jax.jit(lambda v: jax.flatten_util.ravel_pytree(pullback(jnp.tensordot(
+            h_z, jax.jvp(logits, (experts,), (unravel(v),))[1], z.ndim))[0])[0])
     offsets = np.cumsum([0] + [x.size for x in jax.tree.leaves(experts)])
     leaves = jax.tree_util.tree_flatten_with_path(experts)[0]
     for j, layer in enumerate(CFG.moe_layers):

@@ -112,3 +112,12 @@ def test_report_tells_rows_with_another_sensitivity_estimator_apart(tmp_path, re
         rows = [line for line in f if line.startswith("| mode/")]
     estimators = sorted(line.split("|")[2].strip() for line in rows)
     assert estimators == ["expert_mse", "fisher"], rows
+
+
+def test_report_names_mopeqs_gauss_newton_trace(tmp_path, reference):
+    work = str(tmp_path / "w")
+    shutil.copytree(reference[0], work)
+    _run(work, "--config.sens.trace_curvature=gauss_newton", "--config.sweep=('mopeq-budget',)")
+    with open(os.path.join(work, "report.md")) as f:
+        rows = [line.split("|") for line in f if line.startswith("| mopeq-budget")]
+    assert [r[2].strip() for r in rows] == ["gauss_newton trace"], rows

@@ -3,6 +3,7 @@
 import logging
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -179,6 +180,75 @@ def test_hutchinson_converges_to_block_trace_with_cross_terms():
     var = [2 * (np.sum(hh[i * size:(i + 1) * size] ** 2)
                 - np.sum(np.diag(hh)[i * size:(i + 1) * size] ** 2)) for i in range(n_e)]
     np.testing.assert_array_less(np.abs(np.asarray(got) - want), 5 * np.sqrt(np.array(var) / 4000))
+
+
+def _softmax_ce(z, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(z, -1), labels[..., None], -1).sum()
+
+
+def test_gauss_newton_equals_hessian_for_outputs_linear_in_the_params():
+    # z = sum_e x W_e: no second derivative of z, so G = H and the same probes give the same
+    # estimates.
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, size=5))
+    params = {"gate_up": jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)}
+
+    def outputs(p):
+        return jnp.einsum("td,edv->tv", x, p["gate_up"])
+
+    def hvp(z, u):
+        q = jax.nn.softmax(z, -1)
+        return q * u - q * (q * u).sum(-1, keepdims=True)
+
+    key = jax.random.key(2)
+    want = sens.hutchinson_block_traces(lambda p: _softmax_ce(outputs(p), labels), params, 5, key)
+    got = sens.hutchinson_gauss_newton_block_traces(outputs, hvp, params, 5, key)
+    np.testing.assert_allclose(got["gate_up"], want["gate_up"], rtol=1e-4, atol=1e-5)
+
+
+def test_gauss_newton_converges_to_the_block_traces_of_j_h_j():
+    # A nonlinear two-expert model with next-token targets: G = J^T H_z J built explicitly.
+    rng = np.random.default_rng(7)
+    b, t, d, v, n_e = 2, 5, 3, 6, 2
+    ids = rng.integers(0, v, size=(b, t)).astype(np.int32)
+    ids[1, 2] = 5  # an image placeholder target: not counted
+    mask = np.ones((b, t), np.int32)
+    mask[1, -1] = 0
+    x = jnp.asarray(rng.normal(size=(b, t - 1, d)), jnp.float32)
+    params = {"gate_up": jnp.asarray(rng.normal(size=(n_e, d, 4)), jnp.float32),
+              "down": jnp.asarray(rng.normal(size=(n_e, 4, v)), jnp.float32)}
+
+    def outputs(p):
+        h = jnp.tanh(jnp.einsum("btd,edf->ebtf", x, p["gate_up"]))
+        return jnp.einsum("ebtf,efv->btv", h, p["down"])
+
+    hvp = sens.next_token_output_hvp(jnp.asarray(ids), jnp.asarray(mask), 5, 7.0)
+    probes = 3000
+    got = sens.hutchinson_gauss_newton_block_traces(outputs, hvp, params, probes,
+                                                    jax.random.key(3))
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    z = outputs(params)
+    jac = jax.jacfwd(lambda f: outputs(unravel(f)).reshape(-1))(flat)  # [b*(t-1)*v, P]
+
+    def loss_of_outputs(zz):  # next_token_nll reads the logits of positions [:, :-1]
+        full = jnp.concatenate([zz, jnp.zeros_like(zz[:, :1])], 1)
+        return sens.next_token_nll(full, jnp.asarray(ids), jnp.asarray(mask), 5) / 7.0
+
+    h_z = jax.hessian(loss_of_outputs)(z).reshape(z.size, z.size)
+    g = np.asarray(jac.T @ h_z @ jac, np.float64)
+    assert np.linalg.eigvalsh(g).min() > -1e-4  # positive semi-definite
+    offset = 0
+    for k in sorted(params):  # ravel_pytree's order; an expert's entries are contiguous
+        per = params[k][0].size
+        for e in range(n_e):
+            rows = np.arange(offset + e * per, offset + (e + 1) * per)
+            exact = np.trace(g[np.ix_(rows, rows)])
+            # per-probe variance: 2 * the squared off-diagonal entries of those rows
+            var = 2 * ((g[rows] ** 2).sum() - (np.diag(g)[rows] ** 2).sum())
+            assert abs(float(got[k][e]) - exact) < 5 * np.sqrt(var / probes) + 1e-6, (k, e)
+        offset += params[k].size
 
 
 def test_objectives_match_numpy():

@@ -43,6 +43,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values", "i
 DEFAULT_MAX_TOKENS = 16384
 ESTIMATORS = ("expert_mse", "fisher", "logit_kl")
 QUANTIZERS = ("rtn", "gptq")  # what the sensitivity copies of the experts are quantized with
+CURVATURES = ("hessian", "gauss_newton")  # what MoPEQ's per-expert trace is taken of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,32 +410,46 @@ def _is_routed_expert(path, _value) -> bool:
     return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_up", "down")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "num_probes", "image_token_id"))
-def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_token_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid", "num_probes", "image_token_id",
+                                             "curvature"))
+def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_token_id,
+                   curvature):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     real = mask.astype(bool)
     targets = jnp.maximum((real[:, :-1] & real[:, 1:] & (ids[:, 1:] != image_token_id)).sum(), 1)
 
-    def loss(params):
+    def logits(params):
         model = nnx.merge(graphdef, params, rest)
         text = text_model(model)
         ctx, _ = text.context(mask)
         h, _ = text.run_layers(embed_inputs(model, batch, grid), ctx)
-        nll = sensitivity.next_token_nll(text.logits(h), ids, mask, image_token_id)
-        return nll / targets
+        return text.logits(h)
+
+    if curvature == "gauss_newton":
+        hvp = sensitivity.next_token_output_hvp(ids, mask, image_token_id, targets)
+        return sensitivity.hutchinson_gauss_newton_block_traces(
+            lambda p: logits(p)[:, :-1].astype(jnp.float32), hvp, experts, num_probes, key)
+
+    def loss(params):
+        return sensitivity.next_token_nll(logits(params), ids, mask, image_token_id) / targets
 
     return sensitivity.hutchinson_block_traces(loss, experts, num_probes, key)
 
 
 def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
-                       num_probes: int = 100, seed: int = 0) -> np.ndarray:
+                       num_probes: int = 100, seed: int = 0,
+                       curvature: str = "hessian") -> np.ndarray:
     """MoPEQ's per-expert Hessian trace `[L_moe, E]` (Hutchinson, `num_probes` probes).
 
     The Hessian is that of the mean next-token cross-entropy of each batch (labels = the
     inputs shifted by one; image-placeholder targets skipped) w.r.t. one expert's weights
     (gate, up and down; the trace is their sum), averaged over batches. MoPEQ calls itself
-    data-free: pass `random_token_batches` for that, or calibration batches.
+    data-free: pass `random_token_batches` for that, or calibration batches. `curvature`:
+    "hessian" (as MoPEQ) or "gauss_newton", its positive semi-definite part
+    (`sensitivity.hutchinson_gauss_newton_block_traces` says why).
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     moe_layers = text_model(model).config.moe_layers
     if not moe_layers:
         raise ValueError("the model has no MoE layer (n_routed_experts = 0): no expert Hessian")
@@ -445,7 +460,7 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     pairs = list(zip(batches, keys, strict=True))
     for batch, key in progress.track(pairs, "hessian trace batches"):
         traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batch), key,
-                                num_probes, int(image_token_id))
+                                num_probes, int(image_token_id), curvature)
         for path, value in jax.tree_util.tree_flatten_with_path(jax.device_get(traces))[0]:
             names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
             layer = names[names.index("layers") + 1]
@@ -457,8 +472,9 @@ def nonnegative_trace(trace: np.ndarray) -> np.ndarray:
     """Hutchinson traces clipped at 0, with the clipped experts logged.
 
     The cross-entropy's Hessian is indefinite, so an expert with little curvature can get a
-    negative estimate; MoPEQ ranks experts by curvature, and "none measurable" is 0 (the
-    budgeted variant's cost, trace * 4^-b, would otherwise reward fewer bits).
+    negative estimate (on random tokens most do); the Gauss-Newton trace only through probe
+    noise. MoPEQ ranks experts by curvature, and "none measurable" is 0 (the budgeted
+    variant's cost, trace * 4^-b, would otherwise reward fewer bits).
     """
     negative = np.argwhere(trace < 0)
     if negative.size:
@@ -486,16 +502,20 @@ def random_token_batches(vocab_size: int, *, num_samples: int, length: int, batc
 def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                      group_size: int, estimator: str = "expert_mse", baselines: bool = True,
                      max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
-                     seed: int = 0, quantizer: str = "rtn") -> dict[str, np.ndarray]:
+                     seed: int = 0, quantizer: str = "rtn",
+                     curvature: str = "hessian") -> dict[str, np.ndarray]:
     """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
     estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
     `quantizer` makes the quantized expert copies every estimator compares against
     (`quantized_experts`).
 
-    hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches.
+    hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches; it
+    is the trace of `curvature` (`hessian_trace_pass`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     batches = _batches(batches)
     bits = sensitivity.check_bits(bits)
     grads = baselines or estimator == "fisher"
@@ -511,7 +531,7 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                                     length=t, batch_size=b, seed=seed,
                                     exclude=(cfg.image_token_id,))
         trace = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
-                                   num_probes=num_probes, seed=seed)
+                                   num_probes=num_probes, seed=seed, curvature=curvature)
         out["hessian_trace"] = nonnegative_trace(trace)
     else:
         out = {k: v for k, v in out.items() if k not in ("pmq_err", "gemq_cost")}

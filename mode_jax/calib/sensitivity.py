@@ -17,7 +17,8 @@ Estimators (M = text tokens, or the layer's key vision tokens):
 - pmq_err (MC-MoE PMQ): mean over all tokens and hidden dims of dz^2 (the block-output error).
 - gemq_cost (GEMQ): sum over all tokens of sum_d g_td^2 dz_td^2 / samples, g the gradient of the
   summed next-token cross-entropy w.r.t. the block output.
-- MoPEQ's per-expert Hessian trace: `hutchinson_block_traces`.
+- MoPEQ's per-expert Hessian trace: `hutchinson_block_traces`, or the trace of the Gauss-Newton
+  part of that Hessian, `hutchinson_gauss_newton_block_traces` (positive semi-definite).
 
 An expert with no M-token gets 0 for the M-estimators, and a logged note (never NaN).
 Token-level estimators vmap over experts on padded per-expert buffers (`expert_buffers`) and
@@ -418,16 +419,54 @@ def hutchinson_block_traces(loss_fn, params, num_probes: int, key: jax.Array):
     probes; add the leaves of one layer for the expert's total). Probes run sequentially.
     """
     grad = jax.grad(loss_fn)
+    return _block_traces(lambda v: jax.jvp(grad, (params,), (v,))[1], params, num_probes, key)
+
+
+def hutchinson_gauss_newton_block_traces(outputs_fn, output_hvp, params, num_probes: int,
+                                         key: jax.Array):
+    """Per-expert traces of the Gauss-Newton matrix G = J^T H_z J by Hutchinson's estimator.
+
+    The loss's Hessian is G plus the network's own second derivatives weighted by the loss
+    gradient; far from a minimum (MoPEQ's data-free random tokens) that second part dominates
+    and makes most expert blocks' traces negative. G keeps only the loss's curvature in the
+    outputs z = outputs_fn(params), so every diagonal block is positive semi-definite, and it
+    equals the Hessian where the model fits its targets. output_hvp(z, u) returns H_z u. Probes
+    are drawn exactly as in `hutchinson_block_traces` (same key, same vectors): each forms
+    G v = J^T (H_z (J v)) with one forward-mode and one reverse-mode product.
+    """
+    z, pullback = jax.vjp(outputs_fn, params)
+
+    def gv(v):
+        return pullback(output_hvp(z, jax.jvp(outputs_fn, (params,), (v,))[1]))[0]
+
+    return _block_traces(gv, params, num_probes, key)
+
+
+def _block_traces(matvec, params, num_probes: int, key: jax.Array):
+    """mean over probes of sum(v * matvec(v)) per expert, v Rademacher over all of `params`."""
     leaves, treedef = jax.tree.flatten(params)
 
     def probe(k):
         keys = jax.random.split(k, len(leaves))
         v = [jax.random.rademacher(kk, p.shape, p.dtype)
              for kk, p in zip(keys, leaves, strict=True)]
-        _, hv = jax.jvp(grad, (params,), (jax.tree.unflatten(treedef, v),))
-        hv = jax.tree.leaves(hv)
+        mv = jax.tree.leaves(matvec(jax.tree.unflatten(treedef, v)))
         return [jnp.sum((a * b).reshape(a.shape[0], -1), -1)
-                for a, b in zip(v, hv, strict=True)]
+                for a, b in zip(v, mv, strict=True)]
 
     traces = jax.lax.map(probe, jax.random.split(key, num_probes))
     return jax.tree.unflatten(treedef, [t.mean(0) for t in traces])
+
+
+def next_token_output_hvp(input_ids, attention_mask, image_token_id: int, denominator):
+    """H_z u for `next_token_nll / denominator` with z the logits of positions [:, :-1]: per
+    counted position, the softmax cross-entropy's Hessian (diag(p) - p p^T) times u."""
+    real = attention_mask.astype(bool)
+    valid = (real[:, :-1] & real[:, 1:] & (input_ids[:, 1:] != image_token_id))[..., None]
+
+    def hvp(z, u):
+        p = jax.nn.softmax(z.astype(jnp.float32), -1)
+        pu = p * u
+        return jnp.where(valid, pu - p * pu.sum(-1, keepdims=True), 0.0) / denominator
+
+    return hvp
