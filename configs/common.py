@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sens.trace_curvature = "hessian"
 
     c.alloc = ml_collections.ConfigDict()
-    c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget
+    c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget | random
     c.alloc.budget_bits = 3.0  # average bits per routed expert
     c.alloc.bits = (2, 3, 4)  # candidate bit-widths
     c.alloc.scope = "layer"  # layer | global
@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.alloc.pmq_a = 1.0
     c.alloc.pmq_b = 1.5
     c.alloc.mopeq_scope = "layer"  # layer | global
+    c.alloc.random_seed = 0  # method "random": the uninformed control's draw
 
     c.quant = ml_collections.ConfigDict()
     c.quant.method = "gptq"  # gptq | rtn

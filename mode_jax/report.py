@@ -82,6 +82,8 @@ def evaluated_runs(workdir: str) -> list[dict]:
         sens = _meta(workdir, "sensitivity", a["recorded_config"]["inputs"]["sensitivity"])
         mode = alloc["method"] == "mode"
         label = alloc["method"] + (f"/{alloc['freq_key']}" if mode else "")
+        if alloc["method"] == "random":  # one draw of the control among others
+            label += f" (seed {alloc.get('random_seed', 0)})"
         if sens["recorded_config"]["config"].get("data.testbed_stats_tasks") == "all":
             label += " (statistics on all tasks)"  # not the reference's vision prompts only
         rows.append({
@@ -246,7 +248,10 @@ def _paired_table(rows: list[dict]) -> list[str]:
     for r in paired:
         vs = r["vs_uniform"]
         acc = vs.get("accuracy_points")
-        cells = [r["method"], r.get("estimator") or "-", r["quantizer"], f"{r['budget_bits']:g}",
+        budget = f"{r['budget_bits']:g}"
+        if abs(r["average_bits"] - r["budget_bits"]) > 1e-6:  # MoPEQ's k-means ignores budgets
+            budget += f" (average {r['average_bits']:.3g})"
+        cells = [r["method"], r.get("estimator") or "-", r["quantizer"], budget,
                  "-" if acc is None else f"{acc[0]:+.1f} [{acc[1]:+.1f}, {acc[2]:+.1f}]",
                  _fmt_ratio(vs.get("kl_ratio")),
                  *(_fmt_ratio(vs.get(f"kl_ratio_{f}")) for f in families),

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mode_jax import runner
+from mode_jax.alloc.allocators import METHODS
 from mode_jax.runner import Stage, UserError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-METHODS = ("mode", "uniform", "pmq", "gemq", "mopeq", "mopeq-budget")
 MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
 
@@ -136,6 +136,8 @@ def allocation_options(alloc) -> dict:
         "gemq": {**common, "scope": "global", "equality": alloc.equality},
         "mopeq": {"scope": alloc.mopeq_scope},
         "mopeq-budget": {**common, "scope": alloc.mopeq_scope, "equality": alloc.equality},
+        "random": {**common, "seed": alloc.random_seed, "scope": alloc.scope,
+                   "equality": alloc.equality},
     }[alloc.method]
 
 

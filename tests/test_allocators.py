@@ -215,3 +215,17 @@ def test_allocate_dispatches_every_method_on_stage_artifacts():
     np.testing.assert_array_equal(direct.bits, via)
     with pytest.raises(ValueError, match="allowed: uniform, mode"):
         allocators.allocate("hawq", counts, sens, 3)
+
+
+def test_random_control_meets_the_budget_reads_no_statistic_and_follows_its_seed():
+    shape, bits = (3, 8), np.array([2, 3, 4])
+    a = allocators.allocate_random(*shape, bits, 2.5, seed=1).bits
+    assert a.shape == shape and set(np.unique(a)) <= {2, 3, 4}
+    np.testing.assert_array_equal(a.sum(1), [20, 20, 20])  # 2.5 bits in every layer
+    np.testing.assert_array_equal(allocators.allocate_random(*shape, bits, 2.5, seed=1).bits, a)
+    assert not np.array_equal(allocators.allocate_random(*shape, bits, 2.5, seed=2).bits, a)
+    # the same draw whatever the artifacts hold: only their shape is read
+    sens = {"bits": bits, "delta_text": np.zeros(shape + (3,))}
+    got, report = allocators.allocate("random", {}, sens, 2.5, seed=1)
+    np.testing.assert_array_equal(got, a)
+    assert report["method"] == "random"

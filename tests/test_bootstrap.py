@@ -134,3 +134,14 @@ def test_a_calibration_variant_of_uniform_is_a_reference_too_and_never_paired():
     assert "vs_uniform" not in uniform
     assert mode["vs_uniform"]["kl_ratio"] == pytest.approx([2.0, 2.0, 2.0])
     assert "accuracy_points" not in mode["vs_uniform"]  # next-token runs score no answers
+
+
+def test_paired_table_shows_an_average_that_differs_from_the_budget():
+    # MoPEQ's k-means ignores the budget: the comparison must say how many bits it spent.
+    tokens = np.ones(4)
+    samples = {"u": {"kl": np.full(4, 0.2), "kl_tokens": tokens},
+               "k": {"kl": np.full(4, 0.1), "kl_tokens": tokens}}
+    kmeans = {**_row("mopeq", "k"), "average_bits": 2.4375}
+    out = report.with_intervals([_row("uniform", "u"), kmeans], samples, resamples=50)
+    text = report._markdown({"results": out})
+    assert "| mopeq | - | gptq | 3 (average 2.44) | - | 0.50 [0.50, 0.50] |" in text

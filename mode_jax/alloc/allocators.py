@@ -5,7 +5,7 @@ Inputs are the stage artifacts of docs/design.md as plain arrays: counts `[L, E]
 sensitivities `[L, E, B]` over candidate `bits [B]` (`delta_text, delta_vision, pmq_err,
 gemq_cost`) and `hessian_trace [L, E]`. Every ILP allocator returns an `ilp.Allocation` (bit
 map plus solver report); uniform and the MoPEQ k-means allocator need no solver and return the
-bit map `[L, E]` int32 alone.
+bit map `[L, E]` int32 alone. `random` reads no statistic: it is the control.
 """
 
 from __future__ import annotations
@@ -211,7 +211,18 @@ def allocate_mopeq_budget(
     return ilp.solve_with_report(cost, bits, budget_bits, scope, equality=equality, solver=solver)
 
 
-METHODS = ("uniform", "mode", "pmq", "gemq", "mopeq", "mopeq-budget")
+def allocate_random(num_layers: int, num_experts: int, bits, budget_bits, *, seed=0,
+                    scope="layer", equality=True, solver="scip"):
+    """An uninformed control: seeded random importances u ~ U(0, 1) per expert, cost u * 4^-b
+    through the same ILP, so it meets the budget as the informed methods do. What a method
+    gains over it at the same budget is what its statistics are worth."""
+    rng = np.random.default_rng(seed)
+    importance = rng.random((num_layers, num_experts))
+    return ilp.solve_with_report(mopeq_budget_cost(importance, bits), bits, budget_bits, scope,
+                                 equality=equality, solver=solver)
+
+
+METHODS = ("uniform", "mode", "pmq", "gemq", "mopeq", "mopeq-budget", "random")
 
 
 def allocate(method: str, statistics: Mapping, sensitivity: Mapping, budget_bits, **options):
@@ -224,9 +235,10 @@ def allocate(method: str, statistics: Mapping, sensitivity: Mapping, budget_bits
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(METHODS)}")
     bits = _get(sensitivity, "bits")
-    if method == "uniform":
+    if method in ("uniform", "random"):
         shape = np.shape(_get(sensitivity, "delta_text"))[:2]
-        out = uniform(*shape, budget_bits, bits=bits)
+        out = (uniform(*shape, budget_bits, bits=bits) if method == "uniform"
+               else allocate_random(*shape, bits, budget_bits, **options))
     elif method == "mopeq":
         out = allocate_mopeq(_get(sensitivity, "hessian_trace"), bits, **options)
     elif method == "mode":
