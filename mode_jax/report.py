@@ -168,7 +168,40 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
             ones = np.ones(len(own["correct"]))
             acc = bootstrap.compare((own["correct"], ones), (other["correct"], ones), w)
             r["vs_uniform"]["accuracy_points"] = [100 * v for v in acc["difference"].as_list()]
+    _against_random(rows, samples, weights)
     return rows
+
+
+def _against_random(rows: list[dict], samples: dict, weights: dict) -> None:
+    """`vs_random` for each informed row that has draws of the random control at its budget,
+    quantizer and router setting on the same samples: the KL ratio to each draw (paired), as
+    {draws, kl_ratio_range: [lowest, highest estimate], draws_beaten: how many ratios have a
+    95% interval below 1, draws_lost: above 1}. Works at budgets uniform cannot meet."""
+    draws: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["allocator"] == "random" and samples.get(r["evaluate"]) is not None:
+            draws.setdefault(_pair_key(r), []).append(r)
+    for r in rows:
+        own = samples.get(r["evaluate"])
+        refs = draws.get(_pair_key(r), [])
+        if own is None or r["allocator"] == "random" or not refs:
+            continue
+        w = weights[r["eval_digest"]]
+        ratios = []
+        for ref in refs:
+            other = samples[ref["evaluate"]]
+            ratio = bootstrap.compare((own["kl"], own["kl_tokens"]),
+                                      (other["kl"], other["kl_tokens"]), w)["ratio"]
+            if ratio is not None:
+                ratios.append(ratio)
+        if ratios:
+            r["vs_random"] = {
+                "draws": len(ratios),
+                "kl_ratio_range": [min(x.estimate for x in ratios),
+                                   max(x.estimate for x in ratios)],
+                "draws_beaten": sum(x.high < 1 for x in ratios),
+                "draws_lost": sum(x.low > 1 for x in ratios),
+            }
 
 
 def write(workdir: str, config, contexts: list, final_stage: str) -> str:
@@ -220,6 +253,7 @@ def _markdown(doc: dict) -> str:
         cells += [_fmt_range(r.get(k)) for k in ci_keys]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _paired_table(rows)
+    lines += _random_table(rows)
     if "modality_js_divergence_per_layer" in doc:
         js = ", ".join(f"{v:.3f}" for v in doc["modality_js_divergence_per_layer"])
         lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}"]
@@ -248,16 +282,42 @@ def _paired_table(rows: list[dict]) -> list[str]:
     for r in paired:
         vs = r["vs_uniform"]
         acc = vs.get("accuracy_points")
-        budget = f"{r['budget_bits']:g}"
-        if abs(r["average_bits"] - r["budget_bits"]) > 1e-6:  # MoPEQ's k-means ignores budgets
-            budget += f" (average {r['average_bits']:.3g})"
-        cells = [r["method"], r.get("estimator") or "-", r["quantizer"], budget,
+        cells = [r["method"], r.get("estimator") or "-", r["quantizer"], _budget_cell(r),
                  "-" if acc is None else f"{acc[0]:+.1f} [{acc[1]:+.1f}, {acc[2]:+.1f}]",
                  _fmt_ratio(vs.get("kl_ratio")),
                  *(_fmt_ratio(vs.get(f"kl_ratio_{f}")) for f in families),
                  f"{100 * vs['share_kl_lower']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _random_table(rows: list[dict]) -> list[str]:
+    """Each informed method against the draws of the random control at its budget."""
+    compared = [r for r in rows if "vs_random" in r]
+    if not compared:
+        return []
+    head = ["method", "sensitivity", "quantizer", "budget", "random draws",
+            "KL / draw's KL (lowest-highest)", "draws beaten", "draws lost"]
+    lines = ["", "Against the random control (`random`: the same ILP and budget on seeded random "
+             "importances), paired per draw; a draw is beaten (lost) when the KL ratio's 95% "
+             "interval lies below (above) 1:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in compared:
+        vs = r["vs_random"]
+        low, high = vs["kl_ratio_range"]
+        lines.append("| " + " | ".join([
+            r["method"], r.get("estimator") or "-", r["quantizer"], _budget_cell(r),
+            str(vs["draws"]), f"{low:.2f}-{high:.2f}", str(vs["draws_beaten"]),
+            str(vs["draws_lost"])]) + " |")
+    return lines
+
+
+def _budget_cell(r: dict) -> str:
+    """The budget, and the average where it differs (MoPEQ's k-means ignores budgets)."""
+    budget = f"{r['budget_bits']:g}"
+    if abs(r["average_bits"] - r["budget_bits"]) > 1e-6:
+        budget += f" (average {r['average_bits']:.3g})"
+    return budget
 
 
 def _fmt_ratio(v) -> str:

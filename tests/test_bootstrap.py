@@ -145,3 +145,21 @@ def test_paired_table_shows_an_average_that_differs_from_the_budget():
     out = report.with_intervals([_row("uniform", "u"), kmeans], samples, resamples=50)
     text = report._markdown({"results": out})
     assert "| mopeq | - | gptq | 3 (average 2.44) | - | 0.50 [0.50, 0.50] |" in text
+
+
+def test_each_method_is_compared_with_every_draw_of_the_random_control():
+    tokens = np.ones(4)
+    kl = {"m": [0.1, 0.1, 0.1, 0.1], "r0": [0.2] * 4, "r1": [0.05] * 4, "r2": [0.1, 0.1, 0.1, 0.1],
+          "other": [0.3] * 4}
+    samples = {k: {"kl": np.array(v), "kl_tokens": tokens} for k, v in kl.items()}
+    rows = [_row("mode/text+key", "m", budget=2.5), _row("random (seed 0)", "r0", budget=2.5),
+            _row("random (seed 1)", "r1", budget=2.5), _row("random (seed 2)", "r2", budget=2.5),
+            _row("pmq", "other", budget=3.0)]  # no draw at its budget
+    out = report.with_intervals(rows, samples, resamples=50)
+    vs = out[0]["vs_random"]
+    assert vs["draws"] == 3
+    assert vs["kl_ratio_range"] == pytest.approx([0.5, 2.0])
+    assert (vs["draws_beaten"], vs["draws_lost"]) == (1, 1)  # ratio 1 to seed 2: neither
+    assert all("vs_random" not in r for r in out[1:])
+    text = report._markdown({"results": out})
+    assert "| mode/text+key | - | gptq | 2.5 | 3 | 0.50-2.00 | 1 | 1 |" in text
