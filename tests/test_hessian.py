@@ -57,6 +57,22 @@ def test_expert_hessians_match_numpy_loop_over_batches(blocks):
     np.testing.assert_array_equal(h[E - 1], 0.0)  # no token: zero Hessian, count 0
 
 
+@pytest.mark.parametrize("part", ["gate_up", "down"])
+def test_one_part_adds_only_that_hessian(part):
+    gate_up = (np.random.default_rng(5).normal(size=(E, D, 2 * F)) / 4).astype(np.float32)
+    x, ids, mask = batch(30, 6)
+    start = hessian.init_experts(E, D, F)
+    start = start._replace(gate_up=start.gate_up + 1.0, down=start.down + 2.0)
+    both = hessian.update_experts(start, x, ids, gate_up, mask)
+    one = hessian.update_experts(start, x, ids, gate_up, mask, parts=part)
+    other = "down" if part == "gate_up" else "gate_up"
+    np.testing.assert_array_equal(*(np.asarray(getattr(s, part)) for s in (one, both)))
+    np.testing.assert_array_equal(*(np.asarray(getattr(s, other)) for s in (one, start)))
+    np.testing.assert_array_equal(np.asarray(one.count), np.asarray(both.count))
+    with pytest.raises(ValueError, match="parts='up'"):
+        hessian.update_experts(start, x, ids, gate_up, mask, parts="up")
+
+
 def test_expert_hessians_accept_batch_and_sequence_dims():
     gate_up = np.random.default_rng(3).normal(size=(E, D, 2 * F)).astype(np.float32)
     x, ids, mask = batch(24, 4)

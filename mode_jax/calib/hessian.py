@@ -82,15 +82,22 @@ def update_dense(state: HessianState, x, mask=None) -> HessianState:
     return HessianState(state.h_sum + _gram(x, mask), state.count + mask.sum(dtype=jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("blocks",))
+PARTS = ("both", "gate_up", "down")
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "parts"))
 def update_experts(state: ExpertHessianState, x, ids, gate_up, mask=None,
-                   blocks: bool | None = None) -> ExpertHessianState:
+                   blocks: bool | None = None, parts: str = "both") -> ExpertHessianState:
     """Add one batch to a MoE layer's per-expert sums.
 
     x [..., D] hidden states entering the experts, ids [..., k] routed expert ids (distinct per
     token, as top-k gives them), mask [...] (1 = real token), gate_up [E, D, 2F] (gate columns
-    first). `blocks` picks the grouped-matmul path (None: blocks on CPU only).
+    first). `blocks` picks the grouped-matmul path (None: blocks on CPU only). `parts` "gate_up"
+    or "down" adds only that Hessian's sums (the other's stay as they are), for callers that
+    need one of them per gate_up variant; the counts are added either way.
     """
+    if parts not in PARTS:
+        raise ValueError(f"parts={parts!r}; allowed: {', '.join(PARTS)}")
     e, d, two_f = gate_up.shape
     if state.gate_up.shape != (e, d, d) or state.down.shape != (e, two_f // 2, two_f // 2):
         raise ValueError(
@@ -107,6 +114,11 @@ def update_experts(state: ExpertHessianState, x, ids, gate_up, mask=None,
                         jnp.where(mask[:, None], ids, e).astype(jnp.int32), e)
     sizes = sent.group_sizes
     use_blocks = grouped_matmul.use_blocks() if blocks is None else blocks
+    h_gate_up = state.gate_up
+    if parts != "down":
+        h_gate_up = h_gate_up + 2.0 * grouped_matmul.grouped_gram(sent.x_sorted, sizes, use_blocks)
+    if parts == "gate_up":
+        return ExpertHessianState(h_gate_up, state.down, state.count + sizes)
     if use_blocks:
         h = grouped_matmul.blocked_matmul(sent.x_sorted, gate_up.astype(jnp.float32), sizes)
     else:
@@ -115,7 +127,7 @@ def update_experts(state: ExpertHessianState, x, ids, gate_up, mask=None,
     f = two_f // 2
     act = jax.nn.silu(h[:, :f]) * h[:, f:]
     return ExpertHessianState(
-        state.gate_up + 2.0 * grouped_matmul.grouped_gram(sent.x_sorted, sizes, use_blocks),
+        h_gate_up,
         state.down + 2.0 * grouped_matmul.grouped_gram(act, sizes, use_blocks),
         state.count + sizes,
     )

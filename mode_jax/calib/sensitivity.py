@@ -124,18 +124,18 @@ def gptq_quantize_layer(gate_up, down, bits, group_size: int, x, ids, *, damp: f
     gate_up, down, x, ids = (jnp.asarray(a) for a in (gate_up, down, x, ids))
     e, d, two_f = gate_up.shape
 
-    def hessians(gu):
-        acc = hessian.update_experts(hessian.init_experts(e, d, two_f // 2), x, ids, gu)
-        return (hessian.finalize(acc.gate_up, acc.count),
-                hessian.finalize(acc.down, acc.count))
+    def hessian_of(part, gu):  # gate_up's needs only x; down's, the activations through gu
+        acc = hessian.update_experts(hessian.init_experts(e, d, two_f // 2), x, ids, gu,
+                                     parts=part)
+        return hessian.finalize(getattr(acc, part), acc.count)
 
-    h_gate_up, _ = hessians(gate_up)
+    h_gate_up = hessian_of("gate_up", gate_up)
     opts = {"group_size": group_size, "damp": damp, "block_size": group_size}
     gu_q, dn_q = [], []
     for b in bits:
         per_expert = jnp.full((e,), b, jnp.int32)
         gu = gptq.gptq_quantize_experts(gate_up, h_gate_up, per_expert, **opts).weight
-        _, h_down = hessians(gu)
+        h_down = hessian_of("down", gu)
         dn = gptq.gptq_quantize_experts(down, h_down, per_expert, **opts).weight
         gu_q.append(gu.astype(gate_up.dtype))
         dn_q.append(dn.astype(down.dtype))
