@@ -123,6 +123,11 @@ def _per_sample(workdir: str, fingerprint: str) -> dict | None:
     return arrays.get("per_sample")
 
 
+def _kl(per_sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(summed KL, scored positions) per sample: the ratio metric `bootstrap` resamples."""
+    return per_sample["kl"], per_sample["kl_tokens"]
+
+
 def _pair_key(row: dict) -> tuple:
     return (row["budget_bits"], row["quantizer"], row["router_finetune"], row.get("eval_digest"))
 
@@ -145,7 +150,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
         if own is None or "eval_digest" not in r:
             continue
         w = weights.setdefault(r["eval_digest"], bootstrap.draws(len(own["kl"]), resamples))
-        kl = (own["kl"], own["kl_tokens"])
+        kl = _kl(own)
         r["kl_ci"] = bootstrap.interval(*kl, w).as_list()[1:]
         if "correct" in own:
             r["accuracy_ci"] = bootstrap.interval(own["correct"], np.ones(len(own["correct"])),
@@ -154,7 +159,7 @@ def with_intervals(rows: list[dict], samples: dict, resamples: int = bootstrap.R
         if ref is None or r["allocator"] == "uniform":
             continue
         other = samples[ref["evaluate"]]
-        kl_cmp = bootstrap.compare(kl, (other["kl"], other["kl_tokens"]), w)
+        kl_cmp = bootstrap.compare(kl, _kl(other), w)
         r["vs_uniform"] = {"share_kl_lower": kl_cmp["share_a_lower"],
                            "kl_ratio": kl_cmp["ratio"].as_list() if kl_cmp["ratio"] else None}
         for i, family in enumerate(r.get("families", []) if "family" in own else []):
@@ -189,9 +194,7 @@ def _against_random(rows: list[dict], samples: dict, weights: dict) -> None:
         w = weights[r["eval_digest"]]
         ratios = []
         for ref in refs:
-            other = samples[ref["evaluate"]]
-            ratio = bootstrap.compare((own["kl"], own["kl_tokens"]),
-                                      (other["kl"], other["kl_tokens"]), w)["ratio"]
+            ratio = bootstrap.compare(_kl(own), _kl(samples[ref["evaluate"]]), w)["ratio"]
             if ratio is not None:
                 ratios.append(ratio)
         if ratios:
@@ -242,8 +245,7 @@ def _markdown(doc: dict) -> str:
     ci_keys = [k for k in ("accuracy_ci", "kl_ci") if any(k in r for r in rows)]
     head = ["method", "sensitivity", "quantizer", "router ft", "budget", "avg bits", *metric_keys,
             *(f"{k[:-3]} 95% CI" for k in ci_keys)]
-    lines = ["# mode-jax report", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    lines = ["# mode-jax report", "", *_md_head(head)]
     for r in rows:
         cells = [r["method"], r.get("estimator") or "-", r["quantizer"],
                  "yes" if r.get("router_finetune") else "no",
@@ -251,7 +253,7 @@ def _markdown(doc: dict) -> str:
                  f"{r.get('average_bits', float('nan')):.3f}"]
         cells += [_fmt(r.get(k)) for k in metric_keys]
         cells += [_fmt_range(r.get(k)) for k in ci_keys]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     lines += _paired_table(rows)
     lines += _random_table(rows)
     if "modality_js_divergence_per_layer" in doc:
@@ -277,8 +279,7 @@ def _paired_table(rows: list[dict]) -> list[str]:
             "resamples with lower KL"]
     lines = ["", f"Against uniform at the same budget and quantizer, paired over the same {n} "
              "samples (estimate [95% bootstrap interval]; an interval that holds 0 points, or "
-             "a KL ratio of 1, is no evidence of a difference):", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "a KL ratio of 1, is no evidence of a difference):", "", *_md_head(head)]
     for r in paired:
         vs = r["vs_uniform"]
         acc = vs.get("accuracy_points")
@@ -287,7 +288,7 @@ def _paired_table(rows: list[dict]) -> list[str]:
                  _fmt_ratio(vs.get("kl_ratio")),
                  *(_fmt_ratio(vs.get(f"kl_ratio_{f}")) for f in families),
                  f"{100 * vs['share_kl_lower']:.0f}%"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     return lines
 
 
@@ -300,16 +301,23 @@ def _random_table(rows: list[dict]) -> list[str]:
             "KL / draw's KL (lowest-highest)", "draws beaten", "draws lost"]
     lines = ["", "Against the random control (`random`: the same ILP and budget on seeded random "
              "importances), paired per draw; a draw is beaten (lost) when the KL ratio's 95% "
-             "interval lies below (above) 1:", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "interval lies below (above) 1:", "", *_md_head(head)]
     for r in compared:
         vs = r["vs_random"]
         low, high = vs["kl_ratio_range"]
-        lines.append("| " + " | ".join([
+        lines.append(_md_row([
             r["method"], r.get("estimator") or "-", r["quantizer"], _budget_cell(r),
             str(vs["draws"]), f"{low:.2f}-{high:.2f}", str(vs["draws_beaten"]),
-            str(vs["draws_lost"])]) + " |")
+            str(vs["draws_lost"])]))
     return lines
+
+
+def _md_head(head: list[str]) -> list[str]:
+    return [_md_row(head), "|" + "---|" * len(head)]
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _budget_cell(r: dict) -> str:

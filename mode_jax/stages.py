@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mode_jax import runner
-from mode_jax.alloc.allocators import METHODS
+from mode_jax.alloc.allocators import METHODS, MODE_KEYS
 from mode_jax.runner import Stage, UserError
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
-FREQ_KEYS = ("total", "text+all-image", "text+key", "text+redundant")
+FREQ_KEYS = tuple(MODE_KEYS)
 
 
 # ---------------------------------------------------------------- model access
@@ -234,23 +234,19 @@ def validate(config) -> None:
                             "(and mode/<freq_key> in a sweep)")
         if key and key not in FREQ_KEYS:
             raise UserError(f"unknown frequency key {key!r}; allowed: {', '.join(FREQ_KEYS)}")
-    if c.alloc.freq_key not in FREQ_KEYS:
-        raise UserError(f"alloc.freq_key={c.alloc.freq_key!r}; allowed: {', '.join(FREQ_KEYS)}")
-    if c.model.dtype not in DTYPES:
-        raise UserError(f"model.dtype={c.model.dtype!r}; allowed: {', '.join(DTYPES)}")
-    if c.model.matmul_precision not in MATMUL_PRECISIONS:
-        raise UserError(f"model.matmul_precision={c.model.matmul_precision!r}; allowed: "
-                        f"{', '.join(MATMUL_PRECISIONS)}")
     from mode_jax.calib import passes, sources
 
-    for field, allowed in (("sens.estimator", passes.ESTIMATORS),
+    for field, allowed in (("alloc.freq_key", FREQ_KEYS),
+                           ("model.dtype", tuple(DTYPES)),
+                           ("model.matmul_precision", MATMUL_PRECISIONS),
+                           ("sens.estimator", passes.ESTIMATORS),
                            ("sens.quantizer", passes.QUANTIZERS),
                            ("sens.trace_curvature", passes.CURVATURES),
                            ("data.source", sources.SOURCES),
                            ("data.testbed_stats_tasks", sources.STATS_TASKS)):
-        value = c[field.split(".")[0]][field.split(".")[1]]
-        if value not in allowed:
-            raise UserError(f"{field}={value!r}; allowed: {', '.join(allowed)}")
+        section, name = field.split(".")
+        if c[section][name] not in allowed:
+            raise UserError(f"{field}={c[section][name]!r}; allowed: {', '.join(allowed)}")
     if not c.model.path:
         raise UserError("no model: pass --config.model.path=<checkpoint directory>")
     if not os.path.isdir(c.model.path):

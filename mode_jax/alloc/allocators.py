@@ -235,10 +235,10 @@ def allocate(method: str, statistics: Mapping, sensitivity: Mapping, budget_bits
     if method not in METHODS:
         raise ValueError(f"method={method!r}; allowed: {', '.join(METHODS)}")
     bits = _get(sensitivity, "bits")
-    if method in ("uniform", "random"):
-        shape = np.shape(_get(sensitivity, "delta_text"))[:2]
-        out = (uniform(*shape, budget_bits, bits=bits) if method == "uniform"
-               else allocate_random(*shape, bits, budget_bits, **options))
+    if method == "uniform":
+        out = uniform(*_layers_experts(sensitivity), budget_bits, bits=bits)
+    elif method == "random":
+        out = allocate_random(*_layers_experts(sensitivity), bits, budget_bits, **options)
     elif method == "mopeq":
         out = allocate_mopeq(_get(sensitivity, "hessian_trace"), bits, **options)
     elif method == "mode":
@@ -254,6 +254,11 @@ def allocate(method: str, statistics: Mapping, sensitivity: Mapping, budget_bits
     if isinstance(out, ilp.Allocation):
         return out.bits, {"method": method, **out.report()}
     return out, {"method": method, "used_average_bits": float(out.mean())}
+
+
+def _layers_experts(sensitivity: Mapping) -> tuple[int, int]:
+    """(L, E) of the artifacts, for the allocators that read no statistic."""
+    return np.shape(_get(sensitivity, "delta_text"))[:2]
 
 
 def _get(stats: Mapping, name: str):

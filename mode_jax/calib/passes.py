@@ -415,8 +415,7 @@ def _is_routed_expert(path, _value) -> bool:
 def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_token_id,
                    curvature):
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    real = mask.astype(bool)
-    targets = jnp.maximum((real[:, :-1] & real[:, 1:] & (ids[:, 1:] != image_token_id)).sum(), 1)
+    targets = jnp.maximum(sensitivity.next_token_targets(ids, mask, image_token_id).sum(), 1)
 
     def logits(params):
         model = nnx.merge(graphdef, params, rest)

@@ -327,13 +327,16 @@ def argmax_logprob(last_logits_: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, target[:, None], -1).sum()
 
 
-def next_token_nll(logits, input_ids, attention_mask, image_token_id: int) -> jax.Array:
-    """Summed next-token cross-entropy over real (position, next position) pairs, [].
-
-    Targets that are image placeholders are skipped (they are not predictions of the model).
-    """
+def next_token_targets(input_ids, attention_mask, image_token_id: int) -> jax.Array:
+    """[B, T-1] bool: position t predicts token t+1, both real and t+1 not an image placeholder
+    (placeholders are not predictions of the model)."""
     real = attention_mask.astype(bool)
-    valid = real[:, :-1] & real[:, 1:] & (input_ids[:, 1:] != image_token_id)
+    return real[:, :-1] & real[:, 1:] & (input_ids[:, 1:] != image_token_id)
+
+
+def next_token_nll(logits, input_ids, attention_mask, image_token_id: int) -> jax.Array:
+    """Summed next-token cross-entropy over the `next_token_targets` pairs, []."""
+    valid = next_token_targets(input_ids, attention_mask, image_token_id)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
     nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None].astype(jnp.int32), -1)[..., 0]
     return jnp.where(valid, nll, 0.0).sum()
@@ -461,8 +464,7 @@ def _block_traces(matvec, params, num_probes: int, key: jax.Array):
 def next_token_output_hvp(input_ids, attention_mask, image_token_id: int, denominator):
     """H_z u for `next_token_nll / denominator` with z the logits of positions [:, :-1]: per
     counted position, the softmax cross-entropy's Hessian (diag(p) - p p^T) times u."""
-    real = attention_mask.astype(bool)
-    valid = (real[:, :-1] & real[:, 1:] & (input_ids[:, 1:] != image_token_id))[..., None]
+    valid = next_token_targets(input_ids, attention_mask, image_token_id)[..., None]
 
     def hvp(z, u):
         p = jax.nn.softmax(z.astype(jnp.float32), -1)
