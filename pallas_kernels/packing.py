@@ -185,6 +185,65 @@ def unpack_tile_float(words: tuple[jax.Array, ...], bits: int, group_size: int) 
     return f - (2.0**23 + (1 << (bits - 1)))
 
 
+REGISTER_ORDER_LANES = 4  # MMA lanes that split one 16-row k-step, 4 rows each (kWidth 4)
+
+
+def has_register_order(width: int, group_size: int) -> bool:
+    """Whether ``register_order`` exists: words and slots both split over the 4 lanes."""
+    lanes = REGISTER_ORDER_LANES
+    return words_per_group(width, group_size) % lanes == 0 and (32 // width) % lanes == 0
+
+
+def register_order(width: int, group_size: int) -> np.ndarray:
+    """In-group row order of ``unpack_tile_registers``: tile row i holds natural row ``perm[i]``.
+
+    Why: a GPU tensor-core (mma) B fragment gives each of 4 lanes 4 consecutive rows of every
+    16-row k-step. Word r goes to lane ``r % 4`` and its slots fill that lane's rows, so every
+    lane unpacks whole words it holds and the tile needs no shuffle through shared memory. With
+    ``r = 4 r_hi + lane`` and ``j = 4 j_hi + j_lo`` the tile row is
+    ``i = 16 (r_hi P/4 + j_hi) + 4 lane + j_lo``. A matmul over the tile needs x's columns in the
+    same order (``x[:, perm]`` per group): permuting both sides of a dot leaves it unchanged.
+    """
+    r, p = words_per_group(width, group_size), 32 // width
+    lanes = REGISTER_ORDER_LANES
+    if not has_register_order(width, group_size):
+        raise ValueError(f"no register order for {width}-bit planes of group {group_size}")
+    word, slot = np.meshgrid(np.arange(r), np.arange(p), indexing="ij")
+    natural = slot * r + word if is_slot_major(width, group_size) else word * p + slot
+    row = 16 * ((word // lanes) * (p // lanes) + slot // lanes) + lanes * (word % lanes)
+    row = row + slot % lanes
+    perm = np.empty(group_size, np.int64)
+    perm[row.ravel()] = natural.ravel()
+    return perm
+
+
+def unpack_tile_registers(words: jax.Array, width: int, group_size: int) -> jax.Array:
+    """Unsigned int32 codes ``[gs, bn]`` of one single-plane group in ``register_order``.
+
+    Each slot is a shift and a mask of the whole word tile; the slots are gathered with
+    2-way joins (Triton's ``tt.join`` keeps them in the thread that holds the word), and one
+    transpose and reshape put them in ``register_order``'s rows.
+    """
+    r, bn = words.shape
+    p, lanes = 32 // width, REGISTER_ORDER_LANES
+    if words.dtype != jnp.int32:
+        words = lax.bitcast_convert_type(words, jnp.int32)
+    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1) for j in range(p)]
+    stacked = _stack_last(pieces)  # [r, bn, p], last index = slot
+    tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)  # r_hi, lane, n, j_hi, j_lo
+    return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
+
+
+def _stack_last(pieces: list[jax.Array]) -> jax.Array:
+    """``jnp.stack(pieces, -1)`` from 2-way stacks only (all Triton lowers); len a power of 2."""
+    lead = pieces[0].ndim
+    while len(pieces) > 1:  # pair j with j + half: each new axis is j's highest remaining bit
+        half = len(pieces) // 2
+        pieces = [jnp.stack([pieces[i], pieces[i + half]], axis=-1) for i in range(half)]
+    out = pieces[0]  # trailing axes hold j's bits, most significant first
+    return out.reshape(*out.shape[:lead], -1)
+
+
 @jax.jit
 def unpack(packed: PackedWeight) -> jax.Array:
     """Signed int32 codes ``[..., K, N]`` (padding stripped)."""

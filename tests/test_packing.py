@@ -168,3 +168,30 @@ def test_float_unpack_equals_integer_unpack(bits):
         assert floats.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(floats), np.asarray(ints, np.float32))
         np.testing.assert_array_equal(np.asarray(ints), codes[g * 128:(g + 1) * 128])
+
+
+@pytest.mark.parametrize("bits,group_size", [(1, 128), (2, 128), (4, 128), (8, 128), (2, 64),
+                                             (4, 256), (1, 256)])
+def test_register_order_unpack_is_the_natural_codes_permuted(bits, group_size):
+    """``unpack_tile_registers`` gives row i = natural row perm[i], and lane (i % 16) // 4 only
+    reads words w with w % 4 equal to it (the docstring layout decides which word holds a row)."""
+    rng = np.random.default_rng(bits)
+    codes = random_codes(rng, bits, (2 * group_size, 128))
+    packed = packing.pack(codes, jnp.ones((2, 128), jnp.bfloat16), bits, group_size=group_size)
+    perm = packing.register_order(bits, group_size)
+    assert sorted(perm.tolist()) == list(range(group_size))
+    unsigned = (codes + 1) // 2 if bits == 1 else codes + (1 << (bits - 1))
+    for g in range(2):
+        tile = packing.unpack_tile_registers(packed.planes[0][g], bits, group_size)
+        np.testing.assert_array_equal(np.asarray(tile), unsigned[g * group_size + perm])
+    r, p = packing.words_per_group(bits, group_size), 32 // bits
+    word = perm % r if packing.is_slot_major(bits, group_size) else perm // p
+    lane = (np.arange(group_size) % 16) // 4
+    np.testing.assert_array_equal(word % 4, lane)
+
+
+@pytest.mark.parametrize("bits,group_size", [(1, 32), (1, 64), (2, 32)])
+def test_register_order_needs_words_for_every_lane(bits, group_size):
+    assert not packing.has_register_order(bits, group_size)
+    with pytest.raises(ValueError, match="no register order"):
+        packing.register_order(bits, group_size)
