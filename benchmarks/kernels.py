@@ -10,7 +10,7 @@ ragged_dot); use ``--small`` there.
 
   python -m benchmarks.kernels                      # full Kimi-VL shapes (GPU/TPU)
   python -m benchmarks.kernels --small --bits 2,3,4 # reduced shapes, e.g. on CPU
-  python -m benchmarks.kernels --dequant convert,magic   # dequant modes side by side
+  python -m benchmarks.kernels --dequant magic,registers # dequant modes side by side
   python -m benchmarks.kernels --sweep --bits 4 --tokens 1 # time block configs (autotune)
 """
 
@@ -152,7 +152,7 @@ def sweep(op_name, fused, x, sizes, packed, backend, args):
     ]
     for bits, w in packed.items():
         _, timings = gm.autotune(op, x, w, sizes, candidates=[default, *candidates],
-                                 backend=backend, repeats=args.repeats)
+                                 backend=backend, repeats=args.repeats, queued=args.queued)
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         tokens = x.shape[0] // sizes.shape[0]
         print(f"{op_name} {bits}-bit, {tokens} tokens/expert: default {default} "

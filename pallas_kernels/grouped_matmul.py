@@ -16,7 +16,10 @@ empty experts are not visited). The grid is (N tiles, visits). Each program loop
 groups (``group_size`` rows, one scale row each): loads the x slice and the packed word tiles
 of expert ``tile_group[t]``, unpacks them with shifts (``packing.unpack_tile``), multiplies in
 bf16 with f32 accumulation and applies the group scale to the partial product; finally it
-writes the rows of its expert.
+writes the rows of its expert. ``BlockConfig.dequant="registers"`` unpacks each group's rows in
+the order the GPU tensor cores read them (``packing.register_order``, x permuted to match) so
+the codes never pass through shared memory; ``benchmarks/kernel_sass.py`` reads the effect in
+the compiled code.
 Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
 scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
 mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.
@@ -42,7 +45,7 @@ from pallas_kernels import packing
 from pallas_kernels.packing import PackedWeight
 
 BACKENDS = ("auto", "triton", "mosaic_tpu", "xla")
-DEQUANT_MODES = ("convert", "magic")
+DEQUANT_MODES = ("convert", "magic", "registers")
 DECODE_MAX_TOKENS_PER_EXPERT = 32
 
 
@@ -54,7 +57,13 @@ class BlockConfig:
     ``num_warps``/``num_stages`` are Triton's; Mosaic ignores them. ``dequant`` is how a tile's
     codes become matmul operands (both exact, so both give the same products):
       "convert"  int32 codes -> float32 -> x's dtype (int-to-float instructions);
-      "magic"    float32 codes from exponent bits (``packing.unpack_tile_float``) -> x's dtype.
+      "magic"    float32 codes from exponent bits (``packing.unpack_tile_float``) -> x's dtype;
+      "registers" (Triton, 1/2/4/8 bits) the tile in ``packing.register_order`` so each thread
+                 unpacks the words whose rows it feeds to the tensor cores: no trip through
+                 shared memory. Up to 4 bits the operand is bf16 ``128 + u`` straight from
+                 exponent bits and the offset comes off the product (``_offset_free_product``);
+                 x's columns are permuted to match outside the kernel. 3 bits (two planes
+                 whose words cannot share a thread) and Mosaic run it as "magic".
     (Multiplying the float32 codes in TF32 instead was measured 2.5x slower on an H100.)
     """
 
@@ -99,11 +108,12 @@ def candidate_configs(backend: str) -> list[BlockConfig]:
     if backend == "mosaic_tpu":
         return [BlockConfig(bm, bn) for bm in (16, 64, 128, 256) for bn in (128, 256, 512)]
     return [
-        BlockConfig(bm, bn, warps, stages)
+        BlockConfig(bm, bn, warps, stages, dequant)
         for bm in (16, 32, 64, 128)
-        for bn in (64, 128, 256)
+        for bn in (128, 256)
         for warps in (4, 8)
         for stages in (2, 4)
+        for dequant in ("magic", "registers")
     ]
 
 
@@ -264,6 +274,12 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     m_pad = max(_round_up(m, bm), bm)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
+    dequant = effective_dequant(config.dequant, spec.bits, backend, spec.group_size)
+    if dequant == "registers":  # x's columns in the order the kernel unpacks rows (per group)
+        perm = packing.register_order(spec.bits, spec.group_size)
+        x = x.reshape(m_pad, spec.num_k_groups, spec.group_size)[:, :, perm].reshape(m_pad, k_pad)
+    if dequant != config.dequant:
+        config = dataclasses.replace(config, dequant=dequant)
     meta = group_metadata(group_sizes, m_pad, bm)
     build = _triton_call if backend == "triton" else _mosaic_call
     out = build(x, arrays, meta, spec, bm, bn, config, interpret)
@@ -317,15 +333,20 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
         xk = load_x(kg)
         new = []
         for acc, (load_w, load_s) in zip(accs, operands, strict=True):
-            if spec.bits is None:
-                w = load_w(kg).astype(xk.dtype)
-            elif dequant == "convert":
-                q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size)
-                w = q.astype(jnp.float32).astype(xk.dtype)
+            if dequant == "registers":
+                (words,) = load_w(kg)
+                u = packing.unpack_tile_registers(words, spec.bits, spec.group_size)
+                part = _registers_product(xk, u, spec.bits, precision)
             else:
-                w = packing.unpack_tile_float(load_w(kg), spec.bits, spec.group_size)
-                w = w.astype(xk.dtype)
-            part = jnp.dot(xk, w, precision=precision, preferred_element_type=jnp.float32)
+                if spec.bits is None:
+                    w = load_w(kg).astype(xk.dtype)
+                elif dequant == "convert":
+                    q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size)
+                    w = q.astype(jnp.float32).astype(xk.dtype)
+                else:
+                    w = packing.unpack_tile_float(load_w(kg), spec.bits, spec.group_size)
+                    w = w.astype(xk.dtype)
+                part = jnp.dot(xk, w, precision=precision, preferred_element_type=jnp.float32)
             new.append(acc + (part if load_s is None else part * load_s(kg).astype(jnp.float32)))
         return tuple(new)
 
@@ -337,6 +358,37 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
         accs = lax.fori_loop(0, spec.num_k_groups, step, accs)
     y = jax.nn.silu(accs[0]) * accs[1] if spec.fused else accs[0]
     return y.astype(out_dtype)
+
+
+def _registers_product(xk, u, bits, precision):
+    """``xk @ q`` for unsigned codes ``u`` (``q = u - 2^(b-1)``; 1 bit: ``q = 2u - 1``).
+
+    Up to 4 bits, ``0x4300 | u`` read as bf16 is ``128 + u`` (u < 128 fits the 7-bit mantissa):
+    one OR per code and no conversion. The dot then carries ``(128 + 2^(b-1)) * rowsum(xk)``,
+    taken off once per tile row instead of once per code; the bf16 products are exact and the
+    float32 sums keep about 17 bits after that cancellation, beyond bf16's 8. 8-bit codes do
+    not fit the mantissa and go through float32 exponent bits as in "magic".
+    """
+    if bits == 8:
+        f = lax.bitcast_convert_type(u | 0x4B000000, jnp.float32) - (2.0**23 + 128)
+        return jnp.dot(xk, f.astype(xk.dtype), precision=precision,
+                       preferred_element_type=jnp.float32)
+    v = lax.bitcast_convert_type((u | 0x4300).astype(jnp.int16), jnp.bfloat16)
+    raw = jnp.dot(xk, v.astype(xk.dtype), precision=precision, preferred_element_type=jnp.float32)
+    rowsum = jnp.sum(xk.astype(jnp.float32), axis=1, keepdims=True)
+    if bits == 1:  # q = 2u - 1 = 2 (v - 128) - 1
+        return 2.0 * raw - 257.0 * rowsum
+    return raw - float(128 + (1 << (bits - 1))) * rowsum
+
+
+def effective_dequant(mode: str, bits: int | None, backend: str, group_size: int = 128) -> str:
+    """The dequant a launch runs: "registers" only where it applies (see ``BlockConfig``)."""
+    if mode == "registers" and (
+        backend != "triton" or bits not in (1, 2, 4, 8)
+        or not packing.has_register_order(bits, group_size)
+    ):
+        return "magic"
+    return mode
 
 
 def _row_mask(start, end, tile_m, bm, bn):
@@ -532,8 +584,12 @@ def autotune(
     backend: str = "auto",
     interpret: bool = False,
     repeats: int = 10,
+    queued: int = 1,
 ) -> tuple[BlockConfig, dict[BlockConfig, float]]:
     """Times ``op(x, weights, group_sizes, config=c)`` for each candidate on this backend.
+
+    ``queued`` as in ``time_call``: above 1 each sample times that many calls dispatched back
+    to back, the device's time per call rather than a host round trip's.
 
     Returns the fastest config and all timings (seconds; ``inf`` where a config failed to
     compile or run). Raises ValueError when the backend resolves to "xla" (nothing to tune).
@@ -545,7 +601,9 @@ def autotune(
     for cfg in candidates or candidate_configs(resolved):
         call = functools.partial(op, config=cfg, backend=resolved, interpret=interpret)
         try:
-            timings[cfg] = time_call(jax.jit(call), x, weights, group_sizes, repeats=repeats)
+            timings[cfg] = time_call(
+                jax.jit(call), x, weights, group_sizes, repeats=repeats, queued=queued
+            )
         except Exception:  # a config that does not lower or fit is skipped, not fatal
             timings[cfg] = float("inf")
     best = min(timings, key=timings.get)

@@ -101,7 +101,10 @@ class TestGroupedMatmul:
         check_kernel_case(case, self.backend, self.interpret)
 
     @pytest.mark.parametrize("mode", gm.DEQUANT_MODES)
-    @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[7], CASES[8]], ids=lambda c: c.name)
+    @pytest.mark.parametrize(
+        "case", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8], CASES[9]],
+        ids=lambda c: c.name,
+    )
     def test_every_dequant_mode_matches_reference(self, case, mode):
         config = dataclasses.replace(case.config or gm.BlockConfig(), dequant=mode)
         check_kernel_case(dataclasses.replace(case, config=config), self.backend, self.interpret)
@@ -220,7 +223,7 @@ LOWERINGS = {
 MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
-def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat16):
+def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat16, config=None):
     backend, disabled = LOWERINGS[platform]
     cols = 2 * n if swiglu else n
     codes = jax.ShapeDtypeStruct((g, k, cols), jnp.int32)
@@ -229,7 +232,7 @@ def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat
         lambda q, s: packing.pack(q, s, bits, parts=2 if swiglu else 1), codes, scales
     )
     op = gm.grouped_swiglu if swiglu else gm.grouped_matmul
-    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend))
+    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend, config=config))
     args = (
         jax.ShapeDtypeStruct((m, k), dtype),
         weights,
@@ -244,6 +247,22 @@ def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_kernels_lower_for_tpu_and_cuda(platform, bits, swiglu):
     assert MARKERS[platform] in export_kernel(platform, bits, swiglu, m=64)
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_registers_mode_lowers_for_cuda(bits, swiglu):
+    config = gm.BlockConfig(16, 128, dequant="registers")
+    assert MARKERS["cuda"] in export_kernel("cuda", bits, swiglu, m=64, config=config)
+
+
+def test_registers_mode_runs_as_magic_where_it_cannot_apply():
+    assert gm.effective_dequant("registers", 4, "triton") == "registers"
+    assert gm.effective_dequant("registers", 3, "triton") == "magic"  # two planes
+    assert gm.effective_dequant("registers", 1, "triton", group_size=64) == "magic"
+    assert gm.effective_dequant("registers", 4, "mosaic_tpu") == "magic"
+    assert gm.effective_dequant("registers", None, "triton") == "magic"  # dense weights
+    assert gm.effective_dequant("convert", 4, "triton") == "convert"
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
