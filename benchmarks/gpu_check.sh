@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks the open kernel and statistics issues wait for, as one run of about 9 minutes
+# (a session is lent 15 device minutes, machine start included). From the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Prepare once, here (the GPU image has jax 0.11.2 for CUDA, flax, optax, orbax, torch and
+# triton; transformers there is older than the 5.23 whose kimi_k25 reference benchmarks.stats
+# reads):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl transformers==5.23.0 ml-collections==1.1.0
+# Each step has its own time limit, so a hang in one still leaves the others' figures.
+# Outputs: $OUT/device.txt, tests.txt (native kernel tests), kernels.txt (the kernel table,
+# "magic" and "registers" side by side), stats.txt (statistics pass and sensitivity speed).
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)"
+  git log -1 --format='commit %H %s' 2>/dev/null; } > "$OUT/device.txt" 2>&1
+timeout 150 python3 -m pytest -q tests/test_grouped_matmul.py -k "TestGroupedMatmul and not Interpret" \
+  2>&1 | tee "$OUT/tests.txt"
+timeout 240 python3 -m benchmarks.kernels --bits 2,3,4 --tokens 1,16,512 --dequant magic,registers \
+  2>&1 | tee "$OUT/kernels.txt"
+timeout 150 python3 -m benchmarks.stats 2>&1 | tee "$OUT/stats.txt"

@@ -1,0 +1,183 @@
+"""The Triton kernels' machine code, read without a GPU: instructions per weight code.
+
+For each op, bit width and dequant mode it exports the kernel launch for CUDA (``jax.export``,
+as the lowering tests do), takes the Triton IR out of the custom call, compiles it with the
+``triton`` package for a GPU architecture (default sm_90, H100/H200) and disassembles the
+cubin with the ``nvdisasm`` shipped inside that package. From the kernel's main loop (one K
+group per iteration) it prints, per weight code a thread handles: all instructions, shared-
+memory stores and loads, and the tensor-core instructions per iteration, plus registers per
+thread and shared memory per block. The H100 profile (benchmarks/results/h100-2026-11-24.md)
+found the 4-bit kernels bound by this per-code work, not by bytes: 2-, 4- and 8-bit ran at the
+same time.
+
+These are static counts, not timings, and XLA's own Triton pipeline may schedule differently;
+the GPU table of ``benchmarks.kernels`` decides. Needs ``pip install triton==3.6.0`` (the
+Triton of the jaxlib GPU builds; not a dependency of the project).
+
+  python -m benchmarks.kernel_sass                          # 4 tokens/expert, all bits and modes
+  python -m benchmarks.kernel_sass --bits 4 --tokens 512 --block_m 128 --num_stages 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels import packing
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", default="1,2,3,4,8")
+    p.add_argument("--ops", default="gate_up,down")
+    p.add_argument("--dequant", default=",".join(gm.DEQUANT_MODES))
+    p.add_argument("--tokens", type=int, default=4, help="tokens per expert (64 experts)")
+    p.add_argument("--block_m", type=int, default=16)
+    p.add_argument("--block_n", type=int, default=128)
+    p.add_argument("--num_warps", type=int, default=8)
+    p.add_argument("--num_stages", type=int, default=2)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90, 80")
+    return p.parse_args(argv)
+
+
+def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> str:
+    """The Triton IR (text) of one launch at Kimi-VL expert shapes, lowered on this CPU."""
+    fused = op_name == "gate_up"
+    experts, (k, n) = 64, ((2048, 1408) if fused else (1408, 2048))
+    cols = 2 * n if fused else n
+    weights = jax.eval_shape(
+        lambda q, s: packing.pack(q, s, bits, parts=2 if fused else 1),
+        jax.ShapeDtypeStruct((experts, k, cols), jnp.int32),
+        jax.ShapeDtypeStruct((experts, -(-k // 128), cols), jnp.bfloat16),
+    )
+    op = gm.grouped_swiglu if fused else gm.grouped_matmul
+    fn = jax.jit(lambda x, w, s: op(x, w, s, backend="triton", config=config))
+    args = (
+        jax.ShapeDtypeStruct((experts * tokens, k), jnp.bfloat16),
+        weights,
+        jax.ShapeDtypeStruct((experts,), jnp.int32),
+    )
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    module = jax.export.export(fn, platforms=["cuda"], disabled_checks=disabled)(*args)
+    match = re.search(r'ir = "((?:[^"\\]|\\.)*)"', module.mlir_module())
+    if match is None:
+        raise RuntimeError("no Triton custom call in the exported module")
+    return _ir_text(_unescape(match.group(1)))
+
+
+def _unescape(s: str) -> bytes:
+    """An MLIR string attribute's escapes (``\\XX`` hex, ``\\\\``, ``\\"``) back to bytes."""
+    out, i = bytearray(), 0
+    while i < len(s):
+        if s[i] == "\\" and s[i + 1] in '\\"':
+            out.append(ord(s[i + 1]))
+            i += 2
+        elif s[i] == "\\":
+            out.append(int(s[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += s[i].encode()
+            i += 1
+    return bytes(out)
+
+
+def _ir_text(bytecode: bytes) -> str:
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+
+    with _new_ir_context():
+        return ir.Module.parse(bytecode).operation.get_asm(enable_debug_info=False)
+
+
+def compile_sass(ttir: str, config: gm.BlockConfig, arch: int) -> tuple[str, int, int]:
+    """(SASS text, registers per thread, shared bytes per block) of the IR for ``sm_<arch>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        kernel = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=options)
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = _run([os.path.join(tools, "nvdisasm"), "-c", cubin])
+        usage = _run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin])
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    return sass, regs, int(kernel.metadata.shared)
+
+
+def _run(cmd) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the backward-branch loop holding the most tensor-core instructions."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^(\.L_x_\d+):", line.strip()))}
+    best, best_mma = [], -1
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = lines[labels[m.group(1)] : i + 1]
+            mma = sum("MMA" in b for b in body)
+            if mma > best_mma:
+                best, best_mma = body, mma
+    counts = collections.Counter()
+    for line in best:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            counts[m.group(1)] += 1
+    return counts
+
+
+def summarize(counts: collections.Counter, codes_per_thread: int) -> dict[str, float]:
+    total = sum(counts.values())
+    sts = sum(v for k, v in counts.items() if k.startswith("STS"))
+    lds = sum(v for k, v in counts.items() if k.startswith("LDS"))
+    mma = sum(v for k, v in counts.items() if "MMA" in k)
+    per = lambda v: v / codes_per_thread
+    return {"instr": per(total), "sts": per(sts), "lds": per(lds), "mma": mma, "total": total}
+
+
+def run(args) -> None:
+    print(f"jax {jax.__version__}; sm_{args.arch}; 64 experts, {args.tokens} tokens/expert")
+    print("command: python -m benchmarks.kernel_sass " + " ".join(sys.argv[1:]))
+    print("per weight code a thread handles in the main loop (one K group per iteration):")
+    print(f"{'op':8} {'bits':>4} {'dequant':>9} {'regs':>4} {'smem_KB':>7} {'loop_instr':>10} "
+          f"{'instr/code':>10} {'STS/code':>8} {'LDS/code':>8} {'MMA/iter':>8}")
+    for op_name in args.ops.split(","):
+        outputs = 2 if op_name == "gate_up" else 1
+        for bits in (int(b) for b in args.bits.split(",")):
+            for mode in args.dequant.split(","):
+                config = gm.BlockConfig(args.block_m, args.block_n, args.num_warps,
+                                        args.num_stages, dequant=mode)
+                ran = gm.effective_dequant(mode, bits, "triton")
+                label = mode if ran == mode else f"{mode}>{ran}"
+                sass, regs, smem = compile_sass(
+                    triton_ir(op_name, bits, args.tokens, config), config, args.arch)
+                block_n = gm._fit_block_n(args.block_n, 1408 if op_name == "gate_up" else 2048)
+                codes = outputs * 128 * block_n // (32 * args.num_warps)
+                s = summarize(main_loop(sass), codes)
+                print(f"{op_name:8} {bits:4d} {label:>9} {regs:4d} {smem / 1024:7.1f} "
+                      f"{s['total']:10d} {s['instr']:10.2f} {s['sts']:8.2f} {s['lds']:8.2f} "
+                      f"{s['mma']:8d}")
+
+
+if __name__ == "__main__":
+    run(parse_args(sys.argv[1:]))
