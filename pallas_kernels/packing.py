@@ -199,10 +199,12 @@ def register_order(width: int, group_size: int) -> np.ndarray:
 
     Why: a GPU tensor-core (mma) B fragment gives each of 4 lanes 4 consecutive rows of every
     16-row k-step. Word r goes to lane ``r % 4`` and its slots fill that lane's rows, so every
-    lane unpacks whole words it holds and the tile needs no shuffle through shared memory. With
-    ``r = 4 r_hi + lane`` and ``j = 4 j_hi + j_lo`` the tile row is
-    ``i = 16 (r_hi P/4 + j_hi) + 4 lane + j_lo``. A matmul over the tile needs x's columns in the
-    same order (``x[:, perm]`` per group): permuting both sides of a dot leaves it unchanged.
+    lane unpacks whole words it holds and the tile needs no shuffle through shared memory.
+    Slots j and j + P/2 (16 bits apart) take adjacent rows, so one 32-bit register holds both
+    as a bf16 pair. With ``r = 4 r_hi + lane``, slot position ``e = 2 (j mod P/2) + j // (P/2)``
+    and ``e = 4 e_hi + e_lo`` the tile row is ``i = 16 (r_hi P/4 + e_hi) + 4 lane + e_lo``. A
+    matmul over the tile needs x's columns in the same order (``x[:, perm]`` per group):
+    permuting both sides of a dot leaves it unchanged.
     """
     r, p = words_per_group(width, group_size), 32 // width
     lanes = REGISTER_ORDER_LANES
@@ -210,8 +212,9 @@ def register_order(width: int, group_size: int) -> np.ndarray:
         raise ValueError(f"no register order for {width}-bit planes of group {group_size}")
     word, slot = np.meshgrid(np.arange(r), np.arange(p), indexing="ij")
     natural = slot * r + word if is_slot_major(width, group_size) else word * p + slot
-    row = 16 * ((word // lanes) * (p // lanes) + slot // lanes) + lanes * (word % lanes)
-    row = row + slot % lanes
+    pos = 2 * (slot % (p // 2)) + slot // (p // 2)  # slots j and j + P/2 side by side
+    row = 16 * ((word // lanes) * (p // lanes) + pos // lanes) + lanes * (word % lanes)
+    row = row + pos % lanes
     perm = np.empty(group_size, np.int64)
     perm[row.ravel()] = natural.ravel()
     return perm
@@ -228,9 +231,10 @@ def unpack_tile_registers(words: jax.Array, width: int, group_size: int) -> jax.
     p, lanes = 32 // width, REGISTER_ORDER_LANES
     if words.dtype != jnp.int32:
         words = lax.bitcast_convert_type(words, jnp.int32)
-    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1) for j in range(p)]
-    stacked = _stack_last(pieces)  # [r, bn, p], last index = slot
-    tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)  # r_hi, lane, n, j_hi, j_lo
+    slots = [(e % 2) * (p // 2) + e // 2 for e in range(p)]  # slots j, j + P/2 side by side
+    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1) for j in slots]
+    stacked = _stack_last(pieces)  # [r, bn, p], last index = position e
+    tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)  # r_hi, lane, n, e_hi, e_lo
     return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
 
 
