@@ -102,7 +102,7 @@ class TestGroupedMatmul:
 
     @pytest.mark.parametrize("mode", gm.DEQUANT_MODES)
     @pytest.mark.parametrize(
-        "case", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[7], CASES[8], CASES[9]],
+        "case", [CASES[0], CASES[1], CASES[2], CASES[3], CASES[4], CASES[7], CASES[8], CASES[9]],
         ids=lambda c: c.name,
     )
     def test_every_dequant_mode_matches_reference(self, case, mode):
@@ -250,7 +250,7 @@ def test_kernels_lower_for_tpu_and_cuda(platform, bits, swiglu):
 
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_registers_mode_lowers_for_cuda(bits, swiglu):
     config = gm.BlockConfig(16, 128, dequant="registers")
     assert MARKERS["cuda"] in export_kernel("cuda", bits, swiglu, m=64, config=config)
@@ -258,8 +258,9 @@ def test_registers_mode_lowers_for_cuda(bits, swiglu):
 
 def test_registers_mode_runs_as_magic_where_it_cannot_apply():
     assert gm.effective_dequant("registers", 4, "triton") == "registers"
-    assert gm.effective_dequant("registers", 3, "triton") == "magic"  # two planes
+    assert gm.effective_dequant("registers", 3, "triton") == "registers"  # one dot per plane
     assert gm.effective_dequant("registers", 1, "triton", group_size=64) == "magic"
+    assert gm.effective_dequant("registers", 3, "triton", group_size=64) == "magic"  # 1-bit plane
     assert gm.effective_dequant("registers", 4, "mosaic_tpu") == "magic"
     assert gm.effective_dequant("registers", None, "triton") == "magic"  # dense weights
     assert gm.effective_dequant("convert", 4, "triton") == "convert"
