@@ -93,6 +93,7 @@ def _unescape(s: str) -> bytes:
 
 
 def _ir_text(bytecode: bytes) -> str:
+    # jax's private Triton-dialect context (pinned jax 0.10.2): the bytecode needs its dialects.
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton.lowering import _new_ir_context
 

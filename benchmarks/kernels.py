@@ -39,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--queued", type=int, default=10, help="calls dispatched per timing sample "
                    "before waiting (1: a host round trip per call)")
     p.add_argument("--dequant", default="", help="comma-separated BlockConfig.dequant modes "
-                   "(rows per mode); default: the frozen config's")
+                   "(rows per mode; with --sweep, the modes swept); default: the frozen "
+                   "config's (--sweep: all)")
     p.add_argument("--sweep", action="store_true", help="autotune block configs and dequant "
                    "modes per (op, bits, tokens) and print the fastest, instead of the table")
     return p.parse_args(argv)
@@ -148,7 +149,7 @@ def sweep(op_name, fused, x, sizes, packed, backend, args):
         for bn in (128, 256)
         for warps in (4, 8)
         for stages in ((2, 4) if decode else (2, 3))
-        for mode in gm.DEQUANT_MODES
+        for mode in (args.dequant.split(",") if args.dequant else gm.DEQUANT_MODES)
     ]
     for bits, w in packed.items():
         _, timings = gm.autotune(op, x, w, sizes, candidates=[default, *candidates],
