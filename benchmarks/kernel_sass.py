@@ -51,25 +51,33 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> str:
-    """The Triton IR (text) of one launch at Kimi-VL expert shapes, lowered on this CPU."""
-    fused = op_name == "gate_up"
-    experts, (k, n) = 64, ((2048, 1408) if fused else (1408, 2048))
+KIMI_SHAPES = {"gate_up": (2048, 1408), "down": (1408, 2048)}  # op -> (K, output columns)
+
+
+def export_launch(platform: str, bits: int, fused: bool, m: int, g: int, k: int, n: int,
+                  dtype=jnp.bfloat16, config: gm.BlockConfig | None = None) -> jax.export.Exported:
+    """One kernel launch over abstract packed weights, exported for ``platform`` on this CPU
+    (``fused``: SwiGLU over ``[K, 2n]``; else ``[K, n]``)."""
+    backend = {"tpu": "mosaic_tpu", "cuda": "triton"}[platform]
     cols = 2 * n if fused else n
     weights = jax.eval_shape(
         lambda q, s: packing.pack(q, s, bits, parts=2 if fused else 1),
-        jax.ShapeDtypeStruct((experts, k, cols), jnp.int32),
-        jax.ShapeDtypeStruct((experts, -(-k // 128), cols), jnp.bfloat16),
+        jax.ShapeDtypeStruct((g, k, cols), jnp.int32),
+        jax.ShapeDtypeStruct((g, -(-k // 128), cols), jnp.bfloat16),
     )
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
-    fn = jax.jit(lambda x, w, s: op(x, w, s, backend="triton", config=config))
-    args = (
-        jax.ShapeDtypeStruct((experts * tokens, k), jnp.bfloat16),
-        weights,
-        jax.ShapeDtypeStruct((experts,), jnp.int32),
-    )
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-    module = jax.export.export(fn, platforms=["cuda"], disabled_checks=disabled)(*args)
+    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend, config=config))
+    args = (jax.ShapeDtypeStruct((m, k), dtype), weights, jax.ShapeDtypeStruct((g,), jnp.int32))
+    cuda = platform == "cuda"
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)] if cuda else []
+    return jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+
+
+def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> str:
+    """The Triton IR (text) of one launch at Kimi-VL expert shapes, lowered on this CPU."""
+    k, n = KIMI_SHAPES[op_name]
+    module = export_launch("cuda", bits, op_name == "gate_up", 64 * tokens, 64, k, n,
+                           config=config)
     match = re.search(r'ir = "((?:[^"\\]|\\.)*)"', module.mlir_module())
     if match is None:
         raise RuntimeError("no Triton custom call in the exported module")
@@ -172,7 +180,7 @@ def run(args) -> None:
                 label = mode if ran == mode else f"{mode}>{ran}"
                 sass, regs, smem = compile_sass(
                     triton_ir(op_name, bits, args.tokens, config), config, args.arch)
-                block_n = gm._fit_block_n(args.block_n, 1408 if op_name == "gate_up" else 2048)
+                block_n = gm._fit_block_n(args.block_n, KIMI_SHAPES[op_name][1])
                 codes = outputs * 128 * block_n // (32 * args.num_warps)
                 s = summarize(main_loop(sass), codes)
                 print(f"{op_name:8} {bits:4d} {label:>9} {regs:4d} {smem / 1024:7.1f} "

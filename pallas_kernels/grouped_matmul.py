@@ -335,11 +335,12 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
 
     def step(kg, accs):
         xk = load_x(kg)
+        if dequant == "registers":  # plane i's x columns start at group i * num_k_groups
+            x_planes = [xk] + [load_x(kg + i * spec.num_k_groups)
+                               for i in range(1, len(packing.plane_widths(spec.bits)))]
         new = []
         for acc, (load_w, load_s) in zip(accs, operands, strict=True):
-            if dequant == "registers":  # plane i's x columns start at group i * num_k_groups
-                x_planes = [xk] + [load_x(kg + i * spec.num_k_groups)
-                                   for i in range(1, len(packing.plane_widths(spec.bits)))]
+            if dequant == "registers":
                 part = _registers_product(x_planes, load_w(kg), spec, precision)
             else:
                 if spec.bits is None:

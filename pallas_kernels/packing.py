@@ -212,7 +212,7 @@ def register_order(width: int, group_size: int) -> np.ndarray:
         raise ValueError(f"no register order for {width}-bit planes of group {group_size}")
     word, slot = np.meshgrid(np.arange(r), np.arange(p), indexing="ij")
     natural = slot * r + word if is_slot_major(width, group_size) else word * p + slot
-    pos = 2 * (slot % (p // 2)) + slot // (p // 2)  # slots j and j + P/2 side by side
+    pos = np.argsort(_register_slots(p))[slot]
     row = 16 * ((word // lanes) * (p // lanes) + pos // lanes) + lanes * (word % lanes)
     row = row + pos % lanes
     perm = np.empty(group_size, np.int64)
@@ -231,11 +231,16 @@ def unpack_tile_registers(words: jax.Array, width: int, group_size: int) -> jax.
     p, lanes = 32 // width, REGISTER_ORDER_LANES
     if words.dtype != jnp.int32:
         words = lax.bitcast_convert_type(words, jnp.int32)
-    slots = [(e % 2) * (p // 2) + e // 2 for e in range(p)]  # slots j, j + P/2 side by side
-    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1) for j in slots]
+    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1)
+              for j in _register_slots(p)]
     stacked = _stack_last(pieces)  # [r, bn, p], last index = position e
     tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)  # r_hi, lane, n, e_hi, e_lo
     return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
+
+
+def _register_slots(p: int) -> list[int]:
+    """The slot at each position e of a word's rows: slots j and j + P/2 side by side."""
+    return [(e % 2) * (p // 2) + e // 2 for e in range(p)]
 
 
 def _stack_last(pieces: list[jax.Array]) -> jax.Array:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import kernel_sass
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import packing
 
@@ -224,21 +225,7 @@ MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
 def export_kernel(platform, bits, swiglu, m, g=4, k=256, n=256, dtype=jnp.bfloat16, config=None):
-    backend, disabled = LOWERINGS[platform]
-    cols = 2 * n if swiglu else n
-    codes = jax.ShapeDtypeStruct((g, k, cols), jnp.int32)
-    scales = jax.ShapeDtypeStruct((g, -(-k // 128), cols), jnp.bfloat16)
-    weights = jax.eval_shape(
-        lambda q, s: packing.pack(q, s, bits, parts=2 if swiglu else 1), codes, scales
-    )
-    op = gm.grouped_swiglu if swiglu else gm.grouped_matmul
-    fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend, config=config))
-    args = (
-        jax.ShapeDtypeStruct((m, k), dtype),
-        weights,
-        jax.ShapeDtypeStruct((g,), jnp.int32),
-    )
-    exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
+    exported = kernel_sass.export_launch(platform, bits, swiglu, m, g, k, n, dtype, config)
     return exported.mlir_module()
 
 
