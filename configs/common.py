@@ -83,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 32
     c.eval.max_new_tokens = 8
     c.eval.use_kernels = False  # route packed experts through pallas_kernels
+    c.eval.kernel_dequant = ""  # "" = the backend's frozen default | convert | magic | registers
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.expert = 1  # devices along the expert axis; the rest split the batch (data axis)

@@ -25,6 +25,7 @@ import numpy as np
 from mode_jax import runner
 from mode_jax.alloc.allocators import METHODS, MODE_KEYS
 from mode_jax.runner import Stage, UserError
+from pallas_kernels.grouped_matmul import DEQUANT_MODES as KERNEL_DEQUANT_MODES
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
@@ -182,7 +183,8 @@ def run_evaluate(ctx, inputs):
     qmodel = ctx.cache.get(("quantized", ctx.fingerprint("quantize")))
     if qmodel is None:
         qmodel = serialize.from_artifact(q.arrays, q.meta, source=q.path)
-    qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels)
+    qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels,
+                                             c.eval.kernel_dequant)
     metrics, tables, per_sample = evaluation.evaluate(ctx, fp, qmodel)
     metrics["model_bytes"] = int(q.meta["nbytes"]["total"])
     metrics["packed_expert_bytes"] = int(q.meta["nbytes"]["packed"])
@@ -243,10 +245,12 @@ def validate(config) -> None:
                            ("sens.quantizer", passes.QUANTIZERS),
                            ("sens.trace_curvature", passes.CURVATURES),
                            ("data.source", sources.SOURCES),
-                           ("data.testbed_stats_tasks", sources.STATS_TASKS)):
+                           ("data.testbed_stats_tasks", sources.STATS_TASKS),
+                           ("eval.kernel_dequant", ("", *KERNEL_DEQUANT_MODES))):
         section, name = field.split(".")
         if c[section][name] not in allowed:
-            raise UserError(f"{field}={c[section][name]!r}; allowed: {', '.join(allowed)}")
+            shown = ", ".join(a if a else "'' (default)" for a in allowed)
+            raise UserError(f"{field}={c[section][name]!r}; allowed: {shown}")
     if not c.model.path:
         raise UserError("no model: pass --config.model.path=<checkpoint directory>")
     if not os.path.isdir(c.model.path):

@@ -145,9 +145,15 @@ def grouped_matmul(
     config: BlockConfig | None = None,
     backend: str = "auto",
     interpret: bool = False,
+    dequant: str | None = None,
 ) -> jax.Array:
-    """``out[i] = x[i] @ W[g(i)]`` for packed ``W [G, K, N]``; returns ``[M, N]`` in x.dtype."""
+    """``out[i] = x[i] @ W[g(i)]`` for packed ``W [G, K, N]``; returns ``[M, N]`` in x.dtype.
+
+    ``config=None`` takes the frozen default for the backend and regime; ``dequant`` (one of
+    ``DEQUANT_MODES``) then replaces that config's dequant mode and keeps its tiles.
+    """
     _check_inputs(x, weights, group_sizes, fused=False)
+    config = _with_dequant(config, dequant)
     return _grouped(x, weights, group_sizes, False, config, backend, interpret)
 
 
@@ -159,10 +165,32 @@ def grouped_swiglu(
     config: BlockConfig | None = None,
     backend: str = "auto",
     interpret: bool = False,
+    dequant: str | None = None,
 ) -> jax.Array:
-    """``silu(x Wg) * (x Wu)`` per expert for packed gate/up ``[G, K, 2F]`` (``parts=2``)."""
+    """``silu(x Wg) * (x Wu)`` per expert for packed gate/up ``[G, K, 2F]`` (``parts=2``);
+    ``config`` and ``dequant`` as in ``grouped_matmul``."""
     _check_inputs(x, weights, group_sizes, fused=True)
+    config = _with_dequant(config, dequant)
     return _grouped(x, weights, group_sizes, True, config, backend, interpret)
+
+
+def _with_dequant(config: BlockConfig | None, dequant: str | None):
+    """``config`` with its dequant mode replaced; a ``_DequantOnly`` marker when ``config`` is
+    None, so the frozen default's tiles are still chosen per launch."""
+    if dequant is None:
+        return config
+    if dequant not in DEQUANT_MODES:
+        raise ValueError(f"dequant={dequant!r} is not one of {DEQUANT_MODES}")
+    if config is None:
+        return _DequantOnly(dequant)
+    return dataclasses.replace(config, dequant=dequant)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DequantOnly:
+    """The frozen default tiles with this dequant mode (resolved in ``_run_kernel``)."""
+
+    dequant: str
 
 
 @functools.partial(jax.jit, static_argnames=("fused", "config", "backend", "interpret"))
@@ -264,8 +292,9 @@ def _finish_xla(y, out_n, fused, dtype):
 def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret):
     m, k = x.shape
     num_experts = arrays[0].shape[0]
-    if config is None:
-        config = default_config(backend, m, num_experts, spec.fused)
+    if config is None or isinstance(config, _DequantOnly):
+        chosen = default_config(backend, m, num_experts, spec.fused)
+        config = chosen if config is None else dataclasses.replace(chosen, dequant=config.dequant)
     bm = config.block_m
     bn = _fit_block_n(config.block_n, spec.part_padded)
     if backend == "mosaic_tpu" and bn % 128:

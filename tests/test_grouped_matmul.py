@@ -7,6 +7,7 @@ tests ``jax.export`` every kernel configuration for TPU (Mosaic) and CUDA (Trito
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +214,27 @@ def test_backend_resolution_and_input_errors():
         gm.BlockConfig(block_m=24)
     with pytest.raises(ValueError, match="dequant='lut'"):
         gm.BlockConfig(dequant="lut")
+
+
+def test_dequant_override_keeps_default_tiles():
+    """`dequant=` with no config runs the frozen default tiles in that mode (what a quantized
+    model's `kernel_dequant` uses), and equals the reference."""
+    case = Case("w4_override", 4, 256, 128, (5, 0, 9), 16, swiglu=True)
+    x, weights, sizes = make_inputs(case)
+    default = gm.default_config("triton", case.m, len(case.group_sizes), fused=True)
+    assert default.dequant != "registers"
+
+    def trace(**kw):
+        op = functools.partial(gm.grouped_swiglu, backend="triton", interpret=True, **kw)
+        return str(jax.make_jaxpr(op)(x, weights, sizes))
+
+    explicit = dataclasses.replace(default, dequant="registers")
+    assert trace(dequant="registers") == trace(config=explicit) != trace()
+    out = gm.grouped_swiglu(x, weights, sizes, backend="triton", interpret=True,
+                            dequant="registers")
+    assert_close(out, gm.grouped_swiglu_reference(x, weights, sizes), x.dtype)
+    with pytest.raises(ValueError, match="dequant='lut'"):
+        gm.grouped_matmul(x, weights, sizes, dequant="lut")
 
 
 # ---------------------------------------------------------------- lowering (no hardware)

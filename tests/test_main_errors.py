@@ -54,6 +54,8 @@ CASES = {
     "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
     "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
                                  ("data.testbed_stats_tasks", "text")),
+    "unknown kernel dequant": (["--config.eval.kernel_dequant=lut"],
+                               ("eval.kernel_dequant", "lut", "registers")),
 }
 
 

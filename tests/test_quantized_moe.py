@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mode_jax.quant import apply
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear
 from pallas_kernels import packing
@@ -28,21 +29,21 @@ def random_scales(rng, shape):
     return np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32))  # stored values
 
 
-def dequant(codes, scales):
-    rows = np.repeat(scales, GS, axis=-2)[..., : codes.shape[-2], :]
+def dequant(codes, scales, gs=GS):
+    rows = np.repeat(scales, gs, axis=-2)[..., : codes.shape[-2], :]
     return codes * rows
 
 
-def make_experts(rng, bits, d=64, f=36, **kw):
+def make_experts(rng, bits, d=64, f=36, gs=GS, **kw):
     """QuantizedExperts from random codes, plus the float weights the codes stand for."""
     e = len(bits)
     gu = np.stack([random_codes(rng, (d, 2 * f), b) for b in bits])
     dn = np.stack([random_codes(rng, (f, d), b) for b in bits])
-    gu_s = random_scales(rng, (e, -(-d // GS), 2 * f))
-    dn_s = random_scales(rng, (e, -(-f // GS), d))
+    gu_s = random_scales(rng, (e, -(-d // gs), 2 * f))
+    dn_s = random_scales(rng, (e, -(-f // gs), d))
     experts = qmoe.from_codes(bits, gu, jnp.asarray(gu_s, jnp.bfloat16), dn,
-                              jnp.asarray(dn_s, jnp.bfloat16), group_size=GS, **kw)
-    return experts, dequant(gu, gu_s), dequant(dn, dn_s)
+                              jnp.asarray(dn_s, jnp.bfloat16), group_size=gs, **kw)
+    return experts, dequant(gu, gu_s, gs), dequant(dn, dn_s, gs)
 
 
 def moe_reference(x, ids, weights, gate_up, down):
@@ -106,6 +107,23 @@ def test_kernel_path_matches_xla_path():
     ref = np.asarray(xla, np.float32)
     np.testing.assert_allclose(np.asarray(kernel, np.float32), ref, rtol=tol,
                                atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("mode", ["registers", "magic"])
+def test_kernel_dequant_mode_matches_xla_path(mode):
+    """The packed model's kernel dequant choice (`--config.eval.kernel_dequant`) at group 128,
+    where "registers" applies at 2, 3 and 4 bits."""
+    rng = np.random.default_rng(5)
+    experts, _, _ = make_experts(rng, [2, 4, 3, 4, 2, 3], d=128, f=128, gs=128)
+    x = jnp.asarray(rng.standard_normal((7, 128)), jnp.bfloat16)
+    ids, weights = routing(rng, 7, 2, [0, 1, 2, 3, 4, 5])
+    ref = np.asarray(experts(x, ids, weights), np.float32)
+    apply.set_use_kernels(experts, True, mode)
+    assert experts.kernel_dequant == mode
+    out = np.asarray(experts(x, ids, weights), np.float32)
+    np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="'lut' is not one of"):
+        apply.set_use_kernels(experts, True, "lut")
 
 
 def test_jitted_decode_step_and_zero_weights():

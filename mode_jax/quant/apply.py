@@ -51,7 +51,7 @@ from mode_jax.models import deepseek_v3 as dsv3
 from mode_jax.models.kimivl import KimiVL, prepare_batch
 from mode_jax.quant import gptq, rtn
 from mode_jax.quant import quantized_moe as qmoe
-from mode_jax.quant.qlinear import QLinear
+from mode_jax.quant.qlinear import QLinear, check_dequant
 from pallas_kernels import packing
 
 METHODS = ("gptq", "rtn")
@@ -469,14 +469,18 @@ def set_child(root: nnx.Module, path: str, new: nnx.Module) -> None:
         setattr(parent, name, new)
 
 
-def _set_use_kernels(model, use_kernels: bool) -> None:
+def _set_use_kernels(model, use_kernels: bool, dequant: str = "") -> None:
+    dequant = check_dequant(dequant)
     for _, m in quantized_modules(model):
         m.use_kernels = use_kernels
+        m.kernel_dequant = dequant
 
 
-def set_use_kernels(model: nnx.Module, use_kernels: bool) -> nnx.Module:
-    """Switch every packed module between the Pallas kernels and the XLA path (in place)."""
-    _set_use_kernels(model, use_kernels)
+def set_use_kernels(model: nnx.Module, use_kernels: bool, dequant: str = "") -> nnx.Module:
+    """Switch every packed module between the Pallas kernels and the XLA path (in place);
+    `dequant` picks the kernels' dequant mode ("" = the backend's frozen default; see
+    `pallas_kernels.grouped_matmul.BlockConfig`)."""
+    _set_use_kernels(model, use_kernels, dequant)
     return model
 
 

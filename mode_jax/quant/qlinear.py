@@ -28,12 +28,22 @@ class QuantArray(nnx.Variable):
     """Frozen arrays of a quantized model: code planes, scales, expert ids."""
 
 
-def kernel_options(use_kernels: bool) -> dict[str, Any]:
-    """`backend`/`interpret` for pallas_kernels: the platform's Pallas kernel (interpret mode
-    on CPU) or the XLA dequantize-then-matmul path."""
+def kernel_options(use_kernels: bool, dequant: str = "") -> dict[str, Any]:
+    """Keyword arguments for pallas_kernels' ops: the platform's Pallas kernel (interpret mode
+    on CPU) or the XLA dequantize-then-matmul path. `dequant` ("" = the frozen default of the
+    backend) picks how the kernel turns codes into operands (`gm.DEQUANT_MODES`)."""
     if not use_kernels:
         return {"backend": "xla", "interpret": False}
-    return {"backend": "auto", "interpret": jax.default_backend() == "cpu"}
+    return {"backend": "auto", "interpret": jax.default_backend() == "cpu",
+            "dequant": dequant or None}
+
+
+def check_dequant(dequant: str) -> str:
+    """`dequant` if it names a kernel dequant mode ("" = the default), else a clear error."""
+    if dequant and dequant not in gm.DEQUANT_MODES:
+        raise ValueError(f"kernel dequant {dequant!r} is not one of {gm.DEQUANT_MODES} "
+                         "(or '' for the backend's frozen default)")
+    return dequant
 
 
 class PackedTensor(nnx.Module):
@@ -81,11 +91,13 @@ def abstract_packed(layout: dict[str, Any]) -> PackedWeight:
 class QLinear(nnx.Module):
     """Packed replacement of a bias-free `nnx.Linear`: `x [..., K] -> [..., N]` in x's dtype."""
 
-    def __init__(self, packed: PackedWeight, *, use_kernels: bool = False):
+    def __init__(self, packed: PackedWeight, *, use_kernels: bool = False,
+                 kernel_dequant: str = ""):
         if packed.scales.ndim != 2:
             raise ValueError(f"QLinear takes one [K, N] kernel, got scales {packed.scales.shape}")
         self.weight = PackedTensor(packed)
         self.use_kernels = use_kernels
+        self.kernel_dequant = check_dequant(kernel_dequant)
 
     @property
     def in_features(self) -> int:
@@ -108,5 +120,6 @@ class QLinear(nnx.Module):
         flat = x.reshape(-1, w.k)
         stacked = jax.tree.map(lambda a: a[None], w)
         sizes = jnp.full((1,), flat.shape[0], jnp.int32)
-        y = gm.grouped_matmul(flat, stacked, sizes, **kernel_options(True))
+        y = gm.grouped_matmul(flat, stacked, sizes,
+                              **kernel_options(True, self.kernel_dequant))
         return y.reshape(*x.shape[:-1], w.n)

@@ -36,7 +36,13 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import moe
-from mode_jax.quant.qlinear import PackedTensor, QuantArray, abstract_packed, kernel_options
+from mode_jax.quant.qlinear import (
+    PackedTensor,
+    QuantArray,
+    abstract_packed,
+    check_dequant,
+    kernel_options,
+)
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import packing
 from pallas_kernels.packing import PackedWeight
@@ -120,7 +126,8 @@ class QuantizedExperts(nnx.Module):
     """Packed mixed-bit routed experts with `StackedExperts`' call (module docstring)."""
 
     def __init__(self, groups: Mapping[int, GroupWeights], num_experts: int, *,
-                 rotate_in: int = 0, rotate_mid: int = 0, use_kernels: bool = False):
+                 rotate_in: int = 0, rotate_mid: int = 0, use_kernels: bool = False,
+                 kernel_dequant: str = ""):
         groups = {int(b): g for b, g in groups.items()}
         _check_groups(groups, num_experts)
         self.groups = nnx.Dict({f"b{b}": BitGroup(groups[b]) for b in sorted(groups)})
@@ -129,6 +136,7 @@ class QuantizedExperts(nnx.Module):
         self.dim, self.hidden = first.gate_up.k, first.down.k
         self.rotate_in, self.rotate_mid = rotate_in, rotate_mid
         self.use_kernels = use_kernels
+        self.kernel_dequant = check_dequant(kernel_dequant)
 
     def bits(self) -> np.ndarray:
         """Bits per expert `[E]` int32."""
@@ -165,21 +173,25 @@ class QuantizedExperts(nnx.Module):
             GroupWeights(g.expert_ids[...], g.gate_up.packed, g.down.packed)
             for g in self.groups.values())
         return experts_forward(groups, x, ids, weights, rotate_in=self.rotate_in,
-                               rotate_mid=self.rotate_mid, use_kernels=self.use_kernels)
+                               rotate_mid=self.rotate_mid, use_kernels=self.use_kernels,
+                               kernel_dequant=self.kernel_dequant)
 
 
-@functools.partial(jax.jit, static_argnames=("rotate_in", "rotate_mid", "use_kernels"))
+@functools.partial(jax.jit,
+                   static_argnames=("rotate_in", "rotate_mid", "use_kernels", "kernel_dequant"))
 def experts_forward(groups: tuple[GroupWeights, ...], x, ids, weights, *, rotate_in: int = 0,
-                    rotate_mid: int = 0, use_kernels: bool = False) -> jax.Array:
+                    rotate_mid: int = 0, use_kernels: bool = False,
+                    kernel_dequant: str = "") -> jax.Array:
     """The pure forward of `QuantizedExperts` (module docstring): x `[N, D]`, ids/weights
-    `[N, k]` -> `[N, D]`; `groups` in the contiguous-renumbering order."""
+    `[N, k]` -> `[N, D]`; `groups` in the contiguous-renumbering order; `kernel_dequant` as in
+    `qlinear.kernel_options`."""
     x = rotate(x, rotate_in)
     order = jnp.concatenate([g.expert_ids for g in groups])
     num_experts = order.shape[0]
     rank = jnp.zeros(num_experts, jnp.int32).at[order].set(
         jnp.arange(num_experts, dtype=jnp.int32))
     d = moe.dispatch(x, rank[ids], num_experts)
-    opts = kernel_options(use_kernels)
+    opts = kernel_options(use_kernels, kernel_dequant)
     y = jnp.zeros(d.x_sorted.shape, x.dtype)
     first = 0
     for g in groups:

@@ -72,7 +72,8 @@ def to_artifact(model: KimiVL, metadata: Mapping[str, Any] | None = None):
 
 
 def from_artifact(arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
-                  use_kernels: bool = False, source: str = "artifact") -> KimiVL:
+                  use_kernels: bool = False, kernel_dequant: str = "",
+                  source: str = "artifact") -> KimiVL:
     """Rebuild the packed model from `to_artifact`'s output (shapes and dtypes checked)."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r}")
@@ -91,7 +92,7 @@ def from_artifact(arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
     params = arrays.get("params", {})
     _check_params(mapping.target_specs(abstract), params, source)
     model = mapping.load_into(abstract, params)
-    return apply.set_use_kernels(model, use_kernels)
+    return apply.set_use_kernels(model, use_kernels, kernel_dequant)
 
 
 def save(path: str, model: KimiVL, metadata: Mapping[str, Any] | None = None) -> None:
@@ -100,10 +101,14 @@ def save(path: str, model: KimiVL, metadata: Mapping[str, Any] | None = None) ->
     checkpoint.save(path, arrays, meta)
 
 
-def restore(path: str, *, use_kernels: bool = False) -> tuple[KimiVL, dict[str, Any]]:
-    """(packed model, meta) from a directory written by `save`."""
+def restore(path: str, *, use_kernels: bool = False,
+            kernel_dequant: str = "") -> tuple[KimiVL, dict[str, Any]]:
+    """(packed model, meta) from a directory written by `save`; `kernel_dequant` as in
+    `apply.set_use_kernels`."""
     arrays, meta = checkpoint.load(path)
-    return from_artifact(arrays, meta, use_kernels=use_kernels, source=path), meta
+    model = from_artifact(arrays, meta, use_kernels=use_kernels,
+                          kernel_dequant=kernel_dequant, source=path)
+    return model, meta
 
 
 # ---------------------------------------------------------------- sizes
