@@ -52,7 +52,15 @@ def text_rules(
         # transformers 5 fused experts
         Rule(layer + r"mlp\.experts\.gate_up_proj", tl + "mlp.experts.gate_up", tr),
         Rule(layer + r"mlp\.experts\.down_proj", tl + "mlp.experts.down", tr),
-        # published per-expert tensors
+        *per_expert_rules(layer, tl),
+    ]
+
+
+def per_expert_rules(layer: str, target_layer: str) -> list[Rule]:
+    """Published per-expert tensors `mlp.experts.{e}.{gate,up,down}_proj.weight` into the
+    stacked `gate_up`/`down` targets (`layer`: source regex up to the layer's dot)."""
+    tr, tl = mapping.transpose, target_layer
+    return [
         Rule(layer + r"mlp\.experts\.(?P<e>\d+)\.gate_proj\.weight", tl + "mlp.experts.gate_up",
              tr, mapping.expert_half(0)),
         Rule(layer + r"mlp\.experts\.(?P<e>\d+)\.up_proj\.weight", tl + "mlp.experts.gate_up",

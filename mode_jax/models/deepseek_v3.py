@@ -537,6 +537,13 @@ class KVCache(NamedTuple):
     length: jax.Array
     num_real: jax.Array
 
+    def layer_kv(self, i: int) -> tuple[jax.Array, jax.Array]:
+        return self.ckv[i], self.k_rot[i]
+
+    def with_kv(self, per_layer: list[tuple[jax.Array, jax.Array]]) -> KVCache:
+        return self._replace(ckv=tuple(a for a, _ in per_layer),
+                             k_rot=tuple(b for _, b in per_layer))
+
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         n = cfg.num_hidden_layers
@@ -547,6 +554,42 @@ class KVCache(NamedTuple):
             length=jnp.zeros((), jnp.int32),
             num_real=jnp.zeros((batch,), jnp.int32),
         )
+
+
+class Span(NamedTuple):
+    """What `attention_span` works out for one call: default positions `[B, T]` int32, the
+    causal + padding mask `[B, 1, T, S]`, the cache index `start`, and the advanced cache."""
+
+    positions: jax.Array
+    mask: jax.Array
+    start: jax.Array
+    cache: Any
+
+
+def attention_span(attention_mask: jax.Array, cache=None) -> Span:
+    """Mask and positions of a call over `attention_mask [B, T]` (1 = real token).
+
+    `cache`: any NamedTuple with `key_mask [B, S]`, `length` and `num_real [B]` (the text
+    models' KV caches); it comes back with this call's tokens counted. Default positions count
+    real tokens, `num_real + cumsum(mask) - 1` (0 on left pads), as HF generation does.
+    """
+    real = attention_mask.astype(bool)
+    b, t = real.shape
+    if cache is None:
+        start, key_mask, before = jnp.zeros((), jnp.int32), real, 0
+    else:
+        start, before = cache.length, cache.num_real[:, None]
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, start))
+        cache = cache._replace(
+            key_mask=key_mask,
+            length=start + t,
+            num_real=cache.num_real + real.sum(-1).astype(jnp.int32),
+        )
+    positions = jnp.maximum(before + jnp.cumsum(real, axis=-1) - 1, 0)
+    s = key_mask.shape[1]
+    causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
+    mask = causal[None, None] & key_mask[:, None, None, :]
+    return Span(positions, mask, start, cache)
 
 
 class TextOutput(NamedTuple):
@@ -565,6 +608,56 @@ class TextOutput(NamedTuple):
     mlp_inputs: tuple | None = None
     hidden: tuple | None = None
     cache: KVCache | None = None
+
+
+def run_decoder_layers(
+    layers,
+    h: jax.Array,
+    ctx: Context,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    image_query_mask: jax.Array | None = None,
+    cache=None,
+    additions: tuple[jax.Array, ...] = (),
+    return_routing: bool = False,
+    return_mlp_inputs: bool = False,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, TextOutput]:
+    """Decoder `layers[start:stop]` on the residual stream `h [B, T, D]` (any text model whose
+    layers return `(h, LayerOut)` and whose cache has `layer_kv`/`with_kv`).
+
+    `additions[i]` `[B, T, D]` is added to the stream after layer i (Qwen3-VL's DeepStack).
+    Returns the stream after the last layer run and a TextOutput (logits None) whose tuples
+    cover only the layers run.
+    """
+    stop = len(layers) if stop is None else stop
+    routing, scores, mlp_in, hidden = [], [], [], []
+    kvs = [cache.layer_kv(i) for i in range(len(layers))] if cache is not None else None
+    for i in range(start, stop):
+        if return_hidden:
+            hidden.append(h)
+        kv = kvs[i] if cache is not None else None
+        h, out = layers[i](h, ctx, image_query_mask=image_query_mask, kv=kv,
+                           return_mlp_input=return_mlp_inputs)
+        if i < len(additions):
+            h = h + additions[i].astype(h.dtype)
+        if out.routing is not None:
+            routing.append(out.routing)
+        scores.append(out.image_scores)
+        mlp_in.append(out.mlp_input)
+        if cache is not None:
+            kvs[i] = out.kv
+    if cache is not None:
+        cache = cache.with_kv(kvs)
+    return h, TextOutput(
+        logits=None,
+        routing=tuple(routing) if return_routing else None,
+        image_scores=tuple(scores) if image_query_mask is not None else None,
+        mlp_inputs=tuple(mlp_in) if return_mlp_inputs else None,
+        hidden=tuple(hidden) if return_hidden else None,
+        cache=cache,
+    )
 
 
 class DeepseekV3(nnx.Module):
@@ -614,25 +707,10 @@ class DeepseekV3(nnx.Module):
         as HF generation does for padded batches. With a cache, returns it with the key mask,
         length and real-token counts advanced by this call (the layers fill ckv/k_rot).
         """
-        real = attention_mask.astype(bool)
-        b, t = real.shape
-        if cache is None:
-            start, key_mask, before = jnp.zeros((), jnp.int32), real, 0
-        else:
-            start, before = cache.length, cache.num_real[:, None]
-            key_mask = jax.lax.dynamic_update_slice(cache.key_mask, real, (0, start))
-            cache = cache._replace(
-                key_mask=key_mask,
-                length=start + t,
-                num_real=cache.num_real + real.sum(-1).astype(jnp.int32),
-            )
-        if positions is None:
-            positions = jnp.maximum(before + jnp.cumsum(real, axis=-1) - 1, 0)
+        span = attention_span(attention_mask, cache)
+        positions = span.positions if positions is None else positions
         cos, sin = rotary_cos_sin(positions, self.config, self.dtype)
-        s = key_mask.shape[1]
-        causal = jnp.arange(s)[None, :] <= (start + jnp.arange(t))[:, None]  # [T, S]
-        mask = causal[None, None] & key_mask[:, None, None, :]
-        return Context(cos, sin, mask, start), cache
+        return Context(cos, sin, span.mask, span.start), span.cache
 
     def run_layers(
         self,
@@ -652,32 +730,10 @@ class DeepseekV3(nnx.Module):
         Returns the residual stream after the last layer run and a TextOutput (logits None)
         whose tuples cover only the layers run.
         """
-        stop = len(self.layers) if stop is None else stop
-        routing, scores, mlp_in, hidden = [], [], [], []
-        ckv, k_rot = (list(cache.ckv), list(cache.k_rot)) if cache is not None else (None, None)
-        for i in range(start, stop):
-            layer = self.layers[i]
-            if return_hidden:
-                hidden.append(h)
-            kv = (ckv[i], k_rot[i]) if cache is not None else None
-            h, out = layer(h, ctx, image_query_mask=image_query_mask, kv=kv,
-                           return_mlp_input=return_mlp_inputs)
-            if out.routing is not None:
-                routing.append(out.routing)
-            scores.append(out.image_scores)
-            mlp_in.append(out.mlp_input)
-            if cache is not None:
-                ckv[i], k_rot[i] = out.kv
-        if cache is not None:
-            cache = cache._replace(ckv=tuple(ckv), k_rot=tuple(k_rot))
-        return h, TextOutput(
-            logits=None,
-            routing=tuple(routing) if return_routing else None,
-            image_scores=tuple(scores) if image_query_mask is not None else None,
-            mlp_inputs=tuple(mlp_in) if return_mlp_inputs else None,
-            hidden=tuple(hidden) if return_hidden else None,
-            cache=cache,
-        )
+        return run_decoder_layers(
+            self.layers, h, ctx, start=start, stop=stop, image_query_mask=image_query_mask,
+            cache=cache, return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
+            return_hidden=return_hidden)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm and lm_head: `[B, T, D]` -> `[B, T, V]` float32."""
@@ -720,7 +776,7 @@ class DeepseekV3(nnx.Module):
         if attention_mask.shape != (b, t):
             raise ValueError(f"attention_mask must be {(b, t)}, got {attention_mask.shape}")
         if cache is not None:
-            _check_cache_room(cache, t)
+            check_cache_room(cache, t)
         ctx, cache = self.context(attention_mask, positions, cache)
         h, out = self.run_layers(
             h, ctx, image_query_mask=image_query_mask, cache=cache,
@@ -730,7 +786,7 @@ class DeepseekV3(nnx.Module):
         return out._replace(logits=self.logits(h))
 
 
-def _check_cache_room(cache: KVCache, t: int) -> None:
+def check_cache_room(cache: KVCache, t: int) -> None:
     """Raise if the cache cannot take t more positions (only when its length is concrete)."""
     try:
         length = int(cache.length)
@@ -748,7 +804,7 @@ def forward(model: DeepseekV3, input_ids=None, **kwargs) -> TextOutput:
     cache = kwargs.get("cache")
     if cache is not None:  # checked here, where the cache length is still concrete
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        _check_cache_room(cache, x.shape[1])
+        check_cache_room(cache, x.shape[1])
     return _forward_jit(model, input_ids, **kwargs)
 
 
