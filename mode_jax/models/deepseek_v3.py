@@ -483,17 +483,20 @@ class LayerOut(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: h + attn(norm(h)), then + mlp(norm(.)); `mlp` is an MLP or a MoE."""
+    """Pre-norm block: h + attn(norm(h)), then + mlp(norm(.)); `mlp` is an MLP or a MoE.
 
-    def __init__(self, cfg: TextConfig, layer: int, param_dtype, rngs: nnx.Rngs,
-                 experts_impl: str = "sorted"):
+    `attention`/`moe`: the classes of another model family built on the same block (Qwen3-MoE).
+    """
+
+    def __init__(self, cfg, layer: int, param_dtype, rngs: nnx.Rngs,
+                 experts_impl: str = "sorted", *, attention=None, moe=None):
         d = cfg.hidden_size
         self.is_moe = cfg.is_moe_layer(layer)
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype)
-        self.self_attn = Attention(cfg, param_dtype, rngs)
+        self.self_attn = (attention or Attention)(cfg, param_dtype, rngs)
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype)
         if self.is_moe:
-            self.mlp = MoE(cfg, param_dtype, rngs, experts_impl)
+            self.mlp = (moe or MoE)(cfg, param_dtype, rngs, experts_impl)
         else:
             self.mlp = MLP(d, cfg.intermediate_size, param_dtype, rngs)
 

@@ -35,9 +35,8 @@ from flax import nnx
 
 from mode_jax.models import moe
 from mode_jax.models.deepseek_v3 import (
-    MLP,
     Context,
-    LayerOut,
+    DecoderLayer,
     RMSNorm,
     StackedExperts,
     TextOutput,
@@ -276,35 +275,6 @@ class Attention(nnx.Module):
         return self.o_proj(out), image_scores, kv
 
 
-class DecoderLayer(nnx.Module):
-    """Pre-norm block: h + attn(norm(h)), then + mlp(norm(.)); `mlp` is an MLP or a MoE."""
-
-    def __init__(self, cfg: TextConfig, layer: int, param_dtype, rngs: nnx.Rngs,
-                 experts_impl: str = "sorted"):
-        d = cfg.hidden_size
-        self.is_moe = cfg.is_moe_layer(layer)
-        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype)
-        self.self_attn = Attention(cfg, param_dtype, rngs)
-        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype)
-        if self.is_moe:
-            self.mlp = MoE(cfg, param_dtype, rngs, experts_impl)
-        else:
-            self.mlp = MLP(d, cfg.intermediate_size, param_dtype, rngs)
-
-    def __call__(self, h, ctx: Context, *, image_query_mask=None, kv=None,
-                 return_mlp_input: bool = False) -> tuple[jax.Array, LayerOut]:
-        a, scores, kv = self.self_attn(self.input_layernorm(h), ctx,
-                                       image_query_mask=image_query_mask, kv=kv)
-        h = h + a
-        x = self.post_attention_layernorm(h)
-        routing = None
-        if self.is_moe:
-            y, routing = self.mlp(x)
-        else:
-            y = self.mlp(x)
-        return h + y, LayerOut(routing, scores, x if return_mlp_input else None, kv)
-
-
 # ---------------------------------------------------------------- the model
 
 
@@ -353,8 +323,9 @@ class Qwen3MoeText(nnx.Module):
         self.dtype = param_dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype,
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, i, param_dtype, rngs, experts_impl)
-                                for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, param_dtype, rngs, experts_impl, attention=Attention, moe=MoE)
+            for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, param_dtype=param_dtype, rngs=rngs)
