@@ -29,27 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mode_jax.convert import deepseek_v3_keys, mapping, safetensors_io
-from mode_jax.convert.mapping import Rule, compose, transpose
+from mode_jax.convert.mapping import (
+    Rule,
+    compose,
+    flatten_conv,
+    linear_rules,
+    norm_rules,
+    transpose,
+)
 from mode_jax.models.kimivl import KimiVL, KimiVLConfig
 from mode_jax.models.moonvit import VisionConfig, half_to_interleaved_rows
-
-
-def _flatten_conv(w: np.ndarray) -> np.ndarray:
-    """Conv weight `[D, 3, p, p]` -> kernel `[3 * p * p, D]` over channel-major patches."""
-    return w.reshape(w.shape[0], -1).T
-
-
-def _norm_rules(src: str, dst: str) -> list[Rule]:
-    return [Rule(src + r"\.weight", dst + ".scale"), Rule(src + r"\.bias", dst + ".bias")]
-
-
-def _linear_rules(src: str, dst: str) -> list[Rule]:
-    return [Rule(src + r"\.weight", dst + ".kernel", transpose),
-            Rule(src + r"\.bias", dst + ".bias")]
 
 
 def vision_rules_published(src: str = "", dst: str = "") -> list[Rule]:
@@ -59,21 +51,21 @@ def vision_rules_published(src: str = "", dst: str = "") -> list[Rule]:
     out = d + "vision_tower.blocks.{i}."
     rules = [
         Rule(s + r"vision_tower\.patch_embed\.proj\.weight", d + "vision_tower.patch_embed.kernel",
-             _flatten_conv),
+             flatten_conv),
         Rule(s + r"vision_tower\.patch_embed\.proj\.bias", d + "vision_tower.patch_embed.bias"),
         Rule(s + r"vision_tower\.patch_embed\.pos_emb\.weight", d + "vision_tower.pos_emb"),
     ]
     for name in ("norm0", "norm1"):
-        rules += _norm_rules(block + name, out + name)
+        rules += norm_rules(block + name, out + name)
     for src_name, dst_name in (("wqkv", "wqkv"), ("wo", "wo"), (r"mlp\.fc0", "fc0"),
                                (r"mlp\.fc1", "fc1")):
-        rules += _linear_rules(block + src_name, out + dst_name)
-    rules += _norm_rules(s + r"vision_tower\.encoder\.final_layernorm",
+        rules += linear_rules(block + src_name, out + dst_name)
+    rules += norm_rules(s + r"vision_tower\.encoder\.final_layernorm",
                          d + "vision_tower.final_layernorm")
-    rules += _norm_rules(s + r"multi_modal_projector\.pre_norm",
+    rules += norm_rules(s + r"multi_modal_projector\.pre_norm",
                          d + "multi_modal_projector.pre_norm")
     for name in ("linear_1", "linear_2"):
-        rules += _linear_rules(s + r"multi_modal_projector\." + name,
+        rules += linear_rules(s + r"multi_modal_projector\." + name,
                                d + "multi_modal_projector." + name)
     return rules
 
@@ -96,13 +88,13 @@ def vision_rules_k25(cfg: VisionConfig, src: str = "model.", dst: str = "") -> l
     out = d + "vision_tower.blocks.{i}."
     rules = [
         Rule(s + r"vision_tower\.patch_embed\.proj\.weight", d + "vision_tower.patch_embed.kernel",
-             _flatten_conv),
+             flatten_conv),
         Rule(s + r"vision_tower\.patch_embed\.proj\.bias", d + "vision_tower.patch_embed.bias"),
         Rule(s + r"vision_tower\.patch_embed\.pos_emb\.position_embeddings",
              d + "vision_tower.pos_emb"),
     ]
-    rules += _norm_rules(layer + "norm1", out + "norm0")
-    rules += _norm_rules(layer + "norm2", out + "norm1")
+    rules += norm_rules(layer + "norm1", out + "norm0")
+    rules += norm_rules(layer + "norm2", out + "norm1")
     for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
         reorder = (lambda x: x[perm]) if part < 2 else (lambda x: x)
         rules += [
@@ -110,13 +102,13 @@ def vision_rules_k25(cfg: VisionConfig, src: str = "model.", dst: str = "") -> l
                  compose(reorder, transpose), _qkv_part(part)),
             Rule(layer + rf"attn\.{name}\.bias", out + "wqkv.bias", reorder, _qkv_part(part)),
         ]
-    rules += _linear_rules(layer + r"attn\.proj", out + "wo")
-    rules += _linear_rules(layer + r"mlp\.fc1", out + "fc0")
-    rules += _linear_rules(layer + r"mlp\.fc2", out + "fc1")
-    rules += _norm_rules(s + r"vision_tower\.final_layernorm", d + "vision_tower.final_layernorm")
-    rules += _norm_rules(s + r"mm_projector\.pre_norm", d + "multi_modal_projector.pre_norm")
-    rules += _linear_rules(s + r"mm_projector\.in_proj", d + "multi_modal_projector.linear_1")
-    rules += _linear_rules(s + r"mm_projector\.out_proj", d + "multi_modal_projector.linear_2")
+    rules += linear_rules(layer + r"attn\.proj", out + "wo")
+    rules += linear_rules(layer + r"mlp\.fc1", out + "fc0")
+    rules += linear_rules(layer + r"mlp\.fc2", out + "fc1")
+    rules += norm_rules(s + r"vision_tower\.final_layernorm", d + "vision_tower.final_layernorm")
+    rules += norm_rules(s + r"mm_projector\.pre_norm", d + "multi_modal_projector.pre_norm")
+    rules += linear_rules(s + r"mm_projector\.in_proj", d + "multi_modal_projector.linear_1")
+    rules += linear_rules(s + r"mm_projector\.out_proj", d + "multi_modal_projector.linear_2")
     return rules
 
 

@@ -78,6 +78,23 @@ def reshape(*shape: int) -> Transform:
     return lambda x: np.reshape(x, shape)
 
 
+def flatten_conv(w: np.ndarray) -> np.ndarray:
+    """Conv weight `[D, C, *kernel]` -> kernel `[C * prod(kernel), D]`: a conv whose stride is its
+    kernel, applied to one patch flattened channel-major, is this linear map."""
+    return w.reshape(w.shape[0], -1).T
+
+
+def norm_rules(src: str, dst: str) -> list[Rule]:
+    """A LayerNorm/RMSNorm `weight` (-> `scale`) and `bias`."""
+    return [Rule(src + r"\.weight", dst + ".scale"), Rule(src + r"\.bias", dst + ".bias")]
+
+
+def linear_rules(src: str, dst: str) -> list[Rule]:
+    """A PyTorch Linear `weight [out, in]` (-> `kernel [in, out]`) and `bias`."""
+    return [Rule(src + r"\.weight", dst + ".kernel", transpose),
+            Rule(src + r"\.bias", dst + ".bias")]
+
+
 def compose(*fns: Transform) -> Transform:
     """Apply `fns` left to right."""
 
