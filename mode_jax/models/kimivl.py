@@ -156,19 +156,25 @@ def _forward_jit(model, input_ids, attention_mask, pixel_values, grid_hws, **kwa
     return model.forward(input_ids, attention_mask, pixel_values, grid_hws, **kwargs)
 
 
-def prepare_batch(config: KimiVLConfig, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate an HF-style batch; returns forward's arrays (+ `grid_hws` as a static tuple)."""
+def check_tokens(batch: Mapping[str, Any], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """`input_ids [B, T]` (integers in [0, vocab)) and `attention_mask` (default all ones) of
+    an HF-style batch, as numpy, or a ValueError saying what is wrong."""
     if "input_ids" not in batch:
         raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
     ids = np.asarray(batch["input_ids"])
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must be an integer [B, T] array, got {ids.dtype} {ids.shape}")
-    vocab = config.text.vocab_size
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise ValueError(f"input_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
     mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
+    return ids, mask
+
+
+def prepare_batch(config: KimiVLConfig, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an HF-style batch; returns forward's arrays (+ `grid_hws` as a static tuple)."""
+    ids, mask = check_tokens(batch, config.text.vocab_size)
     pixels = batch.get("pixel_values")
     grid = batch.get("image_grid_hws", batch.get("image_grid_thw"))
     n_slots = (int((ids == config.media_placeholder_token_id).sum())

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models.deepseek_v3 import TextOutput
+from mode_jax.models.kimivl import check_tokens
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
 from mode_jax.models.qwen3_vl_vision import GridTHW, Qwen3VLVision, VisionConfig, normalize_grid
 
@@ -172,19 +173,10 @@ def rope_positions(token_types: np.ndarray, attention_mask: np.ndarray, grid_thw
 def prepare_batch(config: Qwen3VLMoeConfig, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Validate an HF-style batch; returns forward's arrays (+ `grid_thw` static, positions
     `[3, B, T]` and `rope_delta [B]`)."""
-    if "input_ids" not in batch:
-        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
     if batch.get("pixel_values_videos") is not None:
         raise ValueError("video inputs (pixel_values_videos) are not supported yet")
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer [B, T] array, got {ids.dtype} {ids.shape}")
-    vocab = config.text.vocab_size
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"input_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids))).astype(bool)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
+    ids, mask = check_tokens(batch, config.text.vocab_size)
+    mask = mask.astype(bool)
     slots = ids == config.image_token_id if config.image_token_id is not None else ids < 0
     types = np.asarray(batch.get("mm_token_type_ids", slots.astype(np.int32)))
     if types.shape != ids.shape:
