@@ -240,12 +240,12 @@ def test_vl_text_mrope_and_deepstack(vl_text):
         scattered.append(jnp.asarray(dense))
     mask = jnp.ones((b, t), bool)
     ctx, _ = jm.context(mask, jnp.asarray(positions))
-    h, _ = jm.run_layers(jnp.asarray(embeds), ctx, deepstack=tuple(scattered))
+    h, _ = jm.run_layers(jnp.asarray(embeds), ctx, additions=tuple(scattered))
     ones = np.ones((b, t))
     assert rel_err(np.asarray(jm.norm(h)), ref.last_hidden_state.numpy(), ones) <= REL_TOL
     # the positions matter: plain 1-D positions give a different answer
     ctx1, _ = jm.context(mask)
-    h1, _ = jm.run_layers(jnp.asarray(embeds), ctx1, deepstack=tuple(scattered))
+    h1, _ = jm.run_layers(jnp.asarray(embeds), ctx1, additions=tuple(scattered))
     assert rel_err(np.asarray(jm.norm(h1)), ref.last_hidden_state.numpy(), ones) > 1e-3
 
 

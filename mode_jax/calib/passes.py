@@ -32,12 +32,13 @@ from mode_jax import progress
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
 from mode_jax.models.deepseek_v3 import DeepseekV3
-from mode_jax.models.kimivl import KimiVL, prepare_batch
+from mode_jax.models.qwen3_moe import Qwen3MoeText
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "pixel_values", "image_grid_hws",
-              "image_grid_thw")
+              "image_grid_thw", "positions")
+TEXT_MODELS = (DeepseekV3, Qwen3MoeText)
 # Per cached token and MoE layer: x, g2_fisher, g2_loss (D floats each) + routing. For Kimi-VL
 # (D = 2048, 26 MoE layers, float32) 16384 tokens are about 10 GiB of host memory.
 DEFAULT_MAX_TOKENS = 16384
@@ -69,33 +70,41 @@ class StatsConfig:
 # ---------------------------------------------------------------- model access
 
 
-def text_model(model) -> DeepseekV3:
-    """The DeepSeek-V3 decoder of `model` (itself, or a multimodal model's `language_model`)."""
-    if isinstance(model, DeepseekV3):
+def text_model(model):
+    """The MoE decoder of `model` (itself, or a multimodal model's `language_model`): a
+    `DeepseekV3` or a `Qwen3MoeText`, which share the interface the passes use."""
+    if isinstance(model, TEXT_MODELS):
         return model
     inner = getattr(model, "language_model", None)
-    if isinstance(inner, DeepseekV3):
+    if isinstance(inner, TEXT_MODELS):
         return inner
-    raise ValueError(f"expected a DeepseekV3 text model or a model with a DeepseekV3 "
+    raise ValueError(f"expected a DeepseekV3/Qwen3MoeText text model or a model with one as "
                      f"`language_model`, got {type(model).__name__}")
 
 
-def embed_inputs(model, batch, grid=None) -> jax.Array:
-    """The decoder input `[B, T, D]`: inputs_embeds, token embeddings, or (for a multimodal
-    model) token embeddings with the image features written at the placeholders."""
+def embed_inputs(model, batch, grid=None) -> tuple[jax.Array, tuple]:
+    """The decoder input `[B, T, D]` (inputs_embeds, token embeddings, or for a multimodal
+    model token embeddings with the image features at the placeholders) and the per-layer
+    additions (Qwen3-VL's DeepStack; `models.batch`)."""
     text = text_model(model)
     if "inputs_embeds" in batch:
-        return batch["inputs_embeds"].astype(text.dtype)
+        return batch["inputs_embeds"].astype(text.dtype), ()
     if model is text:
-        return text.embed(batch["input_ids"])
-    return model.embed(batch["input_ids"], batch.get("pixel_values"), grid)
+        return text.embed(batch["input_ids"]), ()
+    return model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), grid)
+
+
+def decoder_context(text, batch):
+    """The text model's rotary tables and mask for `batch` (its M-RoPE positions if any)."""
+    ctx, _ = text.context(batch["attention_mask"], batch.get("positions"))
+    return ctx
 
 
 def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None]:
     """The model inputs of a batch as jnp arrays, and the static image grid (or None).
 
     ValueError for a missing or misshapen key (a multimodal model checks images and
-    placeholders with its own `prepare_batch`).
+    placeholders, and works out M-RoPE positions, with its own `prepare`).
     """
     for key in ("input_ids", "attention_mask"):
         if key not in batch:
@@ -104,10 +113,11 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the "
                          "same [B, T] shape")
-    if isinstance(model, KimiVL) and "inputs_embeds" not in batch:
-        args = prepare_batch(model.config, batch)
-        grid = args.pop("grid_hws")
-        return {k: v for k, v in args.items() if v is not None}, grid
+    if hasattr(model, "prepare") and "inputs_embeds" not in batch:
+        p = model.prepare(batch)
+        out = {"input_ids": p.input_ids, "attention_mask": p.attention_mask,
+               "pixel_values": p.pixel_values, "positions": p.positions}
+        return {k: v for k, v in out.items() if v is not None}, p.grid
     out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
     out["input_ids"] = out["input_ids"].astype(jnp.int32)
     return out, None
@@ -118,7 +128,9 @@ def check_model(model, cfg: StatsConfig) -> None:
     multimodal model whose image placeholder id is not `cfg.image_token_id`."""
     if not text_model(model).config.moe_layers:
         raise ValueError("the model has no MoE layer (n_routed_experts = 0): nothing to count")
-    placeholder = getattr(getattr(model, "config", None), "media_placeholder_token_id", None)
+    config = getattr(model, "config", None)
+    placeholder = getattr(config, "media_placeholder_token_id",
+                          getattr(config, "image_token_id", None))
     if placeholder is not None and placeholder != cfg.image_token_id:
         raise ValueError(f"StatsConfig.image_token_id={cfg.image_token_id} but the model's "
                          f"image placeholder id is {placeholder}")
@@ -132,6 +144,7 @@ class Trace(NamedTuple):
     routing: tuple
     classes: tuple  # frequency.token_class_masks per MoE layer
     h_after: tuple
+    additions: tuple = ()  # the model's per-layer additions (DeepStack), for re-runs
 
 
 def trace(model, batch, cfg: StatsConfig, grid=None, perturb=None) -> Trace:
@@ -145,13 +158,14 @@ def trace(model, batch, cfg: StatsConfig, grid=None, perturb=None) -> Trace:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     special = jnp.asarray(cfg.special_token_ids, jnp.int32).reshape(-1)
     query = frequency.query_mask(ids, mask, cfg.image_token_id, special, cfg.attention_mode)
-    h = embed_inputs(model, batch, grid)
-    ctx, _ = text.context(mask)
+    h, additions = embed_inputs(model, batch, grid)
+    ctx = decoder_context(text, batch)
     moe_layers = text.config.moe_layers
     scores, xs, routing, h_after = [], [], [], []
     for i in range(len(text.layers)):
         h, out = text.run_layers(h, ctx, start=i, stop=i + 1, image_query_mask=query,
-                                 return_routing=True, return_mlp_inputs=True)
+                                 additions=additions, return_routing=True,
+                                 return_mlp_inputs=True)
         scores.append(out.image_scores[0])
         if i in moe_layers:
             if perturb is not None:
@@ -163,7 +177,7 @@ def trace(model, batch, cfg: StatsConfig, grid=None, perturb=None) -> Trace:
     keys = frequency.layer_key_masks(tuple(scores), moe_layers, image, cfg.key_ratio,
                                      cfg.attention_mode, cfg.judge_layer)
     classes = tuple(frequency.token_class_masks(ids, mask, cfg.image_token_id, k) for k in keys)
-    return Trace(text.logits(h), tuple(xs), tuple(routing), classes, tuple(h_after))
+    return Trace(text.logits(h), tuple(xs), tuple(routing), classes, tuple(h_after), additions)
 
 
 def modality_codes(classes: dict) -> jax.Array:
@@ -354,7 +368,8 @@ def _prefix_batch(graphdef, state, batch, cfg, grid):
     last = sensitivity.last_logits(tr.logits, sensitivity.last_positions(mask))
     logp = jax.nn.log_softmax(last, -1)
     return tuple(
-        LayerPrefix(h, x, ids, w, modality_codes(c), mask, logp)
+        LayerPrefix(h, x, ids, w, modality_codes(c), mask, logp, batch.get("positions"),
+                    tr.additions)
         for h, x, (ids, w), c in zip(tr.h_after, tr.x, tr.routing, tr.classes, strict=True)
     )
 
@@ -420,8 +435,8 @@ def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_
     def logits(params):
         model = nnx.merge(graphdef, params, rest)
         text = text_model(model)
-        ctx, _ = text.context(mask)
-        h, _ = text.run_layers(embed_inputs(model, batch, grid), ctx)
+        h, additions = embed_inputs(model, batch, grid)
+        h, _ = text.run_layers(h, decoder_context(text, batch), additions=additions)
         return text.logits(h)
 
     if curvature == "gauss_newton":

@@ -356,7 +356,9 @@ class LayerPrefix(NamedTuple):
 
     h_after [B, T, D] residual stream after the layer; x [B, T, D] its MoE-block input;
     ids, weights [B, T, k]; modality [B, T] int8 (PAD on padding); attention_mask [B, T];
-    logp_fp [B, V] the fp last-position log-probabilities.
+    logp_fp [B, V] the fp last-position log-probabilities; positions: the batch's M-RoPE
+    positions `[3, B, T]` (None: counted over real tokens); additions: the model's per-layer
+    additions `[B, T, D]` (Qwen3-VL's DeepStack), re-added when later layers re-run.
     """
 
     h_after: jax.Array
@@ -366,6 +368,8 @@ class LayerPrefix(NamedTuple):
     modality: jax.Array
     attention_mask: jax.Array
     logp_fp: jax.Array
+    positions: jax.Array | None = None
+    additions: tuple = ()
 
 
 def layer_logit_kl(text, layer: int, prefix: LayerPrefix, gate_up, down, gate_up_q, down_q,
@@ -384,7 +388,12 @@ def layer_logit_kl(text, layer: int, prefix: LayerPrefix, gate_up, down, gate_up
     masks = jnp.stack([prefix.modality == c for c in MODALITY_CODES])  # [2, B, T]
     b, t, d = prefix.x.shape
     last = last_positions(prefix.attention_mask)
-    ctx, _ = text.context(jnp.tile(prefix.attention_mask, (chunk * 2, 1)))
+    folded = chunk * 2
+    positions = prefix.positions
+    if positions is not None:  # [B, T] or [3, B, T]: tile the batch axis
+        positions = jnp.tile(positions, (1,) * (positions.ndim - 2) + (folded, 1))
+    ctx, _ = text.context(jnp.tile(prefix.attention_mask, (folded, 1)), positions)
+    additions = tuple(jnp.tile(a, (folded, 1, 1)) for a in prefix.additions)
 
     def run_chunk(v):
         e, bit = v // num_bits, v % num_bits
@@ -398,7 +407,7 @@ def layer_logit_kl(text, layer: int, prefix: LayerPrefix, gate_up, down, gate_up
         dz = jax.vmap(delta)(e, bit, we)[:, None] * masks[None, ..., None]  # [c, 2, B, T, D]
         touched = jnp.any(dz != 0, axis=(-2, -1))  # [c, 2, B]
         h = (prefix.h_after.astype(jnp.float32)[None, None] + dz).astype(prefix.h_after.dtype)
-        h, _ = text.run_layers(h.reshape(-1, t, d), ctx, start=layer + 1)
+        h, _ = text.run_layers(h.reshape(-1, t, d), ctx, start=layer + 1, additions=additions)
         idx = last[None, None, :, None, None]
         h_last = jnp.take_along_axis(h.reshape(chunk, 2, b, t, d), idx, axis=3)
         logits = text.logits(h_last[..., 0, :])  # [c, 2, B, V]

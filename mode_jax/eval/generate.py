@@ -1,14 +1,17 @@
-"""Batched greedy generation with the MLA KV cache, stopping at an end token.
+"""Batched greedy generation with a KV cache, stopping at an end token.
 
 `greedy_generate(model, batch, max_new_tokens, eos_token_id)` takes the HF-style batch the
-model takes (`input_ids [B, T]` left-padded, `attention_mask`, optional `pixel_values` and
-`image_grid_hws`), runs one prefill over the prompt (image features written at the
-placeholders), then one cached step per new token, all under one `nnx.jit`. A row stops at its
-first `eos_token_id`; the loop ends when every row has stopped or after `max_new_tokens`.
+model takes (`input_ids [B, T]` left-padded, `attention_mask`, optional images), runs one
+prefill over the prompt (image features written at the placeholders), then one cached step per
+new token, all under one `nnx.jit`. A row stops at its first `eos_token_id`; the loop ends when
+every row has stopped or after `max_new_tokens`. Any model family with `prepare`/`embed_inputs`
+(`models.batch`) and a text model with `init_cache` works: Kimi-VL (MLA cache) and
+Qwen3-VL-MoE (k/v cache; the prefill uses the M-RoPE positions and DeepStack additions).
 
-Each step feeds the chosen token back at position `num_real` (the row's count of real tokens),
-so a left-padded row continues exactly as it would unpadded. The result equals re-running the
-full forward on the growing sequence and taking the argmax each time (tests/test_generate.py).
+Each step feeds the chosen token back at position `num_real + rope_delta` (the row's count of
+real tokens, shifted by what an image did to M-RoPE positions; 0 for Kimi-VL), so a
+left-padded row continues exactly as it would unpadded. The result equals re-running the full
+forward on the growing sequence and taking the argmax each time (tests/test_generate.py).
 """
 
 from __future__ import annotations
@@ -21,9 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax.models.deepseek_v3 import KVCache
-from mode_jax.models.kimivl import KimiVL, prepare_batch
-
 
 class Generation(NamedTuple):
     """tokens `[B, N]` int32 (after a row's first eos every slot holds eos), lengths `[B]`
@@ -34,7 +34,7 @@ class Generation(NamedTuple):
     scores: np.ndarray | None = None
 
 
-def greedy_generate(model: KimiVL, batch: Mapping[str, Any], max_new_tokens: int,
+def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
                     eos_token_id: int, *, return_scores: bool = False) -> Generation:
     """Greedy continuation of every prompt in `batch` (left padding; see the module doc)."""
     if max_new_tokens < 1:
@@ -42,29 +42,31 @@ def greedy_generate(model: KimiVL, batch: Mapping[str, Any], max_new_tokens: int
     vocab = model.config.text.vocab_size
     if not 0 <= eos_token_id < vocab:
         raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab})")
-    args = prepare_batch(model.config, batch)
-    mask = np.asarray(args["attention_mask"])
+    p = model.prepare(batch)
+    mask = np.asarray(p.attention_mask)
     if mask.shape[1] == 0 or not mask[:, -1].all():
         rows = np.flatnonzero(~mask[:, -1]) if mask.shape[1] else np.arange(mask.shape[0])
         raise ValueError(f"generation needs left-padded prompts ending in a real token; rows "
                          f"{rows.tolist()} end in padding (use padding_side='left')")
-    tokens, scores = _generate(model, args["input_ids"], args["attention_mask"],
-                               args["pixel_values"], args["grid_hws"], max_new_tokens,
-                               jnp.int32(eos_token_id), return_scores)
+    rope_delta = None if p.rope_delta is None else jnp.asarray(p.rope_delta, jnp.int32)
+    tokens, scores = _generate(model, p.input_ids, p.attention_mask, p.pixel_values, p.grid,
+                               p.positions, rope_delta, max_new_tokens, jnp.int32(eos_token_id),
+                               return_scores)
     tokens = np.asarray(tokens)
     is_eos = tokens == eos_token_id
     lengths = np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1]).astype(np.int32)
     return Generation(tokens, lengths, None if scores is None else np.asarray(scores))
 
 
-@nnx.jit(static_argnames=("grid_hws", "max_new_tokens", "return_scores"))
-def _generate(model, input_ids, attention_mask, pixel_values, grid_hws, max_new_tokens, eos,
-              return_scores):
+@nnx.jit(static_argnames=("grid", "max_new_tokens", "return_scores"))
+def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, rope_delta,
+              max_new_tokens, eos, return_scores):
     lm = model.language_model
     b, t = input_ids.shape
-    cache = KVCache.init(lm.config, b, t + max_new_tokens, lm.dtype)
-    h = model.embed(input_ids, pixel_values, grid_hws)
-    out = lm(inputs_embeds=h, attention_mask=attention_mask, cache=cache)
+    cache = lm.init_cache(b, t + max_new_tokens, rope_delta)
+    h, additions = model.embed_inputs(input_ids, pixel_values, grid)
+    out = lm(inputs_embeds=h, attention_mask=attention_mask, positions=positions,
+             additions=additions, cache=cache)
     logits = out.logits[:, -1]
     tokens = jnp.full((b, max_new_tokens), eos, jnp.int32)
     kept = max_new_tokens if return_scores else 0  # no [B, N, V] carry unless asked for

@@ -698,6 +698,13 @@ class DeepseekV3(nnx.Module):
         """Token embeddings `[B, T, D]` in the model dtype."""
         return self.embed_tokens(input_ids.astype(jnp.int32))
 
+    def init_cache(self, batch: int, max_len: int, rope_delta=None) -> KVCache:
+        """An empty MLA cache in the model dtype (`rope_delta`: for the M-RoPE models' call;
+        must be None or zeros here)."""
+        if rope_delta is not None and np.any(np.asarray(rope_delta)):
+            raise ValueError("DeepSeek-V3 has no M-RoPE: rope_delta must be zero")
+        return KVCache.init(self.config, batch, max_len, self.dtype)
+
     def context(
         self,
         attention_mask: jax.Array,
@@ -724,6 +731,7 @@ class DeepseekV3(nnx.Module):
         stop: int | None = None,
         image_query_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        additions: tuple[jax.Array, ...] = (),
         return_routing: bool = False,
         return_mlp_inputs: bool = False,
         return_hidden: bool = False,
@@ -735,8 +743,8 @@ class DeepseekV3(nnx.Module):
         """
         return run_decoder_layers(
             self.layers, h, ctx, start=start, stop=stop, image_query_mask=image_query_mask,
-            cache=cache, return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-            return_hidden=return_hidden)
+            cache=cache, additions=additions, return_routing=return_routing,
+            return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm and lm_head: `[B, T, D]` -> `[B, T, V]` float32."""
@@ -753,6 +761,7 @@ class DeepseekV3(nnx.Module):
         positions: jax.Array | None = None,
         image_query_mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        additions: tuple[jax.Array, ...] = (),
         return_routing: bool = False,
         return_mlp_inputs: bool = False,
         return_hidden: bool = False,
@@ -782,7 +791,7 @@ class DeepseekV3(nnx.Module):
             check_cache_room(cache, t)
         ctx, cache = self.context(attention_mask, positions, cache)
         h, out = self.run_layers(
-            h, ctx, image_query_mask=image_query_mask, cache=cache,
+            h, ctx, image_query_mask=image_query_mask, cache=cache, additions=additions,
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
             return_hidden=return_hidden,
         )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models.batch import Prepared, check_tokens
 from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
 from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
 
@@ -125,6 +126,16 @@ class KimiVL(nnx.Module):
         rows = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(h.shape)
         return jnp.where(slots[..., None], rows, h)
 
+    def prepare(self, batch: Mapping[str, Any]) -> Prepared:
+        """The checked batch (`models.batch`); positions count real tokens."""
+        a = prepare_batch(self.config, batch)
+        return Prepared(a["input_ids"], a["attention_mask"], a["pixel_values"], a["grid_hws"])
+
+    def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                     grid_hws: GridHWs | None = None) -> tuple[jax.Array, tuple]:
+        """`(embed(...), ())`: Kimi-VL adds nothing inside the decoder (`models.batch`)."""
+        return self.embed(input_ids, pixel_values, grid_hws), ()
+
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None, *,
                 image_query_mask: jax.Array | None = None, return_routing: bool = False,
@@ -154,22 +165,6 @@ class KimiVL(nnx.Module):
 @nnx.jit(static_argnames=("grid_hws", "return_routing", "return_mlp_inputs", "return_hidden"))
 def _forward_jit(model, input_ids, attention_mask, pixel_values, grid_hws, **kwargs):
     return model.forward(input_ids, attention_mask, pixel_values, grid_hws, **kwargs)
-
-
-def check_tokens(batch: Mapping[str, Any], vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """`input_ids [B, T]` (integers in [0, vocab)) and `attention_mask` (default all ones) of
-    an HF-style batch, as numpy, or a ValueError saying what is wrong."""
-    if "input_ids" not in batch:
-        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
-    ids = np.asarray(batch["input_ids"])
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be an integer [B, T] array, got {ids.dtype} {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"input_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
-    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
-    return ids, mask
 
 
 def prepare_batch(config: KimiVLConfig, batch: Mapping[str, Any]) -> dict[str, Any]:

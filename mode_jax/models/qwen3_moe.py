@@ -13,7 +13,7 @@ Semantics follow transformers' `Qwen3MoeForCausalLM` (`qwen3_moe`) and `Qwen3VLM
   over all experts, top-k, renormalised when `norm_topk_prob` (always in Qwen3-VL), no shared
   expert; the rest are SwiGLU MLPs;
 - DeepStack (Qwen3-VL): after decoder layer i < len(deepstack), the i-th vision feature is
-  added to the hidden state at the image positions (`run_layers(deepstack=...)`, features
+  added to the hidden state at the image positions (`run_layers(additions=...)`, features
   already scattered into `[B, T, D]` with zeros elsewhere, which adds nothing there).
 
 The model keeps the interface of `deepseek_v3.DeepseekV3` (`embed`, `context`, `run_layers`,
@@ -333,6 +333,13 @@ class Qwen3MoeText(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids.astype(jnp.int32))
 
+    def init_cache(self, batch: int, max_len: int, rope_delta=None) -> KVCache:
+        """An empty cache in the model dtype; `rope_delta [B]` from `Prepared` (M-RoPE)."""
+        cache = KVCache.init(self.config, batch, max_len, self.dtype)
+        if rope_delta is not None:
+            cache = cache._replace(rope_delta=jnp.asarray(rope_delta, jnp.int32))
+        return cache
+
     def context(self, attention_mask: jax.Array, positions: jax.Array | None = None,
                 cache: KVCache | None = None) -> tuple[Context, KVCache | None]:
         """Rotary tables and mask (`deepseek_v3.attention_span`); positions `[B, T]` or, for
@@ -347,14 +354,14 @@ class Qwen3MoeText(nnx.Module):
 
     def run_layers(self, h: jax.Array, ctx: Context, *, start: int = 0, stop: int | None = None,
                    image_query_mask=None, cache: KVCache | None = None,
-                   deepstack: tuple[jax.Array, ...] | None = None, return_routing: bool = False,
+                   additions: tuple[jax.Array, ...] = (), return_routing: bool = False,
                    return_mlp_inputs: bool = False,
                    return_hidden: bool = False) -> tuple[jax.Array, TextOutput]:
         """Decoder layers `[start:stop]` on `h [B, T, D]`, as `DeepseekV3.run_layers`;
-        `deepstack[i]` `[B, T, D]` is added after layer i (absolute index)."""
+        `additions[i]` `[B, T, D]` (DeepStack) is added after layer i (absolute index)."""
         return run_decoder_layers(
             self.layers, h, ctx, start=start, stop=stop, image_query_mask=image_query_mask,
-            cache=cache, additions=deepstack or (), return_routing=return_routing,
+            cache=cache, additions=additions, return_routing=return_routing,
             return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden)
 
     def logits(self, h: jax.Array) -> jax.Array:
@@ -365,10 +372,10 @@ class Qwen3MoeText(nnx.Module):
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds=None,
                  attention_mask=None, positions=None, image_query_mask=None,
-                 cache: KVCache | None = None, deepstack=None, return_routing: bool = False,
+                 cache: KVCache | None = None, additions=(), return_routing: bool = False,
                  return_mlp_inputs: bool = False, return_hidden: bool = False) -> TextOutput:
         """Logits for `input_ids [B, T]` or `inputs_embeds [B, T, D]` (exactly one); the other
-        arguments as in `DeepseekV3.__call__`, plus `deepstack` (see `run_layers`)."""
+        arguments as in `DeepseekV3.__call__` (`additions`: see `run_layers`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -383,7 +390,7 @@ class Qwen3MoeText(nnx.Module):
             check_cache_room(cache, t)
         ctx, cache = self.context(attention_mask, positions, cache)
         h, out = self.run_layers(h, ctx, image_query_mask=image_query_mask, cache=cache,
-                                 deepstack=deepstack, return_routing=return_routing,
+                                 additions=additions, return_routing=return_routing,
                                  return_mlp_inputs=return_mlp_inputs,
                                  return_hidden=return_hidden)
         return out._replace(logits=self.logits(h))

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models.batch import Prepared, check_tokens
 from mode_jax.models.deepseek_v3 import TextOutput
-from mode_jax.models.kimivl import check_tokens
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
 from mode_jax.models.qwen3_vl_vision import GridTHW, Qwen3VLVision, VisionConfig, normalize_grid
 
@@ -85,8 +85,14 @@ class Qwen3VLMoe(nnx.Module):
         self.language_model = Qwen3MoeText(config.text, param_dtype=param_dtype,
                                            experts_impl=experts_impl, rngs=rngs)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-              grid_thw: GridTHW | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def prepare(self, batch: Mapping[str, Any]) -> Prepared:
+        """The checked batch with its M-RoPE positions and rope deltas (`models.batch`)."""
+        a = prepare_batch(self.config, batch)
+        return Prepared(a["input_ids"], a["attention_mask"], a["pixel_values"], a["grid_thw"],
+                        a["positions"], a["rope_delta"])
+
+    def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                     grid_thw: GridTHW | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Token embeddings `[B, T, D]` with image features at the image tokens, and the
         DeepStack features scattered to `[B, T, D]` (zeros elsewhere; empty without images)."""
         h = self.language_model.embed(input_ids)
@@ -108,10 +114,10 @@ class Qwen3VLMoe(nnx.Module):
                 positions=None, *, image_query_mask=None, return_routing: bool = False,
                 return_mlp_inputs: bool = False, return_hidden: bool = False) -> TextOutput:
         """The traceable forward (grid_thw and the flags static); `__call__` jits it."""
-        h, deepstack = self.embed(input_ids, pixel_values, grid_thw)
+        h, deepstack = self.embed_inputs(input_ids, pixel_values, grid_thw)
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
-            deepstack=deepstack, image_query_mask=image_query_mask,
+            additions=deepstack, image_query_mask=image_query_mask,
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
             return_hidden=return_hidden)
 

@@ -1,0 +1,46 @@
+"""The host-side check of an HF-style batch, shared by the model families.
+
+Each multimodal wrapper (`KimiVL`, `Qwen3VLMoe`) turns a processor dict into a `Prepared`
+with `model.prepare(batch)`, and `model.embed_inputs(input_ids, pixel_values, grid)` gives
+`(h [B, T, D], additions)`: the residual stream entering the text model and the per-layer
+additions (Qwen3-VL's DeepStack; empty for Kimi-VL). Generation, calibration and quantization
+use only these two and the text model's `context`/`run_layers`/`init_cache`, so they run on
+either family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+
+class Prepared(NamedTuple):
+    """A checked batch: `input_ids [B, T]` int32, `attention_mask [B, T]` bool, `pixel_values`
+    or None, `grid` (the static image grids, or None), `positions` (`[3, B, T]` M-RoPE
+    positions, or None to count real tokens) and `rope_delta [B]` (numpy) or None."""
+
+    input_ids: jax.Array
+    attention_mask: jax.Array
+    pixel_values: jax.Array | None
+    grid: tuple | None
+    positions: jax.Array | None = None
+    rope_delta: np.ndarray | None = None
+
+
+def check_tokens(batch: Mapping[str, Any], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """`input_ids [B, T]` (integers in [0, vocab)) and `attention_mask` (default all ones) of
+    an HF-style batch, as numpy, or a ValueError saying what is wrong."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids'; got keys {sorted(batch)}")
+    ids = np.asarray(batch["input_ids"])
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer [B, T] array, got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"input_ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
+    mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
+    return ids, mask
