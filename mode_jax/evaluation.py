@@ -92,8 +92,7 @@ def _next_token(ctx, fp_model, q_model):
     c = ctx.config
     n = c.eval.num_samples or 8
     cfg = fp_model.config
-    batches = sources.random_batches(cfg.text.vocab_size, cfg.media_placeholder_token_id, n,
-                                     c.data.batch_size, c.seed + 3)
+    batches = sources.random_batches(cfg, n, c.data.batch_size, c.seed + 3)
     kl_rows, n_rows, nll_sum = [], [], 0.0
     digest = hashlib.sha256()
     for batch in batches:

@@ -40,12 +40,12 @@ FREQ_KEYS = tuple(MODE_KEYS)
 def model_from_artifact(ctx: runner.Context, art: runner.Artifact):
     """The full-precision model rebuilt from the convert artifact (no PyTorch, no safetensors)."""
     if "fp_model" not in ctx.cache:
-        from mode_jax.convert import kimivl as convert_kimivl
-        from mode_jax.convert import mapping
-        from mode_jax.models.kimivl import KimiVLConfig
+        from mode_jax.convert import families, mapping
 
-        config = KimiVLConfig.from_dict(art.meta["config_json"], source=art.path)
-        abstract = convert_kimivl.abstract_model(config, DTYPES[ctx.config.model.dtype])
+        raw = art.meta["config_json"]
+        family = families.for_model_type(raw.get("model_type"), source=art.path)
+        config = family.config_from_json(raw, source=art.path)
+        abstract = family.convert().abstract_model(config, DTYPES[ctx.config.model.dtype])
         ctx.cache["fp_model"] = place(ctx, mapping.load_into(abstract, art.arrays["params"]))
     return ctx.cache["fp_model"]
 
@@ -83,11 +83,12 @@ def stats_config(ctx: runner.Context, calib):
 
 
 def run_convert(ctx, inputs):
-    from mode_jax.convert import kimivl as convert_kimivl
-    from mode_jax.convert import mapping, safetensors_io
+    from mode_jax.convert import families, mapping, safetensors_io
 
     path = ctx.config.model.path
-    model = convert_kimivl.from_directory(path, param_dtype=DTYPES[ctx.config.model.dtype])
+    raw = safetensors_io.read_config(path)
+    family = families.for_model_type(raw.get("model_type"), source=f"{path}/config.json")
+    model = family.convert().from_directory(path, param_dtype=DTYPES[ctx.config.model.dtype])
     from flax import nnx
 
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -20,8 +20,7 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 8
     model = mode_jax.load("tests/fixtures/kimivl-tiny")
     cfg = model.config
-    batch = sources.random_batches(cfg.text.vocab_size, cfg.media_placeholder_token_id,
-                                   n=4, batch_size=4, seed=0)[0]
+    batch = sources.random_batches(cfg, n=4, batch_size=4, seed=0)[0]
     grid = tuple(map(tuple, batch["image_grid_hws"]))
     fwd = nnx.jit(lambda m, ids, mask, px: m.forward(ids, mask, px, grid, return_routing=True))
     want = fwd(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])

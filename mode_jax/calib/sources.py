@@ -18,6 +18,7 @@ import numpy as np
 
 from mode_jax import preprocess
 from mode_jax.calib import data
+from mode_jax.convert import families
 
 SOURCES = ("sharegpt", "testbed", "random")
 PURPOSES = ("stats", "gptq")
@@ -41,14 +42,17 @@ def _check(source: str, purpose: str) -> None:
 def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: str) -> Calibration:
     """Batches for `purpose` with the token ids the statistics need."""
     _check(data_cfg.source, purpose)
-    image_id = model_config.media_placeholder_token_id
-    if image_id is None:
-        raise ValueError("the model has no image placeholder token: MODE needs a multimodal "
-                         "checkpoint (model_type kimi_vl)")
+    image_id = families.image_token_id(model_config)
+    if image_id is None or model_config.vision is None:
+        raise ValueError("the model has no vision tower: MODE needs a multimodal checkpoint "
+                         "(model_type kimi_vl or qwen3_vl_moe)")
     if data_cfg.source == "random":
-        vocab = model_config.text.vocab_size
-        return Calibration(random_batches(vocab, image_id, n, data_cfg.batch_size, seed),
+        return Calibration(random_batches(model_config, n, data_cfg.batch_size, seed),
                            int(image_id), ())
+    if not hasattr(model_config, "media_placeholder_token_id"):
+        raise ValueError(f"data.source={data_cfg.source!r} builds Kimi-VL prompts and images; "
+                         f"for {type(model_config).__name__} only data.source='random' exists "
+                         "so far")
     tokenizer = preprocess.load_tokenizer(model_path)
     if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
@@ -93,22 +97,19 @@ def testbed_samples(n: int, seed: int, purpose: str, checkpoint: str | None = No
     return out
 
 
-def random_batches(vocab: int, image_token_id: int, n: int, batch_size: int, seed: int,
+def random_batches(model_config, n: int, batch_size: int, seed: int,
                    grid: tuple[int, int] = (4, 4), text_len: int = 12) -> list[dict]:
-    """`n` samples: 2 text tokens, h*w/4 image placeholders, `text_len` text tokens."""
+    """`n` samples: 2 text tokens, one image's placeholders (a `grid` of patches), `text_len`
+    text tokens; images in the model family's processor format (`families.random_images`)."""
     rng = np.random.default_rng(seed)
-    n_img = grid[0] * grid[1] // 4
+    vocab, image_token_id = model_config.text.vocab_size, families.image_token_id(model_config)
+    n_img = families.random_images(model_config, 1, np.random.default_rng(0), grid)[1]
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         ids = rng.integers(0, vocab, size=(b, 2 + n_img + text_len)).astype(np.int32)
         ids[ids == image_token_id] = (image_token_id + 1) % vocab
         ids[:, 2:2 + n_img] = image_token_id
-        patches = grid[0] * grid[1]
-        out.append({
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-            "pixel_values": rng.standard_normal((b * patches, 3, 14, 14)).astype(np.float32),
-            "image_grid_hws": np.tile(np.asarray([grid], np.int64), (b, 1)),
-        })
+        images, _ = families.random_images(model_config, b, rng, grid)
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), **images})
     return out

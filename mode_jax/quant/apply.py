@@ -1,18 +1,22 @@
-"""Layer-sequential quantization of a KimiVL model into packed weights (method.md stage 4).
+"""Layer-sequential quantization of a Kimi-VL or Qwen3-VL-MoE model into packed weights
+(method.md stage 4).
 
 `quantize_model(model, batches, bit_map, config)` walks the decoder layers in order. Per layer,
 with the calibration batches' residual streams as they leave the already-quantized layers:
 
-1. attention, in three passes over the batches, each collecting the Hessian `2/n sum x x^T`
+1. attention, in passes over the batches, each collecting the Hessian `2/n sum x x^T`
    (real tokens only) of the next projections' input from the current, partly quantized
-   layer: `q_proj | q_a_proj` with `kv_a_proj_with_mqa` (the normed layer input), then
-   `q_b_proj` and `kv_b_proj` (after `q_a_layernorm` / `kv_a_layernorm`), then `o_proj`;
+   layer. MLA (Kimi-VL): `q_proj | q_a_proj` with `kv_a_proj_with_mqa` (the normed layer
+   input), then `q_b_proj` and `kv_b_proj` (after `q_a_layernorm` / `kv_a_layernorm`), then
+   `o_proj`. Grouped-query attention (Qwen3): `q_proj`, `k_proj`, `v_proj` together, then
+   `o_proj`;
 2. re-forward: the MLP input `post_attention_layernorm(h + attn)` through the quantized
    attention; the router (kept in full precision) routes it;
 3. MLP: routed experts gate/up from the tokens routed to each expert, then down from each
    expert's own intermediate activations through its quantized gate/up; shared experts and
    dense MLPs gate/up then down;
-4. the quantized layer's outputs become the next layer's inputs.
+4. the quantized layer's outputs (plus Qwen3-VL's DeepStack addition after the first
+   layers) become the next layer's inputs.
 
 Linears that share an input (`q_a`/`kv_a`, `gate`/`up`) are quantized as one column-concatenated
 kernel: GPTQ and the scale search treat output columns independently, so this equals
@@ -48,7 +52,6 @@ from flax import nnx
 from mode_jax import progress
 from mode_jax.calib import hessian
 from mode_jax.models import deepseek_v3 as dsv3
-from mode_jax.models.kimivl import KimiVL, prepare_batch
 from mode_jax.quant import gptq, rtn
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, check_dequant
@@ -114,24 +117,32 @@ class QuantConfig:
 
 class _Calib(NamedTuple):
     """One calibration batch as seen by the current layer: residual stream h `[B, T, D]`,
-    attention context, real-token mask `[B, T]` bool."""
+    attention context, real-token mask `[B, T]` bool, the model's per-layer additions."""
 
     h: jax.Array
     ctx: dsv3.Context
     mask: jax.Array
+    additions: tuple = ()
+
+    def after(self, layer, l: int) -> _Calib:
+        """This batch as it leaves decoder layer `l`."""
+        h = _layer_output(layer, self.h, self.ctx)
+        if l < len(self.additions):
+            h = h + self.additions[l].astype(h.dtype)
+        return self._replace(h=h)
 
 
 # ---------------------------------------------------------------- the walk
 
 
 def quantize_model(
-    model: KimiVL,
+    model,
     batches: Sequence[Mapping[str, Any]] | None,
     bit_map,
     config: QuantConfig = QuantConfig(),
     *,
     inplace: bool = False,
-) -> tuple[KimiVL, dict[str, Any]]:
+) -> tuple[Any, dict[str, Any]]:
     """Quantize `model`; returns (packed model, JSON-able report). See the module docstring.
 
     batches: HF-style dicts (`input_ids`, `attention_mask`, optional images) for GPTQ; unused
@@ -162,7 +173,7 @@ def quantize_model(
         else:
             _quantize_mlp(layer.mlp, f"layers.{l}.mlp", x, states, config.dense_mlp_bits,
                           config, report)
-        states = [s._replace(h=_layer_output(layer, s.h, s.ctx)) for s in states]
+        states = [s.after(layer, l) for s in states]
     _set_use_kernels(model, config.use_kernels)
     report.seconds = time.perf_counter() - start
     return model, report.as_dict()
@@ -181,20 +192,21 @@ def check_bit_map(bit_map, num_layers: int, num_experts: int) -> np.ndarray:
     return bits.astype(np.int32)
 
 
-def _initial_states(model: KimiVL, batches) -> list[_Calib]:
-    """Embeddings (images written in by the float vision tower) and contexts per batch."""
+def _initial_states(model, batches) -> list[_Calib]:
+    """Embeddings (images written in by the float vision tower), contexts (M-RoPE positions
+    where the model has them) and DeepStack additions per batch."""
     states = []
     for batch in batches:
-        args = prepare_batch(model.config, batch)
-        h = _embed(model, args["input_ids"], args["pixel_values"], args["grid_hws"])
-        ctx, _ = model.language_model.context(args["attention_mask"])
-        states.append(_Calib(h, ctx, args["attention_mask"]))
+        p = model.prepare(batch)
+        h, additions = _embed(model, p.input_ids, p.pixel_values, p.grid)
+        ctx, _ = model.language_model.context(p.attention_mask, p.positions)
+        states.append(_Calib(h, ctx, p.attention_mask, additions))
     return states
 
 
-@nnx.jit(static_argnames="grid_hws")
-def _embed(model, input_ids, pixel_values, grid_hws):
-    return model.embed(input_ids, pixel_values, grid_hws)
+@nnx.jit(static_argnames="grid")
+def _embed(model, input_ids, pixel_values, grid):
+    return model.embed_inputs(input_ids, pixel_values, grid)
 
 
 # ---------------------------------------------------------------- running pieces of a layer
@@ -269,10 +281,18 @@ def _quantize_attention(layer, l: int, states, config: QuantConfig, report) -> N
     if config.attention_bits == KEEP:
         return
     attn = layer.self_attn
-    first = "q_proj" if attn.cfg.q_lora_rank is None else "q_a_proj"
-    steps = [[(first, "kv_a_proj_with_mqa")], [("kv_b_proj",)], [("o_proj",)]]
-    if attn.cfg.q_lora_rank is not None:
-        steps[1].insert(0, ("q_b_proj",))
+    biased = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+              if getattr(getattr(attn, n, None), "bias", None) is not None]
+    if biased:
+        raise ValueError(f"layers.{l}.self_attn.{biased[0]} has a bias, which the packed "
+                         "format does not hold: keep attention in float (quant.attention_bits=16)")
+    if not hasattr(attn, "kv_a_proj_with_mqa"):  # grouped-query attention (Qwen3)
+        steps = [[("q_proj", "k_proj", "v_proj")], [("o_proj",)]]
+    else:
+        first = "q_proj" if attn.cfg.q_lora_rank is None else "q_a_proj"
+        steps = [[(first, "kv_a_proj_with_mqa")], [("kv_b_proj",)], [("o_proj",)]]
+        if attn.cfg.q_lora_rank is not None:
+            steps[1].insert(0, ("q_b_proj",))
     steps = [[tuple(f"self_attn.{n}" for n in joint) for joint in step] for step in steps]
     inputs = [(s.h, s.ctx) for s in states]
     _quantize_steps(layer, f"layers.{l}", steps, _attention, inputs, states,
@@ -484,7 +504,7 @@ def set_use_kernels(model: nnx.Module, use_kernels: bool, dequant: str = "") -> 
     return model
 
 
-def fake_quantized(qmodel: KimiVL) -> KimiVL:
+def fake_quantized(qmodel):
     """A float copy of the packed model: every packed weight dequantized (same codes) into an
     `nnx.Linear` or `StackedExperts` in the model's parameter dtype."""
     model = nnx.clone(qmodel)

@@ -5,7 +5,9 @@ Artifact (mode_jax.checkpoint: atomic, arrays via Orbax + JSON meta):
   arrays: `params` {dotted NNX path: array} for every variable of the model: uint32 code
           planes, scales and expert ids of the packed modules, float weights of what stays in
           float (embeddings, norms, routers, lm_head, vision tower, kept linears);
-  meta:   `format`, `config` (KimiVLConfig as JSON), `dtype` (parameter dtype), `quantized`
+  meta:   `format`, `family` (`convert.families`: kimi_vl, the default of older artifacts,
+          or qwen3_vl_moe), `config` (that family's config dataclass as JSON), `dtype`
+          (parameter dtype), `quantized`
           {path: {"kind": "linear" | "experts", "layout": ...}} (shapes of each packed module),
           `bit_map` [L_moe, E], and the caller's `metadata` (e.g. the quantization report).
 
@@ -25,11 +27,8 @@ import numpy as np
 from flax import nnx
 
 from mode_jax import checkpoint
-from mode_jax.convert import kimivl as convert_kimivl
-from mode_jax.convert import mapping
-from mode_jax.models.deepseek_v3 import TextConfig
-from mode_jax.models.kimivl import KimiVL, KimiVLConfig
-from mode_jax.models.moonvit import VisionConfig
+from mode_jax.convert import families, mapping
+from mode_jax.models import deepseek_v3, moonvit, qwen3_moe, qwen3_vl_vision
 from mode_jax.quant import apply
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, abstract_packed
@@ -39,7 +38,7 @@ FORMAT = "mode-jax-packed/1"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def bit_map(model: KimiVL) -> np.ndarray:
+def bit_map(model) -> np.ndarray:
     """Bits per routed expert `[L_moe, E]` int32 of a packed model."""
     rows = []
     for l in model.config.text.moe_layers:
@@ -51,7 +50,7 @@ def bit_map(model: KimiVL) -> np.ndarray:
     return np.stack(rows).astype(np.int32)
 
 
-def to_artifact(model: KimiVL, metadata: Mapping[str, Any] | None = None):
+def to_artifact(model, metadata: Mapping[str, Any] | None = None):
     """(arrays, meta) of a packed model (module docstring)."""
     quantized = {}
     for path, m in apply.quantized_modules(model):
@@ -62,6 +61,7 @@ def to_artifact(model: KimiVL, metadata: Mapping[str, Any] | None = None):
               for p, v in nnx.to_flat_state(nnx.state(model))}
     meta = {
         "format": FORMAT,
+        "family": families.for_config(model.config).name,
         "config": config_to_dict(model.config),
         "dtype": jnp.dtype(model.language_model.dtype).name,
         "quantized": quantized,
@@ -73,14 +73,15 @@ def to_artifact(model: KimiVL, metadata: Mapping[str, Any] | None = None):
 
 def from_artifact(arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
                   use_kernels: bool = False, kernel_dequant: str = "",
-                  source: str = "artifact") -> KimiVL:
+                  source: str = "artifact"):
     """Rebuild the packed model from `to_artifact`'s output (shapes and dtypes checked)."""
     if meta.get("format") != FORMAT:
         raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("dtype") not in DTYPES:
         raise ValueError(f"{source}: dtype {meta.get('dtype')!r}; allowed: {sorted(DTYPES)}")
-    config = config_from_dict(meta["config"], source)
-    abstract = convert_kimivl.abstract_model(config, DTYPES[meta["dtype"]])
+    family = families.by_name(meta.get("family", "kimi_vl"))
+    config = config_from_dict(meta["config"], source, family.name)
+    abstract = family.convert().abstract_model(config, DTYPES[meta["dtype"]])
     for path, q in meta["quantized"].items():
         if q["kind"] == "linear":
             sub = nnx.eval_shape(lambda q=q: QLinear(abstract_packed(q["layout"])))
@@ -95,14 +96,14 @@ def from_artifact(arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
     return apply.set_use_kernels(model, use_kernels, kernel_dequant)
 
 
-def save(path: str, model: KimiVL, metadata: Mapping[str, Any] | None = None) -> None:
+def save(path: str, model, metadata: Mapping[str, Any] | None = None) -> None:
     """Write the packed model to the directory `path` (atomically)."""
     arrays, meta = to_artifact(model, metadata)
     checkpoint.save(path, arrays, meta)
 
 
 def restore(path: str, *, use_kernels: bool = False,
-            kernel_dequant: str = "") -> tuple[KimiVL, dict[str, Any]]:
+            kernel_dequant: str = "") -> tuple[Any, dict[str, Any]]:
     """(packed model, meta) from a directory written by `save`; `kernel_dequant` as in
     `apply.set_use_kernels`."""
     arrays, meta = checkpoint.load(path)
@@ -114,7 +115,7 @@ def restore(path: str, *, use_kernels: bool = False,
 # ---------------------------------------------------------------- sizes
 
 
-def theoretical_nbytes(model: KimiVL, scale_dtype=jnp.bfloat16) -> dict[str, int]:
+def theoretical_nbytes(model, scale_dtype=jnp.bfloat16) -> dict[str, int]:
     """Ideal bytes: `packed` = codes (bits per weight) + one scale per group and column of
     every packed weight; `other` = the exact bytes of every other array (float weights,
     expert ids); `total` their sum."""
@@ -148,19 +149,25 @@ def directory_nbytes(path: str) -> int:
 # ---------------------------------------------------------------- config as JSON
 
 
-def config_to_dict(config: KimiVLConfig) -> dict[str, Any]:
+def config_to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(d: Mapping[str, Any], source: str = "config") -> KimiVLConfig:
-    """Inverse of `config_to_dict`; unknown or missing fields raise ValueError."""
-    text = _dataclass_from(TextConfig, d.get("text"), f"{source}: text config")
+# per family: the text and vision config classes inside its model config
+_PARTS = {"kimi_vl": (deepseek_v3.TextConfig, moonvit.VisionConfig),
+          "qwen3_vl_moe": (qwen3_moe.TextConfig, qwen3_vl_vision.VisionConfig)}
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "config", family: str = "kimi_vl"):
+    """Inverse of `config_to_dict` for `family`; unknown or missing fields raise ValueError."""
+    text_cls, vision_cls = _PARTS[families.by_name(family).name]
+    text = _dataclass_from(text_cls, d.get("text"), f"{source}: text config")
     vision = None
     if d.get("vision") is not None:
-        vision = _dataclass_from(VisionConfig, d["vision"], f"{source}: vision config")
+        vision = _dataclass_from(vision_cls, d["vision"], f"{source}: vision config")
     rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
-    return _dataclass_from(KimiVLConfig, {**rest, "text": text, "vision": vision},
-                           f"{source}: model config")
+    return _dataclass_from(families.by_name(family).config_cls(),
+                           {**rest, "text": text, "vision": vision}, f"{source}: model config")
 
 
 def _dataclass_from(cls, d, what: str):

@@ -1,0 +1,60 @@
+"""A tiny random Qwen3-VL-MoE (images, M-RoPE, DeepStack, 3 MoE layers) and image batches for
+the tests of the passes and the quantizer on that family."""
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mode_jax.models import qwen3_vl_moe as qvl
+
+IMAGE, START, END = 60, 61, 62
+CONFIG = qvl.Qwen3VLMoeConfig.from_dict({
+    "model_type": "qwen3_vl_moe", "image_token_id": IMAGE,
+    "text_config": dict(vocab_size=64, hidden_size=32, intermediate_size=40,
+                        moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [2, 1, 1]}),
+    "vision_config": dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32,
+                          patch_size=2, temporal_patch_size=2, spatial_merge_size=2,
+                          out_hidden_size=32, num_position_embeddings=16,
+                          deepstack_visual_indexes=[0, 1]),
+})
+GRIDS = ((1, 4, 6), (1, 6, 4), (1, 4, 4))
+
+
+def model():
+    """Random weights with std 1/sqrt(fan_in) (routing and quantization both matter)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: qvl.Qwen3VLMoe(CONFIG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def init(path, leaf):
+        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+        if name in ("scale", "bias"):
+            return (1.0 if name == "scale" else 0.0) + 0.1 * rng.normal(size=leaf.shape).astype(
+                leaf.dtype)
+        fan_in = 1 if name in ("embedding", "pos_embed") else leaf.shape[-2]
+        return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+def batch(seed):
+    """Row 0: text, image 0, text; row 1: image 1, text, image 2, left-padded by 2."""
+    rng = np.random.default_rng(seed)
+    t = 30
+    ids = rng.integers(1, 50, (2, t))
+    mask = np.ones((2, t), np.int64)
+    layout = [(3, [0]), (4, [1, 2])]
+    for row, (pos, images) in enumerate(layout):
+        for i in images:
+            n = math.prod(GRIDS[i]) // 4
+            ids[row, pos], ids[row, pos + 1 + n] = START, END
+            ids[row, pos + 1 : pos + 1 + n] = IMAGE
+            pos += n + 4
+    ids[1, :2], mask[1, :2] = 0, 0
+    pixels = rng.standard_normal((sum(math.prod(g) for g in GRIDS), 24)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
+            "image_grid_thw": np.asarray(GRIDS)}
