@@ -273,18 +273,20 @@ def _validate_budget(c, methods) -> None:
     from mode_jax.alloc import ilp
 
     bits = np.asarray(c.alloc.bits)
-    n_layers, n_experts = 2, 8
     if c.alloc.budget_bits != round(c.alloc.budget_bits) and "uniform" in methods:
         raise UserError(f"uniform allocation needs an integer budget, got {c.alloc.budget_bits}")
     if set(methods) <= {"uniform", "mopeq"}:
         return
-    from mode_jax.convert import safetensors_io
+    from mode_jax.convert import families, safetensors_io
 
-    text = safetensors_io.read_config(c.model.path)
-    text = text.get("text_config", text)
-    n_experts = int(text.get("n_routed_experts", n_experts))
-    first_dense = int(text.get("first_k_dense_replace", 0))
-    n_layers = max(1, int(text.get("num_hidden_layers", n_layers)) - first_dense)
+    raw = safetensors_io.read_config(c.model.path)
+    source = f"{c.model.path}/config.json"
+    try:
+        text = families.for_model_type(raw.get("model_type"), source).config_from_json(
+            raw, source).text
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    n_experts, n_layers = text.n_routed_experts, max(1, len(text.moe_layers))
     scope = "global" if "gemq" in methods else c.alloc.scope
     try:
         ilp.check_problem(np.zeros((n_layers, n_experts, len(bits))), bits, c.alloc.budget_bits,
