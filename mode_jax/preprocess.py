@@ -274,11 +274,18 @@ def build_batch(conversations: Sequence[Sequence[Mapping[str, Any]]],
         start += len(per)
         text = expand_image_tokens(prompt_text(conv, tokenizer), grids, merge)
         ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    length = max(len(x) for x in ids)
-    input_ids = np.full((len(ids), length), pad_token_id, np.int32)
-    mask = np.zeros((len(ids), length), np.int32)
-    for b, x in enumerate(ids):
+    input_ids, mask = pad_rows(ids, pad_token_id, padding_side)
+    return {"input_ids": input_ids, "attention_mask": mask, **pixels}
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_token_id: int,
+             padding_side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows padded to the longest: (input_ids, attention_mask) `[B, T]` int32."""
+    length = max(len(x) for x in rows)
+    input_ids = np.full((len(rows), length), pad_token_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for b, x in enumerate(rows):
         sl = slice(length - len(x), length) if padding_side == "left" else slice(0, len(x))
         input_ids[b, sl] = x
         mask[b, sl] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, **pixels}
+    return input_ids, mask

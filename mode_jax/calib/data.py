@@ -123,21 +123,24 @@ def batches(
     pad_token_id: int = 0,
     max_length: int = 0,
     length_multiple: int = 32,
+    build=None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Right-padded batches; lengths rounded up to `length_multiple` so jit sees few shapes.
 
     A batch is the HF-processor dict (input_ids, attention_mask, pixel_values, image_grid_hws);
     the last batch may be smaller. Prompts longer than `max_length` (if > 0) are an error: the
-    image tokens would be cut.
+    image tokens would be cut. `build(conversations, images)` makes one right-padded batch in
+    another model family's format (Qwen3-VL: `preprocess_qwen3vl.build_batch`); the default
+    is Kimi-VL's `preprocess.build_batch`.
     """
+    if build is None:
+        def build(conversations, images):
+            return preprocess.build_batch(conversations, images, tokenizer,
+                                          image_cfg=image_cfg or preprocess.ImageConfig(),
+                                          pad_token_id=pad_token_id, padding_side="right")
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        batch = preprocess.build_batch(
-            [s.messages for s in chunk], [s.images for s in chunk], tokenizer,
-            image_cfg=image_cfg or preprocess.ImageConfig(),
-            pad_token_id=pad_token_id,
-            padding_side="right",
-        )
+        batch = build([s.messages for s in chunk], [s.images for s in chunk])
         t = batch["input_ids"].shape[1]
         if max_length and t > max_length:
             raise ValueError(
@@ -148,5 +151,7 @@ def batches(
         if pad:
             batch["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, pad)),
                                         constant_values=pad_token_id)
-            batch["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (0, pad)))
+            for key in ("attention_mask", "mm_token_type_ids"):
+                if key in batch:
+                    batch[key] = np.pad(batch[key], ((0, 0), (0, pad)))
         yield batch

@@ -49,10 +49,6 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     if data_cfg.source == "random":
         return Calibration(random_batches(model_config, n, data_cfg.batch_size, seed),
                            int(image_id), ())
-    if not hasattr(model_config, "media_placeholder_token_id"):
-        raise ValueError(f"data.source={data_cfg.source!r} builds Kimi-VL prompts and images; "
-                         f"for {type(model_config).__name__} only data.source='random' exists "
-                         "so far")
     tokenizer = preprocess.load_tokenizer(model_path)
     if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
@@ -65,9 +61,18 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
                                         human_only=purpose == "stats")
     else:
         samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
+    build = None
+    if not hasattr(model_config, "media_placeholder_token_id"):  # Qwen3-VL's processor format
+        from mode_jax import preprocess_qwen3vl as pq
+
+        image_processor = pq.load_image_processor(model_path)
+
+        def build(conversations, images):
+            return pq.build_batch(conversations, images, tokenizer, image_processor,
+                                  pad_token_id=model_config.pad_token_id)
     batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
                                 pad_token_id=model_config.pad_token_id,
-                                max_length=data_cfg.max_length))
+                                max_length=data_cfg.max_length, build=build))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer))
     return Calibration(batches, int(image_id), special)
 
