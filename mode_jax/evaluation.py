@@ -32,7 +32,7 @@ def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict, dict]:
     return _next_token(ctx, fp_model, q_model)
 
 
-def _eval_set(ctx):
+def _eval_set(ctx, model_config):
     from mode_jax import preprocess
     from mode_jax.eval import harness
 
@@ -41,13 +41,19 @@ def _eval_set(ctx):
     if tokenizer is None:
         raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
                          "the testbed)")
+    image_processor = None
+    if not hasattr(model_config, "media_placeholder_token_id"):  # Qwen3-VL: its own images
+        from mode_jax import preprocess_qwen3vl
+
+        image_processor = preprocess_qwen3vl.load_image_processor(c.model.path)
     if c.eval.jsonl:
-        return harness.load_jsonl(c.eval.jsonl, tokenizer)
+        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_processor=image_processor)
     from mode_jax.testbed import tasks
 
     n = c.eval.num_samples or DEFAULT_HELDOUT
     suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
-    return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer)
+    return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer,
+                          image_processor=image_processor)
 
 
 def _harness(ctx, fp_model, q_model):
@@ -56,7 +62,7 @@ def _harness(ctx, fp_model, q_model):
     c = ctx.config
     key = ("fp_eval", c.eval.jsonl, c.eval.num_samples, c.seed)
     if key not in ctx.cache:
-        data = _eval_set(ctx)
+        data = _eval_set(ctx, fp_model.config)
         ctx.cache[key] = (data, harness.evaluate(fp_model, data, batch_size=c.eval.batch_size,
                                                  max_new_tokens=c.eval.max_new_tokens))
     data, full = ctx.cache[key]

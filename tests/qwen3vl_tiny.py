@@ -1,11 +1,15 @@
 """A tiny random Qwen3-VL-MoE (images, M-RoPE, DeepStack, 3 MoE layers) and image batches for
 the tests of the passes and the quantizer on that family."""
 
+import json
 import math
 
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
 
 from mode_jax.models import qwen3_vl_moe as qvl
 
@@ -58,3 +62,42 @@ def batch(seed):
     pixels = rng.standard_normal((sum(math.prod(g) for g in GRIDS), 24)).astype(np.float32)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels,
             "image_grid_thw": np.asarray(GRIDS)}
+
+
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def processor_dir(path):
+    """Write into `path` a tokenizer whose <|image_pad|> is the tiny model's image id (with a
+    chat template), image-processor settings for its tower (patch 2, temporal patch 2, merge
+    2), three PNG images under images/ and a ShareGPT file calib.json; returns `path`."""
+    words = ["<pad>", "<unk>", "user", "assistant", "what", "colour", "is", "the", "shape",
+             "red", "circle", "A", "B", "C"]
+    words += [f"w{i}" for i in range(IMAGE - len(words) - len(SPECIAL))] + SPECIAL
+    words += ["<|image_pad|>"]
+    assert words.index("<|image_pad|>") == IMAGE
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # special tokens split on their own
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=SPECIAL + ["<|image_pad|>"])
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(path)
+    Qwen2VLImageProcessor(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16,
+                          max_pixels=12 * 12).save_pretrained(path)
+    images = path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (h, w) in enumerate([(8, 12), (12, 8), (8, 8)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(images / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the shape"},
+            {"from": "gpt", "value": "red circle"}]})
+    (path / "calib.json").write_text(json.dumps(records))
+    return path

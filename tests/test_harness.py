@@ -58,8 +58,8 @@ def _row_logits(model, ex, ids):
     batch = {"input_ids": np.zeros((1, WIDTH), np.int32),
              "attention_mask": np.zeros((1, WIDTH), np.int32)}
     batch["input_ids"][0, :len(ids)], batch["attention_mask"][0, :len(ids)] = ids, 1
-    if ex.grid_hw is not None:
-        batch.update(pixel_values=ex.pixel_values, image_grid_hws=np.asarray([ex.grid_hw]))
+    if ex.grid is not None:
+        batch.update(pixel_values=ex.pixel_values, image_grid_hws=np.asarray([ex.grid]))
     return np.asarray(model(batch).logits[0, :len(ids)], np.float64)
 
 
@@ -225,7 +225,7 @@ def test_user_jsonl_is_scored_and_bad_lines_are_named(model, tokenizer, tmp_path
     good = tmp_path / "bench.jsonl"
     good.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     data = harness.load_jsonl(good, tokenizer, ImageConfig())
-    assert data.examples[0].grid_hw == (8, 8)
+    assert data.examples[0].grid == (8, 8)
     res = harness.evaluate(model, data, batch_size=3, max_new_tokens=NEW_TOKENS)
     assert set(res["accuracy"]["family"]) == {"vision", "text"}
     assert set(res["mc_accuracy"]["task"]) == {"arithmetic"}

@@ -1,15 +1,18 @@
 """main.py end to end on a tiny Qwen3-VL-MoE checkpoint written by transformers'
-`save_pretrained` (transformers 5 file layout): every stage runs, the allocation meets the
-budget, and the packed artifact rebuilds a Qwen3-VL-MoE whose logits are close to the
-converted float model's."""
+`save_pretrained` (transformers 5 file layout) plus a tokenizer with a chat template and an
+image processor: calibration from a ShareGPT file, accuracy on a user JSONL benchmark, every
+stage; the allocation meets the budget, and the packed artifact rebuilds a Qwen3-VL-MoE whose
+logits are close to the converted float model's."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import qwen3vl_tiny as tiny
 import torch
 from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
@@ -31,10 +34,16 @@ VISION = dict(depth=2, hidden_size=16, num_heads=2, intermediate_size=32, patch_
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = Qwen3VLMoeConfig(text_config=TEXT, vision_config=VISION, image_token_id=70,
-                           video_token_id=71, vision_start_token_id=72, vision_end_token_id=73)
+    cfg = Qwen3VLMoeConfig(text_config=TEXT, vision_config=VISION, image_token_id=tiny.IMAGE,
+                           video_token_id=75, vision_start_token_id=58,
+                           vision_end_token_id=59)
     path = tmp_path_factory.mktemp("qwen3vl")
     Qwen3VLMoeForConditionalGeneration(cfg).save_pretrained(path)
+    tiny.processor_dir(path)  # tokenizer + chat template, image processor, images, calib.json
+    lines = [{"question": "what colour is the shape", "image": "images/0.png", "answer": "red"},
+             {"question": "what is the shape", "image": "images/1.png",
+              "options": ["red", "circle"], "answer_index": 1}]
+    (path / "bench.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     return str(path)
 
 
@@ -43,10 +52,14 @@ def test_main_runs_every_stage(checkpoint, tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, "main.py", "--config=configs/tiny.py",
            f"--config.model.path={checkpoint}", f"--workdir={work}",
-           "--config.alloc.budget_bits=3.0", "--config.sens.estimator=logit_kl"]
+           "--config.alloc.budget_bits=3.0", "--config.sens.estimator=logit_kl",
+           "--config.data.source=sharegpt", f"--config.data.calib_json={checkpoint}/calib.json",
+           f"--config.data.image_dir={checkpoint}/images",
+           f"--config.eval.jsonl={checkpoint}/bench.jsonl"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| mode/text+key | logit_kl | gptq |" in (work / "report.md").read_text()
+    report = (work / "report.md").read_text()
+    assert "| mode/text+key | logit_kl | gptq |" in report and "accuracy" in report
     (qdir,) = glob.glob(str(work / "quantize" / "*"))
     qmodel, meta = serialize.restore(qdir)
     assert meta["family"] == "qwen3_vl_moe"

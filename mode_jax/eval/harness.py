@@ -5,7 +5,9 @@
     quant = harness.evaluate(quantized_model, data, reference=full)
     print(harness.format_table(quant))
 
-`model` is anything with KimiVL's call and pieces (`model(batch)`, `embed`, `language_model`).
+`model` is any model family's wrapper (`model(batch)`, `prepare`, `embed_inputs`,
+`language_model`: Kimi-VL or Qwen3-VL-MoE). `encode` builds Kimi-VL prompts and images by
+default, Qwen3-VL ones when given the checkpoint's image processor (`preprocess_qwen3vl`).
 Per sample the harness runs
 - greedy generation with the KV cache (`eval.generate`) -> exact-match accuracy of the decoded
   answer (`metrics.exact_match`);
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 
 from mode_jax import progress
+from mode_jax.convert import families
 from mode_jax.eval import generate, jsonl, metrics
 from mode_jax.preprocess import ImageConfig, preprocess_image
 from mode_jax.testbed import tasks
@@ -46,14 +49,15 @@ GROUPINGS = ("family", "task", "modality")
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), the
-    image's patches `[h * w, 3, p, p]` and grid (or None), the token id of each option's letter
-    or, when the answer is the option itself, of the option (MC)."""
+    image's patches and grid (or None): `[h * w, 3, p, p]` and (h, w) for Kimi-VL,
+    `[t * h * w, C * T * p * p]` and (t, h, w) for Qwen3-VL; the token id of each option's
+    letter or, when the answer is the option itself, of the option (MC)."""
 
     sample: tasks.Sample
     prompt_ids: np.ndarray
     answer_ids: np.ndarray
     pixel_values: np.ndarray | None
-    grid_hw: tuple[int, int] | None
+    grid: tuple[int, ...] | None
     option_ids: tuple[int, ...] = ()
 
 
@@ -87,14 +91,17 @@ def option_token_ids(tokenizer, sample: tasks.Sample) -> tuple[int, ...]:
     return tuple(_single_token(tokenizer, o, "option") for o in sample.options)
 
 
-def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None
-           ) -> EvalSet:
+def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None,
+           image_processor=None) -> EvalSet:
     """Tokenize `samples` (one image at most each, image first) and cut their images
-    (`image_cfg`: MoonViT preprocessing, default Kimi-VL's)."""
+    (`image_cfg`: MoonViT preprocessing, default Kimi-VL's; with `image_processor`, Qwen3-VL's
+    chat template and image processor instead)."""
     image_cfg = image_cfg or ImageConfig()
     if not samples:
         raise ValueError("no samples to evaluate")
     eos = _single_token(tokenizer, tok_lib.IM_END, "end token")
+    if image_processor is not None:
+        return _encode_qwen3vl(samples, tokenizer, image_processor, eos)
     examples = []
     for s in samples:
         pixels = grid = None
@@ -108,10 +115,33 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
     return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
 
 
-def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None) -> EvalSet:
+def _encode_qwen3vl(samples, tokenizer, image_processor, eos: int) -> EvalSet:
+    """`encode` for Qwen3-VL: prompt = the chat template over (image, question) with the
+    generation prompt, answer = its tokens + `<|im_end|>`."""
+    from mode_jax import preprocess_qwen3vl as pq
+
+    examples = []
+    for s in samples:
+        content = ([{"type": "image"}] if s.image is not None else []) + [
+            {"type": "text", "text": s.prompt}]
+        images = [[s.image]] if s.image is not None else [[]]
+        batch = pq.build_batch([[{"role": "user", "content": content}]], images, tokenizer,
+                               image_processor)
+        pixels = batch.get("pixel_values")
+        grid = tuple(int(v) for v in batch["image_grid_thw"][0]) if pixels is not None else None
+        answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise ValueError(f"answer {s.answer!r} encodes to no tokens")
+        examples.append(Example(s, batch["input_ids"][0], np.asarray([*answer, eos], np.int32),
+                                pixels, grid, option_token_ids(tokenizer, s)))
+    return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
+
+
+def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None,
+               image_processor=None) -> EvalSet:
     """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them."""
     return encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
-                  image_cfg)
+                  image_cfg, image_processor)
 
 
 # ---------------------------------------------------------------- batching
@@ -123,7 +153,7 @@ def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
     """Example indices per batch: same image grid, similar length."""
     groups: dict[Any, list[int]] = {}
     for i, ex in enumerate(data.examples):
-        groups.setdefault(ex.grid_hw, []).append(i)
+        groups.setdefault(ex.grid, []).append(i)
     out = []
     for key in sorted(groups, key=str):
         idx = sorted(groups[key], key=lambda i: len(data.examples[i].prompt_ids))
@@ -138,9 +168,10 @@ def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str,
     ids, mask = generate.pad_left(seqs, data.pad_token_id,
                                   _round_up(max(len(s) for s in seqs), 16))
     batch = {"input_ids": ids, "attention_mask": mask}
-    if examples[0].grid_hw is not None:
+    if examples[0].grid is not None:
         batch["pixel_values"] = np.concatenate([e.pixel_values for e in examples])
-        batch["image_grid_hws"] = np.asarray([e.grid_hw for e in examples], np.int64)
+        grids = np.asarray([e.grid for e in examples], np.int64)
+        batch["image_grid_hws" if grids.shape[1] == 2 else "image_grid_thw"] = grids
     return batch
 
 
@@ -198,7 +229,7 @@ def _routing_counts(routing, batch, config, k) -> np.ndarray:
     """[2, L_moe, E] int64: expert picks of image tokens (0) and other real tokens (1), rows
     `[:k]`."""
     real = np.asarray(batch["attention_mask"])[:k].astype(bool)
-    image = real & (np.asarray(batch["input_ids"])[:k] == config.media_placeholder_token_id)
+    image = real & (np.asarray(batch["input_ids"])[:k] == families.image_token_id(config))
     e = config.text.n_routed_experts
     out = np.zeros((2, len(routing), e), np.int64)
     for layer, (ids, _) in enumerate(routing):
