@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 
 import mode_jax
-from mode_jax.models.kimivl import prepare_batch
 from mode_jax.quant import apply
 from mode_jax.quant import router_finetune as rf
 
@@ -73,7 +72,7 @@ def test_first_step_is_one_adamw_step_on_the_router_gradient(packed):
     kernel alone (computed here with nnx.grad over a DiffState of just that kernel)."""
     model = nnx.clone(packed)
     data = batches(n=1)
-    args = prepare_batch(model.config, data[0])
+    args = rf.loss_args(model, data[0])
     apply.set_use_kernels(model, False)
     grads = nnx.grad(rf.next_token_loss, argnums=nnx.DiffState(0, rf.is_router_kernel))(
         model, args)

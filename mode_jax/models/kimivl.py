@@ -137,13 +137,15 @@ class KimiVL(nnx.Module):
         return self.embed(input_ids, pixel_values, grid_hws), ()
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None, *,
+                pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None,
+                positions: jax.Array | None = None, *,
                 image_query_mask: jax.Array | None = None, return_routing: bool = False,
                 return_mlp_inputs: bool = False, return_hidden: bool = False) -> ModelOutput:
         """The traceable forward (grid_hws and the flags static); `__call__` jits it."""
         h = self.embed(input_ids, pixel_values, grid_hws)
         return self.language_model(
-            inputs_embeds=h, attention_mask=attention_mask, image_query_mask=image_query_mask,
+            inputs_embeds=h, attention_mask=attention_mask, positions=positions,
+            image_query_mask=image_query_mask,
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
             return_hidden=return_hidden)
 

@@ -22,9 +22,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mode_jax.models.deepseek_v3 import Router
-from mode_jax.models.kimivl import KimiVL, prepare_batch
+from mode_jax.convert import families
+from mode_jax.models import deepseek_v3, qwen3_moe
 from mode_jax.quant import apply
+
+ROUTERS = (deepseek_v3.Router, qwen3_moe.Router)
 
 
 def is_router_kernel(path: tuple, value: Any) -> bool:
@@ -32,46 +34,52 @@ def is_router_kernel(path: tuple, value: Any) -> bool:
     return len(path) >= 2 and path[-1] == "kernel" and path[-2] == "gate"
 
 
-def next_token_loss(model: KimiVL, args: Mapping[str, Any]) -> jax.Array:
+def next_token_loss(model, args: Mapping[str, Any]) -> jax.Array:
     """Mean cross-entropy of token t+1 given tokens <= t over pairs of real tokens whose
-    target is not an image placeholder; `args` as `prepare_batch` returns them."""
+    target is not an image placeholder; `args` the fields of `model.prepare(batch)`."""
     out = model.forward(args["input_ids"], args["attention_mask"], args["pixel_values"],
-                        args["grid_hws"])
+                        args["grid"], args["positions"])
     logits = out.logits[:, :-1].astype(jnp.float32)
     targets = args["input_ids"][:, 1:]
     mask = args["attention_mask"][:, :-1] & args["attention_mask"][:, 1:]
-    placeholder = model.config.media_placeholder_token_id
+    placeholder = families.image_token_id(model.config)
     if placeholder is not None:
         mask = mask & (targets != placeholder)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(mask.sum(), 1)
 
 
-@nnx.jit(static_argnames="grid_hws")
-def _loss(model, input_ids, attention_mask, pixel_values, grid_hws):
+def loss_args(model, batch) -> dict[str, Any]:
+    p = model.prepare(batch)
+    return dict(input_ids=p.input_ids, attention_mask=p.attention_mask,
+                pixel_values=p.pixel_values, grid=p.grid, positions=p.positions)
+
+
+@nnx.jit(static_argnames="grid")
+def _loss(model, input_ids, attention_mask, pixel_values, grid, positions):
     args = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                grid_hws=grid_hws)
+                grid=grid, positions=positions)
     return next_token_loss(model, args)
 
 
-@nnx.jit(static_argnames="grid_hws")
-def _train_step(model, optimizer, input_ids, attention_mask, pixel_values, grid_hws):
+@nnx.jit(static_argnames="grid")
+def _train_step(model, optimizer, input_ids, attention_mask, pixel_values, grid, positions):
     args = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                grid_hws=grid_hws)
+                grid=grid, positions=positions)
     diff = nnx.DiffState(0, is_router_kernel)
     loss, grads = nnx.value_and_grad(next_token_loss, argnums=diff)(model, args)
     optimizer.update(model, grads)
     return loss
 
 
-def calibration_loss(model: KimiVL, batches: Sequence[Mapping[str, Any]]) -> float:
+def calibration_loss(model, batches: Sequence[Mapping[str, Any]]) -> float:
     """Mean of `next_token_loss` over the batches."""
-    losses = [float(_loss(model, **prepare_batch(model.config, b))) for b in batches]
+    losses = [float(_loss(model, **loss_args(model, b))) for b in batches]
     return float(np.mean(losses))
 
 
 def finetune_routers(
-    model: KimiVL,
+    model,
     batches: Sequence[Mapping[str, Any]],
     *,
     learning_rate: float = 1e-4,
@@ -86,7 +94,7 @@ def finetune_routers(
     if epochs < 1 or not learning_rate > 0 or weight_decay < 0:
         raise ValueError(f"need epochs >= 1, learning_rate > 0, weight_decay >= 0; got "
                          f"{epochs}, {learning_rate}, {weight_decay}")
-    if not any(isinstance(m, Router) for _, m in nnx.iter_graph(model)):
+    if not any(isinstance(m, ROUTERS) for _, m in nnx.iter_graph(model)):
         raise ValueError("model has no MoE router to fine-tune")
     kernels = dict(apply.quantized_modules(model))
     use_kernels = {p: m.use_kernels for p, m in kernels.items()}
@@ -98,8 +106,7 @@ def finetune_routers(
         steps = []
         for _ in range(epochs):
             for b in batches:
-                args = prepare_batch(model.config, b)
-                steps.append(float(_train_step(model, optimizer, **args)))
+                steps.append(float(_train_step(model, optimizer, **loss_args(model, b))))
         after = calibration_loss(model, batches)
     finally:
         for p, m in kernels.items():
