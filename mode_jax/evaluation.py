@@ -32,7 +32,7 @@ def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict, dict]:
     return _next_token(ctx, fp_model, q_model)
 
 
-def _eval_set(ctx, model_config):
+def _eval_set(ctx, model_config=None):
     from mode_jax import preprocess
     from mode_jax.eval import harness
 
@@ -42,8 +42,8 @@ def _eval_set(ctx, model_config):
         raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
                          "the testbed)")
     image_processor = None
-    if not hasattr(model_config, "media_placeholder_token_id"):  # Qwen3-VL: its own images
-        from mode_jax import preprocess_qwen3vl
+    if model_config is not None and not hasattr(model_config, "media_placeholder_token_id"):
+        from mode_jax import preprocess_qwen3vl  # Qwen3-VL: its own image processor
 
         image_processor = preprocess_qwen3vl.load_image_processor(c.model.path)
     if c.eval.jsonl:

@@ -1,8 +1,8 @@
 """Quantizing a tiny Qwen3-VL-MoE (grouped-query attention, DeepStack, M-RoPE) end to end:
 GPTQ with a mixed bit map, the packed model against its own dequantized copy, the artifact
-round trip, and the kernel path."""
+round trip, router fine-tuning. (The kernel path of packed experts and linears is family-blind
+and tested in test_quantized_moe.py and test_serialize.py.)"""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import qwen3vl_tiny as tiny
@@ -65,28 +65,14 @@ def test_artifact_round_trip_keeps_the_family(quantized, tmp_path):
                                   np.asarray(qmodel(batch).logits))
 
 
-@pytest.mark.slow
-def test_kernel_path_matches_xla_path(quantized):
-    _, qmodel, _ = quantized
-    batch = tiny.batch(4)
-    xla = np.asarray(qmodel(batch).logits)
-    apply.set_use_kernels(qmodel, True)
-    try:
-        kernel = np.asarray(qmodel(batch).logits)
-    finally:
-        apply.set_use_kernels(qmodel, False)
-    np.testing.assert_allclose(kernel, xla, rtol=1e-4, atol=1e-4 * np.abs(xla).max())
-    assert jnp.isfinite(kernel).all()
-
-
 def test_router_finetuning_lowers_the_calibration_loss(quantized):
     """GEMQ's router fine-tuning option on this family: the loss it reports uses the model's
-    M-RoPE positions and DeepStack, and a few AdamW steps on the routers alone lower it."""
+    M-RoPE positions and DeepStack, and two AdamW steps on the routers alone lower it."""
     _, qmodel, _ = quantized
     model = nnx.clone(qmodel)
     batches = [tiny.batch(0), tiny.batch(1)]
     routers = [np.asarray(lyr.mlp.gate.kernel[...]) for lyr in model.language_model.layers]
-    result = router_finetune.finetune_routers(model, batches, learning_rate=1e-2, epochs=3)
+    result = router_finetune.finetune_routers(model, batches, learning_rate=1e-2)
     assert result["loss_after"] < result["loss_before"]
     assert result["loss_before"] == pytest.approx(
         router_finetune.calibration_loss(qmodel, batches), rel=1e-6)

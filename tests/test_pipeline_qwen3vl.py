@@ -52,14 +52,15 @@ def test_main_runs_every_stage(checkpoint, tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, "main.py", "--config=configs/tiny.py",
            f"--config.model.path={checkpoint}", f"--workdir={work}",
-           "--config.alloc.budget_bits=3.0", "--config.sens.estimator=logit_kl",
+           "--config.alloc.budget_bits=3.0", "--config.data.num_sens_samples=2",
+           "--config.sens.hutchinson_probes=2", "--config.eval.max_new_tokens=3",
            "--config.data.source=sharegpt", f"--config.data.calib_json={checkpoint}/calib.json",
            f"--config.data.image_dir={checkpoint}/images",
            f"--config.eval.jsonl={checkpoint}/bench.jsonl"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (work / "report.md").read_text()
-    assert "| mode/text+key | logit_kl | gptq |" in report and "accuracy" in report
+    assert "| mode/text+key | expert_mse | gptq |" in report and "accuracy" in report
     (qdir,) = glob.glob(str(work / "quantize" / "*"))
     qmodel, meta = serialize.restore(qdir)
     assert meta["family"] == "qwen3_vl_moe"

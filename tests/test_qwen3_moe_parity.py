@@ -175,12 +175,12 @@ def test_cached_decoding_equals_full_forward():
     jm = convert(model, cfg)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 9)))
     full = np.asarray(jm(ids).logits)
-    cache = q3.KVCache.init(cfg, 2, 12)
-    out = jm(ids[:, :6], cache=cache)
+    step = nnx.jit(lambda m, x, c: m(x, cache=c))
+    out = step(jm, ids[:, :6], jm.init_cache(2, 12))
     np.testing.assert_allclose(np.asarray(out.logits), full[:, :6], rtol=1e-5, atol=1e-5)
     cache = out.cache
     for i in range(6, 9):
-        out = jm(ids[:, i:i + 1], cache=cache)
+        out = step(jm, ids[:, i:i + 1], cache)
         np.testing.assert_allclose(np.asarray(out.logits[:, 0]), full[:, i], rtol=1e-5,
                                    atol=1e-5)
         cache = out.cache
