@@ -258,3 +258,31 @@ def test_jitted_forward_matches_eager():
     jitted = nnx.jit(lambda m, x: m(x).logits)(jm, ids)
     np.testing.assert_allclose(np.asarray(jitted), eager, rtol=1e-5, atol=1e-5)
     assert jax.tree.leaves(nnx.state(jm))  # the model has state to trace
+
+
+def test_bfloat16_model_stays_within_bf16_error():
+    """bf16 weights and activations (routers rounded to bf16 as in PyTorch, softmax in
+    float32) against the float32 reference: within 5e-2 of the logit scale (measured 1.8e-2;
+    torch's own bf16 model: 1.8e-2), and the routing agrees with torch's bf16 model on >= 95%
+    of (token, layer) pairs (measured 97.7-99.2%; near-ties flip either way)."""
+    overrides = dict(norm_topk_prob=True, tie_word_embeddings=False, hidden_size=64,
+                     moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)
+    model = torch_model(overrides)
+    cfg = q3.TextConfig.from_hf(model.config)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 32))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
+        ref_bf16 = model.to(torch.bfloat16)(input_ids=torch.tensor(ids),
+                                            output_router_logits=True)
+    model.float()
+    abstract = nnx.eval_shape(lambda: q3.Qwen3MoeText(cfg, param_dtype=jnp.bfloat16,
+                                                      rngs=nnx.Rngs(0)))
+    jm = mapping.convert(deepseek_v3_keys.torch_items(model), keys.text_rules(), abstract,
+                         ignore=keys.text_ignore(cfg))
+    out = jm(jnp.asarray(ids), return_routing=True)
+    assert rel_err(np.asarray(out.logits, np.float32), ref, np.ones(ids.shape)) <= 5e-2
+    k = cfg.num_experts_per_tok
+    for logits, (jids, _) in zip(ref_bf16.router_logits, out.routing, strict=True):
+        tids = torch.topk(torch.softmax(logits.float(), -1), k, -1)[1].numpy()
+        same = (np.sort(tids, -1) == np.sort(np.asarray(jids).reshape(-1, k), -1)).all(-1)
+        assert same.mean() >= 0.95

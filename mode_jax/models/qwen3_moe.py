@@ -196,7 +196,8 @@ def rotate_half_apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
 
 
 class Router(nnx.Module):
-    """Router `kernel [D, E]`, computed in float32 (as `deepseek_v3.Router`, without bias)."""
+    """Router `kernel [D, E]`. The logits are computed in the model dtype and the softmax in
+    float32, as transformers' Qwen3-MoE does (DeepSeek-V3's router is float32 throughout)."""
 
     def __init__(self, cfg: TextConfig, param_dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -206,8 +207,10 @@ class Router(nnx.Module):
         self.config = cfg.router_config()
 
     def logits(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(jnp.float32)
-        return jnp.matmul(x.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
+        """Router logits `[N, E]` float32 (rounded to the model dtype first, as in PyTorch)."""
+        kernel = self.kernel[...]
+        y = jnp.matmul(x.astype(kernel.dtype), kernel, precision=jax.lax.Precision.HIGHEST)
+        return y.astype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         return moe.route(self.logits(x), self.config)
