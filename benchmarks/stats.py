@@ -90,7 +90,7 @@ def testbed_models(a):
         for batch in data.batches(samples, tokenizer, a.batch,
                                   pad_token_id=model.config.pad_token_id):
             dev, grid = passes.device_batch(model, batch)
-            emb = np.asarray(passes.embed_inputs(model, dev, grid), np.float32)
+            emb = np.asarray(passes.embed_inputs(model, dev, grid)[0], np.float32)
             out.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                         "inputs_embeds": emb})
         return out
