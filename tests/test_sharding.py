@@ -50,6 +50,39 @@ def test_expert_parallel_forward_matches():
     assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
 
 
+QWEN_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    import jax, numpy as np
+    import qwen3vl_tiny as tiny
+    from mode_jax import sharding
+
+    assert len(jax.devices()) == 8
+    model = tiny.model()
+    batch = tiny.batch(0)
+    want = model(batch, return_routing=True)
+    mesh = sharding.make_mesh(expert=4)
+    sharding.shard_model(model, mesh)
+    down = model.language_model.layers[0].mlp.experts.down[...]
+    assert down.sharding.spec == jax.sharding.PartitionSpec("expert"), down.sharding
+    got = model(sharding.shard_batch(batch, mesh), return_routing=True)
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
+                               rtol=1e-5, atol=1e-5)
+    for (gi, _), (wi, _) in zip(got.routing, want.routing):
+        np.testing.assert_array_equal(np.sort(np.asarray(gi), -1), np.sort(np.asarray(wi), -1))
+    print("SHARDED_OK")
+""")
+
+
+def test_expert_parallel_qwen3vl_forward_matches():
+    """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", QWEN_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_mesh_rejects_uneven_expert_axis():
     import pytest
 

@@ -129,6 +129,9 @@ class Qwen3VLMoe(nnx.Module):
         args.pop("rope_delta")
         if image_query_mask is not None:
             image_query_mask = jnp.asarray(image_query_mask, bool)
+            if image_query_mask.shape != args["input_ids"].shape:
+                raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
+                                 f"got {image_query_mask.shape}")
         return _forward_jit(self, **args, image_query_mask=image_query_mask,
                             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
                             return_hidden=return_hidden)
