@@ -25,3 +25,11 @@ def _release_compiled_programs():
     jax.clear_caches()
     gc.collect()
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding slow tests first (stable otherwise). The suite runs in two processes, one
+    file per process at a time (`--dist loadfile`, in collection order): long files started
+    last leave one process working alone at the end, so they are started first."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
