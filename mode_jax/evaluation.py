@@ -42,8 +42,10 @@ def _eval_set(ctx, model_config=None):
         raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
                          "the testbed)")
     image_processor = None
-    if model_config is not None and not hasattr(model_config, "media_placeholder_token_id"):
-        from mode_jax import preprocess_qwen3vl  # Qwen3-VL: its own image processor
+    from mode_jax.convert import families
+
+    if model_config is not None and families.is_qwen3_vl(model_config):
+        from mode_jax import preprocess_qwen3vl
 
         image_processor = preprocess_qwen3vl.load_image_processor(c.model.path)
     if c.eval.jsonl:

@@ -260,11 +260,10 @@ def test_jitted_forward_matches_eager():
     assert jax.tree.leaves(nnx.state(jm))  # the model has state to trace
 
 
-def test_bfloat16_model_stays_within_bf16_error():
-    """bf16 weights and activations (routers rounded to bf16 as in PyTorch, softmax in
-    float32) against the float32 reference: within 5e-2 of the logit scale (measured 1.8e-2;
-    torch's own bf16 model: 1.8e-2), and the routing agrees with torch's bf16 model on >= 95%
-    of (token, layer) pairs (measured 97.7-99.2%; near-ties flip either way)."""
+def bf16_errors() -> tuple[float, float, list[float]]:
+    """(our bf16 model's relative logit error against float32 transformers, transformers'
+    own bf16 error, per MoE layer the share of tokens routed as transformers' bf16 model) on a
+    wider random model; `benchmarks.qwen3_parity` prints them."""
     overrides = dict(norm_topk_prob=True, tie_word_embeddings=False, hidden_size=64,
                      moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4)
     model = torch_model(overrides)
@@ -280,9 +279,23 @@ def test_bfloat16_model_stays_within_bf16_error():
     jm = mapping.convert(deepseek_v3_keys.torch_items(model), keys.text_rules(), abstract,
                          ignore=keys.text_ignore(cfg))
     out = jm(jnp.asarray(ids), return_routing=True)
-    assert rel_err(np.asarray(out.logits, np.float32), ref, np.ones(ids.shape)) <= 5e-2
-    k = cfg.num_experts_per_tok
+    ones = np.ones(ids.shape)
+    ours = rel_err(np.asarray(out.logits, np.float32), ref, ones)
+    theirs = rel_err(ref_bf16.logits.float().numpy(), ref, ones)
+    k, same = cfg.num_experts_per_tok, []
     for logits, (jids, _) in zip(ref_bf16.router_logits, out.routing, strict=True):
         tids = torch.topk(torch.softmax(logits.float(), -1), k, -1)[1].numpy()
-        same = (np.sort(tids, -1) == np.sort(np.asarray(jids).reshape(-1, k), -1)).all(-1)
-        assert same.mean() >= 0.95
+        match = (np.sort(tids, -1) == np.sort(np.asarray(jids).reshape(-1, k), -1)).all(-1)
+        same.append(float(match.mean()))
+    return ours, theirs, same
+
+
+def test_bfloat16_model_stays_within_bf16_error():
+    """bf16 weights and activations (routers rounded to bf16 as in PyTorch, softmax in
+    float32) against the float32 reference: within 5e-2 of the logit scale (measured 1.8e-2;
+    torch's own bf16 model: 1.8e-2), and the routing agrees with torch's bf16 model on >= 95%
+    of (token, layer) pairs (measured 97.7-99.2%; near-ties flip either way)."""
+    ours, _, same = bf16_errors()
+    assert ours <= 5e-2
+    for share in same:
+        assert share >= 0.95

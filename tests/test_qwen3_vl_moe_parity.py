@@ -34,6 +34,11 @@ PATCH_DIM = 3 * 2 * 2 * 2
 
 @pytest.fixture(scope="module")
 def hf():
+    return hf_model()
+
+
+def hf_model():
+    """The tiny random transformers model (norm weights moved off 1), float32, eager."""
     torch.manual_seed(0)
     cfg = Qwen3VLMoeConfig(text_config=TEXT, vision_config=VISION, image_token_id=IMAGE,
                            video_token_id=71, vision_start_token_id=START,

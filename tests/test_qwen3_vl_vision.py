@@ -113,14 +113,19 @@ def test_images_match_transformers(hf):
                                    atol=1e-6 * np.abs(np.asarray(ours_d)).max())
 
 
-def test_video_and_image_match_transformers(hf):
-    grid = ((2, 4, 4), (1, 4, 6))  # two frames attend separately and share positions
-    pixels = _pixels(grid, seed=1)
+def _assert_jitted_matches(hf, grid, seed):
+    """The jitted converted tower's merged and deepstack features equal transformers'."""
+    pixels = _pixels(grid, seed=seed)
     ref_embeds, ref_deep = _reference(hf, pixels, grid)
     embeds, deep = _run_jit(_convert(hf), pixels, grid)
     _assert_close(embeds, ref_embeds)
     for ours_d, ref_d in zip(deep, ref_deep, strict=True):
         _assert_close(ours_d, ref_d)
+
+
+def test_video_and_image_match_transformers(hf):
+    # two frames attend separately and share positions
+    _assert_jitted_matches(hf, ((2, 4, 4), (1, 4, 6)), seed=1)
 
 
 def test_bf16_tower_tolerance(hf):
@@ -140,14 +145,7 @@ def test_bf16_tower_tolerance(hf):
 
 
 def test_unsorted_deepstack_indexes_follow_block_order():
-    hf = _hf_model(deepstack_visual_indexes=[2, 0])
-    grid = ((1, 4, 4),)
-    pixels = _pixels(grid, seed=2)
-    ref_embeds, ref_deep = _reference(hf, pixels, grid)
-    embeds, deep = _run_jit(_convert(hf), pixels, grid)
-    _assert_close(embeds, ref_embeds)
-    for ours_d, ref_d in zip(deep, ref_deep, strict=True):
-        _assert_close(ours_d, ref_d)
+    _assert_jitted_matches(_hf_model(deepstack_visual_indexes=[2, 0]), ((1, 4, 4),), seed=2)
 
 
 def test_missing_or_misshaped_tensor_is_named(hf):

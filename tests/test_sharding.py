@@ -42,12 +42,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_expert_parallel_forward_matches():
+def _run_on_8_host_devices(script: str) -> None:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_expert_parallel_forward_matches():
+    _run_on_8_host_devices(SCRIPT)
 
 
 QWEN_SCRIPT = textwrap.dedent("""
@@ -76,11 +80,7 @@ QWEN_SCRIPT = textwrap.dedent("""
 
 def test_expert_parallel_qwen3vl_forward_matches():
     """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", QWEN_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_8_host_devices(QWEN_SCRIPT)
 
 
 def test_mesh_rejects_uneven_expert_axis():

@@ -62,7 +62,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     else:
         samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
     build = None
-    if not hasattr(model_config, "media_placeholder_token_id"):  # Qwen3-VL's processor format
+    if families.is_qwen3_vl(model_config):
         from mode_jax import preprocess_qwen3vl as pq
 
         image_processor = pq.load_image_processor(model_path)
@@ -108,13 +108,13 @@ def random_batches(model_config, n: int, batch_size: int, seed: int,
     text tokens; images in the model family's processor format (`families.random_images`)."""
     rng = np.random.default_rng(seed)
     vocab, image_token_id = model_config.text.vocab_size, families.image_token_id(model_config)
-    n_img = families.random_images(model_config, 1, np.random.default_rng(0), grid)[1]
+    n_img = families.image_tokens(model_config, grid)
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         ids = rng.integers(0, vocab, size=(b, 2 + n_img + text_len)).astype(np.int32)
         ids[ids == image_token_id] = (image_token_id + 1) % vocab
         ids[:, 2:2 + n_img] = image_token_id
-        images, _ = families.random_images(model_config, b, rng, grid)
-        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), **images})
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    **families.random_images(model_config, b, rng, grid)})
     return out

@@ -74,19 +74,39 @@ def image_token_id(config: Any) -> int | None:
     return getattr(config, "media_placeholder_token_id", getattr(config, "image_token_id", None))
 
 
-def random_images(config: Any, num_images: int, rng: np.random.Generator,
-                  grid: tuple[int, int] = (4, 4)) -> tuple[dict[str, np.ndarray], int]:
-    """Random pixels for `num_images` images of `grid` patches in the family's processor
-    format, and how many image tokens each image takes."""
+def is_qwen3_vl(config: Any) -> bool:
+    """Whether `config` is a Qwen3-VL-MoE model's: its prompts and images come from the
+    checkpoint's own chat template and image processor (`preprocess_qwen3vl`), Kimi-VL's from
+    `preprocess`."""
+    return for_config(config).name == "qwen3_vl_moe"
+
+
+def _qwen_grid(vision, grid: tuple[int, int]) -> tuple[int, int]:
+    m = vision.spatial_merge_size
+    return tuple(-(-g // m) * m for g in grid)  # rounded up to whole merge windows
+
+
+def image_tokens(config: Any, grid: tuple[int, int] = (4, 4)) -> int:
+    """How many placeholder tokens one image of `grid` patches takes (`random_images`)."""
     vision = config.vision
-    if hasattr(vision, "patch_dim"):  # Qwen3-VL: flattened (C, T, p, p) patches, (t, h, w)
-        m = vision.spatial_merge_size
-        h, w = (-(-g // m) * m for g in grid)
+    if is_qwen3_vl(config):
+        h, w = _qwen_grid(vision, grid)
+        return h * w // vision.spatial_merge_size**2
+    return grid[0] * grid[1] // 4  # Kimi-VL's 2x2 merge
+
+
+def random_images(config: Any, num_images: int, rng: np.random.Generator,
+                  grid: tuple[int, int] = (4, 4)) -> dict[str, np.ndarray]:
+    """Random pixels for `num_images` images of `grid` patches in the family's processor
+    format: Qwen3-VL's flattened (C, T, p, p) patches with (t, h, w) grids, or Kimi-VL's
+    `[P, 3, 14, 14]` patches with (h, w) grids."""
+    vision = config.vision
+    if is_qwen3_vl(config):
+        h, w = _qwen_grid(vision, grid)
         pixels = rng.standard_normal((num_images * h * w, vision.patch_dim))
         return {"pixel_values": pixels.astype(np.float32),
-                "image_grid_thw": np.tile(np.asarray([(1, h, w)], np.int64),
-                                          (num_images, 1))}, h * w // m**2
-    h, w = grid  # Kimi-VL: [P, 3, 14, 14] patches, (h, w)
+                "image_grid_thw": np.tile(np.asarray([(1, h, w)], np.int64), (num_images, 1))}
+    h, w = grid
     pixels = rng.standard_normal((num_images * h * w, 3, 14, 14))
     return {"pixel_values": pixels.astype(np.float32),
-            "image_grid_hws": np.tile(np.asarray([grid], np.int64), (num_images, 1))}, h * w // 4
+            "image_grid_hws": np.tile(np.asarray([grid], np.int64), (num_images, 1))}

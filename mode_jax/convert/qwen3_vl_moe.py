@@ -64,13 +64,9 @@ def from_directory(path: str | Path, *, param_dtype=jnp.float32,
     raw = safetensors_io.read_config(path)
     source = str(Path(path) / safetensors_io.CONFIG_NAME)
     config = Qwen3VLMoeConfig.from_dict(raw, source=source)
-    safetensors_io.shard_map(path)  # a missing shard fails here, before any work
     rules, ignore = model_rules(config, experts_layout(raw))
-    abstract = abstract_model(config, param_dtype, experts_impl)
-    try:
-        return mapping.convert(safetensors_io.iter_tensors(path), rules, abstract, ignore=ignore)
-    except mapping.MappingError as err:
-        raise mapping.MappingError(f"{path}: {err}") from None
+    return safetensors_io.convert_directory(
+        path, rules, abstract_model(config, param_dtype, experts_impl), ignore)
 
 
 def from_torch(torch_model: Any, *, param_dtype=jnp.float32,

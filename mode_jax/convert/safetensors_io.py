@@ -24,6 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from mode_jax.convert import mapping
+
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
@@ -168,3 +170,13 @@ def iter_tensors(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
 def checkpoint_nbytes(path: str | Path) -> int:
     """Total size of the checkpoint's weight files in bytes."""
     return sum(f.stat().st_size for f in shard_map(path))
+
+
+def convert_directory(path: str | Path, rules, abstract_model, ignore=()):
+    """Stream the checkpoint at `path` through `mapping.convert` (one tensor at a time); a
+    missing shard fails before any work, and a mismatch names the directory."""
+    shard_map(path)
+    try:
+        return mapping.convert(iter_tensors(path), rules, abstract_model, ignore=ignore)
+    except mapping.MappingError as err:
+        raise mapping.MappingError(f"{path}: {err}") from None

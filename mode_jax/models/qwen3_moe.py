@@ -91,10 +91,6 @@ class TextConfig:
         """DeepSeek's name for `num_experts`, which the stages read."""
         return self.num_experts
 
-    @property
-    def n_shared_experts(self) -> int:
-        return 0
-
     def is_moe_layer(self, layer: int) -> bool:
         return (self.num_experts > 0 and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)
@@ -244,8 +240,9 @@ class Attention(nnx.Module):
             return nnx.Linear(n_in, n_out, use_bias=cfg.attention_bias, param_dtype=param_dtype,
                               rngs=rngs)
 
-        self.q_proj, self.k_proj, self.v_proj = linear(d, h * hd), linear(d, kvh * hd), linear(
-            d, kvh * hd)
+        self.q_proj = linear(d, h * hd)
+        self.k_proj = linear(d, kvh * hd)
+        self.v_proj = linear(d, kvh * hd)
         self.o_proj = linear(h * hd, d)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype)

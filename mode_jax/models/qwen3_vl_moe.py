@@ -186,7 +186,8 @@ def prepare_batch(config: Qwen3VLMoeConfig, batch: Mapping[str, Any]) -> dict[st
         raise ValueError("video inputs (pixel_values_videos) are not supported yet")
     ids, mask = check_tokens(batch, config.text.vocab_size)
     mask = mask.astype(bool)
-    slots = ids == config.image_token_id if config.image_token_id is not None else ids < 0
+    slots = (ids == config.image_token_id if config.image_token_id is not None
+             else np.zeros(ids.shape, bool))
     types = np.asarray(batch.get("mm_token_type_ids", slots.astype(np.int32)))
     if types.shape != ids.shape:
         raise ValueError(f"mm_token_type_ids must be {ids.shape}, got {types.shape}")
