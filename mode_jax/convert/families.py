@@ -1,7 +1,8 @@
 """Which model family a checkpoint belongs to, and that family's converter.
 
 A family is a config class, a model class and a converter module with `from_directory`,
-`from_torch` and `abstract_model` (convert/kimivl.py, convert/qwen3_vl_moe.py). The stages,
+`from_torch` and `abstract_model` (convert/kimivl.py, convert/qwen3_vl_moe.py,
+convert/internvl.py). The stages,
 `mode_jax.load` and the packed-model artifact pick the family from config.json's `model_type`
 (or the artifact's recorded family name), so no other code needs to know which one it holds.
 """
@@ -41,6 +42,8 @@ FAMILIES = (
            "KimiVLConfig", "mode_jax.convert.kimivl"),
     Family("qwen3_vl_moe", ("qwen3_vl_moe", "qwen3_moe"), "mode_jax.models.qwen3_vl_moe",
            "Qwen3VLMoeConfig", "mode_jax.convert.qwen3_vl_moe"),
+    Family("internvl", ("internvl",), "mode_jax.models.internvl", "InternVLConfig",
+           "mode_jax.convert.internvl"),
 )
 MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
@@ -81,6 +84,12 @@ def is_qwen3_vl(config: Any) -> bool:
     return for_config(config).name == "qwen3_vl_moe"
 
 
+def is_internvl(config: Any) -> bool:
+    """Whether `config` is an InternVL model's: fixed-size tiles, prompts and images from the
+    checkpoint's chat template and image processor (`preprocess_internvl`)."""
+    return for_config(config).name == "internvl"
+
+
 def _qwen_grid(vision, grid: tuple[int, int]) -> tuple[int, int]:
     m = vision.spatial_merge_size
     return tuple(-(-g // m) * m for g in grid)  # rounded up to whole merge windows
@@ -89,6 +98,8 @@ def _qwen_grid(vision, grid: tuple[int, int]) -> tuple[int, int]:
 def image_tokens(config: Any, grid: tuple[int, int] = (4, 4)) -> int:
     """How many placeholder tokens one image of `grid` patches takes (`random_images`)."""
     vision = config.vision
+    if is_internvl(config):
+        return vision.tokens_per_tile  # one tile whatever the grid
     if is_qwen3_vl(config):
         h, w = _qwen_grid(vision, grid)
         return h * w // vision.spatial_merge_size**2
@@ -98,9 +109,15 @@ def image_tokens(config: Any, grid: tuple[int, int] = (4, 4)) -> int:
 def random_images(config: Any, num_images: int, rng: np.random.Generator,
                   grid: tuple[int, int] = (4, 4)) -> dict[str, np.ndarray]:
     """Random pixels for `num_images` images of `grid` patches in the family's processor
-    format: Qwen3-VL's flattened (C, T, p, p) patches with (t, h, w) grids, or Kimi-VL's
-    `[P, 3, 14, 14]` patches with (h, w) grids."""
+    format: InternVL's `[N, C, S, S]` tiles (one per image; `grid` is not used), Qwen3-VL's
+    flattened (C, T, p, p) patches with (t, h, w) grids, or Kimi-VL's `[P, 3, 14, 14]` patches
+    with (h, w) grids."""
     vision = config.vision
+    if is_internvl(config):
+        s = vision.image_size
+        pixels = rng.standard_normal((num_images, vision.num_channels, s, s))
+        return {"pixel_values": pixels.astype(np.float32),
+                "image_num_patches": np.ones(num_images, np.int64)}
     if is_qwen3_vl(config):
         h, w = _qwen_grid(vision, grid)
         pixels = rng.standard_normal((num_images * h * w, vision.patch_dim))

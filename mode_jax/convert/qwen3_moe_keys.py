@@ -12,6 +12,7 @@ which either layout accepts. When the config ties the embeddings there is no `lm
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from mode_jax.convert import deepseek_v3_keys, mapping
 from mode_jax.convert.mapping import Rule
@@ -52,3 +53,14 @@ def text_ignore(cfg: TextConfig, prefix: str = "model.", lm_head: str = "lm_head
     if cfg.tie_word_embeddings:
         out.append(re.escape(lm_head) + r"weight")
     return out
+
+
+def experts_layout(raw_config: dict[str, Any]) -> str:
+    """The fused-expert layout of a checkpoint directory from its config.json: "published"
+    for files saved by transformers 4.x (or with no version), "torch" for 5+.
+
+    The version decides rather than the shapes, which are the same both ways when D = 2F.
+    """
+    version = str(raw_config.get("transformers_version") or "4")
+    major = version.split(".")[0]
+    return "torch" if major.isdigit() and int(major) >= 5 else "published"

@@ -8,7 +8,7 @@ Source names, shared by published checkpoints and transformers' state dicts:
 The fused experts differ: files written by transformers 4.x (the published Qwen3-VL-MoE
 checkpoints) hold `[E, D, 2F]` / `[E, F, D]`; transformers 5 keeps `[E, 2F, D]` / `[E, D, F]`
 in memory and saves them so (`qwen3_moe_keys`). A directory's layout is read from the
-`transformers_version` in its config.json (`experts_layout`).
+`transformers_version` in its config.json (`qwen3_moe_keys.experts_layout`).
 
 `from_directory` streams a checkpoint directory shard by shard (no torch); `from_torch` reads an
 in-memory model's state dict. Both fail once, listing every unknown, missing, misshapen or
@@ -25,6 +25,7 @@ from flax import nnx
 
 from mode_jax.convert import deepseek_v3_keys, mapping, qwen3_moe_keys, safetensors_io
 from mode_jax.convert.mapping import Rule
+from mode_jax.convert.qwen3_moe_keys import experts_layout
 from mode_jax.convert.qwen3_vl_vision_keys import vision_rules
 from mode_jax.models.qwen3_vl_moe import Qwen3VLMoe, Qwen3VLMoeConfig
 
@@ -38,16 +39,6 @@ def model_rules(config: Qwen3VLMoeConfig, experts_layout: str) -> tuple[list[Rul
     if config.vision is not None:
         rules += vision_rules("model.visual.", "visual.")
     return rules, qwen3_moe_keys.text_ignore(config.text, prefix)
-
-
-def experts_layout(raw_config: dict[str, Any]) -> str:
-    """"published" for files saved by transformers 4.x (or with no version), "torch" for 5+.
-
-    The version decides rather than the shapes, which are the same both ways when D = 2F.
-    """
-    version = str(raw_config.get("transformers_version") or "4")
-    major = version.split(".")[0]
-    return "torch" if major.isdigit() and int(major) >= 5 else "published"
 
 
 def abstract_model(config: Qwen3VLMoeConfig, param_dtype=jnp.float32,

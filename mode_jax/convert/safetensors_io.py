@@ -172,11 +172,15 @@ def checkpoint_nbytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in shard_map(path))
 
 
-def convert_directory(path: str | Path, rules, abstract_model, ignore=()):
+def convert_directory(path: str | Path, rules, abstract_model, ignore=(), rename=None):
     """Stream the checkpoint at `path` through `mapping.convert` (one tensor at a time); a
-    missing shard fails before any work, and a mismatch names the directory."""
+    missing shard fails before any work, and a mismatch names the directory. `rename(name)`
+    maps an older file layout's names onto the ones the rules expect."""
     shard_map(path)
+    tensors = iter_tensors(path)
+    if rename is not None:
+        tensors = ((rename(name), array) for name, array in tensors)
     try:
-        return mapping.convert(iter_tensors(path), rules, abstract_model, ignore=ignore)
+        return mapping.convert(tensors, rules, abstract_model, ignore=ignore)
     except mapping.MappingError as err:
         raise mapping.MappingError(f"{path}: {err}") from None

@@ -28,7 +28,7 @@ from flax import nnx
 
 from mode_jax import checkpoint
 from mode_jax.convert import families, mapping
-from mode_jax.models import deepseek_v3, moonvit, qwen3_moe, qwen3_vl_vision
+from mode_jax.models import deepseek_v3, internvl_vision, moonvit, qwen3_moe, qwen3_vl_vision
 from mode_jax.quant import apply
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, abstract_packed
@@ -155,7 +155,8 @@ def config_to_dict(config) -> dict[str, Any]:
 
 # per family: the text and vision config classes inside its model config
 _PARTS = {"kimi_vl": (deepseek_v3.TextConfig, moonvit.VisionConfig),
-          "qwen3_vl_moe": (qwen3_moe.TextConfig, qwen3_vl_vision.VisionConfig)}
+          "qwen3_vl_moe": (qwen3_moe.TextConfig, qwen3_vl_vision.VisionConfig),
+          "internvl": (qwen3_moe.TextConfig, internvl_vision.VisionConfig)}
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "config", family: str = "kimi_vl"):
