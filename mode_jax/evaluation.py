@@ -41,21 +41,20 @@ def _eval_set(ctx, model_config=None):
     if tokenizer is None:
         raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
                          "the testbed)")
-    image_processor = None
-    from mode_jax.convert import families
+    build = None
+    if model_config is not None:
+        from mode_jax import processors
 
-    if model_config is not None and families.is_qwen3_vl(model_config):
-        from mode_jax import preprocess_qwen3vl
-
-        image_processor = preprocess_qwen3vl.load_image_processor(c.model.path)
+        build = processors.batch_builder(model_config, tokenizer, processors.image_processor(
+            model_config, c.model.path), pad_token_id=model_config.pad_token_id)
     if c.eval.jsonl:
-        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_processor=image_processor)
+        return harness.load_jsonl(c.eval.jsonl, tokenizer, build=build)
     from mode_jax.testbed import tasks
 
     n = c.eval.num_samples or DEFAULT_HELDOUT
     suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
     return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer,
-                          image_processor=image_processor)
+                          build=build)
 
 
 def _harness(ctx, fp_model, q_model):

@@ -29,14 +29,15 @@ def load_image_processor(directory: str | Path):
     """The checkpoint's image processor (local files only), or a clear error."""
     d = Path(directory)
     if not (d / "preprocessor_config.json").is_file():
-        raise ValueError(f"{d} has no preprocessor_config.json: Qwen3-VL images need the "
+        raise ValueError(f"{d} has no preprocessor_config.json: this model's images need the "
                          "checkpoint's image processor settings")
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
 
 
-def _rgb(image: Any):
+def rgb(image: Any):
+    """A path, PIL image or HWC uint8 array as an RGB PIL image."""
     from PIL import Image
 
     if isinstance(image, str | Path):
@@ -67,7 +68,7 @@ def build_batch(conversations: Sequence[Sequence[Mapping[str, Any]]],
     pixel_values `[P, C * T * p * p]`, image_grid_thw `[N, 3]`."""
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-    flat = [_rgb(im) for per in images for im in per]
+    flat = [rgb(im) for per in images for im in per]
     out: dict[str, np.ndarray] = {}
     grids = np.zeros((0, 3), np.int64)
     if flat:

@@ -90,11 +90,17 @@ def processor_dir(path):
     tok.save_pretrained(path)
     Qwen2VLImageProcessor(patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=16,
                           max_pixels=12 * 12).save_pretrained(path)
+    return write_images(path, [(8, 12), (12, 8), (8, 8)])
+
+
+def write_images(path, sizes):
+    """Random PNG images of `sizes` (h, w) under `path`/images and a ShareGPT file calib.json
+    asking about each; returns `path`."""
     images = path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     records = []
-    for i, (h, w) in enumerate([(8, 12), (12, 8), (8, 8)]):
+    for i, (h, w) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(images / f"{i}.png")
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nwhat colour is the shape"},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import qwen3vl_tiny as tiny
 
-from mode_jax import preprocess, preprocess_qwen3vl
+from mode_jax import preprocess, processors
 from mode_jax.eval import harness
 
 
@@ -23,8 +23,9 @@ def data(tmp_path_factory):
     bench = path / "bench.jsonl"
     bench.write_text("\n".join(json.dumps(x) for x in lines))
     tokenizer = preprocess.load_tokenizer(path)
-    processor = preprocess_qwen3vl.load_image_processor(path)
-    return harness.load_jsonl(bench, tokenizer, image_processor=processor)
+    processor = processors.image_processor(tiny.CONFIG, path)
+    build = processors.batch_builder(tiny.CONFIG, tokenizer, processor)
+    return harness.load_jsonl(bench, tokenizer, build=build)
 
 
 def test_examples_carry_qwen3vl_images(data):

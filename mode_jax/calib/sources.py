@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from mode_jax import preprocess
+from mode_jax import preprocess, processors
 from mode_jax.calib import data
 from mode_jax.convert import families
 
@@ -61,15 +61,9 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
                                         human_only=purpose == "stats")
     else:
         samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
-    build = None
-    if families.is_qwen3_vl(model_config):
-        from mode_jax import preprocess_qwen3vl as pq
-
-        image_processor = pq.load_image_processor(model_path)
-
-        def build(conversations, images):
-            return pq.build_batch(conversations, images, tokenizer, image_processor,
-                                  pad_token_id=model_config.pad_token_id)
+    build = processors.batch_builder(
+        model_config, tokenizer, processors.image_processor(model_config, model_path),
+        pad_token_id=model_config.pad_token_id)
     batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length, build=build))

@@ -6,8 +6,9 @@
     print(harness.format_table(quant))
 
 `model` is any model family's wrapper (`model(batch)`, `prepare`, `embed_inputs`,
-`language_model`: Kimi-VL or Qwen3-VL-MoE). `encode` builds Kimi-VL prompts and images by
-default, Qwen3-VL ones when given the checkpoint's image processor (`preprocess_qwen3vl`).
+`language_model`: Kimi-VL, Qwen3-VL-MoE or InternVL). `encode` builds Kimi-VL prompts and images
+by default, another family's when given its batch builder (`processors.batch_builder`: the
+checkpoint's chat template and image processor).
 Per sample the harness runs
 - greedy generation with the KV cache (`eval.generate`) -> exact-match accuracy of the decoded
   answer (`metrics.exact_match`);
@@ -50,7 +51,8 @@ GROUPINGS = ("family", "task", "modality")
 class Example:
     """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), the
     image's patches and grid (or None): `[h * w, 3, p, p]` and (h, w) for Kimi-VL,
-    `[t * h * w, C * T * p * p]` and (t, h, w) for Qwen3-VL; the token id of each option's
+    `[t * h * w, C * T * p * p]` and (t, h, w) for Qwen3-VL, `[n, 3, S, S]` tiles and (n,) for
+    InternVL; the token id of each option's
     letter or, when the answer is the option itself, of the option (MC)."""
 
     sample: tasks.Sample
@@ -92,16 +94,16 @@ def option_token_ids(tokenizer, sample: tasks.Sample) -> tuple[int, ...]:
 
 
 def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None,
-           image_processor=None) -> EvalSet:
+           build=None) -> EvalSet:
     """Tokenize `samples` (one image at most each, image first) and cut their images
-    (`image_cfg`: MoonViT preprocessing, default Kimi-VL's; with `image_processor`, Qwen3-VL's
-    chat template and image processor instead)."""
+    (`image_cfg`: MoonViT preprocessing, default Kimi-VL's; with `build`, a family's batch
+    builder from `processors.batch_builder`, its chat template and image processor instead)."""
     image_cfg = image_cfg or ImageConfig()
     if not samples:
         raise ValueError("no samples to evaluate")
     eos = _single_token(tokenizer, tok_lib.IM_END, "end token")
-    if image_processor is not None:
-        return _encode_qwen3vl(samples, tokenizer, image_processor, eos)
+    if build is not None:
+        return _encode_built(samples, tokenizer, build, eos)
     examples = []
     for s in samples:
         pixels = grid = None
@@ -115,20 +117,19 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
     return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
 
 
-def _encode_qwen3vl(samples, tokenizer, image_processor, eos: int) -> EvalSet:
-    """`encode` for Qwen3-VL: prompt = the chat template over (image, question) with the
-    generation prompt, answer = its tokens + `<|im_end|>`."""
-    from mode_jax import preprocess_qwen3vl as pq
+def _encode_built(samples, tokenizer, build, eos: int) -> EvalSet:
+    """`encode` with a family's batch builder: prompt = the chat template over (image,
+    question) with the generation prompt, answer = its tokens + `<|im_end|>`."""
+    from mode_jax import processors
 
     examples = []
     for s in samples:
         content = ([{"type": "image"}] if s.image is not None else []) + [
             {"type": "text", "text": s.prompt}]
         images = [[s.image]] if s.image is not None else [[]]
-        batch = pq.build_batch([[{"role": "user", "content": content}]], images, tokenizer,
-                               image_processor)
+        batch = build([[{"role": "user", "content": content}]], images)
         pixels = batch.get("pixel_values")
-        grid = tuple(int(v) for v in batch["image_grid_thw"][0]) if pixels is not None else None
+        grid = processors.image_grid(batch) if pixels is not None else None
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
         if not answer:
             raise ValueError(f"answer {s.answer!r} encodes to no tokens")
@@ -138,10 +139,10 @@ def _encode_qwen3vl(samples, tokenizer, image_processor, eos: int) -> EvalSet:
 
 
 def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None,
-               image_processor=None) -> EvalSet:
+               build=None) -> EvalSet:
     """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them."""
     return encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
-                  image_cfg, image_processor)
+                  image_cfg, build)
 
 
 # ---------------------------------------------------------------- batching
@@ -171,7 +172,8 @@ def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str,
     if examples[0].grid is not None:
         batch["pixel_values"] = np.concatenate([e.pixel_values for e in examples])
         grids = np.asarray([e.grid for e in examples], np.int64)
-        batch["image_grid_hws" if grids.shape[1] == 2 else "image_grid_thw"] = grids
+        key = {1: "image_num_patches", 2: "image_grid_hws", 3: "image_grid_thw"}[grids.shape[1]]
+        batch[key] = grids.reshape(-1) if grids.shape[1] == 1 else grids
     return batch
 
 
