@@ -130,8 +130,10 @@ class VisionConfig:
         layer = d.get("vision_feature_layer", -1)
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"vision_feature_layer must be one int, got {layer!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v[k] for k in names & set(v) if k not in ("image_size", "patch_size")}
+        set_here = ("image_size", "patch_size", "vision_feature_layer", "downsample_ratio",
+                    "projector_hidden_act", "text_hidden_size")
+        names = {f.name for f in dataclasses.fields(cls)} - set(set_here)
+        kept = {k: v[k] for k in names & set(v)}
         return cls(**kept,
                    image_size=_pair(v.get("image_size", 448), "image_size"),
                    patch_size=_pair(v.get("patch_size", 14), "patch_size"),
