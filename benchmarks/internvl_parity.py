@@ -3,7 +3,8 @@
 Relative error = max |ours - transformers| / max |transformers| over real tokens (float32
 logits), per tower variant of tests/test_internvl_parity.py, on its batch (one- and two-tile
 images, a text-only row, left padding), and for the same model read back from the two file
-layouts; then the share of greedy tokens equal to transformers' `generate`.
+layouts; then the share of greedy tokens equal to transformers' `generate`, and the bf16
+model's error beside transformers' own bf16 model's.
 
     python -m benchmarks.internvl_parity
 """
@@ -47,6 +48,9 @@ def main() -> None:
                              pad_token_id=0)[:, batch["input_ids"].shape[1]:].numpy()
     same = float(np.mean(got.tokens[:, :theirs.shape[1]] == theirs))
     print(f"greedy generation, 8 tokens x {len(theirs)} rows: {100 * same:.1f}% equal")
+    ours, theirs_bf16 = parity.bf16_errors(hf)
+    print(f"bf16 logits vs float32 transformers: ours {ours:.2e}, transformers bf16 "
+          f"{theirs_bf16:.2e}")
     print("command: python -m benchmarks.internvl_parity")
 
 
