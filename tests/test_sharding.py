@@ -54,33 +54,37 @@ def test_expert_parallel_forward_matches():
     _run_on_8_host_devices(SCRIPT)
 
 
-QWEN_SCRIPT = textwrap.dedent("""
+FAMILIES_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")
     import jax, numpy as np
-    import qwen3vl_tiny as tiny
+    import internvl_tiny, qwen3vl_tiny
     from mode_jax import sharding
+    from mode_jax.calib import sources
 
     assert len(jax.devices()) == 8
-    model = tiny.model()
-    batch = tiny.batch(0)
-    want = model(batch, return_routing=True)
-    mesh = sharding.make_mesh(expert=4)
-    sharding.shard_model(model, mesh)
-    down = model.language_model.layers[0].mlp.experts.down[...]
-    assert down.sharding.spec == jax.sharding.PartitionSpec("expert"), down.sharding
-    got = model(sharding.shard_batch(batch, mesh), return_routing=True)
-    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
-                               rtol=1e-5, atol=1e-5)
-    for (gi, _), (wi, _) in zip(got.routing, want.routing):
-        np.testing.assert_array_equal(np.sort(np.asarray(gi), -1), np.sort(np.asarray(wi), -1))
+    internvl_batch = sources.random_batches(internvl_tiny.CONFIG, 2, 2, seed=0)[0]
+    for tiny, batch in ((qwen3vl_tiny, qwen3vl_tiny.batch(0)), (internvl_tiny, internvl_batch)):
+        model = tiny.model()
+        want = model(batch, return_routing=True)
+        mesh = sharding.make_mesh(expert=4)
+        sharding.shard_model(model, mesh)
+        down = model.language_model.layers[0].mlp.experts.down[...]
+        assert down.sharding.spec == jax.sharding.PartitionSpec("expert"), down.sharding
+        got = model(sharding.shard_batch(batch, mesh), return_routing=True)
+        np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits),
+                                   rtol=1e-5, atol=1e-5)
+        for (gi, _), (wi, _) in zip(got.routing, want.routing):
+            np.testing.assert_array_equal(np.sort(np.asarray(gi), -1),
+                                          np.sort(np.asarray(wi), -1))
     print("SHARDED_OK")
 """)
 
 
-def test_expert_parallel_qwen3vl_forward_matches():
-    """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)."""
-    _run_on_8_host_devices(QWEN_SCRIPT)
+def test_expert_parallel_forward_matches_on_the_other_families():
+    """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)
+    and on InternVL (tiles), in one subprocess."""
+    _run_on_8_host_devices(FAMILIES_SCRIPT)
 
 
 def test_mesh_rejects_uneven_expert_axis():
