@@ -1,6 +1,8 @@
 """Mixed-bit grouped expert matmuls at Kimi-VL expert shapes against bf16 baselines.
 
-Shapes: 64 experts; gate/up = SwiGLU over [2048, 2 x 1408] (-> [M, 1408]); down = [1408, 2048].
+Shapes: 64 experts; gate/up = SwiGLU over [2048, 2 x 1408] (-> [M, 1408]); down = [1408, 2048]
+(`--shapes qwen3_30b_a3b`: the 128 experts of 2048 x 768 that Qwen3-VL-30B-A3B and
+InternVL3.5-30B-A3B share).
 For each op, bit width and tokens per expert (1, 4, 16, 64, 512; routing spread evenly) it
 prints the median time, the packed weight bytes (codes + bf16 scales), the achieved bandwidth on
 those bytes, the fraction of the bandwidth floor (packed bytes / measured copy bandwidth), and
@@ -10,6 +12,7 @@ ragged_dot); use ``--small`` there.
 
   python -m benchmarks.kernels                      # full Kimi-VL shapes (GPU/TPU)
   python -m benchmarks.kernels --small --bits 2,3,4 # reduced shapes, e.g. on CPU
+  python -m benchmarks.kernels --shapes qwen3_30b_a3b # Qwen3-VL / InternVL3.5 MoE experts
   python -m benchmarks.kernels --dequant magic,registers # dequant modes side by side
   python -m benchmarks.kernels --sweep --bits 4 --tokens 1 # time block configs (autotune)
 """
@@ -35,6 +38,8 @@ def parse_args(argv):
     p.add_argument("--ops", default="gate_up,down", help="gate_up and/or down")
     p.add_argument("--backend", default="auto", choices=gm.BACKENDS)
     p.add_argument("--small", action="store_true", help="8 experts, K=512, F=256, N=512")
+    p.add_argument("--shapes", default="kimi_vl", choices=sorted(EXPERT_SHAPES),
+                   help="model whose expert shapes to time (ignored with --small)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--queued", type=int, default=10, help="calls dispatched per timing sample "
                    "before waiting (1: a host round trip per call)")
@@ -46,9 +51,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def op_shapes(small: bool):
+EXPERT_SHAPES = {"kimi_vl": (64, 2048, 1408), "qwen3_30b_a3b": (128, 2048, 768)}
+
+
+def op_shapes(small: bool, shapes: str = "kimi_vl"):
     """op -> (experts, K, weight columns, output columns, fused)."""
-    experts, d, f = (8, 512, 256) if small else (64, 2048, 1408)
+    experts, d, f = (8, 512, 256) if small else EXPERT_SHAPES[shapes]
     return {"gate_up": (experts, d, 2 * f, f, True), "down": (experts, f, d, d, False)}
 
 
@@ -91,7 +99,7 @@ def run(args) -> None:
     )
     key = jax.random.key(0)
     for op_name in args.ops.split(","):
-        experts, k, cols, out_cols, fused = op_shapes(args.small)[op_name]
+        experts, k, cols, out_cols, fused = op_shapes(args.small, args.shapes)[op_name]
         w_bf16 = jax.random.normal(key, (experts, k, cols), jnp.bfloat16) / k**0.5
         packed = {b: random_packed(key, experts, k, cols, b, 2 if fused else 1) for b in bits_list}
         for tokens in (int(t) for t in args.tokens.split(",")):
