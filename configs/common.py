@@ -89,4 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.expert = 1  # devices along the expert axis; the rest split the batch (data axis)
 
     c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')
+    # jax's persistent compilation cache: "auto" = <workdir>/jax_cache (reruns, resumed runs and
+    # ablations on the same workdir skip XLA compiles), "" = off, else a directory. An already
+    # set JAX_COMPILATION_CACHE_DIR wins.
+    c.compilation_cache = "auto"
     return c
