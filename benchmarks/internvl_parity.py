@@ -11,6 +11,7 @@ model's error beside transformers' own bf16 model's.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import torch
 
 from mode_jax.convert import internvl as convert
 from mode_jax.eval import generate
-from tests import test_internvl_parity as parity
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers
+from tests import test_internvl_parity as parity  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mode_jax import preprocess
-from mode_jax.preprocess_qwen3vl import load_image_processor, rgb
+from mode_jax.processors import load_image_processor, rgb
 
 __all__ = ["build_batch", "expand_image_tokens", "load_image_processor"]
 

@@ -15,37 +15,16 @@ Images are paths, PIL images or HWC uint8 arrays, converted to RGB.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mode_jax import preprocess
+from mode_jax.processors import load_image_processor, rgb
+
+__all__ = ["build_batch", "expand_image_pads", "load_image_processor"]
 
 IMAGE_PAD = "<|image_pad|>"
-
-
-def load_image_processor(directory: str | Path):
-    """The checkpoint's image processor (local files only), or a clear error."""
-    d = Path(directory)
-    if not (d / "preprocessor_config.json").is_file():
-        raise ValueError(f"{d} has no preprocessor_config.json: this model's images need the "
-                         "checkpoint's image processor settings")
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
-
-
-def rgb(image: Any):
-    """A path, PIL image or HWC uint8 array as an RGB PIL image."""
-    from PIL import Image
-
-    if isinstance(image, str | Path):
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    return image.convert("RGB")
 
 
 def expand_image_pads(text: str, grid_thw: np.ndarray, merge: int) -> str:

@@ -12,15 +12,38 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mode_jax.convert import families
+
+
+def load_image_processor(directory: str | Path):
+    """The checkpoint's image processor (local files only), or a clear error."""
+    d = Path(directory)
+    if not (d / "preprocessor_config.json").is_file():
+        raise ValueError(f"{d} has no preprocessor_config.json: this model's images need the "
+                         "checkpoint's image processor settings")
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
+
+
+def rgb(image: Any):
+    """A path, PIL image or HWC uint8 array as an RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(image, str | Path):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    return image.convert("RGB")
 
 
 def image_processor(model_config: Any, checkpoint: str | Path):
     """The checkpoint's image processor for families that use one, else None."""
     if model_config is None or families.for_config(model_config).name == "kimi_vl":
         return None
-    from mode_jax.preprocess_qwen3vl import load_image_processor
-
     return load_image_processor(checkpoint)
 
 

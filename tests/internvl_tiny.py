@@ -2,8 +2,6 @@
 checkpoint directory with a tokenizer, image processor, images and calibration file, for the
 tests of preprocessing and the stages on that family."""
 
-import jax
-import numpy as np
 import qwen3vl_tiny
 from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -26,18 +24,21 @@ CONFIG = ivl.InternVLConfig.from_dict(RAW)
 
 def model():
     """Random weights with std 1/sqrt(fan_in) (routing and quantization both matter)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: ivl.InternVL(CONFIG, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
+    return qwen3vl_tiny.random_weights(
+        nnx.eval_shape(lambda: ivl.InternVL(CONFIG, rngs=nnx.Rngs(0))),
+        near_one=("scale", "lambda_1", "lambda_2"), tables=("embedding", "pos_embed", "cls_token"))
 
-    def init(path, leaf):
-        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
-        if name in ("scale", "bias", "lambda_1", "lambda_2"):
-            base = 0.0 if name == "bias" else 1.0
-            return (base + 0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
-        fan_in = 1 if name in ("embedding", "pos_embed", "cls_token") else leaf.shape[-2]
-        return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
 
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+def randomize(hf):
+    """Move a transformers InternVL's norms, layer scales, CLS token and position table off
+    their initial values (torch's global generator), so that no term is invisible."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if any(k in name for k in ("norm", "lambda", "cls_token", "position_embeddings")):
+                p.add_(0.3 * torch.randn_like(p))
+    return hf
 
 
 SPECIAL = ["<|im_start|>", "<|im_end|>"]
@@ -58,11 +59,7 @@ def save_checkpoint(path):
 
     torch.manual_seed(0)
     cfg = InternVLConfig(**{k: v for k, v in RAW.items() if k != "model_type"})
-    hf = InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if any(k in name for k in ("norm", "lambda", "cls_token", "position_embeddings")):
-                p.add_(0.3 * torch.randn_like(p))
+    hf = randomize(InternVLForConditionalGeneration(cfg).eval())
     hf.save_pretrained(path)
     return hf
 

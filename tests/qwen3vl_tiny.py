@@ -31,15 +31,22 @@ GRIDS = ((1, 4, 6), (1, 6, 4), (1, 4, 4))
 
 def model():
     """Random weights with std 1/sqrt(fan_in) (routing and quantization both matter)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: qvl.Qwen3VLMoe(CONFIG, rngs=nnx.Rngs(0))))
+    return random_weights(nnx.eval_shape(lambda: qvl.Qwen3VLMoe(CONFIG, rngs=nnx.Rngs(0))))
+
+
+def random_weights(abstract, near_one=("scale",), tables=("embedding", "pos_embed")):
+    """`abstract` (an `nnx.eval_shape` model) filled from a seeded numpy generator: norm scales
+    and the names in `near_one` around 1, biases around 0 (both +- 0.1), lookup `tables` with
+    std 1, every other weight with std 1/sqrt(fan_in)."""
+    graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(0)
 
     def init(path, leaf):
         name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
-        if name in ("scale", "bias"):
-            return (1.0 if name == "scale" else 0.0) + 0.1 * rng.normal(size=leaf.shape).astype(
-                leaf.dtype)
-        fan_in = 1 if name in ("embedding", "pos_embed") else leaf.shape[-2]
+        if name in near_one or name == "bias":
+            return (1.0 if name in near_one else 0.0) + 0.1 * rng.normal(
+                size=leaf.shape).astype(leaf.dtype)
+        fan_in = 1 if name in tables else leaf.shape[-2]
         return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))

@@ -12,6 +12,7 @@ fused experts) convert through `from_directory` to the same logits.
 import copy
 import json
 
+import internvl_tiny
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,12 +54,7 @@ def hf_model(variant="internvl3.5", tie=False):
         c._attn_implementation = "eager"
     for c in (cfg, cfg.text_config):  # the plain per-expert loop (grouped_mm needs aligned bf16)
         c._experts_implementation = "eager"
-    model = InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(k in name for k in ("norm", "lambda", "cls_token", "position_embeddings")):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return internvl_tiny.randomize(InternVLForConditionalGeneration(cfg).eval())
 
 
 def make_batch(tiles, rows, t=40, left_pad=3, seed=0):

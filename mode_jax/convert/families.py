@@ -77,19 +77,6 @@ def image_token_id(config: Any) -> int | None:
     return getattr(config, "media_placeholder_token_id", getattr(config, "image_token_id", None))
 
 
-def is_qwen3_vl(config: Any) -> bool:
-    """Whether `config` is a Qwen3-VL-MoE model's: its prompts and images come from the
-    checkpoint's own chat template and image processor (`preprocess_qwen3vl`), Kimi-VL's from
-    `preprocess`."""
-    return for_config(config).name == "qwen3_vl_moe"
-
-
-def is_internvl(config: Any) -> bool:
-    """Whether `config` is an InternVL model's: fixed-size tiles, prompts and images from the
-    checkpoint's chat template and image processor (`preprocess_internvl`)."""
-    return for_config(config).name == "internvl"
-
-
 def _qwen_grid(vision, grid: tuple[int, int]) -> tuple[int, int]:
     m = vision.spatial_merge_size
     return tuple(-(-g // m) * m for g in grid)  # rounded up to whole merge windows
@@ -97,10 +84,10 @@ def _qwen_grid(vision, grid: tuple[int, int]) -> tuple[int, int]:
 
 def image_tokens(config: Any, grid: tuple[int, int] = (4, 4)) -> int:
     """How many placeholder tokens one image of `grid` patches takes (`random_images`)."""
-    vision = config.vision
-    if is_internvl(config):
+    vision, family = config.vision, for_config(config).name
+    if family == "internvl":
         return vision.tokens_per_tile  # one tile whatever the grid
-    if is_qwen3_vl(config):
+    if family == "qwen3_vl_moe":
         h, w = _qwen_grid(vision, grid)
         return h * w // vision.spatial_merge_size**2
     return grid[0] * grid[1] // 4  # Kimi-VL's 2x2 merge
@@ -112,13 +99,13 @@ def random_images(config: Any, num_images: int, rng: np.random.Generator,
     format: InternVL's `[N, C, S, S]` tiles (one per image; `grid` is not used), Qwen3-VL's
     flattened (C, T, p, p) patches with (t, h, w) grids, or Kimi-VL's `[P, 3, 14, 14]` patches
     with (h, w) grids."""
-    vision = config.vision
-    if is_internvl(config):
+    vision, family = config.vision, for_config(config).name
+    if family == "internvl":
         s = vision.image_size
         pixels = rng.standard_normal((num_images, vision.num_channels, s, s))
         return {"pixel_values": pixels.astype(np.float32),
                 "image_num_patches": np.ones(num_images, np.int64)}
-    if is_qwen3_vl(config):
+    if family == "qwen3_vl_moe":
         h, w = _qwen_grid(vision, grid)
         pixels = rng.standard_normal((num_images * h * w, vision.patch_dim))
         return {"pixel_values": pixels.astype(np.float32),

@@ -223,10 +223,7 @@ class InternVLVision(nnx.Module):
     def encode(self, pixel_values: jax.Array) -> jax.Array:
         """The selected hidden state of each tile, CLS first: `[N, 1 + G^2, D]`."""
         cfg = self.config
-        n, c, s, s2 = pixel_values.shape
-        if (c, s, s2) != (cfg.num_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(f"pixel_values must be [N, {cfg.num_channels}, {cfg.image_size}, "
-                             f"{cfg.image_size}] tiles, got {tuple(pixel_values.shape)}")
+        n, c = pixel_values.shape[:2]  # tile shape checked by `internvl.prepare_batch`
         p, g = cfg.patch_size, cfg.grid_side
         patches = pixel_values.reshape(n, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
         x = self.patch_embed(patches.reshape(n, g * g, c * p * p).astype(self.pos_embed.dtype))
