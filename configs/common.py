@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     # MoPEQ's trace: hessian (method.md) | gauss_newton (its PSD part; on random tokens the
     # Hessian's traces are mostly negative, see passes.hessian_trace_pass)
     c.sens.trace_curvature = "hessian"
+    # MoE layers whose experts one Hutchinson pass probes (0 = as many as fit the free device
+    # memory; a pass per block of layers, see passes.hessian_trace_pass)
+    c.sens.trace_layers_per_pass = 0
 
     c.alloc = ml_collections.ConfigDict()
     c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget | random

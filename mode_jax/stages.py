@@ -121,6 +121,7 @@ def run_sensitivity(ctx, inputs):
         group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
         max_tokens=c.sens.max_tokens, num_probes=c.sens.hutchinson_probes, seed=c.seed,
         quantizer=c.sens.quantizer, curvature=c.sens.trace_curvature,
+        trace_layers_per_pass=c.sens.trace_layers_per_pass,
     )
     meta = {"estimator": c.sens.estimator, "quantizer": c.sens.quantizer,
             "trace_curvature": c.sens.trace_curvature}
@@ -252,6 +253,9 @@ def validate(config) -> None:
         if c[section][name] not in allowed:
             shown = ", ".join(a if a else "'' (default)" for a in allowed)
             raise UserError(f"{field}={c[section][name]!r}; allowed: {shown}")
+    if c.sens.trace_layers_per_pass < 0:
+        raise UserError(f"sens.trace_layers_per_pass={c.sens.trace_layers_per_pass}: MoE layers "
+                        "per Hessian-trace pass, >= 1, or 0 to fit the device memory")
     if not isinstance(c.compilation_cache, str):
         raise UserError(f"compilation_cache={c.compilation_cache!r}: a directory, 'auto' or ''")
     if not c.model.path:

@@ -51,6 +51,8 @@ CASES = {
     "unknown matmul precision": (["--config.model.matmul_precision=tf33"], ("tf33",)),
     "unknown trace curvature": (["--config.sens.trace_curvature=fisher"],
                                 ("sens.trace_curvature", "fisher")),
+    "negative trace block": (["--config.sens.trace_layers_per_pass=-2"],
+                             ("sens.trace_layers_per_pass", "-2")),
     "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
     "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
                                  ("data.testbed_stats_tasks", "text")),

@@ -323,55 +323,69 @@ def _layer_experts(text: DeepseekV3, layer: int):
 
 
 def quantized_experts(model, bits, group_size: int, quantizer: str = "rtn",
-                      cache: TokenCache | None = None) -> list[tuple[jax.Array, jax.Array]]:
-    """Per MoE layer, the experts fake-quantized at every candidate bit (`[B, E, ...]` pairs):
-    round-to-nearest (method.md stage 2), or GPTQ from the cache's tokens (an ablation)."""
+                      cache: TokenCache | None = None) -> list | None:
+    """Per MoE layer, the experts fake-quantized at every candidate bit (`[B, E, ...]` numpy
+    pairs, held on the host), or None for round-to-nearest (method.md stage 2), which the
+    estimators make on the device a layer or a chunk of experts at a time.
+
+    B copies of every expert would be B times the experts' memory (about 86 GB for Kimi-VL-A3B
+    in bf16 at three candidate bits), so copies never sit on the device for all layers at once.
+    GPTQ copies (an ablation) need each layer's tokens: they are made layer by layer from the
+    cache and moved to the host.
+    """
     if quantizer not in QUANTIZERS:
         raise ValueError(f"sensitivity quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     bits = sensitivity.check_bits(bits)
-    text = text_model(model)
-    weights = [_layer_experts(text, layer) for layer in text.config.moe_layers]
     if quantizer == "rtn":
-        return [sensitivity.quantize_layer(gu, dn, bits, group_size) for gu, dn in weights]
+        return None
     if cache is None:
         raise ValueError("GPTQ sensitivity copies need the token cache (collect_tokens)")
-    return [sensitivity.gptq_quantize_layer(gu, dn, bits, group_size, tokens.x, tokens.ids)
-            for (gu, dn), tokens in zip(weights, cache.layers, strict=True)]
+    text = text_model(model)
+    copies = []
+    for layer, tokens in zip(text.config.moe_layers, cache.layers, strict=True):
+        gu, dn = _layer_experts(text, layer)
+        copies.append(jax.device_get(sensitivity.gptq_quantize_layer(
+            gu, dn, bits, group_size, tokens.x, tokens.ids)))
+    return copies
 
 
 def token_costs(model, cache: TokenCache, bits, group_size: int, *, chunk: int = 16,
                 quantized=None) -> dict[str, np.ndarray]:
     """The token-level estimators stacked over MoE layers, each `[L_moe, E, B]`.
 
-    quantized: `quantized_experts(...)` to reuse; None = round-to-nearest copies.
+    quantized: per layer `[B, E, ...]` copies to compare against (`quantized_experts`); None =
+    round-to-nearest, made on the device a chunk of experts at a time.
     """
     bits = sensitivity.check_bits(bits)
     text = text_model(model)
     layers = text.config.moe_layers
-    if quantized is None:
-        quantized = quantized_experts(model, bits, group_size)
+    quantized = quantized if quantized is not None else [(None, None)] * len(layers)
     runs = []
     for tokens, layer, q in zip(cache.layers, layers, quantized, strict=True):
         runs.append((tokens, *_layer_experts(text, layer), *q))
     return sensitivity.stacked_costs(runs, num_samples=cache.num_samples, layer_ids=layers,
-                                     chunk=chunk)
+                                     chunk=chunk, bits=bits, group_size=group_size)
 
 
 # ---------------------------------------------------------------- stage 2: exact logit KL
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "grid"))
-def _prefix_batch(graphdef, state, batch, cfg, grid):
+def _prefix_batch(graphdef, state, batch, cfg, grid, index):
+    """The fp forward's `LayerPrefix` of MoE layer number `index` (traced: one compile serves
+    every layer; the other layers' prefixes are never returned)."""
     model = nnx.merge(graphdef, state)
     tr = trace(model, batch, cfg, grid)
     mask = batch["attention_mask"]
     last = sensitivity.last_logits(tr.logits, sensitivity.last_positions(mask))
     logp = jax.nn.log_softmax(last, -1)
-    return tuple(
-        LayerPrefix(h, x, ids, w, modality_codes(c), mask, logp, batch.get("positions"),
-                    tr.additions)
-        for h, x, (ids, w), c in zip(tr.h_after, tr.x, tr.routing, tr.classes, strict=True)
-    )
+
+    def pick(j):
+        ids, w = tr.routing[j]
+        return LayerPrefix(tr.h_after[j], tr.x[j], ids, w, modality_codes(tr.classes[j]), mask,
+                           logp, batch.get("positions"), tr.additions)
+
+    return jax.lax.switch(index, [functools.partial(pick, j) for j in range(len(tr.x))])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer", "chunk"))
@@ -384,34 +398,38 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
                   chunk: int = 8, quantized=None) -> dict[str, np.ndarray]:
     """Exact logit_kl_{text,vision} `[L_moe, E, B]`, averaged over the batches' samples.
 
-    Per batch one fp forward caches each MoE layer's residual stream; each layer's E * B
-    variants then re-run only the later layers, `chunk` variants per folded batch. Holds the
-    B fake-quantized copies of every layer's experts for the whole pass (`quantized`, as
-    `quantized_experts` returns them; None = round-to-nearest).
+    Layer by layer: the layer's B fake-quantized copies of its experts are made (or, from
+    `quantized`, as `quantized_experts` returns them, sent) once and freed before the next
+    layer, so the device holds one layer's copies, not the model's. For each batch one fp
+    forward gives the layer's residual stream; its E * B variants then re-run only the later
+    layers, `chunk` variants per folded batch. (The fp forward per layer and batch is cheap
+    beside the E * B suffix re-runs it serves.)
     """
     bits = sensitivity.check_bits(bits)
     check_model(model, cfg)
+    batches = _batches(batches)
     graphdef, state = nnx.split(model)
     text = text_model(model)
     layers = text.config.moe_layers
-    weights = [_layer_experts(text, i) for i in layers]
-    if quantized is None:
-        quantized = quantized_experts(model, bits, group_size)
     n_exp = text.config.n_routed_experts
     sums = np.zeros((len(layers), n_exp, len(bits), 2))
     counts = np.zeros((len(layers), n_exp, 2), np.int64)
-    samples = 0
-    for batch in progress.track(_batches(batches), "logit_kl batches"):
-        dev, grid = device_batch(model, batch)
-        prefixes = _prefix_batch(graphdef, state, dev, cfg, grid)
-        for j, (layer, prefix) in enumerate(zip(layers, prefixes, strict=True)):
-            kl = _kl_layer(graphdef, state, prefix, *weights[j], *quantized[j], layer=layer,
-                           chunk=min(chunk, n_exp * len(bits)))
-            sums[j] += np.asarray(kl, np.float64)
-            mod, ids = np.asarray(prefix.modality), np.asarray(prefix.ids)
-            for m, code in enumerate(sensitivity.MODALITY_CODES):
-                counts[j, :, m] += np.bincount(ids[mod == code].reshape(-1), minlength=n_exp)
-        samples += _num_samples(batch)
+    samples = sum(_num_samples(batch) for batch in batches)
+    steps = [(j, i) for j in range(len(layers)) for i in range(len(batches))]
+    for j, i in progress.track(steps, "logit_kl (layer, batch) steps"):
+        if i == 0:  # a new layer: its copies replace the previous layer's
+            gu, dn = _layer_experts(text, layers[j])
+            copies = None  # drop the last layer's before making these
+            copies = (sensitivity.quantize_layer(gu, dn, bits, group_size) if quantized is None
+                      else jax.device_put(quantized[j]))
+        dev, grid = device_batch(model, batches[i])
+        prefix = _prefix_batch(graphdef, state, dev, cfg, grid, j)
+        kl = _kl_layer(graphdef, state, prefix, gu, dn, *copies, layer=layers[j],
+                       chunk=min(chunk, n_exp * len(bits)))
+        sums[j] += np.asarray(kl, np.float64)
+        mod, ids = np.asarray(prefix.modality), np.asarray(prefix.ids)
+        for m, code in enumerate(sensitivity.MODALITY_CODES):
+            counts[j, :, m] += np.bincount(ids[mod == code].reshape(-1), minlength=n_exp)
     for j, layer in enumerate(layers):
         sensitivity.note_empty(counts[j], layer, "logit_kl")
     mean = sums / samples
@@ -423,6 +441,60 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
 
 def _is_routed_expert(path, _value) -> bool:
     return len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_up", "down")
+
+
+def _routed_experts_of(layers):
+    """nnx filter: the routed experts of the decoder layers `layers` only."""
+    layers = frozenset(int(i) for i in layers)
+
+    def is_selected(path, value) -> bool:
+        if not _is_routed_expert(path, value) or "layers" not in path:
+            return False
+        return int(path[path.index("layers") + 1]) in layers
+
+    return is_selected
+
+
+# Each MoE layer a Hutchinson pass probes adds about this many copies of its experts to the
+# compiled pass (probe, product, gradient, tangents: 5.1 measured by XLA's memory analysis,
+# `python -m benchmarks.sensitivity_memory`); the auto block size lets them take half the free
+# device memory, leaving the rest for the model and the activations.
+TRACE_ARRAYS_PER_PARAM = 6
+TRACE_MEMORY_SHARE = 0.5
+
+
+def layer_blocks(moe_layers, layers_per_pass: int) -> list[tuple[int, ...]]:
+    """Consecutive blocks of `layers_per_pass` MoE layers (0: all of them in one block)."""
+    moe_layers = tuple(moe_layers)
+    if layers_per_pass < 0:
+        raise ValueError(f"layers_per_pass must be >= 0, got {layers_per_pass}")
+    k = layers_per_pass or len(moe_layers)
+    return [moe_layers[i:i + k] for i in range(0, len(moe_layers), k)]
+
+
+def auto_layers_per_pass(model, stats: dict | None | str = "device") -> int:
+    """How many MoE layers' experts one Hutchinson pass can probe within the free memory of
+    the first device (0 = all; also where the backend reports no memory figures, e.g. CPU).
+    stats: `memory_stats()` figures to use instead of the device's."""
+    if stats == "device":
+        stats = jax.devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return 0
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    text = text_model(model)
+    per_layer = max(_device_bytes(text.layers[i].mlp.experts) for i in text.config.moe_layers)
+    k = int(TRACE_MEMORY_SHARE * free // (TRACE_ARRAYS_PER_PARAM * max(per_layer, 1)))
+    k = max(1, k)
+    return 0 if k >= len(text.config.moe_layers) else k
+
+
+def _device_bytes(experts) -> int:
+    """Bytes of `experts`' routed weights on one device (one shard of each when sharded)."""
+    total = 0
+    for leaf in (experts.gate_up[...], experts.down[...]):
+        shards = getattr(leaf, "addressable_shards", None)
+        total += shards[0].data.nbytes if shards else leaf.nbytes
+    return total
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grid", "num_probes", "image_token_id",
@@ -451,8 +523,8 @@ def _hessian_batch(graphdef, experts, rest, batch, grid, key, num_probes, image_
 
 
 def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
-                       num_probes: int = 100, seed: int = 0,
-                       curvature: str = "hessian") -> np.ndarray:
+                       num_probes: int = 100, seed: int = 0, curvature: str = "hessian",
+                       layers_per_pass: int = 0) -> np.ndarray:
     """MoPEQ's per-expert Hessian trace `[L_moe, E]` (Hutchinson, `num_probes` probes).
 
     The Hessian is that of the mean next-token cross-entropy of each batch (labels = the
@@ -461,19 +533,32 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     data-free: pass `random_token_batches` for that, or calibration batches. `curvature`:
     "hessian" (as MoPEQ) or "gauss_newton", its positive semi-definite part
     (`sensitivity.hutchinson_gauss_newton_block_traces` says why).
+
+    A probe and its Hessian-vector product are each as large as the experts they cover (about
+    29 GB per vector for all of Kimi-VL-A3B's in bf16), so `layers_per_pass` > 0 probes that
+    many MoE layers' experts per forward-over-backward pass (the rest held fixed), at one pass
+    per block of layers: each block's estimate is unbiased, and the other blocks' cross terms
+    no longer add variance. 0 = as many as fit the free device memory (`auto_layers_per_pass`:
+    every layer on CPU or when they fit).
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     moe_layers = text_model(model).config.moe_layers
     if not moe_layers:
         raise ValueError("the model has no MoE layer (n_routed_experts = 0): no expert Hessian")
-    graphdef, experts, rest = nnx.split(model, _is_routed_expert, ...)
+    if layers_per_pass < 0:
+        raise ValueError(f"layers_per_pass must be >= 0 (0 = auto), got {layers_per_pass}")
+    blocks = layer_blocks(moe_layers, layers_per_pass or auto_layers_per_pass(model))
+    if len(blocks) > 1:
+        log.info("hessian trace: %d passes of MoE layers %s", len(blocks), blocks)
     total = np.zeros((len(moe_layers), text_model(model).config.n_routed_experts))
     batches = _batches(batches)
     keys = jax.random.split(jax.random.key(seed), len(batches))
-    pairs = list(zip(batches, keys, strict=True))
-    for batch, key in progress.track(pairs, "hessian trace batches"):
-        traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batch), key,
+    steps = [(b, i) for b in range(len(blocks)) for i in range(len(batches))]
+    for b, i in progress.track(steps, "hessian trace (layer block, batch) steps"):
+        graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
+        key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
+        traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batches[i]), key,
                                 num_probes, int(image_token_id), curvature)
         for path, value in jax.tree_util.tree_flatten_with_path(jax.device_get(traces))[0]:
             names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
@@ -516,8 +601,8 @@ def random_token_batches(vocab_size: int, *, num_samples: int, length: int, batc
 def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                      group_size: int, estimator: str = "expert_mse", baselines: bool = True,
                      max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
-                     seed: int = 0, quantizer: str = "rtn",
-                     curvature: str = "hessian") -> dict[str, np.ndarray]:
+                     seed: int = 0, quantizer: str = "rtn", curvature: str = "hessian",
+                     trace_layers_per_pass: int = 0) -> dict[str, np.ndarray]:
     """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
     estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
     `quantizer` makes the quantized expert copies every estimator compares against
@@ -545,7 +630,8 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                                     length=t, batch_size=b, seed=seed,
                                     exclude=(cfg.image_token_id,))
         trace = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
-                                   num_probes=num_probes, seed=seed, curvature=curvature)
+                                   num_probes=num_probes, seed=seed, curvature=curvature,
+                                   layers_per_pass=trace_layers_per_pass)
         out["hessian_trace"] = nonnegative_trace(trace)
     else:
         out = {k: v for k, v in out.items() if k not in ("pmq_err", "gemq_cost")}

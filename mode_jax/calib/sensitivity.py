@@ -175,18 +175,24 @@ def _expert_sums(rows, w, valid, x, modality, g2f, g2l, gate_up, down, gate_up_q
     return out
 
 
-@jax.jit
-def _layer_sums(tokens, sel, index, weight, valid, gate_up, down, gate_up_q, down_q):
+@functools.partial(jax.jit, static_argnames="group_size")
+def _layer_sums(tokens, sel, index, weight, valid, gate_up, down, gate_up_q, down_q, qsel,
+                bits, group_size):
     """`_expert_sums` vmapped over the experts `sel` [e] (index etc. [e, C]; the weights are the
-    whole layer's, gathered here so that a chunk costs one dispatch)."""
+    whole layer's, gathered here so that a chunk costs one dispatch). The copies are
+    `gate_up_q[:, qsel]`; without them (None) the chunk's experts are fake-quantized here at
+    `bits`, so a layer's copies never exist outside this computation."""
+    gu, dn = gate_up[sel], down[sel]
+    if gate_up_q is None:
+        guq, dnq = _quantize_layer(gu, dn, bits, group_size)
+    else:
+        guq, dnq = gate_up_q[:, qsel], down_q[:, qsel]
 
     def one(rows, w, ok, gu, dn, guq, dnq):
         return _expert_sums(rows, w, ok, tokens.x, tokens.modality, tokens.g2_fisher,
                             tokens.g2_loss, gu, dn, guq, dnq)
 
-    axes = (0, 0, 0, 0, 0, 1, 1)
-    return jax.vmap(one, in_axes=axes)(index, weight, valid, gate_up[sel], down[sel],
-                                       gate_up_q[:, sel], down_q[:, sel])
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 1, 1))(index, weight, valid, gu, dn, guq, dnq)
 
 
 class _Launched(NamedTuple):
@@ -198,11 +204,19 @@ class _Launched(NamedTuple):
     shape: tuple[int, int]  # (tokens, hidden dim) of the layer cache
 
 
-def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int) -> _Launched:
+def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, bits=None,
+            group_size: int = 0) -> _Launched:
     """Dispatch `_layer_sums` over chunks of `chunk` experts taken busiest first, each chunk's
     buffers cut to its own busiest expert (rounded up to a power of two): padding is bounded by
     the load imbalance within a chunk rather than across the layer. Nothing here waits for the
-    device, so the layers of a pass overlap and the host syncs once (`_collect`)."""
+    device, so the layers of a pass overlap and the host syncs once (`_collect`).
+
+    Copies on the host (numpy) travel a chunk at a time; None: round-to-nearest at `bits`,
+    made per chunk on the device."""
+    if gate_up_q is None and bits is None:
+        raise ValueError("give the quantized copies or the bits to fake-quantize at")
+    on_host = isinstance(gate_up_q, np.ndarray)
+    bits = None if bits is None else jnp.asarray(check_bits(bits))
     buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
     dev = jax.device_put(tokens)
     counts = buffers.valid.sum(1)
@@ -212,7 +226,11 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int) -
         sel = order[start:start + chunk]
         cap = min(buffers.index.shape[1], int(2 ** np.ceil(np.log2(max(counts[sel].max(), 8)))))
         cut = jax.device_put((sel.astype(np.int32), *(a[sel, :cap] for a in buffers)))
-        parts.append(_layer_sums(dev, *cut, gate_up, down, gate_up_q, down_q))
+        guq, dnq, qsel = gate_up_q, down_q, cut[0]
+        if on_host:
+            guq, dnq = jax.device_put((gate_up_q[:, sel], down_q[:, sel]))
+            qsel = jnp.arange(len(sel), dtype=jnp.int32)
+        parts.append(_layer_sums(dev, *cut, gate_up, down, guq, dnq, qsel, bits, group_size))
     return _Launched(parts, order, modality_counts(tokens, buffers), tokens.x.shape)
 
 
@@ -265,31 +283,40 @@ def layer_costs(
     num_samples: int,
     layer=None,
     chunk: int = 16,
+    bits=None,
+    group_size: int = 0,
 ) -> dict[str, np.ndarray]:
     """All token-level estimators of one MoE layer, each `[E, B]` (float64 numpy).
 
     gate_up [E, D, 2F], down [E, F, D] full precision; gate_up_q, down_q the `quantize_layer`
-    copies [B, E, ...]; num_samples: the samples `tokens` came from (for the per-sample averages
-    of fisher and gemq). Returns expert_mse_{text,vision}, pmq_err and, when `tokens` carry
-    gradients, fisher_{text,vision} and gemq_cost.
+    copies [B, E, ...] (device or host arrays), or None to fake-quantize each chunk of experts
+    at `bits` / `group_size` on the fly; num_samples: the samples `tokens` came from (for the
+    per-sample averages of fisher and gemq). Returns expert_mse_{text,vision}, pmq_err and,
+    when `tokens` carry gradients, fisher_{text,vision} and gemq_cost.
     """
-    run = _launch(tokens, gate_up, down, gate_up_q, down_q, chunk)
+    run = _launch(tokens, gate_up, down, gate_up_q, down_q, chunk, bits, group_size)
     return _collect([run], num_samples, [layer])[0]
 
 
-def stacked_costs(layers, *, num_samples: int, layer_ids=None, chunk: int = 16
-                  ) -> dict[str, np.ndarray]:
+def stacked_costs(layers, *, num_samples: int, layer_ids=None, chunk: int = 16, bits=None,
+                  group_size: int = 0) -> dict[str, np.ndarray]:
     """`layer_costs` of several MoE layers, each estimator stacked `[L, E, B]`.
 
-    layers: one `(tokens, gate_up, down, gate_up_q, down_q)` per layer. Every layer is
-    dispatched before the host waits for any, so a pass costs one device sync, not one per
-    layer (on a GPU the syncs and small transfers, not the arithmetic, dominate at testbed size).
+    layers: one `(tokens, gate_up, down, gate_up_q, down_q)` per layer (copies None: made per
+    chunk at `bits`). Every layer is dispatched before the host waits for any, so a pass costs
+    one device sync, not one per layer (on a GPU the syncs and small transfers, not the
+    arithmetic, dominate at testbed size). Copies held on the host are the exception: the host
+    waits for each layer before sending the next, so the device holds one layer's at a time.
     """
     layers = list(layers)
     if not layers:
         raise ValueError("stacked_costs needs at least one layer")
     ids = list(layer_ids) if layer_ids is not None else list(range(len(layers)))
-    launched = [_launch(*layer, chunk) for layer in layers]
+    launched = []
+    for layer in layers:
+        launched.append(_launch(*layer, chunk, bits, group_size))
+        if isinstance(layer[3], np.ndarray):
+            jax.block_until_ready(launched[-1].parts)
     rows = _collect(launched, num_samples, ids)
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
