@@ -418,3 +418,41 @@ def test_sensitivity_never_holds_every_layers_quantized_copies(model, monkeypatc
     assert {name for name, _ in seen} == {"token", "kl"}
     assert max(n for name, n in seen if name == "token") == 0, seen
     assert max(n for name, n in seen if name == "kl") == 1, seen
+
+
+def test_token_estimators_bound_the_layer_caches_on_the_device(model, monkeypatch):
+    """Past `max_inflight_bytes` the host waits for a layer before sending the next one's
+    token cache: with a bound of 0 every layer is finished before the next is sent, with the
+    default (a small model) every layer is sent before the first wait; same results."""
+    cfg = passes.StatsConfig(IMG, SPECIAL, key_ratio=0.3)
+    cache = passes.collect_tokens(model, BATCHES, cfg, gradients=True)
+    events = []
+    launch, wait = sens._launch, jax.block_until_ready
+
+    def spy_launch(*args, **kwargs):
+        run = launch(*args, **kwargs)
+        events.append(("sent", id(run.parts)))
+        return run
+
+    def spy_wait(x):
+        events.append(("waited", id(x)))
+        return wait(x)
+
+    monkeypatch.setattr(sens, "_launch", spy_launch)
+    monkeypatch.setattr(sens.jax, "block_until_ready", spy_wait)
+    runs = [(t, model.layers[i].mlp.experts.gate_up[...], model.layers[i].mlp.experts.down[...],
+             None, None) for t, i in zip(cache.layers, CFG.moe_layers, strict=True)]
+    results = {}
+    for limit in (0, sens.MAX_INFLIGHT_BYTES):
+        events.clear()
+        results[limit] = sens.stacked_costs(runs, num_samples=cache.num_samples, bits=BITS,
+                                            group_size=GROUP, max_inflight_bytes=limit)
+        sent = [key for kind, key in events if kind == "sent"]
+        assert len(sent) == len(CFG.moe_layers)
+        if limit == 0:  # sent, waited, sent, waited, ..., sent
+            assert events == [e for key in sent[:-1] for e in (("sent", key), ("waited", key))] \
+                + [("sent", sent[-1])]
+        else:
+            assert [kind for kind, _ in events] == ["sent"] * len(CFG.moe_layers)
+    for k in results[0]:
+        np.testing.assert_array_equal(results[0][k], results[sens.MAX_INFLIGHT_BYTES][k])

@@ -102,12 +102,24 @@ def quantize_layer(gate_up, down, bits, group_size: int):
     return _quantize_layer(gate_up, down, check_bits(bits), group_size)
 
 
+# Experts fake-quantized together: the quantizer's clipping search keeps about 18 expert-sized
+# temporaries per expert (XLA's figure for a Kimi-VL layer, `benchmarks.memory_plan`), so a
+# whole layer at once would need 18 GiB beside its 3 GiB of copies.
+QUANTIZE_EXPERTS_PER_STEP = 8
+
+
 @functools.partial(jax.jit, static_argnames="group_size")
 def _quantize_layer(gate_up, down, bits, group_size: int):
-    def one(b):
-        return rtn.fake_quantize(gate_up, b, group_size), rtn.fake_quantize(down, b, group_size)
+    bits = jnp.asarray(bits, jnp.int32)
 
-    return jax.vmap(one)(jnp.asarray(bits, jnp.int32))
+    def expert(w):
+        gu, dn = w
+        return jax.vmap(lambda b: (rtn.fake_quantize(gu, b, group_size),
+                                   rtn.fake_quantize(dn, b, group_size)))(bits)
+
+    step = min(QUANTIZE_EXPERTS_PER_STEP, gate_up.shape[0])
+    guq, dnq = jax.lax.map(expert, (gate_up, down), batch_size=step)  # [E, B, ...]
+    return jnp.moveaxis(guq, 0, 1), jnp.moveaxis(dnq, 0, 1)
 
 
 def gptq_quantize_layer(gate_up, down, bits, group_size: int, x, ids, *, damp: float = 0.01):
@@ -298,25 +310,43 @@ def layer_costs(
     return _collect([run], num_samples, [layer])[0]
 
 
+# Bytes of layer caches (and host-held copies) sent to the device before the host waits for
+# the oldest launched layer: a testbed pass stays one sync, while the 26 layer caches of a
+# real model (about 1.6 GB each for Kimi-VL at 65536 tokens with gradients) never sit on the
+# device together.
+MAX_INFLIGHT_BYTES = 1 << 30
+
+
+def _sent_bytes(layer) -> int:
+    tokens, _, _, gate_up_q, down_q = layer
+    total = sum(np.asarray(a).nbytes for a in tokens if a is not None)
+    if isinstance(gate_up_q, np.ndarray):
+        total += gate_up_q.nbytes + down_q.nbytes
+    return total
+
+
 def stacked_costs(layers, *, num_samples: int, layer_ids=None, chunk: int = 16, bits=None,
-                  group_size: int = 0) -> dict[str, np.ndarray]:
+                  group_size: int = 0, max_inflight_bytes: int = MAX_INFLIGHT_BYTES
+                  ) -> dict[str, np.ndarray]:
     """`layer_costs` of several MoE layers, each estimator stacked `[L, E, B]`.
 
     layers: one `(tokens, gate_up, down, gate_up_q, down_q)` per layer (copies None: made per
-    chunk at `bits`). Every layer is dispatched before the host waits for any, so a pass costs
+    chunk at `bits`). Layers are dispatched without waiting while what they send to the device
+    (token caches, host-held copies) stays under `max_inflight_bytes`, so a small pass costs
     one device sync, not one per layer (on a GPU the syncs and small transfers, not the
-    arithmetic, dominate at testbed size). Copies held on the host are the exception: the host
-    waits for each layer before sending the next, so the device holds one layer's at a time.
+    arithmetic, dominate at testbed size); past it the host waits for the oldest layer first.
     """
     layers = list(layers)
     if not layers:
         raise ValueError("stacked_costs needs at least one layer")
     ids = list(layer_ids) if layer_ids is not None else list(range(len(layers)))
-    launched = []
+    launched, inflight = [], []  # inflight: (index into launched, bytes) not yet waited for
     for layer in layers:
+        size = _sent_bytes(layer)
+        while inflight and sum(b for _, b in inflight) + size > max_inflight_bytes:
+            jax.block_until_ready(launched[inflight.pop(0)[0]].parts)
         launched.append(_launch(*layer, chunk, bits, group_size))
-        if isinstance(layer[3], np.ndarray):
-            jax.block_until_ready(launched[-1].parts)
+        inflight.append((len(launched) - 1, size))
     rows = _collect(launched, num_samples, ids)
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
