@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks the open kernel and statistics issues wait for, as one run of at most 9.5
+# The GPU checks the open kernel and statistics issues wait for, as one run of at most 9.7
 # minutes (a session is lent 15 device minutes, machine start included). From the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Prepare once, here (the GPU image has jax 0.11.2 for CUDA, flax, optax, orbax, torch and
@@ -12,7 +12,8 @@
 # Each step has its own time limit, so a hang in one still leaves the others' figures.
 # Outputs: $OUT/device.txt, tests.txt (native kernel tests), kernels.txt (the kernel table,
 # "magic" and "registers" side by side), sweep.txt (tiles for "registers"), stats.txt
-# (statistics pass and sensitivity speed).
+# (statistics pass and sensitivity speed), memory_plan.txt (device memory of each step at
+# Kimi-VL-A3B's widths).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -29,6 +30,9 @@ timeout 120 python3 -m pytest -q tests/test_grouped_matmul.py -k "TestGroupedMat
 timeout 200 python3 -m benchmarks.kernels --bits 2,3,4 --tokens 1,16,512 --dequant magic,registers \
   2>&1 | tee "$OUT/kernels.txt"
 # The tiles for "registers" (the table above uses the frozen "magic" tiles for both modes).
-timeout 100 python3 -m benchmarks.kernels --sweep --bits 4 --tokens 4 --dequant registers \
+timeout 70 python3 -m benchmarks.kernels --sweep --bits 4 --tokens 4 --dequant registers \
   2>&1 | tee "$OUT/sweep.txt"
 timeout 150 python3 -m benchmarks.stats 2>&1 | tee "$OUT/stats.txt"
+# Compile-only (no weights): the GPU's own memory figures for each calibration and sensitivity
+# step at Kimi-VL-A3B's widths, 4 decoder layers.
+timeout 40 python3 -m benchmarks.memory_plan --layers 4 --trace_layers 1 2>&1 | tee "$OUT/memory_plan.txt"

@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     # MoE layers whose experts one Hutchinson pass probes (0 = as many as fit the free device
     # memory; a pass per block of layers, see passes.hessian_trace_pass)
     c.sens.trace_layers_per_pass = 0
+    # logit_kl: (expert, bit) variants re-run per folded batch of 2 * kl_chunk * batch_size
+    # sequences; lower it when the suffix forward runs out of device memory
+    c.sens.kl_chunk = 8
 
     c.alloc = ml_collections.ConfigDict()
     c.alloc.method = "mode"  # mode | uniform | pmq | gemq | mopeq | mopeq-budget | random

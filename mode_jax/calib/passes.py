@@ -602,7 +602,8 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                      group_size: int, estimator: str = "expert_mse", baselines: bool = True,
                      max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
                      seed: int = 0, quantizer: str = "rtn", curvature: str = "hessian",
-                     trace_layers_per_pass: int = 0) -> dict[str, np.ndarray]:
+                     trace_layers_per_pass: int = 0, kl_chunk: int = 8
+                     ) -> dict[str, np.ndarray]:
     """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
     estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
     `quantizer` makes the quantized expert copies every estimator compares against
@@ -622,7 +623,8 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
     quantized = quantized_experts(model, bits, group_size, quantizer, cache)
     out = {"bits": bits, **token_costs(model, cache, bits, group_size, quantized=quantized)}
     if estimator == "logit_kl":
-        out.update(logit_kl_pass(model, batches, cfg, bits, group_size, quantized=quantized))
+        out.update(logit_kl_pass(model, batches, cfg, bits, group_size, chunk=kl_chunk,
+                                 quantized=quantized))
     if baselines:
         b, t = np.asarray(batches[0]["input_ids"]).shape
         n = sum(len(np.asarray(x["input_ids"])) for x in batches)
