@@ -209,13 +209,13 @@ def loop_expert_mse(cache, weights, quantized, bits, group_size):
 
 
 def vmapped_expert_mse(cache, weights, quantized, bits, group_size):
-    """expert_mse_{text,vision} of every layer: vmapped over experts, one host sync per pass."""
+    """expert_mse_{text,vision} of every layer: vmapped over experts, one host sync per pass;
+    without copies each chunk of experts is fake-quantized inside its step, as the stage does."""
     runs = []
     for j, (tok, (gu, dn)) in enumerate(zip(cache.layers, weights, strict=True)):
-        guq, dnq = quantized[j] if quantized[j] is not None else sensitivity.quantize_layer(
-            gu, dn, bits, group_size)
+        guq, dnq = quantized[j] if quantized[j] is not None else (None, None)
         runs.append((tok._replace(g2_fisher=None, g2_loss=None), gu, dn, guq, dnq))
-    costs = sensitivity.stacked_costs(runs, num_samples=1)
+    costs = sensitivity.stacked_costs(runs, num_samples=1, bits=bits, group_size=group_size)
     return np.stack([costs[f"expert_mse_{m}"] for m in sensitivity.MODALITIES], -1)
 
 
