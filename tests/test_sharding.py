@@ -87,6 +87,38 @@ def test_expert_parallel_forward_matches_on_the_other_families():
     _run_on_8_host_devices(FAMILIES_SCRIPT)
 
 
+QUANTIZE_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mode_jax import sharding
+    from mode_jax.calib import sensitivity
+
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    gu = rng.normal(size=(32, 64, 48)).astype(np.float32)
+    dn = rng.normal(size=(32, 24, 64)).astype(np.float32)
+    bits = np.array([2, 4], np.int32)
+    want = sensitivity.quantize_layer(gu, dn, bits, 32)
+    mesh = sharding.make_mesh(expert=8)
+    spec = NamedSharding(mesh, P("expert"))
+    sgu, sdn = jax.device_put(gu, spec), jax.device_put(dn, spec)
+    got = sensitivity.quantize_layer(sgu, sdn, bits, 32)
+    for g, w in zip(got, want):  # the partitioned program may round differently (1 ulp)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    hlo = sensitivity._quantize_layer.lower(sgu, sdn, bits, 32).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, "experts moved between devices"
+    print("SHARDED_OK")
+""")
+
+
+def test_sharded_experts_are_fake_quantized_in_place():
+    """The sensitivity copies of experts split over 8 devices equal the single-device ones
+    (to float rounding),
+    and the compiled program moves no expert between devices (each step takes every device's
+    share)."""
+    _run_on_8_host_devices(QUANTIZE_SCRIPT)
+
+
 def test_mesh_rejects_uneven_expert_axis():
     import pytest
 

@@ -117,9 +117,17 @@ def _quantize_layer(gate_up, down, bits, group_size: int):
         return jax.vmap(lambda b: (rtn.fake_quantize(gu, b, group_size),
                                    rtn.fake_quantize(dn, b, group_size)))(bits)
 
-    step = min(QUANTIZE_EXPERTS_PER_STEP, gate_up.shape[0])
-    guq, dnq = jax.lax.map(expert, (gate_up, down), batch_size=step)  # [E, B, ...]
-    return jnp.moveaxis(guq, 0, 1), jnp.moveaxis(dnq, 0, 1)
+    e = gate_up.shape[0]
+    step = min(QUANTIZE_EXPERTS_PER_STEP, e)
+    if e % step:  # consecutive experts per step, a short last one
+        guq, dnq = jax.lax.map(expert, (gate_up, down), batch_size=step)  # [E, B, ...]
+        return jnp.moveaxis(guq, 0, 1), jnp.moveaxis(dnq, 0, 1)
+    # Step i takes experts i, i + E/step, ...: with the experts split over a mesh in contiguous
+    # blocks, every device holds its share of every step and none waits for another's.
+    strided = [w.reshape(step, e // step, *w.shape[1:]).swapaxes(0, 1) for w in (gate_up, down)]
+    guq, dnq = jax.lax.map(jax.vmap(expert), tuple(strided))  # [E/step, step, B, ...]
+    return tuple(jnp.moveaxis(q.swapaxes(0, 1).reshape(e, *q.shape[2:]), 0, 1)
+                 for q in (guq, dnq))
 
 
 def gptq_quantize_layer(gate_up, down, bits, group_size: int, x, ids, *, damp: float = 0.01):
