@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     # MoE layers whose experts one Hutchinson pass probes (0 = as many as fit the free device
     # memory; a pass per block of layers, see passes.hessian_trace_pass)
     c.sens.trace_layers_per_pass = 0
+    # random sequences per Hessian-trace batch (0 = data.batch_size); smaller needs less memory
+    c.sens.trace_batch_size = 0
     # logit_kl: (expert, bit) variants re-run per folded batch of 2 * kl_chunk * batch_size
     # sequences; lower it when the suffix forward runs out of device memory
     c.sens.kl_chunk = 8

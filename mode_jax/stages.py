@@ -121,7 +121,8 @@ def run_sensitivity(ctx, inputs):
         group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
         max_tokens=c.sens.max_tokens, num_probes=c.sens.hutchinson_probes, seed=c.seed,
         quantizer=c.sens.quantizer, curvature=c.sens.trace_curvature,
-        trace_layers_per_pass=c.sens.trace_layers_per_pass, kl_chunk=c.sens.kl_chunk,
+        trace_layers_per_pass=c.sens.trace_layers_per_pass,
+        trace_batch_size=c.sens.trace_batch_size, kl_chunk=c.sens.kl_chunk,
     )
     meta = {"estimator": c.sens.estimator, "quantizer": c.sens.quantizer,
             "trace_curvature": c.sens.trace_curvature}
@@ -256,6 +257,9 @@ def validate(config) -> None:
     if c.sens.kl_chunk < 1:
         raise UserError(f"sens.kl_chunk={c.sens.kl_chunk}: logit_kl variants per folded batch, "
                         ">= 1")
+    if c.sens.trace_batch_size < 0:
+        raise UserError(f"sens.trace_batch_size={c.sens.trace_batch_size}: random sequences per "
+                        "Hessian-trace batch, >= 1, or 0 for the calibration batch size")
     if c.sens.trace_layers_per_pass < 0:
         raise UserError(f"sens.trace_layers_per_pass={c.sens.trace_layers_per_pass}: MoE layers "
                         "per Hessian-trace pass, >= 1, or 0 to fit the device memory")

@@ -54,6 +54,8 @@ CASES = {
     "negative trace block": (["--config.sens.trace_layers_per_pass=-2"],
                              ("sens.trace_layers_per_pass", "-2")),
     "zero logit_kl chunk": (["--config.sens.kl_chunk=0"], ("sens.kl_chunk", "0")),
+    "negative trace batch": (["--config.sens.trace_batch_size=-1"],
+                             ("sens.trace_batch_size", "-1")),
     "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
     "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
                                  ("data.testbed_stats_tasks", "text")),

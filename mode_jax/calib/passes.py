@@ -602,15 +602,17 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
                      group_size: int, estimator: str = "expert_mse", baselines: bool = True,
                      max_tokens: int = DEFAULT_MAX_TOKENS, num_probes: int = 100,
                      seed: int = 0, quantizer: str = "rtn", curvature: str = "hessian",
-                     trace_layers_per_pass: int = 0, kl_chunk: int = 8
-                     ) -> dict[str, np.ndarray]:
+                     trace_layers_per_pass: int = 0, trace_batch_size: int = 0,
+                     kl_chunk: int = 8) -> dict[str, np.ndarray]:
     """The sensitivity artifact: bits, delta_{text,vision} (from `estimator`), every computed
     estimator under its own name, and with `baselines` pmq_err, gemq_cost, hessian_trace.
     `quantizer` makes the quantized expert copies every estimator compares against
     (`quantized_experts`).
 
-    hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches; it
-    is the trace of `curvature` (`hessian_trace_pass`).
+    hessian_trace is data-free (MoPEQ): random tokens shaped like the calibration batches
+    (`trace_batch_size` > 0 splits them into smaller batches: the same tokens and, with no
+    padding, the same expected trace, for a pass that needs less memory); it is the trace of
+    `curvature` (`hessian_trace_pass`).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -629,7 +631,7 @@ def sensitivity_pass(model, batches: Sequence[dict], cfg: StatsConfig, *, bits,
         b, t = np.asarray(batches[0]["input_ids"]).shape
         n = sum(len(np.asarray(x["input_ids"])) for x in batches)
         rand = random_token_batches(text_model(model).config.vocab_size, num_samples=n,
-                                    length=t, batch_size=b, seed=seed,
+                                    length=t, batch_size=trace_batch_size or b, seed=seed,
                                     exclude=(cfg.image_token_id,))
         trace = hessian_trace_pass(model, rand, image_token_id=cfg.image_token_id,
                                    num_probes=num_probes, seed=seed, curvature=curvature,
