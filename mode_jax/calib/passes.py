@@ -455,10 +455,11 @@ def _routed_experts_of(layers):
     return is_selected
 
 
-# Each MoE layer a Hutchinson pass probes adds about this many copies of its experts to the
-# compiled pass (probe, product, gradient, tangents: 5.1 measured by XLA's memory analysis,
-# `python -m benchmarks.sensitivity_memory`); the auto block size lets them take half the free
-# device memory, leaving the rest for the model and the activations.
+# Each MoE layer a Hutchinson pass probes adds about this many float32 copies of its experts
+# to the compiled pass (probe, product, gradient, tangents), whatever the weights' dtype: XLA
+# puts it at 5.1 for float32 experts (`benchmarks.sensitivity_memory`) and 5.6 for Kimi-VL's
+# bf16 ones (11.5 bf16 layer sizes, `benchmarks.memory_plan`, both on CPU). The auto block size
+# lets them take half the free device memory, leaving the rest for the model and activations.
 TRACE_ARRAYS_PER_PARAM = 6
 TRACE_MEMORY_SHARE = 0.5
 
@@ -489,11 +490,12 @@ def auto_layers_per_pass(model, stats: dict | None | str = "device") -> int:
 
 
 def _device_bytes(experts) -> int:
-    """Bytes of `experts`' routed weights on one device (one shard of each when sharded)."""
+    """Float32 bytes of `experts`' routed weights on one device (one shard of each when
+    sharded)."""
     total = 0
     for leaf in (experts.gate_up[...], experts.down[...]):
         shards = getattr(leaf, "addressable_shards", None)
-        total += shards[0].data.nbytes if shards else leaf.nbytes
+        total += 4 * (shards[0].data.size if shards else leaf.size)
     return total
 
 
