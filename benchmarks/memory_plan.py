@@ -119,7 +119,7 @@ def main(argv=None):
     for k in [int(x) for x in a.trace_layers.split(",") if x]:
         block = cfg.moe_layers[:k]
         gd, experts, rest = nnx.split(abstract, passes._routed_experts_of(block), ...)
-        programs[f"Hutchinson pass, {k} MoE layer(s)"] = (
+        programs[f"Hutchinson pass, {len(block)} MoE layer(s)"] = (
             lambda gd=gd, experts=experts, rest=rest: passes._hessian_batch.lower(
                 gd, experts, rest, batch, None, jax.random.key(0), 2, image_id, "hessian"))
     print(f"{'program':48s} {'arguments':>10s} {'outputs':>9s} {'temps':>9s} {'compile':>8s}")
