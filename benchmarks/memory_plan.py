@@ -17,6 +17,7 @@ difference between settings as what a setting costs.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -43,6 +44,14 @@ def kimi_text_config(layers: int) -> dv.TextConfig:
         n_shared_experts=r.n_shared_experts, first_k_dense_replace=r.first_k_dense_replace,
         routed_scaling_factor=r.routed_scaling_factor, rope_theta=r.rope_theta,
     )
+
+
+def hutchinson_program(model, layers, batch, grid, image_token_id):
+    """One Hutchinson pass (`passes._hessian_batch`, 2 probes) over the experts of `layers`,
+    lowered for `model` and `batch` (concrete or abstract)."""
+    graphdef, experts, rest = nnx.split(model, passes._routed_experts_of(layers), ...)
+    return passes._hessian_batch.lower(graphdef, experts, rest, batch, grid, jax.random.key(0),
+                                       2, image_token_id, "hessian")
 
 
 def sizes(compiled) -> dict[str, float]:
@@ -118,10 +127,8 @@ def main(argv=None):
     }
     for k in [int(x) for x in a.trace_layers.split(",") if x]:
         block = cfg.moe_layers[:k]
-        gd, experts, rest = nnx.split(abstract, passes._routed_experts_of(block), ...)
-        programs[f"Hutchinson pass, {len(block)} MoE layer(s)"] = (
-            lambda gd=gd, experts=experts, rest=rest: passes._hessian_batch.lower(
-                gd, experts, rest, batch, None, jax.random.key(0), 2, image_id, "hessian"))
+        programs[f"Hutchinson pass, {len(block)} MoE layer(s)"] = functools.partial(
+            hutchinson_program, abstract, block, batch, None, image_id)
     print(f"{'program':48s} {'arguments':>10s} {'outputs':>9s} {'temps':>9s} {'compile':>8s}")
     for name, lower in programs.items():
         start = time.perf_counter()

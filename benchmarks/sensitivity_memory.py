@@ -21,13 +21,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks.memory_plan import hutchinson_program
 from mode_jax.calib import passes, sensitivity
 from mode_jax.models import deepseek_v3 as dv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers
+import qwen3vl_tiny  # noqa: E402
 
 KIMI = {"moe_layers": 26, "experts": 64, "hidden": 2048, "moe_hidden": 1408, "bytes": 2}
 GIB = 2.0**30
@@ -42,19 +47,9 @@ def build(a):
         moe_intermediate_size=a.moe_hidden, n_routed_experts=a.experts, num_experts_per_tok=4,
         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.0,
     )
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: dv.DeepseekV3(cfg, rngs=nnx.Rngs(0))))
+    abstract = nnx.eval_shape(lambda: dv.DeepseekV3(cfg, rngs=nnx.Rngs(0)))
+    model = qwen3vl_tiny.random_weights(abstract, tables=("embedding", "e_score_correction_bias"))
     rng = np.random.default_rng(0)
-
-    def init(path, leaf):
-        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
-        if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "e_score_correction_bias":
-            return np.zeros(leaf.shape, leaf.dtype)
-        fan_in = 1 if name == "embedding" else leaf.shape[-2]
-        return (rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)).astype(leaf.dtype)
-
-    model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
     img, special = 4, (1, 2, 3)
     batches = []
     for _ in range(a.batches):
@@ -95,12 +90,8 @@ def held_between_calls(fn, targets) -> tuple[int, float]:
 
 def trace_program_bytes(model, batch, cfg, layers) -> int:
     """Temporaries + outputs of one compiled Hutchinson pass over the experts of `layers`."""
-    graphdef, experts, rest = nnx.split(model, passes._routed_experts_of(layers), ...)
     dev, grid = passes.device_batch(model, batch)
-    compiled = passes._hessian_batch.lower(
-        graphdef, experts, rest, dev, grid, jax.random.key(0), 2, cfg.image_token_id,
-        "hessian").compile()
-    m = compiled.memory_analysis()
+    m = hutchinson_program(model, layers, dev, grid, cfg.image_token_id).compile().memory_analysis()
     return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
 

@@ -254,15 +254,14 @@ def validate(config) -> None:
         if c[section][name] not in allowed:
             shown = ", ".join(a if a else "'' (default)" for a in allowed)
             raise UserError(f"{field}={c[section][name]!r}; allowed: {shown}")
-    if c.sens.kl_chunk < 1:
-        raise UserError(f"sens.kl_chunk={c.sens.kl_chunk}: logit_kl variants per folded batch, "
-                        ">= 1")
-    if c.sens.trace_batch_size < 0:
-        raise UserError(f"sens.trace_batch_size={c.sens.trace_batch_size}: random sequences per "
-                        "Hessian-trace batch, >= 1, or 0 for the calibration batch size")
-    if c.sens.trace_layers_per_pass < 0:
-        raise UserError(f"sens.trace_layers_per_pass={c.sens.trace_layers_per_pass}: MoE layers "
-                        "per Hessian-trace pass, >= 1, or 0 to fit the device memory")
+    for name, least, meaning in (
+            ("kl_chunk", 1, "logit_kl variants per folded batch, >= 1"),
+            ("trace_batch_size", 0, "random sequences per Hessian-trace batch, >= 1, or 0 for "
+             "the calibration batch size"),
+            ("trace_layers_per_pass", 0, "MoE layers per Hessian-trace pass, >= 1, or 0 to fit "
+             "the device memory")):
+        if c.sens[name] < least:
+            raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
     if not isinstance(c.compilation_cache, str):
         raise UserError(f"compilation_cache={c.compilation_cache!r}: a directory, 'auto' or ''")
     if not c.model.path:

@@ -468,7 +468,7 @@ def layer_blocks(moe_layers, layers_per_pass: int) -> list[tuple[int, ...]]:
     """Consecutive blocks of `layers_per_pass` MoE layers (0: all of them in one block)."""
     moe_layers = tuple(moe_layers)
     if layers_per_pass < 0:
-        raise ValueError(f"layers_per_pass must be >= 0, got {layers_per_pass}")
+        raise ValueError(f"layers_per_pass must be >= 0 (0 = all), got {layers_per_pass}")
     k = layers_per_pass or len(moe_layers)
     return [moe_layers[i:i + k] for i in range(0, len(moe_layers), k)]
 
@@ -548,8 +548,6 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     moe_layers = text_model(model).config.moe_layers
     if not moe_layers:
         raise ValueError("the model has no MoE layer (n_routed_experts = 0): no expert Hessian")
-    if layers_per_pass < 0:
-        raise ValueError(f"layers_per_pass must be >= 0 (0 = auto), got {layers_per_pass}")
     blocks = layer_blocks(moe_layers, layers_per_pass or auto_layers_per_pass(model))
     if len(blocks) > 1:
         log.info("hessian trace: %d passes of MoE layers %s", len(blocks), blocks)
@@ -558,7 +556,8 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     keys = jax.random.split(jax.random.key(seed), len(batches))
     steps = [(b, i) for b in range(len(blocks)) for i in range(len(batches))]
     for b, i in progress.track(steps, "hessian trace (layer block, batch) steps"):
-        graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
+        if i == 0:  # a new block: its experts are the differentiated part
+            graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
         key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
         traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batches[i]), key,
                                 num_probes, int(image_token_id), curvature)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import NamedTuple
 
 import jax
@@ -118,10 +119,7 @@ def _quantize_layer(gate_up, down, bits, group_size: int):
                                    rtn.fake_quantize(dn, b, group_size)))(bits)
 
     e = gate_up.shape[0]
-    step = min(QUANTIZE_EXPERTS_PER_STEP, e)
-    if e % step:  # consecutive experts per step, a short last one
-        guq, dnq = jax.lax.map(expert, (gate_up, down), batch_size=step)  # [E, B, ...]
-        return jnp.moveaxis(guq, 0, 1), jnp.moveaxis(dnq, 0, 1)
+    step = math.gcd(e, QUANTIZE_EXPERTS_PER_STEP)  # divides E: every step is full
     # Step i takes experts i, i + E/step, ...: with the experts split over a mesh in contiguous
     # blocks, every device holds its share of every step and none waits for another's.
     strided = [w.reshape(step, e // step, *w.shape[1:]).swapaxes(0, 1) for w in (gate_up, down)]
