@@ -47,14 +47,15 @@ def _eval_set(ctx, model_config=None):
 
         build = processors.batch_builder(model_config, tokenizer, processors.image_processor(
             model_config, c.model.path), pad_token_id=model_config.pad_token_id)
+    image_cfg = preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL's settings
     if c.eval.jsonl:
-        return harness.load_jsonl(c.eval.jsonl, tokenizer, build=build)
+        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_cfg, build=build)
     from mode_jax.testbed import tasks
 
     n = c.eval.num_samples or DEFAULT_HELDOUT
     suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
     return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer,
-                          build=build)
+                          image_cfg, build=build)
 
 
 def _harness(ctx, fp_model, q_model):

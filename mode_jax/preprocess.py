@@ -13,9 +13,10 @@ Kimi-VL's budget is approximate: truncation and padding can leave up to ~23% mor
 the budget for extreme aspect ratios. `strict_budget=True` shrinks further until the aligned
 grid fits.
 
-Prompts: the checkpoint's chat template through its tokenizer when the directory has one that
-transformers can load without remote code; otherwise `render_chat` writes Kimi-VL's template
-out by hand. Each image is `<|media_start|>image<|media_content|><|media_pad|><|media_end|>`, and
+Prompts: the checkpoint's chat template through its tokenizer (transformers without remote
+code; Kimi-VL's published tiktoken files through `convert.tiktoken_tokenizer`); without a
+template `render_chat` writes Kimi-VL's out by hand. Each image is
+`<|media_start|>image<|media_content|><|media_pad|><|media_end|>`, and
 `expand_image_tokens` repeats its `<|media_pad|>` h * w / 4 times (one per merged patch group).
 """
 
@@ -58,6 +59,17 @@ class ImageConfig:
         if self.max_patches < self.merge_kernel[0] * self.merge_kernel[1]:
             raise ValueError(f"max_patches={self.max_patches} is below one merge group "
                              f"{self.merge_kernel}")
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> ImageConfig:
+        """The checkpoint's `preprocessor_config.json` settings; the defaults without one."""
+        path = Path(directory) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            return cls.from_preprocessor_config(json.loads(path.read_text()))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} could not be read: {err}") from None
 
     @classmethod
     def from_preprocessor_config(cls, d: Mapping[str, Any]) -> ImageConfig:
@@ -145,6 +157,12 @@ def unpatchify(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def _as_pil(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, str | Path):  # a calibration record's image file
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {image} could not be read: {err}") from None
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
         raise ValueError(f"images must be PIL images or uint8 arrays [H, W, 3]; got "
@@ -154,7 +172,8 @@ def _as_pil(image: Any) -> Image.Image:
 
 def preprocess_image(image: Any, cfg: ImageConfig = ImageConfig()
                      ) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image (PIL or uint8 `[H, W, 3]`) -> float32 patches `[h * w, 3, p, p]` and (h, w)."""
+    """One image (PIL, uint8 `[H, W, 3]` or a file path) -> float32 patches `[h * w, 3, p, p]`
+    and (h, w)."""
     fitted = fit_image(_as_pil(image), cfg)
     chw = np.asarray(fitted, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
     mean = np.asarray(cfg.mean, np.float32)[:, None, None]
@@ -218,11 +237,19 @@ def expand_image_tokens(text: str, grid_hws: Any, merge_size: int = 4) -> str:
 
 
 def load_tokenizer(directory: str | Path):
-    """The checkpoint's tokenizer through transformers (no remote code), or None if absent."""
+    """The checkpoint's tokenizer through transformers (no remote code), or None if absent.
+
+    Kimi-VL's published tiktoken tokenizer (`TikTokenTokenizer`, remote code upstream) is built
+    from its files by `convert.tiktoken_tokenizer`."""
     d = Path(directory)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from mode_jax.convert import tiktoken_tokenizer
+
+    if tiktoken_tokenizer.is_tiktoken_directory(d):
+        return tiktoken_tokenizer.load(d)
 
     # A plain fast tokenizer loads directly: AutoTokenizer would also read config.json, whose
     # `kimi_vl` model type transformers does not know, and warn on every load.

@@ -183,3 +183,28 @@ def test_built_batch_runs_through_the_model_and_left_padding_is_invisible(tokeni
     ref = np.asarray(model(alone).logits)[0]
     np.testing.assert_allclose(logits[1, -ref.shape[0]:], ref, rtol=1e-4,
                                atol=1e-4 * np.abs(ref).max())
+
+
+def test_image_files_are_read_and_unreadable_ones_named(tmp_path):
+    """Calibration records give image paths; they cut exactly like the decoded image."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (70, 100, 3), np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    got, grid = pp.preprocess_image(tmp_path / "a.png")
+    want, want_grid = pp.preprocess_image(arr)
+    np.testing.assert_array_equal(got, want)
+    assert grid == want_grid
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png could not be read"):
+        pp.preprocess_image(str(tmp_path / "bad.png"))
+
+
+def test_image_settings_come_from_the_checkpoint(tmp_path):
+    assert pp.ImageConfig.from_checkpoint(tmp_path) == pp.ImageConfig()
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"patch_size": 14, "in_token_limit": 256, "pad_input": False, "image_mean": [0, 0, 0]}))
+    cfg = pp.ImageConfig.from_checkpoint(tmp_path)
+    assert (cfg.max_patches, cfg.align, cfg.mean) == (256, "crop", (0.0, 0.0, 0.0))
+    (tmp_path / "preprocessor_config.json").write_text("{")
+    with pytest.raises(ValueError, match="preprocessor_config.json could not be read"):
+        pp.ImageConfig.from_checkpoint(tmp_path)

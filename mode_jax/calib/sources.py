@@ -65,6 +65,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
         model_config, tokenizer, processors.image_processor(model_config, model_path),
         pad_token_id=model_config.pad_token_id)
     batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
+                                image_cfg=preprocess.ImageConfig.from_checkpoint(model_path),
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length, build=build))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer))

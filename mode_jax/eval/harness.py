@@ -40,7 +40,7 @@ import numpy as np
 from mode_jax import progress
 from mode_jax.convert import families
 from mode_jax.eval import generate, jsonl, metrics
-from mode_jax.preprocess import ImageConfig, preprocess_image
+from mode_jax.preprocess import ImageConfig, preprocess_image, prompt_text
 from mode_jax.testbed import tasks
 from mode_jax.testbed import tokenizer as tok_lib
 
@@ -97,7 +97,9 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
            build=None) -> EvalSet:
     """Tokenize `samples` (one image at most each, image first) and cut their images
     (`image_cfg`: MoonViT preprocessing, default Kimi-VL's; with `build`, a family's batch
-    builder from `processors.batch_builder`, its chat template and image processor instead)."""
+    builder from `processors.batch_builder`, its chat template and image processor instead).
+    Kimi-VL prompts are the tokenizer's chat template over `sample.messages()` (Kimi-VL's
+    template by hand when it has none; for the testbed, the same text as `sample.prompt`)."""
     image_cfg = image_cfg or ImageConfig()
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -110,7 +112,8 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
         if s.image is not None:
             pixels, grid = preprocess_image(s.image, image_cfg)
             grid = (int(grid[0]), int(grid[1]))
-        ids, answer = tok_lib.encode_example(tokenizer, s.prompt, s.answer,
+        prompt = prompt_text(s.messages(), tokenizer)  # the checkpoint's own chat template
+        ids, answer = tok_lib.encode_example(tokenizer, prompt, s.answer,
                                              None if grid is None else [grid])
         examples.append(Example(s, ids[~answer], ids[answer], pixels, grid,
                                 option_token_ids(tokenizer, s)))
