@@ -86,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.quant.router_finetune = False
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_samples = 0  # 0 = the whole held-out split
+    # 0 = the whole held-out split (testbed: 400 samples; ShareGPT data: up to 256 records no
+    # stage drew; random tokens: 8)
+    c.eval.num_samples = 0
     c.eval.jsonl = ""  # a user benchmark in eval/jsonl.py's format (scored with the tokenizer)
     c.eval.batch_size = 32
     c.eval.max_new_tokens = 8

@@ -4,8 +4,12 @@ What is scored depends on the data at hand:
 - a user benchmark (`eval.jsonl`) or the testbed's held-out split (`data.source == "testbed"`):
   exact-match and multiple-choice accuracy, perplexity and KL(full || quantized) on the answer
   positions, per task family / task / modality (mode_jax.eval.harness);
-- otherwise (random tokens, a checkpoint without tokenizer): KL and perplexity of the next-token
-  distributions over every real position of seeded random prompts.
+- ShareGPT calibration data (`data.source == "sharegpt"`, no benchmark): KL and perplexity of
+  the next-token distributions over the text positions (image placeholders are not targets) of
+  whole held-out conversations, the records no calibration draw took (`sources.heldout`;
+  `eval.num_samples` of them, 0 = up to 256);
+- otherwise (random tokens, a checkpoint without tokenizer): the same over every real position
+  of seeded random prompts.
 The full-precision result is computed once per process and shared by every method of a sweep.
 
 Besides the aggregate metrics, `evaluate` returns per-sample arrays (what the report's paired
@@ -29,7 +33,7 @@ def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict, dict]:
     c = ctx.config
     if c.eval.jsonl or c.data.source == "testbed":
         return _harness(ctx, fp_model, q_model)
-    return _next_token(ctx, fp_model, q_model)
+    return _next_token(fp_model, q_model, *_next_token_batches(ctx, fp_model.config))
 
 
 def _eval_set(ctx, model_config=None):
@@ -91,16 +95,24 @@ def _harness(ctx, fp_model, q_model):
     return metrics, tables, per_sample
 
 
-def _next_token(ctx, fp_model, q_model):
-    import jax
-
+def _next_token_batches(ctx, model_config) -> tuple[list[dict], int | None]:
+    """(batches, image token id to leave out of the targets, or None to score every position)."""
     from mode_jax.calib import sources
-    from mode_jax.eval import metrics as m
 
     c = ctx.config
-    n = c.eval.num_samples or 8
-    cfg = fp_model.config
-    batches = sources.random_batches(cfg, n, c.data.batch_size, c.seed + 3)
+    seed = c.seed + sources.SEED_OFFSETS["evaluate"]
+    if c.data.source == "sharegpt":
+        held = sources.heldout(c.data, c.model.path, model_config, c.eval.num_samples, c.seed)
+        return held.batches, held.image_token_id
+    return sources.random_batches(model_config, c.eval.num_samples or 8, c.data.batch_size,
+                                  seed), None
+
+
+def _next_token(fp_model, q_model, batches, image_token_id):
+    import jax
+
+    from mode_jax.eval import metrics as m
+
     kl_rows, n_rows, nll_sum = [], [], 0.0
     digest = hashlib.sha256()
     for batch in batches:
@@ -108,6 +120,8 @@ def _next_token(ctx, fp_model, q_model):
         ref = fp_model(batch).logits
         out = q_model(batch).logits
         mask = np.asarray(batch["attention_mask"]).astype(bool).copy()
+        if image_token_id is not None:
+            mask &= np.asarray(batch["input_ids"]) != image_token_id
         mask[:, 0] = False  # position t is predicted by t - 1
         s, k = m.answer_kl(ref, out, mask)
         nll, _ = m.answer_nll(out, batch["input_ids"], mask)
@@ -116,6 +130,6 @@ def _next_token(ctx, fp_model, q_model):
         nll_sum += float(jax.numpy.sum(nll))
     kl, tokens = np.concatenate(kl_rows), np.concatenate(n_rows)
     metrics = {"kl": float(kl.sum() / tokens.sum()),
-               "perplexity": float(np.exp(nll_sum / tokens.sum())), "n": n,
+               "perplexity": float(np.exp(nll_sum / tokens.sum())), "n": len(kl),
                "eval_digest": digest.hexdigest()[:16]}
     return metrics, {}, {"kl": kl, "kl_tokens": tokens}

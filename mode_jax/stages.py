@@ -59,11 +59,13 @@ def place(ctx: runner.Context, model):
     return model
 
 
-def calibration(ctx: runner.Context, model, n: int, purpose: str, seed_offset: int = 0):
+def calibration(ctx: runner.Context, model, n: int, purpose: str, stage: str):
+    """`stage`'s calibration records (each stage draws with its own seed)."""
     from mode_jax.calib import sources
 
     c = ctx.config
-    return sources.load(c.data, c.model.path, model.config, n, c.seed + seed_offset, purpose)
+    return sources.load(c.data, c.model.path, model.config, n,
+                        c.seed + sources.SEED_OFFSETS[stage], purpose)
 
 
 def stats_config(ctx: runner.Context, calib):
@@ -103,7 +105,7 @@ def run_calibrate(ctx, inputs):
     from mode_jax.calib import passes
 
     model = model_from_artifact(ctx, inputs["convert"])
-    calib = calibration(ctx, model, ctx.config.data.num_freq_samples, "stats")
+    calib = calibration(ctx, model, ctx.config.data.num_freq_samples, "stats", "calibrate")
     stats = passes.frequency_pass(model, calib.batches, stats_config(ctx, calib))
     meta = {"num_batches": len(calib.batches),
             "tokens": {k: int(v) for k, v in stats.items() if k.startswith("num_tokens")}}
@@ -115,7 +117,7 @@ def run_sensitivity(ctx, inputs):
 
     c = ctx.config
     model = model_from_artifact(ctx, inputs["convert"])
-    calib = calibration(ctx, model, c.data.num_sens_samples, "stats", seed_offset=1)
+    calib = calibration(ctx, model, c.data.num_sens_samples, "stats", "sensitivity")
     out = passes.sensitivity_pass(
         model, calib.batches, stats_config(ctx, calib), bits=np.asarray(c.alloc.bits),
         group_size=c.sens.group_size, estimator=c.sens.estimator, baselines=True,
@@ -166,7 +168,7 @@ def run_quantize(ctx, inputs):
     qconfig = apply.QuantConfig.from_config(c.quant)
     batches = []
     if qconfig.method == "gptq" or c.quant.router_finetune:
-        batches = calibration(ctx, model, c.data.num_gptq_samples, "gptq", seed_offset=2).batches
+        batches = calibration(ctx, model, c.data.num_gptq_samples, "gptq", "quantize").batches
     qmodel, report = apply.quantize_model(model, batches, bits, qconfig)
     if c.quant.router_finetune:
         report["router_finetune"] = router_finetune.finetune_routers(qmodel, batches)
@@ -219,7 +221,9 @@ STAGES = {
     ),
     "evaluate": Stage(
         "evaluate", ("convert", "quantize"),
-        ("eval", "data.source", "data.batch_size", "seed"),
+        ("eval", "data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
+         "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
+         "seed"),
         run_evaluate,
     ),
 }
@@ -277,7 +281,10 @@ def validate(config) -> None:
         if not c.data.calib_json:
             raise UserError("data.source='sharegpt' needs --config.data.calib_json "
                             "and --config.data.image_dir")
-        data.read_sharegpt(c.data.calib_json, c.data.image_dir)
+        records = data.read_sharegpt(c.data.calib_json, c.data.image_dir)
+        if "evaluate" in c.stages and not c.eval.jsonl and not len(
+                sources.heldout_indices(len(records), c.data, c.seed)):
+            raise UserError(sources.heldout_error(len(records), c.data))
 
 
 def _validate_budget(c, methods) -> None:

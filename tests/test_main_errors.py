@@ -82,3 +82,13 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("x")
     proc, _ = _run(tmp_path, workdir=str(blocker / "sub"))
     assert proc.returncode == 2 and "not writable" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_calibration_json_with_nothing_left_to_evaluate(tmp_path):
+    """Without a benchmark the evaluate stage scores held-out records; the tiny config's draws
+    take the file's only record, which is named before any stage runs."""
+    path, img_dir = _calib_json(tmp_path, missing=False)
+    proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
+                         f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}")
+    _assert_user_error(proc, workdir, "all 1 records", "none is left to evaluate on",
+                       "--config.eval.jsonl")

@@ -91,13 +91,19 @@ def sharegpt_samples(
 ) -> list[Sample]:
     """`n` records drawn with a seeded shuffle (all of them if n <= 0 or n exceeds the file)."""
     records = read_sharegpt(json_path, image_dir)
-    order = np.random.default_rng(seed).permutation(len(records))
+    order = draw_order(len(records), seed)
     if n > 0:
         order = order[:n]
-    return [
-        Sample(_messages(records[i], human_only), (os.path.join(image_dir, records[i]["image"]),))
-        for i in order
-    ]
+    return [record_sample(records[i], image_dir, human_only) for i in order]
+
+
+def draw_order(num_records: int, seed: int) -> np.ndarray:
+    """The seeded shuffle that draws records: a draw of n takes its first n."""
+    return np.random.default_rng(seed).permutation(num_records)
+
+
+def record_sample(record: dict, image_dir: str, human_only: bool = True) -> Sample:
+    return Sample(_messages(record, human_only), (os.path.join(image_dir, record["image"]),))
 
 
 def special_token_ids(tokenizer) -> np.ndarray:

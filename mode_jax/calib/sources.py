@@ -8,6 +8,9 @@
 - "random": seeded random token ids with one random image per sample, for checkpoints that
   ship no tokenizer (the tiny test fixture). It exercises every code path, nothing more.
 Purpose "stats" gives human-only prompts (no answer); "gptq" gives whole conversations.
+
+Each stage draws its records with its own seed (`SEED_OFFSETS`, added to `config.seed`); with
+ShareGPT data the evaluate stage scores the records none of those draws took (`heldout`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from mode_jax.calib import data
 from mode_jax.convert import families
 
 SOURCES = ("sharegpt", "testbed", "random")
+# config.seed + offset draws each stage's records; (stage, data field holding its count)
+SEED_OFFSETS = {"calibrate": 0, "sensitivity": 1, "quantize": 2, "evaluate": 3}
+DRAWS = (("calibrate", "num_freq_samples"), ("sensitivity", "num_sens_samples"),
+         ("quantize", "num_gptq_samples"))
+DEFAULT_HELDOUT_CONVERSATIONS = 256  # eval.num_samples = 0 with ShareGPT data
 PURPOSES = ("stats", "gptq")
 STATS_TASKS = ("vision", "all")  # data.testbed_stats_tasks
 
@@ -49,10 +57,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     if data_cfg.source == "random":
         return Calibration(random_batches(model_config, n, data_cfg.batch_size, seed),
                            int(image_id), ())
-    tokenizer = preprocess.load_tokenizer(model_path)
-    if tokenizer is None:
-        raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
-                         "tokenizer_config.json); use data.source='random' for a smoke run")
+    tokenizer = _tokenizer(model_path)
     if data_cfg.source == "sharegpt":
         if not data_cfg.calib_json:
             raise ValueError("data.source='sharegpt' needs --config.data.calib_json and "
@@ -61,6 +66,19 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
                                         human_only=purpose == "stats")
     else:
         samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
+    return _calibration(samples, data_cfg, model_path, model_config, tokenizer)
+
+
+def _tokenizer(model_path: str):
+    tokenizer = preprocess.load_tokenizer(model_path)
+    if tokenizer is None:
+        raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
+                         "tokenizer_config.json); use data.source='random' for a smoke run")
+    return tokenizer
+
+
+def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer) -> Calibration:
+    """`samples` as the family's batches, with the ids the statistics need."""
     build = processors.batch_builder(
         model_config, tokenizer, processors.image_processor(model_config, model_path),
         pad_token_id=model_config.pad_token_id)
@@ -69,7 +87,38 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length, build=build))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer))
-    return Calibration(batches, int(image_id), special)
+    return Calibration(batches, int(families.image_token_id(model_config)), special)
+
+
+def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
+    """Records no calibration draw takes, in the evaluate stage's seeded order."""
+    used = np.zeros(num_records, bool)
+    for stage, field in DRAWS:
+        n = int(data_cfg[field])
+        order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
+        used[order if n <= 0 else order[:n]] = True
+    order = data.draw_order(num_records, seed + SEED_OFFSETS["evaluate"])
+    return order[~used[order]]
+
+
+def heldout(data_cfg, model_path: str, model_config, n: int, seed: int) -> Calibration:
+    """Whole held-out ShareGPT conversations (`n`, 0 = DEFAULT_HELDOUT_CONVERSATIONS at most)
+    as batches: what the evaluate stage scores when no benchmark is given."""
+    records = data.read_sharegpt(data_cfg.calib_json, data_cfg.image_dir)
+    left = heldout_indices(len(records), data_cfg, seed)
+    if not len(left):
+        raise ValueError(heldout_error(len(records), data_cfg))
+    take = left[:n or DEFAULT_HELDOUT_CONVERSATIONS]
+    samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=False)
+               for i in take]
+    return _calibration(samples, data_cfg, model_path, model_config, _tokenizer(model_path))
+
+
+def heldout_error(num_records: int, data_cfg) -> str:
+    counts = ", ".join(f"data.{f}={data_cfg[f]}" for _, f in DRAWS)
+    return (f"all {num_records} records of {data_cfg.calib_json} are drawn for calibration "
+            f"({counts}; 0 = all): none is left to evaluate on. Add records, lower those "
+            "counts, or score a benchmark with --config.eval.jsonl")
 
 
 def testbed_samples(n: int, seed: int, purpose: str, checkpoint: str | None = None,
