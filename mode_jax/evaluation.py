@@ -49,6 +49,7 @@ def _eval_set(ctx, model_config=None):
     if model_config is not None:
         from mode_jax import processors
 
+        processors.check_image_token(model_config, tokenizer, f"the tokenizer of {c.model.path}")
         build = processors.batch_builder(model_config, tokenizer, processors.image_processor(
             model_config, c.model.path), pad_token_id=model_config.pad_token_id)
     image_cfg = preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL's settings

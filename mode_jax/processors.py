@@ -40,6 +40,27 @@ def rgb(image: Any):
     return image.convert("RGB")
 
 
+# Per family: (tokenizer attribute that may name the image placeholder, its usual text)
+_IMAGE_TOKENS = {"kimi_vl": ("", "<|media_pad|>"), "qwen3_vl_moe": ("image_token", "<|image_pad|>"),
+                 "internvl": ("context_image_token", "<IMG_CONTEXT>")}
+
+
+def check_image_token(model_config: Any, tokenizer, source: str = "the tokenizer") -> None:
+    """The tokenizer must encode the family's image placeholder as config.json's image token id,
+    or image features would be written over other tokens (or the counts fail deep in a pass)."""
+    want = families.image_token_id(model_config)
+    family = families.for_config(model_config).name
+    if want is None or family not in _IMAGE_TOKENS:
+        return
+    attribute, default = _IMAGE_TOKENS[family]
+    name = str(getattr(tokenizer, attribute, None) or default) if attribute else default
+    got = list(tokenizer(name, add_special_tokens=False)["input_ids"])
+    if got != [int(want)]:
+        raise ValueError(f"{source} encodes the image placeholder {name} as {got}, but the model "
+                         f"config's image token id is {int(want)}: tokenizer and checkpoint do "
+                         "not belong together")
+
+
 def image_processor(model_config: Any, checkpoint: str | Path):
     """The checkpoint's image processor for families that use one, else None."""
     if model_config is None or families.for_config(model_config).name == "kimi_vl":

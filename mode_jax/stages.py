@@ -275,6 +275,7 @@ def validate(config) -> None:
     if not os.path.isfile(os.path.join(c.model.path, "config.json")):
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
+    _validate_tokenizer(c)
     if c.data.source == "sharegpt":
         from mode_jax.calib import data
 
@@ -287,6 +288,41 @@ def validate(config) -> None:
             raise UserError(sources.heldout_error(len(records), c.data))
 
 
+def _model_config(c):
+    """The family config of the checkpoint's config.json (no weights read)."""
+    from mode_jax.convert import families, safetensors_io
+
+    raw = safetensors_io.read_config(c.model.path)
+    source = f"{c.model.path}/config.json"
+    try:
+        return families.for_model_type(raw.get("model_type"), source).config_from_json(
+            raw, source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _validate_tokenizer(c) -> None:
+    """The tokenizer that real prompts need loads and its image placeholder is the config's
+    image token: found in seconds rather than after converting the weights."""
+    if c.data.source == "random" and not c.eval.jsonl:
+        return
+    from mode_jax import preprocess, processors
+    from mode_jax.convert import families
+
+    config = _model_config(c)
+    if families.image_token_id(config) is None:
+        return  # a text-only checkpoint: the calibration sources name that problem
+    try:
+        tokenizer = preprocess.load_tokenizer(c.model.path)
+        if tokenizer is None:
+            raise ValueError(f"{c.model.path} has no tokenizer files (tokenizer.json / "
+                             "tokenizer_config.json), which real prompts need; use "
+                             "data.source='random' (and no eval.jsonl) for a smoke run")
+        processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _validate_budget(c, methods) -> None:
     """Solve a zero-cost problem of the real size: the ILP's own checks name what is feasible."""
     from mode_jax.alloc import ilp
@@ -296,15 +332,7 @@ def _validate_budget(c, methods) -> None:
         raise UserError(f"uniform allocation needs an integer budget, got {c.alloc.budget_bits}")
     if set(methods) <= {"uniform", "mopeq"}:
         return
-    from mode_jax.convert import families, safetensors_io
-
-    raw = safetensors_io.read_config(c.model.path)
-    source = f"{c.model.path}/config.json"
-    try:
-        text = families.for_model_type(raw.get("model_type"), source).config_from_json(
-            raw, source).text
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    text = _model_config(c).text
     n_experts, n_layers = text.n_routed_experts, max(1, len(text.moe_layers))
     scope = "global" if "gemq" in methods else c.alloc.scope
     try:

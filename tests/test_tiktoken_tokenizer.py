@@ -193,3 +193,30 @@ def test_kimivl_checkpoint_with_it_feeds_calibration(tmp_path, tok, reference):
     stats = passes.frequency_pass(model, calib.batches, passes.StatsConfig(
         calib.image_token_id, calib.special_token_ids))
     assert int(stats["num_tokens_image"]) == int((batch["input_ids"] == MEDIA_PAD_ID).sum())
+
+
+def test_a_tokenizer_that_does_not_fit_the_config_is_refused_up_front(tmp_path):
+    """validate (before any stage) loads the tokenizer and checks its image placeholder."""
+    from configs import tiny
+    from mode_jax import stages
+    from mode_jax.runner import UserError
+
+    config = json.loads((FIXTURES / "kimivl-tiny" / "config.json").read_text())
+    config["text_config"]["vocab_size"] = BASE + 256
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(TOKENIZER, ckpt)
+    c = tiny.get_config()
+    c.model.path, c.data.source = str(ckpt), "testbed"
+    for placeholder in (MEDIA_PAD_ID, 40):
+        (ckpt / "config.json").write_text(json.dumps(config | {
+            "media_placeholder_token_id": placeholder}))
+        if placeholder == MEDIA_PAD_ID:
+            stages.validate(c)
+            continue
+        with pytest.raises(UserError, match=r"encodes the image placeholder <\|media_pad\|> as "
+                                            r"\[533\], but the model config's image token id "
+                                            "is 40"):
+            stages.validate(c)
+    (ckpt / "tokenizer_config.json").unlink()
+    with pytest.raises(UserError, match="has no tokenizer files"):
+        stages.validate(c)

@@ -79,6 +79,7 @@ def _tokenizer(model_path: str):
 
 def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer) -> Calibration:
     """`samples` as the family's batches, with the ids the statistics need."""
+    processors.check_image_token(model_config, tokenizer, f"the tokenizer of {model_path}")
     build = processors.batch_builder(
         model_config, tokenizer, processors.image_processor(model_config, model_path),
         pad_token_id=model_config.pad_token_id)
