@@ -77,13 +77,15 @@ def _tokenizer(model_path: str):
     return tokenizer
 
 
-def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer) -> Calibration:
-    """`samples` as the family's batches, with the ids the statistics need."""
+def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
+                 batch_size: int = 0) -> Calibration:
+    """`samples` as the family's batches (`batch_size` each, 0 = data.batch_size), with the ids
+    the statistics need."""
     processors.check_image_token(model_config, tokenizer, f"the tokenizer of {model_path}")
     build = processors.batch_builder(
         model_config, tokenizer, processors.image_processor(model_config, model_path),
         pad_token_id=model_config.pad_token_id)
-    batches = list(data.batches(samples, tokenizer, data_cfg.batch_size,
+    batches = list(data.batches(samples, tokenizer, batch_size or data_cfg.batch_size,
                                 image_cfg=preprocess.ImageConfig.from_checkpoint(model_path),
                                 pad_token_id=model_config.pad_token_id,
                                 max_length=data_cfg.max_length, build=build))
@@ -103,8 +105,10 @@ def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
 
 
 def heldout(data_cfg, model_path: str, model_config, n: int, seed: int) -> Calibration:
-    """Whole held-out ShareGPT conversations (`n`, 0 = DEFAULT_HELDOUT_CONVERSATIONS at most)
-    as batches: what the evaluate stage scores when no benchmark is given."""
+    """Whole held-out ShareGPT conversations (`n`, 0 = DEFAULT_HELDOUT_CONVERSATIONS at most),
+    one per batch: what the evaluate stage scores when no benchmark is given. One at a time
+    because scoring holds two `[rows, T, vocab]` float32 logit arrays: about 1 GB each for one
+    1500-token conversation at Kimi-VL's 163,840-token vocabulary."""
     records = data.read_sharegpt(data_cfg.calib_json, data_cfg.image_dir)
     left = heldout_indices(len(records), data_cfg, seed)
     if not len(left):
@@ -112,7 +116,8 @@ def heldout(data_cfg, model_path: str, model_config, n: int, seed: int) -> Calib
     take = left[:n or DEFAULT_HELDOUT_CONVERSATIONS]
     samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=False)
                for i in take]
-    return _calibration(samples, data_cfg, model_path, model_config, _tokenizer(model_path))
+    return _calibration(samples, data_cfg, model_path, model_config, _tokenizer(model_path),
+                        batch_size=1)
 
 
 def heldout_error(num_records: int, data_cfg) -> str:
