@@ -240,7 +240,8 @@ def load_tokenizer(directory: str | Path):
     """The checkpoint's tokenizer through transformers (no remote code), or None if absent.
 
     Kimi-VL's published tiktoken tokenizer (`TikTokenTokenizer`, remote code upstream) is built
-    from its files by `convert.tiktoken_tokenizer`."""
+    from its files by `convert.tiktoken_tokenizer`. A processor chat template in the directory
+    (`processor_chat_template`) replaces the tokenizer's own."""
     d = Path(directory)
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
@@ -249,7 +250,7 @@ def load_tokenizer(directory: str | Path):
     from mode_jax.convert import tiktoken_tokenizer
 
     if tiktoken_tokenizer.is_tiktoken_directory(d):
-        return tiktoken_tokenizer.load(d)
+        return _with_processor_template(tiktoken_tokenizer.load(d), d)
 
     # A plain fast tokenizer loads directly: AutoTokenizer would also read config.json, whose
     # `kimi_vl` model type transformers does not know, and warn on every load.
@@ -263,11 +264,50 @@ def load_tokenizer(directory: str | Path):
         if named == "PreTrainedTokenizerFast":
             loader, kwargs = PreTrainedTokenizerFast, {}
     try:
-        return loader.from_pretrained(str(d), local_files_only=True, **kwargs)
+        tokenizer = loader.from_pretrained(str(d), local_files_only=True, **kwargs)
     except Exception as err:  # any loader failure: say which directory and why
         raise ValueError(f"tokenizer files in {d} could not be loaded by transformers without "
                          f"remote code ({type(err).__name__}: {err}); pass a tokenizer "
                          "object instead") from None
+    return _with_processor_template(tokenizer, d)
+
+
+def _with_processor_template(tokenizer, directory: Path):
+    template = processor_chat_template(directory)
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+PROCESSOR_TEMPLATE_FILES = ("chat_template.json", "processor_config.json")
+
+
+def processor_chat_template(directory: str | Path) -> str | None:
+    """The processor's chat template, which renders image items (Qwen3-VL and InternVL ship it
+    in `chat_template.json`, newer saves in `processor_config.json`); it takes precedence over a
+    tokenizer's own, which may be the text model's. `chat_template.jinja` the tokenizer loads
+    itself."""
+    for name in PROCESSOR_TEMPLATE_FILES:
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{path} could not be read: {err}") from None
+        if template:
+            if not isinstance(template, str):
+                raise ValueError(f"{path}: chat_template must be one jinja string")
+            return template
+    return None
+
+
+def require_chat_template(tokenizer, family: str) -> None:
+    """Families other than Kimi-VL have no hand-written fallback: say where a template lives."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the {family} tokenizer has no chat template: the checkpoint needs one "
+                         "in tokenizer_config.json, chat_template.jinja or "
+                         f"{' / '.join(PROCESSOR_TEMPLATE_FILES)}")
 
 
 def prompt_text(messages: Sequence[Mapping[str, Any]], tokenizer=None,

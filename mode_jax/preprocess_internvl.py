@@ -55,6 +55,7 @@ def build_batch(conversations: Sequence[Sequence[Mapping[str, Any]]],
     and image_num_patches `[I]` (tiles per image)."""
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    preprocess.require_chat_template(tokenizer, "InternVL")
     flat = [rgb(im) for per in images for im in per]
     out: dict[str, np.ndarray] = {}
     tiles = np.zeros(0, np.int64)

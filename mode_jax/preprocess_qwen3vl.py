@@ -47,6 +47,7 @@ def build_batch(conversations: Sequence[Sequence[Mapping[str, Any]]],
     pixel_values `[P, C * T * p * p]`, image_grid_thw `[N, 3]`."""
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    preprocess.require_chat_template(tokenizer, "Qwen3-VL")
     flat = [rgb(im) for per in images for im in per]
     out: dict[str, np.ndarray] = {}
     grids = np.zeros((0, 3), np.int64)

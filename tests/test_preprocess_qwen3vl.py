@@ -50,3 +50,36 @@ def test_missing_image_processor_is_a_clear_error(tmp_path):
         pq.load_image_processor(tmp_path)
     with pytest.raises(ValueError, match="1 image placeholder.* 2 image"):
         pq.expand_image_pads("a <|image_pad|> b", np.ones((2, 3), int), 2)
+
+
+def test_chat_template_from_the_processor_files(checkpoint_dir, tmp_path):
+    """Qwen3-VL ships its image-aware template in chat_template.json (the processor's); it wins
+    over a tokenizer's own, and with no template anywhere the batch builder says so instead of
+    falling back to Kimi-VL's hand-written format."""
+    import json
+    import shutil
+
+    from mode_jax import preprocess
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, d)
+    template = (d / "chat_template.jinja").read_text()
+    (d / "chat_template.jinja").unlink()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    text_only = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": text_only}))
+    assert preprocess.load_tokenizer(d).chat_template == text_only
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = preprocess.load_tokenizer(d)
+    assert tokenizer.chat_template == template
+    processor = pq.load_image_processor(d)
+    image = Image.open(d / "images" / "0.png")
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}]
+    batch = pq.build_batch([conv], [[image]], tokenizer, processor)
+    assert (batch["input_ids"] == tiny.IMAGE).sum() == batch["image_grid_thw"].prod() // 4
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="Qwen3-VL tokenizer has no chat template"):
+        pq.build_batch([conv], [[image]], tokenizer, processor)
+    (d / "chat_template.json").write_text("[")
+    with pytest.raises(ValueError, match="chat_template.json could not be read"):
+        preprocess.load_tokenizer(d)
