@@ -11,7 +11,9 @@ synthetic image-like prompts, for scaling experiments.
 
 Figures printed:
 1. frequency pass (jitted; per-layer key tokens + all counts) in real tokens/s, against the
-   transformers forward of the same model on the same batches (plain logits, no statistics).
+   transformers forward of the same model on the same batches (plain logits, no statistics),
+   and each side's arithmetic rate by XLA's flop count of its program (whether a speed-up
+   comes from doing less arithmetic or from running it faster).
 2. expert_mse vmapped over experts and bits against a per-expert, per-bit loop of jitted calls
    (the structure of the reference code), with the fake quantization shared (as the stage does)
    and end to end (each side quantizing for itself).
@@ -154,6 +156,28 @@ def make_batches(a, n, embed, seed):
         out.append({"input_ids": ids, "attention_mask": mask,
                     "inputs_embeds": emb.astype(np.float32)})
     return out
+
+
+def program_flops(model, batches, cfg) -> tuple[float, float]:
+    """XLA's flop count (cost analysis of the optimized program) of the frequency pass over
+    `batches` and of the plain logits forward of the same model: how much arithmetic each
+    side does (the transformers forward does the forward's)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, emb, mask: nnx.merge(graphdef, st)(
+        inputs_embeds=emb, attention_mask=mask).logits)
+    total_pass = total_forward = 0.0
+    for batch in batches:
+        dev, grid = passes.device_batch(model, batch)
+        total_pass += _flops(passes._frequency_batch.lower(graphdef, state, dev, cfg, grid))
+        total_forward += _flops(forward.lower(state, dev["inputs_embeds"],
+                                              dev["attention_mask"]))
+    return total_pass, total_forward
+
+
+def _flops(lowered) -> float:
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
 
 
 def timed(fn, repeats=3):
@@ -375,6 +399,10 @@ def main(argv=None):
         print(f"   mode_jax frequency_pass, {name:6s} experts: {n_tok / t:8.0f} "
               f"[{t0:.2f} s first]  speed-up {t_torch / t:5.2f}x (goal >= 2x)")
     assert int(stats["count_all"].sum()) == n_tok * a.top_k * len(model.config.moe_layers)
+    pass_flops, forward_flops = program_flops(model, freq_batches, cfg)
+    print(f"   arithmetic rate by XLA's count of each program, summed over the batches: "
+          f"frequency_pass (sorted) {pass_flops / t_sorted / 1e9:.1f} GFLOP/s, transformers "
+          f"forward {forward_flops / t_torch / 1e9:.1f} GFLOP/s (the same model's full forward)")
 
     # 2. vmapped expert_mse vs a per-expert loop
     sens_batches = make(a.sens_samples, a.seed + 1)
