@@ -275,7 +275,6 @@ def validate(config) -> None:
     if not os.path.isfile(os.path.join(c.model.path, "config.json")):
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
-    _validate_tokenizer(c)
     if c.data.source == "sharegpt":
         from mode_jax.calib import data
 
@@ -286,6 +285,7 @@ def validate(config) -> None:
         if "evaluate" in c.stages and not c.eval.jsonl and not len(
                 sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))
+    _validate_tokenizer(c)
 
 
 def _model_config(c):
