@@ -115,3 +115,27 @@ def test_decode_cuts_at_the_end_token():
     gen = generate.Generation(tokens=np.asarray([[*words, end, end], [words[1]] * 4]),
                               lengths=np.asarray([2, 4]))
     assert generate.decode(tok, gen) == ["east morvale", "morvale morvale morvale morvale"]
+
+
+@pytest.mark.parametrize("family", ["kimi_vl", "qwen3_vl_moe", "internvl"])
+def test_logits_window_is_the_last_positions_of_the_full_logits(family):
+    """The harness and generation ask for the last few positions' logits only (no [B, T, V]
+    array at 150k-token vocabularies); they must be the full forward's."""
+    import internvl_tiny
+    import qwen3vl_tiny
+
+    import mode_jax
+
+    if family == "kimi_vl":
+        model = mode_jax.load(FIXTURE)
+        batch = {"input_ids": np.random.default_rng(0).integers(41, 300, (2, 9), np.int32)}
+    else:
+        tiny = qwen3vl_tiny if family == "qwen3_vl_moe" else internvl_tiny
+        model = tiny.model()
+        batch = {"input_ids": np.random.default_rng(0).integers(1, 50, (2, 9), np.int32)}
+    batch["attention_mask"] = np.ones_like(batch["input_ids"])
+    batch["attention_mask"][0, :3] = 0  # left padding, as the harness batches
+    full = np.asarray(model(batch).logits)
+    for window in (1, 4, 9):
+        np.testing.assert_allclose(np.asarray(model(batch, logits_window=window).logits),
+                                   full[:, -window:], rtol=1e-6, atol=1e-6)

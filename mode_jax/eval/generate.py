@@ -66,7 +66,7 @@ def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, r
     cache = lm.init_cache(b, t + max_new_tokens, rope_delta)
     h, additions = model.embed_inputs(input_ids, pixel_values, grid)
     out = lm(inputs_embeds=h, attention_mask=attention_mask, positions=positions,
-             additions=additions, cache=cache)
+             additions=additions, cache=cache, logits_window=1)  # no [B, T, V] prefill
     logits = out.logits[:, -1]
     tokens = jnp.full((b, max_new_tokens), eos, jnp.int32)
     kept = max_new_tokens if return_scores else 0  # no [B, N, V] carry unless asked for

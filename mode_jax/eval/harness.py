@@ -183,19 +183,23 @@ def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str,
 # ---------------------------------------------------------------- one pass
 def _teacher_forced(model, data, rows, batch, reference, routing, k):
     """Per-row NLL sums/counts, KL sums, MC choice, answer log-probs; routing counts of the
-    first `k` rows (the rest repeat a sample to fill the batch)."""
-    out = model(batch, return_routing=routing)
+    first `k` rows (the rest repeat a sample to fill the batch). Answers end every row, so
+    only the last `t` positions' logits are computed (`logits_window`): the longest answer and
+    the position before it, never a `[B, T, vocab]` array."""
+    t = 1 + max(len(data.examples[i].answer_ids) for i in rows)
+    out = model(batch, return_routing=routing, logits_window=t)
     logits = out.logits
-    t = batch["input_ids"].shape[1]
-    target = np.zeros(batch["input_ids"].shape, bool)
+    ids = batch["input_ids"][:, -t:]
+    target = np.zeros(ids.shape, bool)
     for b, i in enumerate(rows):
         target[b, t - len(data.examples[i].answer_ids):] = True
-    nll, count = metrics.answer_nll(logits, batch["input_ids"], target)
+    nll, count = metrics.answer_nll(logits, ids, target)
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     res: dict[str, Any] = {"nll": np.asarray(nll), "count": np.asarray(count), "kl": None,
                            "choice": [], "logprobs": [], "routing": None}
     if callable(reference):
-        res["kl"] = np.asarray(metrics.answer_kl(reference(batch).logits, logits, target)[0])
+        res["kl"] = np.asarray(metrics.answer_kl(reference(batch, logits_window=t).logits,
+                                                 logits, target)[0])
     for b, i in enumerate(rows):
         ex = data.examples[i]
         n = len(ex.answer_ids)

@@ -765,6 +765,7 @@ class DeepseekV3(nnx.Module):
         return_routing: bool = False,
         return_mlp_inputs: bool = False,
         return_hidden: bool = False,
+        logits_window: int = 0,
     ) -> TextOutput:
         """Logits for `input_ids [B, T]` or `inputs_embeds [B, T, D]` (exactly one).
 
@@ -773,6 +774,8 @@ class DeepseekV3(nnx.Module):
         `KVCache` to prefill or extend (the call then attends to everything cached before).
         The return_* flags and image_query_mask `[B, T]` bool add the TextOutput extras; they
         are Python-level switches (static under jit) and cost nothing when off.
+        logits_window > 0: logits of the last `logits_window` positions only (`[B, w, V]`), for
+        callers that score a few final positions without a `[B, T, V]` array (static).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -795,7 +798,14 @@ class DeepseekV3(nnx.Module):
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
             return_hidden=return_hidden,
         )
-        return out._replace(logits=self.logits(h))
+        return out._replace(logits=self.logits(last_positions(h, logits_window)))
+
+
+def last_positions(h: jax.Array, window: int) -> jax.Array:
+    """`h [B, T, D]` cut to its last `window` positions (all of them for window 0)."""
+    if window < 0:
+        raise ValueError(f"logits_window must be >= 0, got {window}")
+    return h[:, -window:] if window else h
 
 
 def check_cache_room(cache: KVCache, t: int) -> None:
@@ -820,6 +830,7 @@ def forward(model: DeepseekV3, input_ids=None, **kwargs) -> TextOutput:
     return _forward_jit(model, input_ids, **kwargs)
 
 
-@nnx.jit(static_argnames=("return_routing", "return_mlp_inputs", "return_hidden"))
+@nnx.jit(static_argnames=("return_routing", "return_mlp_inputs", "return_hidden",
+                          "logits_window"))
 def _forward_jit(model, input_ids, **kwargs):
     return model(input_ids, **kwargs)

@@ -97,17 +97,19 @@ class InternVL(nnx.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid=None,
                 positions=None, *, image_query_mask=None, return_routing: bool = False,
-                return_mlp_inputs: bool = False, return_hidden: bool = False) -> TextOutput:
+                return_mlp_inputs: bool = False, return_hidden: bool = False,
+                logits_window: int = 0) -> TextOutput:
         """The traceable forward (the flags static); `__call__` jits it."""
         h, _ = self.embed_inputs(input_ids, pixel_values, grid)
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
             image_query_mask=image_query_mask, return_routing=return_routing,
-            return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden)
+            return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden,
+            logits_window=logits_window)
 
     def __call__(self, batch: Mapping[str, Any], *, return_routing: bool = False,
                  image_query_mask: Any = None, return_mlp_inputs: bool = False,
-                 return_hidden: bool = False) -> TextOutput:
+                 return_hidden: bool = False, logits_window: int = 0) -> TextOutput:
         """Check the batch on the host, then run `forward` jitted."""
         a = prepare_batch(self.config, batch)
         if image_query_mask is not None:
@@ -117,10 +119,12 @@ class InternVL(nnx.Module):
                                  f"got {image_query_mask.shape}")
         return _forward_jit(self, a["input_ids"], a["attention_mask"], a["pixel_values"],
                             image_query_mask=image_query_mask, return_routing=return_routing,
-                            return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden)
+                            return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden,
+                            logits_window=logits_window)
 
 
-@nnx.jit(static_argnames=("return_routing", "return_mlp_inputs", "return_hidden"))
+@nnx.jit(static_argnames=("return_routing", "return_mlp_inputs", "return_hidden",
+                          "logits_window"))
 def _forward_jit(model, input_ids, attention_mask, pixel_values, **kw):
     return model.forward(input_ids, attention_mask, pixel_values, **kw)
 

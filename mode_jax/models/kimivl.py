@@ -140,18 +140,20 @@ class KimiVL(nnx.Module):
                 pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None,
                 positions: jax.Array | None = None, *,
                 image_query_mask: jax.Array | None = None, return_routing: bool = False,
-                return_mlp_inputs: bool = False, return_hidden: bool = False) -> ModelOutput:
-        """The traceable forward (grid_hws and the flags static); `__call__` jits it."""
+                return_mlp_inputs: bool = False, return_hidden: bool = False,
+                logits_window: int = 0) -> ModelOutput:
+        """The traceable forward (grid_hws and the flags static); `__call__` jits it.
+        logits_window > 0: the last positions' logits only (`DeepseekV3.__call__`)."""
         h = self.embed(input_ids, pixel_values, grid_hws)
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
             image_query_mask=image_query_mask,
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-            return_hidden=return_hidden)
+            return_hidden=return_hidden, logits_window=logits_window)
 
     def __call__(self, batch: Mapping[str, Any], *, return_routing: bool = False,
                  image_query_mask: Any = None, return_mlp_inputs: bool = False,
-                 return_hidden: bool = False) -> ModelOutput:
+                 return_hidden: bool = False, logits_window: int = 0) -> ModelOutput:
         """Check the batch on the host, then run `forward` under `nnx.jit`."""
         args = prepare_batch(self.config, batch)
         if image_query_mask is not None:
@@ -161,10 +163,11 @@ class KimiVL(nnx.Module):
                                  f"got {image_query_mask.shape}")
         return _forward_jit(self, **args, image_query_mask=image_query_mask,
                             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-                            return_hidden=return_hidden)
+                            return_hidden=return_hidden, logits_window=logits_window)
 
 
-@nnx.jit(static_argnames=("grid_hws", "return_routing", "return_mlp_inputs", "return_hidden"))
+@nnx.jit(static_argnames=("grid_hws", "return_routing", "return_mlp_inputs", "return_hidden",
+                          "logits_window"))
 def _forward_jit(model, input_ids, attention_mask, pixel_values, grid_hws, **kwargs):
     return model.forward(input_ids, attention_mask, pixel_values, grid_hws, **kwargs)
 

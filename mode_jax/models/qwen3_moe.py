@@ -43,6 +43,7 @@ from mode_jax.models.deepseek_v3 import (
     attention_span,
     check_cache_room,
     key_scores,
+    last_positions,
     run_decoder_layers,
 )
 
@@ -373,7 +374,8 @@ class Qwen3MoeText(nnx.Module):
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds=None,
                  attention_mask=None, positions=None, image_query_mask=None,
                  cache: KVCache | None = None, additions=(), return_routing: bool = False,
-                 return_mlp_inputs: bool = False, return_hidden: bool = False) -> TextOutput:
+                 return_mlp_inputs: bool = False, return_hidden: bool = False,
+                 logits_window: int = 0) -> TextOutput:
         """Logits for `input_ids [B, T]` or `inputs_embeds [B, T, D]` (exactly one); the other
         arguments as in `DeepseekV3.__call__` (`additions`: see `run_layers`)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -393,4 +395,4 @@ class Qwen3MoeText(nnx.Module):
                                  additions=additions, return_routing=return_routing,
                                  return_mlp_inputs=return_mlp_inputs,
                                  return_hidden=return_hidden)
-        return out._replace(logits=self.logits(h))
+        return out._replace(logits=self.logits(last_positions(h, logits_window)))

@@ -112,18 +112,19 @@ class Qwen3VLMoe(nnx.Module):
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid_thw=None,
                 positions=None, *, image_query_mask=None, return_routing: bool = False,
-                return_mlp_inputs: bool = False, return_hidden: bool = False) -> TextOutput:
+                return_mlp_inputs: bool = False, return_hidden: bool = False,
+                logits_window: int = 0) -> TextOutput:
         """The traceable forward (grid_thw and the flags static); `__call__` jits it."""
         h, deepstack = self.embed_inputs(input_ids, pixel_values, grid_thw)
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
             additions=deepstack, image_query_mask=image_query_mask,
             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-            return_hidden=return_hidden)
+            return_hidden=return_hidden, logits_window=logits_window)
 
     def __call__(self, batch: Mapping[str, Any], *, return_routing: bool = False,
                  image_query_mask: Any = None, return_mlp_inputs: bool = False,
-                 return_hidden: bool = False) -> TextOutput:
+                 return_hidden: bool = False, logits_window: int = 0) -> TextOutput:
         """Check the batch and compute positions on the host, then run `forward` jitted."""
         args = prepare_batch(self.config, batch)
         args.pop("rope_delta")
@@ -134,10 +135,11 @@ class Qwen3VLMoe(nnx.Module):
                                  f"got {image_query_mask.shape}")
         return _forward_jit(self, **args, image_query_mask=image_query_mask,
                             return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-                            return_hidden=return_hidden)
+                            return_hidden=return_hidden, logits_window=logits_window)
 
 
-@nnx.jit(static_argnames=("grid_thw", "return_routing", "return_mlp_inputs", "return_hidden"))
+@nnx.jit(static_argnames=("grid_thw", "return_routing", "return_mlp_inputs", "return_hidden",
+                          "logits_window"))
 def _forward_jit(model, input_ids, attention_mask, pixel_values, grid_thw, positions, **kw):
     return model.forward(input_ids, attention_mask, pixel_values, grid_thw, positions, **kw)
 
