@@ -165,12 +165,16 @@ def program_flops(model, batches, cfg) -> tuple[float, float]:
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda st, emb, mask: nnx.merge(graphdef, st)(
         inputs_embeds=emb, attention_mask=mask).logits)
-    total_pass = total_forward = 0.0
-    for batch in batches:
+    per_shape, total_pass, total_forward = {}, 0.0, 0.0
+    for batch in batches:  # one compile per distinct batch shape
         dev, grid = passes.device_batch(model, batch)
-        total_pass += _flops(passes._frequency_batch.lower(graphdef, state, dev, cfg, grid))
-        total_forward += _flops(forward.lower(state, dev["inputs_embeds"],
-                                              dev["attention_mask"]))
+        shape = dev["inputs_embeds"].shape
+        if shape not in per_shape:
+            per_shape[shape] = (
+                _flops(passes._frequency_batch.lower(graphdef, state, dev, cfg, grid)),
+                _flops(forward.lower(state, dev["inputs_embeds"], dev["attention_mask"])))
+        total_pass += per_shape[shape][0]
+        total_forward += per_shape[shape][1]
     return total_pass, total_forward
 
 

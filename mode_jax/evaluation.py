@@ -101,12 +101,11 @@ def _next_token_batches(ctx, model_config) -> tuple[list[dict], int | None]:
     from mode_jax.calib import sources
 
     c = ctx.config
-    seed = c.seed + sources.SEED_OFFSETS["evaluate"]
     if c.data.source == "sharegpt":
         held = sources.heldout(c.data, c.model.path, model_config, c.eval.num_samples, c.seed)
         return held.batches, held.image_token_id
     return sources.random_batches(model_config, c.eval.num_samples or 8, c.data.batch_size,
-                                  seed), None
+                                  c.seed + sources.SEED_OFFSETS["evaluate"]), None
 
 
 def _next_token(fp_model, q_model, batches, image_token_id):

@@ -154,15 +154,20 @@ def unpatchify(patches: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return patches.reshape(h, w, c, p, p).transpose(2, 0, 3, 1, 4).reshape(c, h * p, w * p)
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """An image file (a calibration record's) as RGB; an unreadable one is named."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"image {path} could not be read: {err}") from None
+
+
 def _as_pil(image: Any) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, str | Path):  # a calibration record's image file
-        try:
-            with Image.open(image) as im:
-                return im.convert("RGB")
-        except (OSError, Image.DecompressionBombError) as err:
-            raise ValueError(f"image {image} could not be read: {err}") from None
+    if isinstance(image, str | Path):
+        return open_image(image)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.dtype != np.uint8:
         raise ValueError(f"images must be PIL images or uint8 arrays [H, W, 3]; got "

@@ -31,10 +31,15 @@ def _special(tokenizer, attribute: str, default: str) -> str:
     return str(getattr(tokenizer, attribute, None) or default)
 
 
+def context_token(tokenizer=None) -> str:
+    """The image context token: the tokenizer's `context_image_token`, else `<IMG_CONTEXT>`."""
+    return _special(tokenizer, "context_image_token", CONTEXT)
+
+
 def expand_image_tokens(text: str, tiles: Sequence[int], tokens_per_tile: int,
                         tokenizer=None) -> str:
     """Replace the i-th context token by image i's `<img>...</img>` run."""
-    context = _special(tokenizer, "context_image_token", CONTEXT)
+    context = context_token(tokenizer)
     start = _special(tokenizer, "start_image_token", START)
     end = _special(tokenizer, "end_image_token", END)
     pieces = text.split(context)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mode_jax import preprocess
 from mode_jax.convert import families
 
 
@@ -33,27 +34,33 @@ def rgb(image: Any):
     from PIL import Image
 
     if isinstance(image, str | Path):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        return preprocess.open_image(image)
     if isinstance(image, np.ndarray):
         return Image.fromarray(image).convert("RGB")
     return image.convert("RGB")
 
 
-# Per family: (tokenizer attribute that may name the image placeholder, its usual text)
-_IMAGE_TOKENS = {"kimi_vl": ("", "<|media_pad|>"), "qwen3_vl_moe": ("image_token", "<|image_pad|>"),
-                 "internvl": ("context_image_token", "<IMG_CONTEXT>")}
+def image_placeholder(model_config: Any, tokenizer) -> str:
+    """The image token text the family's batch builder writes into prompts."""
+    family = families.for_config(model_config).name
+    if family == "qwen3_vl_moe":
+        from mode_jax import preprocess_qwen3vl as pq
+
+        return pq.IMAGE_PAD
+    if family == "internvl":
+        from mode_jax import preprocess_internvl as pi
+
+        return pi.context_token(tokenizer)
+    return preprocess.MEDIA_PAD
 
 
 def check_image_token(model_config: Any, tokenizer, source: str = "the tokenizer") -> None:
     """The tokenizer must encode the family's image placeholder as config.json's image token id,
     or image features would be written over other tokens (or the counts fail deep in a pass)."""
     want = families.image_token_id(model_config)
-    family = families.for_config(model_config).name
-    if want is None or family not in _IMAGE_TOKENS:
+    if want is None:
         return
-    attribute, default = _IMAGE_TOKENS[family]
-    name = str(getattr(tokenizer, attribute, None) or default) if attribute else default
+    name = image_placeholder(model_config, tokenizer)
     got = list(tokenizer(name, add_special_tokens=False)["input_ids"])
     if got != [int(want)]:
         raise ValueError(f"{source} encodes the image placeholder {name} as {got}, but the model "

@@ -306,18 +306,15 @@ def _validate_tokenizer(c) -> None:
     image token: found in seconds rather than after converting the weights."""
     if c.data.source == "random" and not c.eval.jsonl:
         return
-    from mode_jax import preprocess, processors
+    from mode_jax import processors
+    from mode_jax.calib import sources
     from mode_jax.convert import families
 
     config = _model_config(c)
     if families.image_token_id(config) is None:
         return  # a text-only checkpoint: the calibration sources name that problem
     try:
-        tokenizer = preprocess.load_tokenizer(c.model.path)
-        if tokenizer is None:
-            raise ValueError(f"{c.model.path} has no tokenizer files (tokenizer.json / "
-                             "tokenizer_config.json), which real prompts need; use "
-                             "data.source='random' (and no eval.jsonl) for a smoke run")
+        tokenizer = sources.checkpoint_tokenizer(c.model.path)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -57,7 +57,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     if data_cfg.source == "random":
         return Calibration(random_batches(model_config, n, data_cfg.batch_size, seed),
                            int(image_id), ())
-    tokenizer = _tokenizer(model_path)
+    tokenizer = checkpoint_tokenizer(model_path)
     if data_cfg.source == "sharegpt":
         if not data_cfg.calib_json:
             raise ValueError("data.source='sharegpt' needs --config.data.calib_json and "
@@ -69,11 +69,13 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     return _calibration(samples, data_cfg, model_path, model_config, tokenizer)
 
 
-def _tokenizer(model_path: str):
+def checkpoint_tokenizer(model_path: str):
+    """The checkpoint's tokenizer, which real prompts need, or a clear error."""
     tokenizer = preprocess.load_tokenizer(model_path)
     if tokenizer is None:
         raise ValueError(f"{model_path} has no tokenizer files (tokenizer.json / "
-                         "tokenizer_config.json); use data.source='random' for a smoke run")
+                         "tokenizer_config.json), which real prompts need; use "
+                         "data.source='random' (and no eval.jsonl) for a smoke run")
     return tokenizer
 
 
@@ -116,8 +118,8 @@ def heldout(data_cfg, model_path: str, model_config, n: int, seed: int) -> Calib
     take = left[:n or DEFAULT_HELDOUT_CONVERSATIONS]
     samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=False)
                for i in take]
-    return _calibration(samples, data_cfg, model_path, model_config, _tokenizer(model_path),
-                        batch_size=1)
+    return _calibration(samples, data_cfg, model_path, model_config,
+                        checkpoint_tokenizer(model_path), batch_size=1)
 
 
 def heldout_error(num_records: int, data_cfg) -> str:

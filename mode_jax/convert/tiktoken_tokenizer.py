@@ -83,11 +83,14 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
 
 
 class _Converter(TikTokenConverter):
-    """transformers' converter, reading the ranks here instead of through tiktoken."""
+    """transformers' converter on ranks already read (`read_ranks`), not through tiktoken."""
 
-    @staticmethod
-    def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
-        return read_ranks(tiktoken_url)
+    def __init__(self, ranks: dict[bytes, int], **kwargs):
+        super().__init__(vocab_file="", **kwargs)
+        self.ranks = ranks
+
+    def load_tiktoken_bpe(self, tiktoken_url: str) -> dict[bytes, int]:
+        return self.ranks
 
 
 def special_tokens(config: dict, num_base: int) -> list[str]:
@@ -123,9 +126,9 @@ def load(directory: str | Path) -> PreTrainedTokenizerFast:
     d = Path(directory)
     config = json.loads((d / "tokenizer_config.json").read_text())
     vocab_file = d / VOCAB_FILE
-    ranks = read_ranks(vocab_file)  # checked once here; the converter reads the file again
+    ranks = read_ranks(vocab_file)
     specials = special_tokens(config, len(ranks))
-    backend = _Converter(str(vocab_file), pattern=KIMI_PATTERN).converted()
+    backend = _Converter(ranks, pattern=KIMI_PATTERN).converted()
     backend.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     moved = [(s, backend.token_to_id(s)) for i, s in enumerate(specials, len(ranks))
              if backend.token_to_id(s) != i]
