@@ -53,17 +53,39 @@ def test_every_problem_named_at_once(tmp_path):
     records = [
         _record(0, "a.png"),
         _record(1, "missing.png"),
-        {"id": "r2", "conversations": [{"from": "human", "value": "no image"}]},
+        {"id": "r2", "image": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "two images"}]},
         {"id": "r3", "image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]},
+        {"id": "r4", "image": "a.png"},
     ]
     path, img_dir = _write(tmp_path, records)
     with pytest.raises(ValueError) as err:
         data.read_sharegpt(path, img_dir)
     msg = str(err.value)
-    assert "3 problem(s)" in msg
+    assert "4 problem(s)" in msg
     assert "'r1'" in msg and "missing.png" in msg
-    assert "'r2'" in msg and "no 'image'" in msg
+    assert "'r2'" in msg and "one relative path" in msg
     assert "'r3'" in msg and "no human turn" in msg
+    assert "'r4'" in msg and "'conversations' list" in msg
+
+
+def test_text_only_records_are_skipped(tmp_path, caplog):
+    """LLaVA-style mixes hold text-only records: they are left out (and counted), and every
+    draw takes image records only; a file with no image record at all is refused."""
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "hi"},
+                                              {"from": "gpt", "value": "hello"}]}
+    records = [text_only, _record(0, "a.png"), text_only, _record(1, "b.png"), text_only]
+    path, img_dir = _write(tmp_path, records)
+    with caplog.at_level("INFO", logger=data.__name__):
+        kept = data.read_sharegpt(path, img_dir)
+    assert [r["id"] for r in kept] == ["r0", "r1"]
+    assert "skipped 3 of 5 records" in caplog.text
+    drawn = data.sharegpt_samples(path, img_dir, n=0, seed=3)
+    assert sorted(s.images[0] for s in drawn) == [f"{img_dir}/a.png", f"{img_dir}/b.png"]
+    (tmp_path / "none").mkdir()
+    path, img_dir = _write(tmp_path / "none", [text_only, text_only], images=())
+    with pytest.raises(ValueError, match="none of its 2 records has an 'image'"):
+        data.read_sharegpt(path, img_dir)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -6,14 +6,16 @@ The file is a JSON list of records:
                      {"from": "gpt", "value": "..."}, ...]}
 `image` is relative to the image directory. The statistics passes use "human-only" prompts (the
 first human turn, image first, generation prompt appended, no answer: method.md stage 1); GPTQ
-uses whole conversations. Every problem in the file (missing image, bad record) is reported at
-once, naming the record.
+uses whole conversations. Records with no `image` key (the text-only share of LLaVA-style mixes)
+are skipped with a logged count: every stage draws from the image records only. Every problem in
+the file (missing image file, bad record) is reported at once, naming the record.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from mode_jax import preprocess
+
+log = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_WORDS = ("user", "assistant", "system")  # role words inside the chat template
@@ -36,7 +40,8 @@ class Sample:
 
 
 def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
-    """Validated records; raises one ValueError naming every bad record and missing image."""
+    """The validated records that have an image, in file order; raises one ValueError naming
+    every bad record and missing image file, or saying that no record has an image."""
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"calibration JSON not found: {json_path}")
     try:
@@ -46,24 +51,33 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
         raise ValueError(f"{json_path} is not valid JSON: {e}") from None
     if not isinstance(records, list) or not records:
         raise ValueError(f"{json_path} must hold a non-empty JSON list of records")
-    problems = []
+    problems, kept, text_only = [], [], 0
     for i, r in enumerate(records):
         name = f"record {i} (id {r.get('id', '?')!r})" if isinstance(r, dict) else f"record {i}"
         if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
             problems.append(f"{name}: needs a 'conversations' list")
             continue
+        if "image" not in r:
+            text_only += 1
+            continue
         if not any(ROLES.get(t.get("from")) == "user" for t in r["conversations"]):
             problems.append(f"{name}: has no human turn")
-        if "image" not in r:
-            problems.append(f"{name}: has no 'image' (a prompt with no image cannot calibrate "
-                            "the vision statistics)")
+        if not isinstance(r["image"], str) or not r["image"]:
+            problems.append(f"{name}: 'image' must be one relative path, got {r['image']!r}")
         elif not os.path.isfile(os.path.join(image_dir, r["image"])):
             problems.append(f"{name}: image not found: {os.path.join(image_dir, r['image'])}")
+        kept.append(r)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{json_path}: {len(problems)} problem(s):\n  {shown}{more}")
-    return records
+    if not kept:
+        raise ValueError(f"{json_path}: none of its {len(records)} records has an 'image'; "
+                         "calibrating the vision statistics needs image + question records")
+    if text_only:
+        log.info("%s: skipped %d of %d records that have no 'image' (text-only)", json_path,
+                 text_only, len(records))
+    return kept
 
 
 def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
