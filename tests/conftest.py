@@ -12,6 +12,14 @@ mappings each) and keeps them while jax's caches hold the executable. One pytest
 compiles tens of thousands of programs, and past Linux's `vm.max_map_count` (65530 by default)
 the next compilation aborts the interpreter ("Fatal Python error: Aborted" inside
 `backend_compile_and_load`). Dropping the caches after each test module releases them.
+
+Most of the suite's time is XLA compiling tiny-model programs that then run for milliseconds,
+so the suite asks XLA:CPU for cheap code generation (`TEST_XLA_FLAGS`: LLVM at -O0 and without
+its expensive passes). The HLO optimisations that decide what is computed, and in which order,
+are the same as in a normal run; tests/test_passes.py takes 77 s instead of 127 s on 2 cores,
+while compute-bound files such as test_testbed_checkpoint.py take as long as before (measured
+2026-12-05). `main.py` outside the suite, and benchmarks/, keep XLA's defaults. Flags already
+in XLA_FLAGS are kept (set MODE_JAX_TEST_DEFAULT_XLA=1 to leave XLA_FLAGS untouched).
 """
 
 import gc
@@ -19,8 +27,15 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+if not os.environ.get("MODE_JAX_TEST_DEFAULT_XLA"):  # before jax starts a backend; inherited
+    _flags = os.environ.get("XLA_FLAGS", "").split()  # by xdist workers and main.py runs
+    _names = {f.split("=")[0] for f in _flags}
+    os.environ["XLA_FLAGS"] = " ".join(
+        [*_flags, *(f for f in TEST_XLA_FLAGS if f.split("=")[0] not in _names)])
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller: xdist workers inherit it
