@@ -104,13 +104,15 @@ def test_logit_kl_equals_brute_force_reforward(model):
         experts = lm.layers[layer].mlp.experts
         for e in (0, 3):
             for bi, bits in enumerate(BITS):
-                gu = experts.gate_up[...].at[e].set(rtn.fake_quantize(experts.gate_up[e], bits,
-                                                                       GROUP))
-                dn = experts.down[...].at[e].set(rtn.fake_quantize(experts.down[e], bits, GROUP))
+                gate_up, down = jnp.asarray(experts.gate_up[...]), jnp.asarray(experts.down[...])
+                gu = gate_up.at[e].set(rtn.fake_quantize(gate_up[e], bits, GROUP))
+                dn = down.at[e].set(rtn.fake_quantize(down[e], bits, GROUP))
                 for m, code in enumerate(sens.MODALITY_CODES):
                     q = _log_softmax(_reforward(graphdef, state, args, p.grid, layer, gu, dn,
                                                 modality == code))
                     want = (np.exp(ref) * (ref - q)).sum() / 2  # two samples
                     name = f"logit_kl_{sens.MODALITIES[m]}"
-                    np.testing.assert_allclose(got[name][j, e, bi], want, rtol=2e-3, atol=1e-7)
+                    # atol: float32 rounding of log-probs of size ~5 is ~3e-7 per term; the
+                    # issue asks for 1e-5 (the Kimi-VL test's atol)
+                    np.testing.assert_allclose(got[name][j, e, bi], want, rtol=2e-3, atol=1e-6)
     assert got["logit_kl_vision"].max() > 1e-4 and got["logit_kl_text"].max() > 1e-4
