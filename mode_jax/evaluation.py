@@ -38,10 +38,11 @@ def evaluate(ctx, fp_model, q_model) -> tuple[dict, dict, dict]:
 
 def _eval_set(ctx, model_config=None):
     from mode_jax import preprocess
+    from mode_jax.calib import sources
     from mode_jax.eval import harness
 
     c = ctx.config
-    tokenizer = preprocess.load_tokenizer(c.model.path)
+    tokenizer = sources.tokenizer(c.model.path, ctx.cache)
     if tokenizer is None:
         raise ValueError(f"{c.model.path} has no tokenizer: accuracy needs one (eval.jsonl or "
                          "the testbed)")
@@ -102,7 +103,8 @@ def _next_token_batches(ctx, model_config) -> tuple[list[dict], int | None]:
 
     c = ctx.config
     if c.data.source == "sharegpt":
-        held = sources.heldout(c.data, c.model.path, model_config, c.eval.num_samples, c.seed)
+        held = sources.heldout(c.data, c.model.path, model_config, c.eval.num_samples, c.seed,
+                               ctx.cache)
         return held.batches, held.image_token_id
     return sources.random_batches(model_config, c.eval.num_samples or 8, c.data.batch_size,
                                   c.seed + sources.SEED_OFFSETS["evaluate"]), None

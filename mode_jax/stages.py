@@ -65,7 +65,7 @@ def calibration(ctx: runner.Context, model, n: int, purpose: str, stage: str):
 
     c = ctx.config
     return sources.load(c.data, c.model.path, model.config, n,
-                        c.seed + sources.SEED_OFFSETS[stage], purpose)
+                        c.seed + sources.SEED_OFFSETS[stage], purpose, ctx.cache)
 
 
 def stats_config(ctx: runner.Context, calib):
@@ -232,8 +232,10 @@ STAGES = {
 # ---------------------------------------------------------------- validation and driver
 
 
-def validate(config) -> None:
-    """Everything checkable before a stage writes: one clear error, nothing half-written."""
+def validate(config, cache: dict | None = None) -> None:
+    """Everything checkable before a stage writes: one clear error, nothing half-written.
+    `cache`: the run's shared stage cache, which keeps the ShareGPT records and the tokenizer
+    read here for the stages."""
     c = config
     methods = tuple(c.sweep) or (c.alloc.method,)
     for entry in methods:
@@ -276,16 +278,14 @@ def validate(config) -> None:
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
     if c.data.source == "sharegpt":
-        from mode_jax.calib import data
-
         if not c.data.calib_json:
             raise UserError("data.source='sharegpt' needs --config.data.calib_json "
                             "and --config.data.image_dir")
-        records = data.read_sharegpt(c.data.calib_json, c.data.image_dir)
+        records = sources.sharegpt_records(c.data, cache)
         if "evaluate" in c.stages and not c.eval.jsonl and not len(
                 sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))
-    _validate_tokenizer(c)
+    _validate_tokenizer(c, cache)
 
 
 def _model_config(c):
@@ -301,7 +301,7 @@ def _model_config(c):
         raise UserError(str(e)) from None
 
 
-def _validate_tokenizer(c) -> None:
+def _validate_tokenizer(c, cache: dict | None = None) -> None:
     """The tokenizer that real prompts need loads and its image placeholder is the config's
     image token: found in seconds rather than after converting the weights."""
     if c.data.source == "random" and not c.eval.jsonl:
@@ -314,7 +314,7 @@ def _validate_tokenizer(c) -> None:
     if families.image_token_id(config) is None:
         return  # a text-only checkpoint: the calibration sources name that problem
     try:
-        tokenizer = sources.checkpoint_tokenizer(c.model.path)
+        tokenizer = sources.checkpoint_tokenizer(c.model.path, cache)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -372,10 +372,10 @@ def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "
     if distributed:
         jax.distributed.initialize()
     runner.check_workdir(workdir)
-    validate(config)
+    shared: dict = {}  # the fp model, its evaluation, records, tokenizer: shared by the methods
+    validate(config, shared)
     use_compilation_cache(config.compilation_cache, workdir)
     methods = tuple(config.sweep) or (config.alloc.method,)
-    shared: dict = {}  # the full-precision model and its evaluation, shared by the methods
     contexts = []
     with jax.default_matmul_precision(config.model.matmul_precision):
         for method in methods:

@@ -11,7 +11,7 @@ import qwen3vl_tiny as tiny
 from PIL import Image
 
 from configs import common
-from mode_jax import evaluation
+from mode_jax import evaluation, preprocess
 from mode_jax.calib import data, sources
 
 DRAWN = {"num_freq_samples": 4, "num_sens_samples": 2, "num_gptq_samples": 3}
@@ -60,7 +60,7 @@ def test_heldout_records_are_the_ones_no_draw_takes():
 
 def test_scores_the_text_positions_of_heldout_conversations(checkpoint):
     cfg = _config(checkpoint)
-    batches, image_id = evaluation._next_token_batches(types.SimpleNamespace(config=cfg),
+    batches, image_id = evaluation._next_token_batches(types.SimpleNamespace(config=cfg, cache={}),
                                                        tiny.CONFIG)
     left = sources.heldout_indices(12, cfg.data, cfg.seed)
     assert image_id == tiny.IMAGE and sum(len(b["input_ids"]) for b in batches) == len(left)
@@ -79,6 +79,39 @@ def test_scores_the_text_positions_of_heldout_conversations(checkpoint):
     assert same["kl"] == 0 and same["n"] == len(left)
     assert per_sample["kl_tokens"].sum() == count
     np.testing.assert_allclose(same["perplexity"], np.exp(nll / count), rtol=1e-5)
-    few, _ = evaluation._next_token_batches(types.SimpleNamespace(config=_config(checkpoint, 2)),
-                                            tiny.CONFIG)
+    ctx = types.SimpleNamespace(config=_config(checkpoint, 2), cache={})
+    few, _ = evaluation._next_token_batches(ctx, tiny.CONFIG)
     assert sum(len(b["input_ids"]) for b in few) == 2
+
+
+def test_a_run_reads_the_file_and_the_tokenizer_once(checkpoint, monkeypatch):
+    """Every stage's draw and the held-out set come from one parse of the ShareGPT file and one
+    tokenizer load per run cache, and equal what separate reads give."""
+    cfg = _config(checkpoint)
+    calls = {"read": 0, "tokenizer": 0}
+    read, load_tokenizer = data.read_sharegpt, preprocess.load_tokenizer
+
+    def counted(name, fn):
+        def wrapper(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return wrapper
+
+    def draws(cache):
+        out = [sources.load(cfg.data, str(checkpoint), tiny.CONFIG, int(cfg.data[field]),
+                            cfg.seed + sources.SEED_OFFSETS[stage],
+                            "gptq" if stage == "quantize" else "stats", cache)
+               for stage, field in sources.DRAWS]
+        return out + [sources.heldout(cfg.data, str(checkpoint), tiny.CONFIG, 0, cfg.seed, cache)]
+
+    fresh = draws(None)
+    monkeypatch.setattr(data, "read_sharegpt", counted("read", read))
+    monkeypatch.setattr(preprocess, "load_tokenizer", counted("tokenizer", load_tokenizer))
+    cached = draws({})
+    assert calls == {"read": 1, "tokenizer": 1}
+    for a, b in zip(fresh, cached, strict=True):
+        assert len(a.batches) == len(b.batches)
+        for x, y in zip(a.batches, b.batches, strict=True):
+            assert x.keys() == y.keys()
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k])

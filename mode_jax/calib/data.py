@@ -101,10 +101,13 @@ def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
 
 
 def sharegpt_samples(
-    json_path: str, image_dir: str, n: int, seed: int, human_only: bool = True
+    json_path: str, image_dir: str, n: int, seed: int, human_only: bool = True,
+    records: list[dict] | None = None,
 ) -> list[Sample]:
-    """`n` records drawn with a seeded shuffle (all of them if n <= 0 or n exceeds the file)."""
-    records = read_sharegpt(json_path, image_dir)
+    """`n` records drawn with a seeded shuffle (all of them if n <= 0 or n exceeds the file).
+    `records`: the file's `read_sharegpt` result when the caller has it already."""
+    if records is None:
+        records = read_sharegpt(json_path, image_dir)
     order = draw_order(len(records), seed)
     if n > 0:
         order = order[:n]
