@@ -396,7 +396,7 @@ def test_a_checkpoint_is_scored_and_calibrated_on_the_suite_it_recorded(tmp_path
     tok_lib.save_tokenizer(tok_lib.build_tokenizer(tasks.vocabulary(suite)), tmp_path)
     config = types.SimpleNamespace(model=types.SimpleNamespace(path=str(tmp_path)), seed=0,
                                    eval=types.SimpleNamespace(jsonl="", num_samples=300))
-    held_out = evaluation._eval_set(types.SimpleNamespace(config=config))
+    held_out = evaluation._eval_set(types.SimpleNamespace(config=config, cache={}))
     assert max(int(e.sample.answer) for e in held_out.examples
                if e.sample.task == "arithmetic") > 18
 
