@@ -90,5 +90,5 @@ def test_calibration_json_with_nothing_left_to_evaluate(tmp_path):
     path, img_dir = _calib_json(tmp_path, missing=False)
     proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}")
-    _assert_user_error(proc, workdir, "all 1 records", "none is left to evaluate on",
+    _assert_user_error(proc, workdir, "all 1 image records", "none is left to evaluate on",
                        "--config.eval.jsonl")

@@ -153,7 +153,7 @@ def heldout(data_cfg, model_path: str, model_config, n: int, seed: int,
 
 def heldout_error(num_records: int, data_cfg) -> str:
     counts = ", ".join(f"data.{f}={data_cfg[f]}" for _, f in DRAWS)
-    return (f"all {num_records} records of {data_cfg.calib_json} are drawn for calibration "
+    return (f"all {num_records} image records of {data_cfg.calib_json} are drawn for calibration "
             f"({counts}; 0 = all): none is left to evaluate on. Add records, lower those "
             "counts, or score a benchmark with --config.eval.jsonl")
 
