@@ -119,6 +119,44 @@ def test_sharded_experts_are_fake_quantized_in_place():
     _run_on_8_host_devices(QUANTIZE_SCRIPT)
 
 
+COSTS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import test_sensitivity as ts
+    from mode_jax import sharding
+    from mode_jax.calib import sensitivity
+
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    gate_up, down = ts._experts(rng)
+    tokens = ts._tokens(rng)
+    kw = dict(num_samples=3, chunk=4, bits=ts.BITS, group_size=ts.GROUP)
+    want = sensitivity.layer_costs(tokens, jnp.asarray(gate_up), jnp.asarray(down), None, None,
+                                   **kw)
+    spec = NamedSharding(sharding.make_mesh(expert=2), P("expert"))
+    calls, layer_sums = [], sensitivity._layer_sums
+    sensitivity._layer_sums = lambda *a: calls.append(a) or layer_sums(*a)
+    got = sensitivity.layer_costs(tokens, jax.device_put(gate_up, spec),
+                                  jax.device_put(down, spec), None, None, **kw)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-9, err_msg=k)
+    assert len(calls) == 2  # two chunks of 4 of the 6 experts, each across both shards
+    for args in calls:
+        hlo = layer_sums.lower(*args).compile().as_text()
+        assert "all-gather" not in hlo and "all-to-all" not in hlo, "a layer's experts moved"
+    print("SHARDED_OK")
+""")
+
+
+def test_sensitivity_of_sharded_experts_moves_only_the_chunk():
+    """expert_mse / pmq / fisher / gemq of a layer whose experts are split over the mesh equal
+    the single-device ones, and each chunk's program never gathers the layer's experts: the
+    chunk's own experts arrive by one chunk-sized reduction."""
+    _run_on_8_host_devices(COSTS_SCRIPT)
+
+
 def test_mesh_rejects_uneven_expert_axis():
     import pytest
 
