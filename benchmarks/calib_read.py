@@ -1,0 +1,85 @@
+"""Time reading a LLaVA-mix-sized ShareGPT file, and what a run pays for it.
+
+Writes a synthetic calibration file of `--records` records (a share of them text-only, images
+spread over `--images` small files), then times `data.read_sharegpt` (parse, skip text-only
+records, check every image path) and reports the host memory the parsed records hold. A run
+reads the file once into its shared stage cache (`sources.sharegpt_records`); before that,
+`validate` and every stage read it again, and quantize and evaluate once per sweep method. The
+last line prints what that would cost for a run of `--methods` methods.
+
+    python -m benchmarks.calib_read                      # 665,000 records (LLaVA mix665k's size)
+    python -m benchmarks.calib_read --records 100000     # ShareGPT4V instruct's size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mode_jax.calib import data
+
+
+def write_synthetic(directory: Path, records: int, images: int, text_only_every: int) -> Path:
+    (directory / "images").mkdir(parents=True)
+    for i in range(images):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(directory / "images" / f"{i}.png")
+    answer = "The image shows " + "a cat sitting on a mat next to a window and " * 8
+    out = []
+    for i in range(records):
+        r = {"id": str(i), "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image in detail, naming objects."},
+            {"from": "gpt", "value": answer}]}
+        if text_only_every <= 0 or i % text_only_every:
+            r["image"] = f"{i % images}.png"
+        out.append(r)
+    path = directory / "mix.json"
+    path.write_text(json.dumps(out))
+    return path
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", type=int, default=665_000)
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--text_only_every", type=int, default=8, help="every n-th record has no "
+                   "image (0: none)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--methods", type=int, default=6, help="sweep methods of the projected run")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="calib_read_"))
+    try:
+        path = write_synthetic(tmp, args.records, args.images, args.text_only_every)
+        print(f"{path.stat().st_size / 1e6:.0f} MB, {args.records} records")
+        times, kept = [], None
+        for _ in range(args.repeats):
+            del kept
+            before = _rss_bytes()
+            start = time.perf_counter()
+            kept = data.read_sharegpt(str(path), str(tmp / "images"))
+            times.append(time.perf_counter() - start)
+            held = _rss_bytes() - before
+        print(f"read_sharegpt: {min(times):.2f} s (best of {args.repeats}), {len(kept)} image "
+              f"records kept, about {held / 1e9:.2f} GB held (RSS difference)")
+        reads = 3 + 2 * args.methods  # validate, calibrate, sensitivity; quantize + evaluate each
+        print(f"a run of {args.methods} methods: {reads} reads ({reads * min(times):.0f} s) "
+              f"before, 1 read ({min(times):.1f} s) now")
+        print(f"reproduce: python -m benchmarks.calib_read {' '.join(sys.argv[1:])}".rstrip())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
