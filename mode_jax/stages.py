@@ -278,10 +278,7 @@ def validate(config, cache: dict | None = None) -> None:
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
     if c.data.source == "sharegpt":
-        if not c.data.calib_json:
-            raise UserError("data.source='sharegpt' needs --config.data.calib_json "
-                            "and --config.data.image_dir")
-        records = sources.sharegpt_records(c.data, cache)
+        records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
         if "evaluate" in c.stages and not c.eval.jsonl and not len(
                 sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))

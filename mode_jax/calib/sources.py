@@ -14,9 +14,9 @@ ShareGPT data the evaluate stage scores the records none of those draws took (`h
 
 `cache` (a dict the caller keeps for one run, main.py's shared stage cache) holds the parsed
 ShareGPT file and the tokenizer, so a run reads each once. A LLaVA-mix-sized file (665k
-records, 388 MB, synthetic) takes about 8 s to parse and check, and Kimi-VL's tokenizer 3 s
-to build, which every stage and every method of a sweep paid before; the parsed records hold
-about 1 GB of host memory for the run.
+records) takes about 7 s to parse and check and holds about 1 GB of host memory for the run
+(`python -m benchmarks.calib_read`); Kimi-VL's tokenizer takes 3 s to build
+(`benchmarks.tokenizer_load`). Every stage and every method of a sweep paid both before.
 """
 
 from __future__ import annotations
