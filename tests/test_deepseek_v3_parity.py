@@ -224,13 +224,17 @@ def test_bf16_within_documented_bound(case):
     assert kept.max() <= BF16_REL_TOL, f"bf16 logits relative error {kept.max():.2e}"
 
 
-def test_dense_experts_impl_matches_sorted():
+def test_dense_experts_impl_matches_torch_and_sorted():
     case = CASES[1]
     ref = torch_reference(case)
     model = keys.from_torch(ref["model"], experts_impl="dense")
     ids, mask, _ = make_batch(case, model.config.vocab_size)
     out = ds.forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     assert rel_err(out.logits, ref["logits"], mask) <= FP32_REL_TOL
+    sorted_out = ds.forward(converted(case), jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], np.asarray(sorted_out.logits)[real],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_cached_greedy_decoding_equals_full_forward():

@@ -9,6 +9,7 @@ import qwen3vl_tiny as tiny
 
 from mode_jax import preprocess, processors
 from mode_jax.eval import harness
+from mode_jax.quant import fake
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,33 @@ def test_examples_carry_qwen3vl_images(data):
     assert len(mc.option_ids) == 2 and image.answer_ids[-1] == data.eos_token_id
 
 
-def test_scores_against_itself(data):
+def _row_logp(model, ex) -> np.ndarray:
+    """Log-probs of prompt + answer computed alone (one unpadded row, its own image)."""
+    ids = np.concatenate([ex.prompt_ids, ex.answer_ids])[None].astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if ex.grid is not None:
+        batch.update(pixel_values=ex.pixel_values, image_grid_thw=np.asarray([ex.grid]))
+    logits = np.asarray(model(batch).logits[0], np.float64)
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_scores_against_itself_and_a_plain_forward(data):
     model = tiny.model()
     full = harness.evaluate(model, data, batch_size=2, max_new_tokens=3, routing=True)
     again = harness.evaluate(model, data, reference=full, batch_size=2, max_new_tokens=3)
     assert again["kl"]["all"] == pytest.approx(0.0, abs=1e-6)
     assert again["predictions"] == full["predictions"]
-    assert np.isfinite(full["perplexity"]["all"])
+    # perplexity against one unbatched forward per example
+    nll = count = 0
+    for ex in data.examples:
+        logp, t = _row_logp(model, ex), len(ex.prompt_ids)
+        nll -= sum(logp[t - 1 + j, a] for j, a in enumerate(ex.answer_ids))
+        count += len(ex.answer_ids)
+    np.testing.assert_allclose(full["perplexity"]["all"], np.exp(nll / count), rtol=1e-4)
+    two_bit = fake.fake_quantize(model, fake.uniform_bits(model, 2), group_size=16)
+    moved = harness.evaluate(two_bit, data, reference=full, batch_size=2, max_new_tokens=3)
+    assert moved["kl"]["all"] > 1e-4
     image_tokens = sum(int((e.prompt_ids == tiny.IMAGE).sum()) for e in data.examples)
     picks = full["routing"]["image"]  # [MoE layers, experts], top-2 per image token
     np.testing.assert_array_equal(picks.sum(-1), [2 * image_tokens] * 3)

@@ -105,9 +105,15 @@ def test_convert_builds_a_concrete_model():
 
 def test_ignore_skips_keys():
     _, _, _, per_expert, _ = torch_style_tensors(np.random.default_rng(2))
+    specs = mapping.target_specs(abstract())
+    plain = mapping.fill(per_expert.items(), PER_EXPERT, specs)
     per_expert["rotary.inv_freq"] = np.ones(3)
-    mapping.fill(per_expert.items(), PER_EXPERT, mapping.target_specs(abstract()),
-                 ignore=[r".*inv_freq"])
+    with pytest.raises(mapping.MappingError, match="rotary.inv_freq"):
+        mapping.fill(per_expert.items(), PER_EXPERT, specs)
+    skipped = mapping.fill(per_expert.items(), PER_EXPERT, specs, ignore=[r".*inv_freq"])
+    assert skipped.keys() == plain.keys()
+    for k in plain:
+        np.testing.assert_array_equal(skipped[k], plain[k])
 
 
 def test_one_error_lists_every_problem():

@@ -36,25 +36,41 @@ def _stats_config(**kw):
     return passes.StatsConfig(IMAGE, (START, END), key_ratio=0.3, **kw)
 
 
-def test_frequency_counts_equal_a_loop_over_the_whole_forward(model):
-    batch, cfg = _batch(0), _stats_config()
-    got = passes.frequency_pass(model, [batch], cfg)
+def _loop_classes(model, batch, cfg):
+    """Per MoE layer, each real token's class ("text", "key", "redundant"; "" for padding)
+    from the model's own attention scores by plain loops, and the forward's routing."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     query = frequency.query_mask(jnp.asarray(ids), jnp.asarray(mask), IMAGE,
                                  jnp.asarray((START, END)), cfg.attention_mode)
     out = model(batch, image_query_mask=query, return_routing=True)
-    e = CONFIG.text.num_experts
-    for j, layer in enumerate(CONFIG.text.moe_layers):
-        scores, (eids, _) = np.asarray(out.image_scores[layer]), out.routing[j]
-        want = {c: np.zeros(e, np.int64) for c in frequency.TOKEN_CLASSES}
-        for s in range(2):
+    classes = []
+    for layer in CONFIG.text.moe_layers:
+        scores = np.asarray(out.image_scores[layer])
+        cls = np.full(ids.shape, "", object)
+        for s in range(ids.shape[0]):
             image = [p for p in range(ids.shape[1]) if mask[s, p] and ids[s, p] == IMAGE]
             n_key = max(1, math.floor(cfg.key_ratio * len(image)))
             key = set(sorted(image, key=lambda p: (-scores[s, p], p))[:n_key])
             for p in np.flatnonzero(mask[s]):
-                cls = ("text" if ids[s, p] != IMAGE else "key" if p in key else "redundant")
+                cls[s, p] = "text" if ids[s, p] != IMAGE else "key" if p in key else "redundant"
+        classes.append(cls)
+    return classes, out.routing
+
+
+def test_frequency_counts_equal_a_loop_over_the_whole_forward(model):
+    batch, cfg = _batch(0), _stats_config()
+    got = passes.frequency_pass(model, [batch], cfg)
+    mask = batch["attention_mask"]
+    classes, routing = _loop_classes(model, batch, cfg)
+    e = CONFIG.text.num_experts
+    for j in range(len(CONFIG.text.moe_layers)):
+        eids = np.asarray(routing[j][0])
+        want = {c: np.zeros(e, np.int64) for c in frequency.TOKEN_CLASSES}
+        for s in range(2):
+            for p in np.flatnonzero(mask[s]):
+                cls = classes[j][s, p]
                 for name in ["all", cls] + (["image"] if cls != "text" else []):
-                    np.add.at(want[name], np.asarray(eids)[s, p], 1)
+                    np.add.at(want[name], eids[s, p], 1)
         for c in frequency.TOKEN_CLASSES:
             np.testing.assert_array_equal(got[f"count_{c}"][j], want[c], err_msg=f"{c} {j}")
     assert got["count_key"].sum() > 0 and got["count_redundant"].sum() > 0
@@ -92,15 +108,15 @@ def test_logit_kl_equals_brute_force_reforward(model):
     args = {"input_ids": p.input_ids, "attention_mask": p.attention_mask,
             "pixel_values": p.pixel_values, "positions": p.positions}
     graphdef, state = nnx.split(model)
-    tokens = passes.collect_tokens(model, [batch], cfg, gradients=False)
+    classes, _ = _loop_classes(model, batch, cfg)  # independent of the pass's own collection
     lm = model.language_model
     none = np.zeros(batch["input_ids"].shape, bool)
     ref = _log_softmax(_reforward(graphdef, state, args, p.grid, 0, lm.layers[0].mlp.experts
                                   .gate_up[...], lm.layers[0].mlp.experts.down[...], none))
     mask = batch["attention_mask"].astype(bool)
     for j, layer in enumerate(CONFIG.text.moe_layers):
-        modality = np.zeros(mask.shape, np.int8)
-        modality[mask] = tokens.layers[j].modality
+        modality = np.full(mask.shape, -1, np.int8)  # redundant image tokens and padding
+        modality[classes[j] == "text"], modality[classes[j] == "key"] = sens.TEXT, sens.KEY
         experts = lm.layers[layer].mlp.experts
         for e in (0, 3):
             for bi, bits in enumerate(BITS):

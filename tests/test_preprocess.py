@@ -149,8 +149,10 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("conv", CONVERSATIONS)
 def test_hand_written_template_matches_the_tokenizers_jinja(tokenizer_dir, conv):
     tok = pp.load_tokenizer(tokenizer_dir)
-    assert pp.prompt_text(conv, tok) == pp.render_chat(conv)
-    assert pp.prompt_text(conv, None) == pp.render_chat(conv)
+    assert tok.chat_template == TEMPLATE  # else prompt_text would fall back to render_chat
+    jinja = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert jinja == pp.render_chat(conv)
+    assert pp.prompt_text(conv, tok) == jinja
 
 
 def test_no_tokenizer_files_means_none(tmp_path):

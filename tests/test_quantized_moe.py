@@ -93,7 +93,8 @@ def test_matches_dense_reference(name):
 
 
 def test_kernel_path_matches_xla_path():
-    """bf16 activations (the kernels' dtype); float32 runs in test_apply's model test."""
+    """bf16 activations (the kernels' dtype); float32 runs in test_serialize's
+    test_kernel_path_logits_match_xla_path."""
     dtype = jnp.bfloat16
     rng = np.random.default_rng(3)
     experts, _, _ = make_experts(rng, [2, 4, 2, 3, 4, 2, 3, 4])

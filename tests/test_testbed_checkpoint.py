@@ -33,7 +33,9 @@ def summary():
 
 def test_card_accuracies_reproduce(summary):
     """Greedy decoding on CPU is deterministic: the held-out split scores exactly as recorded
-    when the checkpoint was made (train_summary.json, the card's source)."""
+    when the checkpoint was made (train_summary.json, the card's source). A regression check:
+    the figures were recorded by this harness, whose scoring is checked against plain forwards
+    in test_harness.py."""
     recorded = summary["heldout"]
     model, data = card.heldout(CHECKPOINT, recorded["n"])
     got = harness.summary(harness.evaluate(model, data))

@@ -101,6 +101,7 @@ def test_chat_template_from_config_or_jinja_file(tmp_path):
     d = tmp_path / "tok"
     shutil.copytree(TOKENIZER, d)
     messages = [{"role": "user", "content": "hi"}]
+    assert tt.load(d).chat_template is None  # no template: the hand-written one is used
     assert preprocess.prompt_text(messages, tt.load(d)) == preprocess.render_chat(messages)
     (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
     assert preprocess.prompt_text(messages, tt.load(d)) == "hi!"
