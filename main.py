@@ -2,6 +2,7 @@
 
   python main.py --config=configs/testbed.py --workdir=runs/testbed
   python main.py --config=configs/kimivl.py --config.model.path=/data/Kimi-VL-A3B-Instruct \
+      --config.data.calib_json=/data/sharegpt4v.json --config.data.image_dir=/data/coco \
       --config.alloc.budget_bits=2.5 --workdir=runs/kimivl
 
 Every stage writes its artifact under --workdir; rerunning the same command resumes after the
@@ -35,11 +36,13 @@ def main(argv):
     from mode_jax import stages  # after flag parsing: keeps --help fast
 
     try:
-        report = stages.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+        out = stages.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
     except stages.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"done: report at {report}")
+    final = _CONFIG.value.final_stage
+    print(f"done: report at {out}" if final in stages.REPORTED_STAGES
+          else f"done: {final} artifact at {out}")
 
 
 def parse_flags(argv):

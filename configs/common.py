@@ -1,7 +1,7 @@
 """Defaults shared by every run; model configs override the `model` and `data` sections.
 
 Every method and ablation is a field here, so a run is reproduced by its config alone:
-    python main.py --config=configs/testbed.py --config.alloc.method=pmq \
+    python main.py --config=configs/testbed.py --config.sweep='("pmq",)' \
         --config.alloc.budget_bits=2.5
 Tuple fields are overridden as strings: --config.alloc.bits='(1,2,3)'.
 """
@@ -14,7 +14,9 @@ REPO_ROOT = __file__.rsplit("/configs/", 1)[0]
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.stages = ("convert", "calibrate", "sensitivity", "allocate", "quantize", "evaluate")
+    # the last stage to run: convert | calibrate | sensitivity | allocate | quantize | evaluate
+    # (e.g. quantize: the packed model without the evaluation; the report needs allocate)
+    c.final_stage = "evaluate"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # checkpoint directory in the published layout (config.json + safetensors)
@@ -26,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "sharegpt"  # sharegpt (calib_json + image_dir) | testbed | random
-    c.data.calib_json = ""  # ShareGPT4V-style JSON; empty = the testbed's own calibration split
+    c.data.calib_json = ""  # ShareGPT4V-style JSON; needed when source is sharegpt
     c.data.image_dir = ""
     c.data.testbed_stats_tasks = "vision"  # testbed source: statistics on vision | all tasks
     c.data.num_freq_samples = 512  # method.md stage 1

@@ -207,7 +207,7 @@ def _against_random(rows: list[dict], samples: dict, weights: dict) -> None:
             }
 
 
-def write(workdir: str, config, contexts: list, final_stage: str) -> str:
+def write(workdir: str, config, contexts: list) -> str:
     """Report every evaluated method/budget in `workdir`; bit maps of this invocation's runs."""
     fig_dir = os.path.join(workdir, "figures")
     os.makedirs(fig_dir, exist_ok=True)

@@ -202,28 +202,29 @@ STAGES = {
         "calibrate", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_freq_samples",
-         "data.batch_size", "data.max_length", "stats", "seed"),
+         "data.batch_size", "data.max_length", "stats", "model.matmul_precision", "seed"),
         run_calibrate,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_sens_samples",
-         "data.batch_size", "data.max_length", "stats", "sens", "alloc.bits", "seed"),
+         "data.batch_size", "data.max_length", "stats", "sens", "alloc.bits",
+         "model.matmul_precision", "seed"),
         run_sensitivity,
     ),
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
     "quantize": Stage(
         "quantize", ("convert", "allocate"),
         ("quant", "data.source", "data.calib_json", "data.image_dir", "data.num_gptq_samples",
-         "data.batch_size", "data.max_length", "seed"),
+         "data.batch_size", "data.max_length", "model.matmul_precision", "seed"),
         run_quantize,
     ),
     "evaluate": Stage(
         "evaluate", ("convert", "quantize"),
         ("eval", "data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
          "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
-         "seed"),
+         "model.matmul_precision", "seed"),
         run_evaluate,
     ),
 }
@@ -268,6 +269,8 @@ def validate(config, cache: dict | None = None) -> None:
              "the device memory")):
         if c.sens[name] < least:
             raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
+    if c.final_stage not in STAGES:
+        raise UserError(f"final_stage={c.final_stage!r}; allowed: {', '.join(STAGES)}")
     if not isinstance(c.compilation_cache, str):
         raise UserError(f"compilation_cache={c.compilation_cache!r}: a directory, 'auto' or ''")
     if not c.model.path:
@@ -277,9 +280,10 @@ def validate(config, cache: dict | None = None) -> None:
     if not os.path.isfile(os.path.join(c.model.path, "config.json")):
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
+    _validate_multimodal(c)
     if c.data.source == "sharegpt":
         records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
-        if "evaluate" in c.stages and not c.eval.jsonl and not len(
+        if c.final_stage == "evaluate" and not c.eval.jsonl and not len(
                 sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))
     _validate_tokenizer(c, cache)
@@ -298,6 +302,16 @@ def _model_config(c):
         raise UserError(str(e)) from None
 
 
+def _validate_multimodal(c) -> None:
+    """A text-only checkpoint loads (mode_jax.load) but has no image tokens to calibrate on."""
+    from mode_jax.calib import sources
+    from mode_jax.convert import families
+
+    config = _model_config(c)
+    if families.image_token_id(config) is None or config.vision is None:
+        raise UserError(f"{c.model.path}: {sources.NOT_MULTIMODAL}")
+
+
 def _validate_tokenizer(c, cache: dict | None = None) -> None:
     """The tokenizer that real prompts need loads and its image placeholder is the config's
     image token: found in seconds rather than after converting the weights."""
@@ -309,7 +323,7 @@ def _validate_tokenizer(c, cache: dict | None = None) -> None:
 
     config = _model_config(c)
     if families.image_token_id(config) is None:
-        return  # a text-only checkpoint: the calibration sources name that problem
+        return  # a text-only checkpoint: _validate_multimodal refused it
     try:
         tokenizer = sources.checkpoint_tokenizer(c.model.path, cache)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
@@ -364,8 +378,13 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
     return path
 
 
-def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "evaluate") -> str:
-    """Run every stage up to `final_stage` for each method; returns the report path."""
+REPORTED_STAGES = ("allocate", "quantize", "evaluate")  # a run that ends here writes a report
+
+
+def run(config, workdir: str, *, distributed: bool = False) -> str:
+    """Run every stage up to `config.final_stage` for each method; returns the report path, or
+    for a run that ends before allocation, the final artifact's path (the first method's)."""
+    final_stage = config.final_stage
     if distributed:
         jax.distributed.initialize()
     runner.check_workdir(workdir)
@@ -378,8 +397,13 @@ def run(config, workdir: str, *, distributed: bool = False, final_stage: str = "
         for method in methods:
             ctx = runner.Context(method_config(config, method), workdir, STAGES)
             ctx.cache = shared  # one model in memory for every method
-            log.info("method %s: %s", method, ctx.ensure(final_stage).path)
+            order = list(STAGES)  # pipeline order: every stage up to the final one runs
+            for name in order[:order.index(final_stage) + 1]:
+                path = ctx.ensure(name).path
+            log.info("method %s: %s", method, path)
             contexts.append(ctx)
+    if final_stage not in REPORTED_STAGES:
+        return contexts[0].ensure(final_stage).path
     from mode_jax import report
 
-    return report.write(workdir, config, contexts, final_stage)
+    return report.write(workdir, config, contexts)

@@ -59,6 +59,8 @@ CASES = {
     "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
     "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
                                  ("data.testbed_stats_tasks", "text")),
+    "unknown final stage": (["--config.final_stage=report"], ("final_stage", "report",
+                                                                "quantize")),
     "unknown kernel dequant": (["--config.eval.kernel_dequant=lut"],
                                ("eval.kernel_dequant", "lut", "registers")),
 }
@@ -92,3 +94,14 @@ def test_calibration_json_with_nothing_left_to_evaluate(tmp_path):
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}")
     _assert_user_error(proc, workdir, "all 1 image records", "none is left to evaluate on",
                        "--config.eval.jsonl")
+
+
+def test_text_only_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    """A deepseek_v3 (text-only) directory loads as a model, but MODE calibrates on images."""
+    shipped = json.loads(open(os.path.join(REPO, "checkpoints/testbed/config.json")).read())
+    text_only = tmp_path / "text_only"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps(shipped["text_config"]))
+    proc, workdir = _run(tmp_path, f"--config.model.path={text_only}",
+                         "--config.data.source=random")
+    _assert_user_error(proc, workdir, str(text_only), "no vision tower", "internvl")

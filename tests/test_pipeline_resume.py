@@ -121,3 +121,28 @@ def test_report_names_mopeqs_gauss_newton_trace(tmp_path, reference):
     with open(os.path.join(work, "report.md")) as f:
         rows = [line.split("|") for line in f if line.startswith("| mopeq-budget")]
     assert [r[2].strip() for r in rows] == ["gauss_newton trace"], rows
+
+
+def test_matmul_precision_reruns_every_stage_that_computes(tmp_path, reference):
+    """The converted weights do not depend on it; every statistic and evaluation does."""
+    work = str(tmp_path / "w")
+    shutil.copytree(reference[0], work)
+    log = _run(work, "--config.model.matmul_precision=default")
+    assert re.findall(r"stage (\w+)\s+running", log) == [
+        "calibrate", "sensitivity", "allocate", "quantize", "evaluate"], log
+
+
+def test_final_stage_stops_the_run_and_a_later_run_goes_on(tmp_path, reference):
+    work = str(tmp_path / "w")
+    proc = subprocess.run(_cmd(work, "--config.final_stage=sensitivity"), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.findall(r"stage (\w+)\s+running", proc.stderr) == [
+        "convert", "calibrate", "sensitivity"], proc.stderr
+    assert "done: sensitivity artifact at " + os.path.join(work, "sensitivity") in proc.stdout
+    assert not os.path.exists(os.path.join(work, "report.md"))
+    log = _run(work, "--config.final_stage=quantize")
+    assert re.findall(r"stage (\w+)\s+running", log) == ["allocate", "quantize"], log
+    assert os.path.isfile(os.path.join(work, "report.md"))  # the bit map and earlier rows
+    assert sorted(_artifacts(work)) == sorted(k for k in _artifacts(reference[0])
+                                              if k[0] != "evaluate")

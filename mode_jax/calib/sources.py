@@ -36,6 +36,8 @@ DRAWS = (("calibrate", "num_freq_samples"), ("sensitivity", "num_sens_samples"),
          ("quantize", "num_gptq_samples"))
 DEFAULT_HELDOUT_CONVERSATIONS = 256  # eval.num_samples = 0 with ShareGPT data
 PURPOSES = ("stats", "gptq")
+NOT_MULTIMODAL = ("the model has no vision tower: MODE needs a multimodal checkpoint (model_type "
+                  "kimi_vl, qwen3_vl_moe or internvl)")
 STATS_TASKS = ("vision", "all")  # data.testbed_stats_tasks
 
 
@@ -59,8 +61,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
     _check(data_cfg.source, purpose)
     image_id = families.image_token_id(model_config)
     if image_id is None or model_config.vision is None:
-        raise ValueError("the model has no vision tower: MODE needs a multimodal checkpoint "
-                         "(model_type kimi_vl or qwen3_vl_moe)")
+        raise ValueError(NOT_MULTIMODAL)
     if data_cfg.source == "random":
         return Calibration(random_batches(model_config, n, data_cfg.batch_size, seed),
                            int(image_id), ())
