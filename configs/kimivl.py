@@ -5,10 +5,11 @@
         --workdir=runs/kimivl_w3
 
 The model's dimensions are read from the checkpoint's own config.json when it is loaded; the
-`reference` section below records the published values, used by benchmarks that build synthetic
-checkpoints of the real widths and to warn when a checkpoint differs. Source of every value:
-moonshotai/Kimi-VL-A3B-Instruct config.json as summarised in shared/docs/models.md (vision
-`vision_config`, text `text_config`), and the MODE paper's recipe (method.md) for the run settings.
+`reference` section below records the published values, used by benchmarks that size synthetic
+checkpoints and memory plans at the real widths (the pipeline itself never reads it). Source of
+every value: moonshotai/Kimi-VL-A3B-Instruct config.json as summarised in shared/docs/models.md
+(vision `vision_config`, text `text_config`), and the MODE paper's recipe (method.md) for the run
+settings.
 """
 
 import ml_collections

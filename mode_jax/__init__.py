@@ -1,5 +1,5 @@
-"""mode-jax: Kimi-VL-family MoE multimodal models in Flax NNX, and their expert-level
-mixed-precision post-training quantization.
+"""mode-jax: MoE multimodal models (Kimi-VL, Qwen3-VL-MoE, InternVL3.5-MoE) in Flax NNX, and
+their expert-level mixed-precision post-training quantization.
 
 `mode_jax.load(path_or_torch_model, dtype=...)` converts a checkpoint (see `mode_jax.api`). It is
 imported on first use so that `import mode_jax.<subpackage>` stays light.

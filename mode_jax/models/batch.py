@@ -1,11 +1,11 @@
 """The host-side check of an HF-style batch, shared by the model families.
 
-Each multimodal wrapper (`KimiVL`, `Qwen3VLMoe`) turns a processor dict into a `Prepared`
-with `model.prepare(batch)`, and `model.embed_inputs(input_ids, pixel_values, grid)` gives
-`(h [B, T, D], additions)`: the residual stream entering the text model and the per-layer
-additions (Qwen3-VL's DeepStack; empty for Kimi-VL). Generation, calibration and quantization
-use only these two and the text model's `context`/`run_layers`/`init_cache`, so they run on
-either family.
+Each multimodal wrapper (`KimiVL`, `Qwen3VLMoe`, `InternVL`) turns a processor dict into a
+`Prepared` with `model.prepare(batch)`, and `model.embed_inputs(input_ids, pixel_values, grid)`
+gives `(h [B, T, D], additions)`: the residual stream entering the text model and the per-layer
+additions (Qwen3-VL's DeepStack; empty for Kimi-VL and InternVL). Generation, calibration and
+quantization use only these two and the text model's `context`/`run_layers`/`init_cache`, so
+they run on every family.
 """
 
 from __future__ import annotations
