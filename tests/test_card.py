@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mode_jax.quant import fake
 from mode_jax.testbed import card, tasks, train
 
 
@@ -115,6 +116,28 @@ def test_scaled_routed_experts_write_that_share_of_their_output():
         y_half, _ = cut(x)
         np.testing.assert_allclose(np.asarray(y_half), np.asarray(shared + 0.5 * (y_full - shared)),
                                    atol=1e-5)
+
+
+def test_outlier_channels_keep_the_function_and_put_outlier_rows_in_down():
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(2))
+    ids = jnp.array([[5, 6, 7, 8, 9, 10]])
+    mask = jnp.ones_like(ids)
+    out = card.with_outlier_channels(model, channels=3, factor=8.0, seed=0)
+    np.testing.assert_allclose(np.asarray(out.forward(ids, mask).logits),
+                               np.asarray(model.forward(ids, mask).logits), rtol=1e-4, atol=1e-5)
+    width = model.config.text.moe_intermediate_size
+    for before, after in zip(fake.moe_experts(model), fake.moe_experts(out), strict=True):
+        ratio = np.asarray(after.down.get_value()) / np.asarray(before.down.get_value())
+        row = ratio[..., 0]  # one factor per (expert, row), the same across the output
+        np.testing.assert_allclose(ratio, np.broadcast_to(row[..., None], ratio.shape), rtol=1e-6)
+        assert np.all(np.sum(np.isclose(row, 8.0), axis=1) == 3)
+        assert np.all(np.isclose(row, 8.0) | np.isclose(row, 1.0))
+        gate_up_b, gate_up_a = (np.asarray(m.gate_up.get_value()) for m in (before, after))
+        np.testing.assert_array_equal(gate_up_a[..., :width], gate_up_b[..., :width])
+        np.testing.assert_allclose(gate_up_a[..., width:] * row[:, None, :],
+                                   gate_up_b[..., width:], rtol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        card.with_outlier_channels(model, channels=width + 1, factor=2.0)
 
 
 def test_the_shipped_summary_records_every_training_setting():

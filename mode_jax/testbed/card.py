@@ -81,6 +81,35 @@ def scaled(model, part: str, factor: float):
     return new
 
 
+def with_outlier_channels(model, channels: int, factor: float, seed: int = 0):
+    """A copy of `model` computing the same function, whose routed experts' down kernels have
+    `channels` outlier rows per expert, `factor` times larger (the testbed's experts are 128
+    wide: one quantization group, so every group holds them all).
+
+    Real LLM weights are heavy-tailed (the outlier channels of LLM.int8 and SmoothQuant), which
+    is much of why 2-bit round-to-nearest breaks them; the trained testbed's are not. In SwiGLU
+    `down(silu(x @ gate) * (x @ up))` the up column j and the down row j meet only as a product,
+    so dividing one by s_j and multiplying the other by it changes no output (up to float
+    rounding); the up kernel's groups run along the input, so only down gains outliers. Which
+    channels are drawn from `seed`, independently per layer and expert.
+    """
+    if not 0 <= channels <= model.config.text.moe_intermediate_size or factor <= 0:
+        raise ValueError(f"need 0 <= channels <= {model.config.text.moe_intermediate_size} "
+                         f"and factor > 0, got {channels}, {factor}")
+    rng = np.random.default_rng(seed)
+    new = fake.editable_copy(model)
+    for experts in fake.moe_experts(new):
+        gate_up, down = experts.gate_up.get_value(), experts.down.get_value()
+        num, width = down.shape[:2]
+        s = np.ones((num, width), np.float32)
+        for e in range(num):
+            s[e, rng.choice(width, channels, replace=False)] = factor
+        s = jnp.asarray(s, down.dtype)
+        experts.gate_up.set_value(gate_up.at[:, :, width:].divide(s[:, None, :]))
+        experts.down.set_value(down * s[:, :, None])
+    return new
+
+
 def down_projections(model, parts=("dense", "shared", "routed")) -> list:
     """The down-projection Params of the language model's MLPs of the kinds in `parts`: what
     writes an MLP's output to the residual stream (zeroed to switch one off)."""
