@@ -155,3 +155,35 @@ def test_bad_arguments():
         mode_jax.load(FIXTURE, dtype=jnp.int32)
     with pytest.raises(ValueError, match="experts_impl must be 'sorted' or 'dense'"):
         mode_jax.load(FIXTURE, experts_impl="fast")
+
+
+def _header_file(directory, header) -> pathlib.Path:
+    """A safetensors file whose JSON header is `header` (and 8 bytes of data)."""
+    raw = json.dumps(header).encode()
+    file = directory / "model.safetensors"
+    file.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    return file
+
+
+@pytest.mark.parametrize("header,needle", [
+    ([1, 2], "header is a JSON list"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "tensor w's header entry"),
+    ({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "tensor w's header entry"),
+    ({"w": "F32"}, "tensor w's header entry"),
+])
+def test_malformed_safetensors_header(ckpt, header, needle):
+    directory, _ = ckpt
+    file = _header_file(directory, header)
+    with pytest.raises(ValueError, match=needle):
+        safetensors_io.read_header(file)
+    with pytest.raises(ValueError, match=needle):
+        mode_jax.load(directory)
+
+
+def test_integer_weights_are_refused(ckpt):
+    directory, tensors = ckpt
+    tensors["language_model.lm_head.weight"] = tensors["language_model.lm_head.weight"].astype(
+        np.int32)
+    _rewrite(directory, tensors)
+    with pytest.raises(MappingError, match=r"language_model\.lm_head\.weight: stored as int32"):
+        mode_jax.load(directory)

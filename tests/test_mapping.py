@@ -213,3 +213,11 @@ def test_put_moves_each_target_as_soon_as_its_last_piece_arrives():
                        r"experts\.down\[0\], but every element of experts\.down was already "
                        r"written \(last by experts\.2\.down_proj\.weight\)"):
         mapping.fill(items, PER_EXPERT, mapping.target_specs(abstract()), put=put)
+
+
+def test_integer_tensor_for_a_float_parameter_is_refused():
+    _, _, _, per_expert, _ = torch_style_tensors(np.random.default_rng(5))
+    per_expert["layers.0.proj.weight"] = np.ones((2, D), np.int32)
+    with pytest.raises(MappingError, match=r"layers\.0\.proj\.weight: stored as int32, but "
+                                           r"layers\.0\.proj is a float32 parameter"):
+        mapping.fill(per_expert.items(), PER_EXPERT, mapping.target_specs(abstract()))

@@ -217,6 +217,11 @@ class _Filler:
                 f"got {tuple(piece.shape)} (source shape {src_shape})"
             )
             return
+        if _is_float(spec.dtype) and not _is_float(piece.dtype):
+            self.problems.append(f"{name}: stored as {piece.dtype}, but {target} is a "
+                                 f"{spec.dtype} parameter (integer weights would lose their "
+                                 "values; quantized checkpoints are not read)")
+            return
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
             piece = piece.astype(spec.dtype, copy=False)
         if _is_float(piece.dtype) and not np.isfinite(piece).all():

@@ -126,8 +126,14 @@ def read_header(file: Path) -> tuple[dict[str, dict[str, Any]], int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file}: unreadable safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is a JSON {type(header).__name__}, not an "
+                         "object of tensors")
     header.pop("__metadata__", None)
     for name, info in header.items():
+        if not _well_formed(info):
+            raise ValueError(f"{file}: tensor {name}'s header entry {info!r} lacks a dtype, a "
+                             "shape of non-negative ints or data_offsets [begin, end]")
         begin, end = info["data_offsets"]
         if info["dtype"] not in _DTYPES:
             raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}; "
@@ -137,6 +143,14 @@ def read_header(file: Path) -> tuple[dict[str, dict[str, Any]], int]:
             raise ValueError(f"{file}: tensor {name} data [{begin}, {end}) does not fit its "
                              f"shape {info['shape']} {info['dtype']} or the file ({size} bytes)")
     return header, 8 + n
+
+
+def _well_formed(info: Any) -> bool:
+    def ints(x, n=None):
+        return (isinstance(x, list) and (n is None or len(x) == n) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x))
+    return (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+            and ints(info.get("shape")) and ints(info.get("data_offsets"), 2))
 
 
 def iter_shard(file: Path, names: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:

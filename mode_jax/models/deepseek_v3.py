@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax.models import moe
+from mode_jax.models import field_types, moe
 
 # ---------------------------------------------------------------- config
 
@@ -79,6 +79,7 @@ class TextConfig:
     rope_mscale_all_dim: float = 0.0
 
     def __post_init__(self):
+        field_types.check(self)
         if self.scoring_func not in moe.SCORINGS:
             raise ValueError(
                 f"scoring_func must be one of {moe.SCORINGS}, got {self.scoring_func!r}"

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mode_jax.models import field_types
 from mode_jax.models.deepseek_v3 import RMSNorm
 from mode_jax.models.qwen3_vl_vision import _ACTIVATIONS
 
@@ -70,6 +71,7 @@ class VisionConfig:
     text_hidden_size: int = 2048
 
     def __post_init__(self):
+        field_types.check(self)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "image_size", "patch_size", "num_channels",
                      "text_hidden_size"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models import field_types
 from mode_jax.models.batch import Prepared, check_tokens
 from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
 from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
@@ -44,6 +45,9 @@ class KimiVLConfig:
     vision: VisionConfig | None = None
     media_placeholder_token_id: int | None = KIMI_VL_MEDIA_PAD_ID
     pad_token_id: int = 0
+
+    def __post_init__(self):
+        field_types.check(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> KimiVLConfig:

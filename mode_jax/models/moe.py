@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mode_jax.models import grouped_matmul
+from mode_jax.models import field_types, grouped_matmul
 
 GroupedFFN = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -57,6 +57,7 @@ class RouterConfig:
     routed_scaling_factor: float = 1.0
 
     def __post_init__(self):
+        field_types.check(self)
         e, k, g = self.num_experts, self.top_k, self.n_group
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models import field_types
+
 GridHWs = tuple[tuple[int, int], ...]
 
 _ACTIVATIONS = {
@@ -77,6 +79,7 @@ class VisionConfig:
     projector_eps: float = 1e-5
 
     def __post_init__(self):
+        field_types.check(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"vision hidden_size {self.hidden_size} is not a multiple of "
@@ -101,19 +104,22 @@ class VisionConfig:
     @classmethod
     def from_kimi_vl(cls, d: Mapping[str, Any]) -> VisionConfig:
         """From the `vision_config` dict of a published Kimi-VL `config.json`."""
+        merge = d.get("merge_kernel_size", (2, 2))
         try:
             return cls(
-                hidden_size=int(d["hidden_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=int(d["num_attention_heads"]),
-                intermediate_size=int(d["intermediate_size"]),
-                patch_size=int(d.get("patch_size", 14)),
-                pos_emb_height=int(d.get("init_pos_emb_height", 64)),
-                pos_emb_width=int(d.get("init_pos_emb_width", 64)),
-                merge_kernel=tuple(int(k) for k in d.get("merge_kernel_size", (2, 2))),
+                hidden_size=d["hidden_size"],
+                num_layers=d["num_hidden_layers"],
+                num_heads=d["num_attention_heads"],
+                intermediate_size=d["intermediate_size"],
+                patch_size=d.get("patch_size", 14),
+                pos_emb_height=d.get("init_pos_emb_height", 64),
+                pos_emb_width=d.get("init_pos_emb_width", 64),
+                merge_kernel=tuple(merge) if isinstance(merge, list) else merge,
             )
         except KeyError as err:
             raise ValueError(f"vision_config lacks required field {err}") from None
+        except ValueError as err:  # field_types names the field
+            raise ValueError(f"vision_config: {err}") from None
 
     @classmethod
     def from_k25(cls, vision: Any, projection_layer_norm_eps: float = 1e-5) -> VisionConfig:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax.models import moe
+from mode_jax.models import field_types, moe
 from mode_jax.models.deepseek_v3 import (
     Context,
     DecoderLayer,
@@ -74,6 +74,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self):
+        field_types.check(self)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple "
                              f"of num_key_value_heads={self.num_key_value_heads}")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models import field_types
 from mode_jax.models.batch import Prepared, check_tokens
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
@@ -48,6 +49,9 @@ class Qwen3VLMoeConfig:
     vision: VisionConfig | None = None
     image_token_id: int | None = IMAGE_TOKEN_ID
     pad_token_id: int = 0
+
+    def __post_init__(self):
+        field_types.check(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> Qwen3VLMoeConfig:

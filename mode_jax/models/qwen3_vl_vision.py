@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax.models import field_types
+
 GridTHW = tuple[tuple[int, int, int], ...]
 
 # transformers' `ACT2FN` names -> the same function in jax.
@@ -86,6 +88,7 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        field_types.check(self)
         object.__setattr__(self, "deepstack_visual_indexes",
                            tuple(int(i) for i in self.deepstack_visual_indexes))
         for name in ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
