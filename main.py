@@ -23,7 +23,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]} (settings are --config.<field>=<value>)",
+              file=sys.stderr)
+        sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     import logging as pylogging
 
@@ -40,6 +42,10 @@ def main(argv):
     except stages.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: completed stages are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
     final = _CONFIG.value.final_stage
     print(f"done: report at {out}" if final in stages.REPORTED_STAGES
           else f"done: {final} artifact at {out}")
@@ -53,7 +59,8 @@ def parse_flags(argv):
         if not hasattr(config, "to_dict"):  # ml_collections defers a bad file to an error object
             raise ValueError(f"cannot load config file {flags.FLAGS['config'].config_filename!r}")
         return argv
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError,
+            NameError, ImportError) as e:  # the config file is Python: its errors are the user's
         message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
         print(f"error: bad flag or config: {message}", file=sys.stderr)
         sys.exit(2)

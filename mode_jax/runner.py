@@ -96,7 +96,7 @@ class Context:
         stage = self.stages[name]
         path = self.path(name)
         if checkpoint.is_complete(path):
-            arrays, meta = checkpoint.load(path)
+            arrays, meta = _load(path)
             self._check_recorded(name, meta)
             log.info("stage %-11s reused %s", name, path)
         else:
@@ -125,6 +125,19 @@ class Context:
                 f"(fields: {', '.join(diff) or 'format/inputs'}); refusing to reuse it. "
                 "Remove it or use another --workdir."
             )
+
+
+def _load(path: str) -> tuple[dict, dict]:
+    """A complete artifact, or a UserError saying which one cannot be read and what to do.
+
+    Artifacts are written atomically, so this is damage from outside the run (a disk, a copy,
+    a hand edit); recomputing is the user's call, not removed here."""
+    try:
+        return checkpoint.load(path)
+    except Exception as e:  # orbax/tensorstore, json and OS errors alike: the file is the cause
+        first = " ".join(str(e).split())[:300]
+        raise UserError(f"artifact {path} is unreadable ({type(e).__name__}: {first}); "
+                        f"remove it (rm -r {path}) and rerun to recompute it") from None
 
 
 def check_workdir(workdir: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 
 import jax
@@ -269,6 +270,7 @@ def validate(config, cache: dict | None = None) -> None:
              "the device memory")):
         if c.sens[name] < least:
             raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
+    _validate_settings(c)
     if c.final_stage not in STAGES:
         raise UserError(f"final_stage={c.final_stage!r}; allowed: {', '.join(STAGES)}")
     if not isinstance(c.compilation_cache, str):
@@ -281,6 +283,7 @@ def validate(config, cache: dict | None = None) -> None:
         raise UserError(f"model path {c.model.path!r} has no config.json")
     _validate_budget(c, methods)
     _validate_multimodal(c)
+    _validate_files(c)
     if c.data.source == "sharegpt":
         records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
         if c.final_stage == "evaluate" and not c.eval.jsonl and not len(
@@ -302,6 +305,61 @@ def _model_config(c):
         raise UserError(str(e)) from None
 
 
+def _validate_settings(c) -> None:
+    """The numeric settings and the stages' own option checks, before convert runs (they would
+    otherwise stop the run at the stage that reads them, after hours of statistics)."""
+    from mode_jax.alloc import ilp
+    from mode_jax.calib import passes
+    from mode_jax.quant import apply
+    from pallas_kernels import packing
+
+    least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.num_freq_samples": 1,
+             "data.num_sens_samples": 1, "data.num_gptq_samples": 1, "sens.group_size": 1,
+             "sens.max_tokens": 1, "sens.hutchinson_probes": 1, "eval.num_samples": 0,
+             "eval.batch_size": 1, "eval.max_new_tokens": 1, "mesh.expert": 1}
+    for field, low in least.items():
+        value = runner.config_value(c, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"{field}={value!r}: must be an integer >= {low}")
+    if not math.isfinite(c.alloc.budget_bits):
+        raise UserError(f"alloc.budget_bits={c.alloc.budget_bits}: must be a finite number")
+    bits = tuple(c.alloc.bits)
+    if not bits or len(set(bits)) != len(bits) or not set(bits) <= set(packing.SUPPORTED_BITS):
+        raise UserError(f"alloc.bits={bits}: distinct bit-widths from "
+                        f"{packing.SUPPORTED_BITS} (what the packed format stores)")
+    for field, allowed in (("alloc.solver", ilp.SOLVERS), ("alloc.scope", ilp.SCOPES),
+                           ("alloc.mopeq_scope", ilp.SCOPES)):
+        if runner.config_value(c, field) not in allowed:
+            raise UserError(f"{field}={runner.config_value(c, field)!r}; allowed: "
+                            f"{', '.join(allowed)}")
+    if not 0.0 <= c.alloc.vision_mix <= 1.0:
+        raise UserError(f"alloc.vision_mix={c.alloc.vision_mix}: must lie in [0, 1]")
+    checks = (("stats", lambda: passes.StatsConfig(
+                   0, key_ratio=c.stats.key_ratio, attention_mode=c.stats.attention_mode,
+                   judge_layer=c.stats.judge_layer)),
+              ("quant", lambda: apply.QuantConfig.from_config(c.quant)))
+    for section, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{section}: {e}") from None
+
+
+def _validate_files(c) -> None:
+    """The benchmark JSONL (every line and image) and a testbed's recorded task settings: read
+    by the evaluate and calibrate stages, so checked before anything runs."""
+    from mode_jax.eval import jsonl
+    from mode_jax.testbed import tasks
+
+    try:
+        if c.eval.jsonl and c.final_stage == "evaluate":
+            jsonl.read_benchmark(c.eval.jsonl)
+        if c.data.source == "testbed":
+            tasks.recorded_config(c.model.path)
+    except (ValueError, OSError) as e:
+        raise UserError(str(e)) from None
+
+
 def _validate_multimodal(c) -> None:
     """A text-only checkpoint loads (mode_jax.load) but has no image tokens to calibrate on."""
     from mode_jax.calib import sources
@@ -310,6 +368,13 @@ def _validate_multimodal(c) -> None:
     config = _model_config(c)
     if families.image_token_id(config) is None or config.vision is None:
         raise UserError(f"{c.model.path}: {sources.NOT_MULTIMODAL}")
+    layers = config.text.num_hidden_layers
+    if not config.text.moe_layers:
+        raise UserError(f"{c.model.path}: the language model has no MoE layer (of {layers}): "
+                        "there are no routed experts to allocate bits to")
+    if not -layers <= c.stats.judge_layer < layers:
+        raise UserError(f"stats.judge_layer={c.stats.judge_layer}: the model has {layers} "
+                        f"decoder layers (use {-layers}..{layers - 1})")
 
 
 def _validate_tokenizer(c, cache: dict | None = None) -> None:
@@ -372,7 +437,11 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
     if not setting:
         return None
     path = os.path.join(workdir, "jax_cache") if setting == "auto" else setting
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"compilation_cache={path!r} cannot be used as a directory: "
+                        f"{e.strerror or e}") from None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path

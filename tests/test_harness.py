@@ -235,6 +235,15 @@ def test_user_jsonl_is_scored_and_bad_lines_are_named(model, tokenizer, tmp_path
         harness.load_jsonl(bad, tokenizer)
 
 
+def test_answers_the_tokenizer_cannot_spell_are_warned_about(tokenizer, tmp_path, caplog):
+    bench = tmp_path / "unk.jsonl"
+    bench.write_text("\n".join(json.dumps({"question": "what is 2 plus 3 ?", "answer": a})
+                               for a in ("5", "zyxwvut")))
+    with caplog.at_level("WARNING", logger="mode_jax.eval.harness"):
+        harness.load_jsonl(bench, tokenizer)
+    assert "1 of 2 answers hold words the tokenizer does not know (e.g. 'zyxwvut')" in caplog.text
+
+
 def test_pad_left_and_bad_arguments(model, data):
     ids, mask = generate.pad_left([np.asarray([4, 5]), np.asarray([6])], 0, 4)
     np.testing.assert_array_equal(ids, [[0, 0, 4, 5], [0, 0, 0, 6]])

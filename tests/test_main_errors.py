@@ -59,6 +59,26 @@ CASES = {
     "unknown data source": (["--config.data.source=web"], ("data.source", "web")),
     "unknown statistics tasks": (["--config.data.testbed_stats_tasks=text"],
                                  ("data.testbed_stats_tasks", "text")),
+    "zero batch size": (["--config.data.batch_size=0"], ("data.batch_size=0", ">= 1")),
+    "zero calibration samples": (["--config.data.num_freq_samples=0"],
+                                 ("data.num_freq_samples=0",)),
+    "negative held-out samples": (["--config.eval.num_samples=-1"], ("eval.num_samples=-1",)),
+    "zero new tokens": (["--config.eval.max_new_tokens=0"], ("eval.max_new_tokens=0",)),
+    "negative seed": (["--config.seed=-1"], ("seed=-1",)),
+    "zero expert axis": (["--config.mesh.expert=0"], ("mesh.expert=0",)),
+    "infinite budget": (["--config.alloc.budget_bits=inf"], ("alloc.budget_bits=inf", "finite")),
+    "nan budget": (["--config.alloc.budget_bits=nan"], ("alloc.budget_bits=nan", "finite")),
+    "unpackable bit-width": (["--config.alloc.bits=(2,3,16)"], ("alloc.bits=(2, 3, 16)",
+                                                                 "(1, 2, 3, 4, 8)")),
+    "unknown solver": (["--config.alloc.solver=gurobi"], ("alloc.solver='gurobi'", "scip, dp")),
+    "vision mix above one": (["--config.alloc.vision_mix=1.5"], ("alloc.vision_mix=1.5",)),
+    "unknown attention mode": (["--config.stats.attention_mode=mean"], ("stats:", "mean")),
+    "key ratio zero": (["--config.stats.key_ratio=0.0"], ("stats:", "key_ratio")),
+    "judge layer out of range": (["--config.stats.judge_layer=9"], ("stats.judge_layer=9",
+                                                                     "decoder layers")),
+    "unknown quantizer": (["--config.quant.method=awq"], ("quant:", "awq")),
+    "bad group size": (["--config.quant.group_size=7"], ("quant:", "group_size=7")),
+    "bad attention bits": (["--config.quant.attention_bits=5"], ("quant:", "attention_bits=5")),
     "unknown final stage": (["--config.final_stage=report"], ("final_stage", "report",
                                                                 "quantize")),
     "unknown kernel dequant": (["--config.eval.kernel_dequant=lut"],
@@ -105,3 +125,45 @@ def test_text_only_checkpoint_is_refused_before_anything_is_written(tmp_path):
     proc, workdir = _run(tmp_path, f"--config.model.path={text_only}",
                          "--config.data.source=random")
     _assert_user_error(proc, workdir, str(text_only), "no vision tower", "internvl")
+
+
+def test_config_file_with_a_syntax_error(tmp_path):
+    bad = tmp_path / "bad_config.py"
+    bad.write_text("def get_config(:\n    pass\n")
+    proc = subprocess.run([sys.executable, "main.py", f"--config={bad}",
+                           f"--workdir={tmp_path / 'work'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    _assert_user_error(proc, str(tmp_path / "work"), "bad flag or config", "invalid syntax")
+
+
+def test_a_positional_argument_is_one_line(tmp_path):
+    proc, workdir = _run(tmp_path, "extra")
+    _assert_user_error(proc, workdir, "unexpected arguments ['extra']")
+
+
+def test_compilation_cache_that_is_a_file(tmp_path):
+    blocker = tmp_path / "cache_file"
+    blocker.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    cmd = [sys.executable, "main.py", "--config=configs/tiny.py",
+           f"--workdir={tmp_path / 'work'}", f"--config.compilation_cache={blocker}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    _assert_user_error(proc, str(tmp_path / "work"), "compilation_cache=", "cache_file")
+
+
+def test_benchmark_jsonl_is_checked_before_any_stage(tmp_path):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "what?", "answer": "red"}) + "\n" +
+                     json.dumps({"question": "what?", "answer": "red", "image": "gone.png"}))
+    proc, workdir = _run(tmp_path, f"--config.eval.jsonl={bench}")
+    _assert_user_error(proc, workdir, "bench.jsonl:2", "gone.png", "not found")
+
+
+def test_checkpoint_without_moe_layers_is_refused(tmp_path):
+    config = json.loads(open(os.path.join(REPO, "checkpoints/testbed/config.json")).read())
+    config["text_config"]["first_k_dense_replace"] = config["text_config"]["num_hidden_layers"]
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps(config))
+    proc, workdir = _run(tmp_path, f"--config.model.path={dense}", "--config.data.source=random")
+    _assert_user_error(proc, workdir, "no MoE layer (of 4)", "no routed experts")

@@ -146,3 +146,19 @@ def test_final_stage_stops_the_run_and_a_later_run_goes_on(tmp_path, reference):
     assert os.path.isfile(os.path.join(work, "report.md"))  # the bit map and earlier rows
     assert sorted(_artifacts(work)) == sorted(k for k in _artifacts(reference[0])
                                               if k[0] != "evaluate")
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    proc = subprocess.Popen(_cmd(str(tmp_path / "w")), cwd=REPO, stderr=subprocess.PIPE,
+                            text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(r"stage sensitivity\s+running", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "Traceback" not in rest
+    assert rest.strip().splitlines()[-1] == ("interrupted: completed stages are kept; rerun the "
+                                             "same command to resume")

@@ -82,3 +82,20 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(runner.UserError, match="not writable"):
         runner.check_workdir(str(blocker / "sub"))
+
+
+@pytest.mark.parametrize("damage", ["truncated meta", "lost array file"])
+def test_a_damaged_artifact_is_named_with_what_to_do(tmp_path, damage):
+    art = runner.Context(_config(), str(tmp_path), _stages([])).ensure("first")
+    if damage == "truncated meta":
+        with open(os.path.join(art.path, "meta.json"), "w") as f:
+            f.write('{"meta":')
+    else:
+        arrays = os.path.join(art.path, "arrays")
+        for root, _, files in os.walk(arrays):
+            for name in files:
+                if "ocdbt" in root or name.startswith("ocdbt") or name == "manifest.ocdbt":
+                    os.remove(os.path.join(root, name))
+    with pytest.raises(runner.UserError, match=rf"artifact {art.path} is unreadable .*"
+                                               rf"remove it \(rm -r {art.path}\) and rerun"):
+        runner.Context(_config(), str(tmp_path), _stages([])).ensure("first")

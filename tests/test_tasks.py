@@ -413,3 +413,15 @@ def test_testbed_statistics_prompts_are_vision_only_unless_asked_for_all_tasks()
         assert s.messages[-1]["role"] == "user"  # prompts only: statistics see no answer
     with pytest.raises(ValueError, match="testbed_stats_tasks"):
         sources.testbed_samples(4, 0, "stats", stats_tasks="text")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "is not valid JSON"),
+    ('{"task_config": [1]}', "'task_config' must be an object"),
+    ('{"task_config": {"colour_count": 3}}', "task_config does not fit this suite"),
+])
+def test_a_broken_train_summary_is_named(tmp_path, text, needle):
+    (tmp_path / "train_summary.json").write_text(text)
+    with pytest.raises(ValueError, match=needle) as err:
+        tasks.recorded_config(tmp_path)
+    assert "train_summary.json" in str(err.value)

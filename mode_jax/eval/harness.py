@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ from mode_jax.eval import generate, jsonl, metrics
 from mode_jax.preprocess import ImageConfig, preprocess_image, prompt_text
 from mode_jax.testbed import tasks
 from mode_jax.testbed import tokenizer as tok_lib
+
+log = logging.getLogger(__name__)
 
 GROUPINGS = ("family", "task", "modality")
 
@@ -144,8 +147,16 @@ def _encode_built(samples, tokenizer, build, eos: int) -> EvalSet:
 def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None,
                build=None) -> EvalSet:
     """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them."""
-    return encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
+    data = encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
                   image_cfg, build)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        lost = [ex.sample.answer for ex in data.examples if unk in ex.answer_ids]
+        if lost:
+            log.warning("%s: %d of %d answers hold words the tokenizer does not know (e.g. %r); "
+                        "they encode to its unknown token and cannot be generated exactly",
+                        path, len(lost), len(data.examples), lost[0])
+    return data
 
 
 # ---------------------------------------------------------------- batching

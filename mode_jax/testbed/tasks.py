@@ -486,11 +486,20 @@ def recorded_config(checkpoint: str | Path) -> TaskConfig:
     summary = Path(checkpoint) / "train_summary.json"
     if not summary.is_file():
         return TaskConfig()
-    trained = json.loads(summary.read_text()).get("task_config", {})
+    try:
+        doc = json.loads(summary.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{summary} is not valid JSON ({err})") from None
+    trained = doc.get("task_config", {}) if isinstance(doc, dict) else None
+    if not isinstance(trained, dict):
+        raise ValueError(f"{summary}: 'task_config' must be an object of task settings")
     trained.setdefault("choice_answer", "letter")  # checkpoints from before the option form
     trained.setdefault("position_form", "relation")  # and from before the shape form
-    return TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in trained.items() if k != "tasks"})
+    try:
+        return TaskConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in trained.items() if k != "tasks"})
+    except TypeError as err:  # an unknown key
+        raise ValueError(f"{summary}: task_config does not fit this suite ({err})") from None
 
 
 def text_cores(config: TaskConfig = TaskConfig()) -> dict[str, list[str]]:
