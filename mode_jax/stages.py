@@ -285,10 +285,15 @@ def validate(config, cache: dict | None = None) -> None:
     _validate_multimodal(c)
     _validate_files(c)
     if c.data.source == "sharegpt":
+        from mode_jax.calib import data
+
         records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
-        if c.final_stage == "evaluate" and not c.eval.jsonl and not len(
-                sources.heldout_indices(len(records), c.data, c.seed)):
+        scores_heldout = c.final_stage == "evaluate" and not c.eval.jsonl
+        if scores_heldout and not len(sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))
+        take = (c.eval.num_samples or sources.DEFAULT_HELDOUT_CONVERSATIONS) * scores_heldout
+        data.check_images(records, c.data.image_dir,
+                          sources.drawn_indices(len(records), c.data, c.seed, take))
     _validate_tokenizer(c, cache)
 
 

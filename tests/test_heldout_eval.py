@@ -58,6 +58,20 @@ def test_heldout_records_are_the_ones_no_draw_takes():
     assert not len(sources.heldout_indices(20, dict(DRAWN, num_gptq_samples=0), seed=7))
 
 
+def test_drawn_indices_are_every_record_a_stage_reads():
+    records = [{"id": str(i), "image": f"{i}.png"} for i in range(20)]
+    want = set()
+    for stage, field in sources.DRAWS:  # what each stage's draw returns
+        order = data.draw_order(20, 7 + sources.SEED_OFFSETS[stage])
+        want |= {records[i]["image"] for i in order[:DRAWN[field]]}
+    left = sources.heldout_indices(20, DRAWN, seed=7)
+    got = sources.drawn_indices(20, DRAWN, 7, heldout_take=0)
+    assert {records[i]["image"] for i in got} == want
+    got = sources.drawn_indices(20, DRAWN, 7, heldout_take=3)
+    assert {records[i]["image"] for i in got} == want | {records[i]["image"] for i in left[:3]}
+    assert len(sources.drawn_indices(20, dict(DRAWN, num_freq_samples=0), 7, 0)) == 20
+
+
 def test_scores_the_text_positions_of_heldout_conversations(checkpoint):
     cfg = _config(checkpoint)
     batches, image_id = evaluation._next_token_batches(types.SimpleNamespace(config=cfg, cache={}),

@@ -167,3 +167,15 @@ def test_checkpoint_without_moe_layers_is_refused(tmp_path):
     (dense / "config.json").write_text(json.dumps(config))
     proc, workdir = _run(tmp_path, f"--config.model.path={dense}", "--config.data.source=random")
     _assert_user_error(proc, workdir, "no MoE layer (of 4)", "no routed experts")
+
+
+def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
+    path, img_dir = _calib_json(tmp_path, missing=False)
+    records = json.loads(open(path).read())
+    (tmp_path / "img" / "empty.png").write_bytes(b"")
+    records.append({**records[0], "id": "r1", "image": "empty.png"})
+    open(path, "w").write(json.dumps(records))
+    proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
+                         f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}",
+                         "--config.final_stage=quantize")  # every record is drawn
+    _assert_user_error(proc, workdir, "cannot be read", "id 'r1'", "empty.png")

@@ -80,6 +80,25 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
     return kept
 
 
+def check_images(records: list[dict], image_dir: str, indices) -> None:
+    """Open the images of `records[indices]` (header only): a zero-byte or non-image file is
+    named before any stage runs, not when the stage that draws it reaches it."""
+    from PIL import Image
+
+    problems = []
+    for i in sorted({int(i) for i in indices}):
+        path = os.path.join(image_dir, records[i]["image"])
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (the header is what is checked)
+        except (OSError, ValueError) as err:  # UnidentifiedImageError is an OSError
+            problems.append(f"image record {i} (id {records[i].get('id', '?')!r}): {err}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{len(problems)} calibration image(s) cannot be read:\n  {shown}{more}")
+
+
 def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
     """Chat messages with the image as the first item of the first user turn."""
     out = []

@@ -135,6 +135,18 @@ def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
     return order[~used[order]]
 
 
+def drawn_indices(num_records: int, data_cfg, seed: int, heldout_take: int) -> np.ndarray:
+    """Every record some stage reads: the calibration draws and the first `heldout_take`
+    held-out records (0: none, e.g. when a benchmark is scored instead)."""
+    used = np.zeros(num_records, bool)
+    for stage, field in DRAWS:
+        n = int(data_cfg[field])
+        order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
+        used[order if n <= 0 else order[:n]] = True
+    used[heldout_indices(num_records, data_cfg, seed)[:heldout_take]] = True
+    return np.flatnonzero(used)
+
+
 def heldout(data_cfg, model_path: str, model_config, n: int, seed: int,
             cache: dict | None = None) -> Calibration:
     """Whole held-out ShareGPT conversations (`n`, 0 = DEFAULT_HELDOUT_CONVERSATIONS at most),
