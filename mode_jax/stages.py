@@ -326,6 +326,11 @@ def _validate_settings(c) -> None:
         value = runner.config_value(c, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"{field}={value!r}: must be an integer >= {low}")
+    devices = jax.device_count()
+    if devices > 1 and devices % c.mesh.expert:
+        raise UserError(f"mesh.expert={c.mesh.expert} does not divide the {devices} devices")
+    if devices == 1 and c.mesh.expert > 1:
+        log.warning("mesh.expert=%d has no effect on a single device", c.mesh.expert)
     if not math.isfinite(c.alloc.budget_bits):
         raise UserError(f"alloc.budget_bits={c.alloc.budget_bits}: must be a finite number")
     bits = tuple(c.alloc.bits)

@@ -179,3 +179,13 @@ def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}",
                          "--config.final_stage=quantize")  # every record is drawn
     _assert_user_error(proc, workdir, "cannot be read", "id 'r1'", "empty.png")
+
+
+def test_expert_axis_that_does_not_divide_the_devices(tmp_path):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    workdir = str(tmp_path / "work")
+    proc = subprocess.run([sys.executable, "main.py", "--config=configs/tiny.py",
+                           f"--workdir={workdir}", "--config.mesh.expert=3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+    _assert_user_error(proc, workdir, "mesh.expert=3 does not divide the 4 devices")
