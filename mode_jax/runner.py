@@ -142,6 +142,8 @@ def _load(path: str) -> tuple[dict, dict]:
 
 def check_workdir(workdir: str) -> None:
     """Fail early, before any stage writes, if the workdir cannot be written."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir!r} is a file, not a directory")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write-probe-{os.getpid()}")

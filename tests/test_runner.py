@@ -82,6 +82,8 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(runner.UserError, match="not writable"):
         runner.check_workdir(str(blocker / "sub"))
+    with pytest.raises(runner.UserError, match="is a file, not a directory"):
+        runner.check_workdir(str(blocker))
 
 
 @pytest.mark.parametrize("damage", ["truncated meta", "lost array file"])
