@@ -31,8 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.calib_json = ""  # ShareGPT4V-style JSON; needed when source is sharegpt
     c.data.image_dir = ""
     c.data.testbed_stats_tasks = "vision"  # testbed source: statistics on vision | all tasks
-    c.data.num_freq_samples = 512  # method.md stage 1
-    c.data.num_sens_samples = 128  # method.md stage 2
+    # records per draw (method.md stages 1 and 2); with ShareGPT data 0 draws every record
+    c.data.num_freq_samples = 512
+    c.data.num_sens_samples = 128
     c.data.num_gptq_samples = 128
     c.data.batch_size = 8
     c.data.max_length = 512

@@ -318,14 +318,16 @@ def _validate_settings(c) -> None:
     from mode_jax.quant import apply
     from pallas_kernels import packing
 
-    least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.num_freq_samples": 1,
-             "data.num_sens_samples": 1, "data.num_gptq_samples": 1, "sens.group_size": 1,
+    draws = 0 if c.data.source == "sharegpt" else 1  # 0 draws every ShareGPT record
+    least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.num_freq_samples": draws,
+             "data.num_sens_samples": draws, "data.num_gptq_samples": draws, "sens.group_size": 1,
              "sens.max_tokens": 1, "sens.hutchinson_probes": 1, "eval.num_samples": 0,
              "eval.batch_size": 1, "eval.max_new_tokens": 1, "mesh.expert": 1}
     for field, low in least.items():
         value = runner.config_value(c, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UserError(f"{field}={value!r}: must be an integer >= {low}")
+            why = f" with data.source={c.data.source!r}" if field.startswith("data.num_") else ""
+            raise UserError(f"{field}={value!r}: must be an integer >= {low}{why}")
     devices = jax.device_count()
     if devices > 1 and devices % c.mesh.expert:
         raise UserError(f"mesh.expert={c.mesh.expert} does not divide the {devices} devices")

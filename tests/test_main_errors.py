@@ -61,7 +61,7 @@ CASES = {
                                  ("data.testbed_stats_tasks", "text")),
     "zero batch size": (["--config.data.batch_size=0"], ("data.batch_size=0", ">= 1")),
     "zero calibration samples": (["--config.data.num_freq_samples=0"],
-                                 ("data.num_freq_samples=0",)),
+                                 ("data.num_freq_samples=0", ">= 1 with data.source='random'")),
     "negative held-out samples": (["--config.eval.num_samples=-1"], ("eval.num_samples=-1",)),
     "zero new tokens": (["--config.eval.max_new_tokens=0"], ("eval.max_new_tokens=0",)),
     "negative seed": (["--config.seed=-1"], ("seed=-1",)),
@@ -189,3 +189,17 @@ def test_expert_axis_that_does_not_divide_the_devices(tmp_path):
                            f"--workdir={workdir}", "--config.mesh.expert=3"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
     _assert_user_error(proc, workdir, "mesh.expert=3 does not divide the 4 devices")
+
+
+def test_zero_draws_mean_every_sharegpt_record():
+    """`data.num_*_samples = 0` draws every record of a ShareGPT file, so it is allowed there;
+    the synthetic sources have no "every record" and refuse it."""
+    from configs import common
+    from mode_jax import stages
+
+    c = common.get_config()
+    c.data.num_freq_samples = 0
+    stages._validate_settings(c)  # sharegpt (the default source): no error
+    c.data.source = "testbed"
+    with pytest.raises(stages.UserError, match="num_freq_samples=0: must be an integer >= 1"):
+        stages._validate_settings(c)
