@@ -9,6 +9,8 @@ Every stage writes its artifact under --workdir; rerunning the same command resu
 last completed stage. Bad input ends with one line on stderr and exit code 2.
 """
 
+import logging as pylogging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -27,8 +29,6 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    import logging as pylogging
-
     handler = pylogging.StreamHandler()
     handler.setFormatter(pylogging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     ours = pylogging.getLogger("mode_jax")
@@ -41,7 +41,7 @@ def main(argv):
         out = stages.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
     except stages.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit_now(2)
     except KeyboardInterrupt:
         print("interrupted: completed stages are kept; rerun the same command to resume",
               file=sys.stderr)
@@ -49,6 +49,16 @@ def main(argv):
     final = _CONFIG.value.final_stage
     print(f"done: report at {out}" if final in stages.REPORTED_STAGES
           else f"done: {final} artifact at {out}")
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's shutdown: after a failed Orbax restore, tensorstore's
+    threads still call back into the closed asyncio loop and would print tracebacks under the
+    one-line error. Nothing is left to save on an error exit (artifacts are written atomically)."""
+    pylogging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parse_flags(argv):

@@ -11,11 +11,14 @@ Artifacts are written atomically (mode_jax.checkpoint), so a killed run leaves n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -133,11 +136,37 @@ def _load(path: str) -> tuple[dict, dict]:
     Artifacts are written atomically, so this is damage from outside the run (a disk, a copy,
     a hand edit); recomputing is the user's call, not removed here."""
     try:
-        return checkpoint.load(path)
+        with _stderr_held():
+            return checkpoint.load(path)
     except Exception as e:  # orbax/tensorstore, json and OS errors alike: the file is the cause
         first = " ".join(str(e).split())[:300]
         raise UserError(f"artifact {path} is unreadable ({type(e).__name__}: {first}); "
                         f"remove it (rm -r {path}) and rerun to recompute it") from None
+
+
+@contextlib.contextmanager
+def _stderr_held(settle_seconds: float = 1.0):
+    """Hold what is written to file descriptor 2 while an artifact loads; pass it on if the load
+    succeeds. When an Orbax restore fails, the reads still in flight call back into its closed
+    asyncio loop from tensorstore's threads, each printing a traceback; those are dropped
+    (after `settle_seconds` for the reads to finish), so the UserError is what the user sees."""
+    sys.stderr.flush()
+    held, saved = tempfile.TemporaryFile(), os.dup(2)
+    os.dup2(held.fileno(), 2)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not ok:
+            time.sleep(settle_seconds)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if ok:
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        held.close()
 
 
 def check_workdir(workdir: str) -> None:

@@ -162,3 +162,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert "Traceback" not in rest
     assert rest.strip().splitlines()[-1] == ("interrupted: completed stages are kept; rerun the "
                                              "same command to resume")
+
+
+def test_a_damaged_artifact_is_one_line_naming_it(tmp_path, reference):
+    work = str(tmp_path / "w")
+    shutil.copytree(reference[0], work)
+    convert = os.path.join(work, "convert", os.listdir(os.path.join(work, "convert"))[0])
+    shutil.rmtree(os.path.join(convert, "arrays", "ocdbt.process_0"))
+    proc = subprocess.run(_cmd(work), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: artifact {convert} is "
+                                                           "unreadable")
+    assert f"rm -r {convert}" in proc.stderr
