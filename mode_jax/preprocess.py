@@ -272,8 +272,9 @@ def load_tokenizer(directory: str | Path):
         tokenizer = loader.from_pretrained(str(d), local_files_only=True, **kwargs)
     except Exception as err:  # any loader failure: say which directory and why
         raise ValueError(f"tokenizer files in {d} could not be loaded by transformers without "
-                         f"remote code ({type(err).__name__}: {err}); pass a tokenizer "
-                         "object instead") from None
+                         f"remote code ({type(err).__name__}: {err}); tokenizer.json must be "
+                         "in the Hugging Face tokenizers format (library callers may pass a "
+                         "tokenizer object instead)") from None
     return _with_processor_template(tokenizer, d)
 
 

@@ -33,6 +33,7 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, NotADi
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MATMUL_PRECISIONS = ("highest", "float32", "high", "tensorfloat32", "default", "bfloat16")
 FREQ_KEYS = tuple(MODE_KEYS)
+MAX_NEW_TOKENS = 4096  # eval.max_new_tokens: the generation cache is sized by it
 
 
 # ---------------------------------------------------------------- model access
@@ -328,6 +329,9 @@ def _validate_settings(c) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             why = f" with data.source={c.data.source!r}" if field.startswith("data.num_") else ""
             raise UserError(f"{field}={value!r}: must be an integer >= {low}{why}")
+    if c.eval.max_new_tokens > MAX_NEW_TOKENS:
+        raise UserError(f"eval.max_new_tokens={c.eval.max_new_tokens}: at most "
+                        f"{MAX_NEW_TOKENS} (the generation cache is allocated for all of them)")
     devices = jax.device_count()
     if devices > 1 and devices % c.mesh.expert:
         raise UserError(f"mesh.expert={c.mesh.expert} does not divide the {devices} devices")
@@ -394,7 +398,7 @@ def _validate_tokenizer(c, cache: dict | None = None) -> None:
     image token: found in seconds rather than after converting the weights."""
     if c.data.source == "random" and not c.eval.jsonl:
         return
-    from mode_jax import processors
+    from mode_jax import preprocess, processors
     from mode_jax.calib import sources
     from mode_jax.convert import families
 
@@ -404,6 +408,8 @@ def _validate_tokenizer(c, cache: dict | None = None) -> None:
     try:
         tokenizer = sources.checkpoint_tokenizer(c.model.path, cache)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
+        processors.image_processor(config, c.model.path)  # Qwen3-VL, InternVL
+        preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -64,6 +64,8 @@ CASES = {
                                  ("data.num_freq_samples=0", ">= 1 with data.source='random'")),
     "negative held-out samples": (["--config.eval.num_samples=-1"], ("eval.num_samples=-1",)),
     "zero new tokens": (["--config.eval.max_new_tokens=0"], ("eval.max_new_tokens=0",)),
+    "huge new tokens": (["--config.eval.max_new_tokens=1000000000"],
+                        ("eval.max_new_tokens=1000000000", "at most 4096")),
     "negative seed": (["--config.seed=-1"], ("seed=-1",)),
     "zero expert axis": (["--config.mesh.expert=0"], ("mesh.expert=0",)),
     "infinite budget": (["--config.alloc.budget_bits=inf"], ("alloc.budget_bits=inf", "finite")),
@@ -203,3 +205,18 @@ def test_zero_draws_mean_every_sharegpt_record():
     c.data.source = "testbed"
     with pytest.raises(stages.UserError, match="num_freq_samples=0: must be an integer >= 1"):
         stages._validate_settings(c)
+
+
+def test_unreadable_preprocessor_config_is_named_before_any_stage(tmp_path):
+    shipped = os.path.join(REPO, "checkpoints", "testbed")
+    copy = tmp_path / "testbed"
+    copy.mkdir()
+    for name in os.listdir(shipped):
+        (copy / name).symlink_to(os.path.join(shipped, name))
+    (copy / "preprocessor_config.json").unlink()
+    (copy / "preprocessor_config.json").write_text("{not json")
+    workdir = str(tmp_path / "work")
+    proc = subprocess.run([sys.executable, "main.py", "--config=configs/testbed.py",
+                           f"--workdir={workdir}", f"--config.model.path={copy}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    _assert_user_error(proc, workdir, "preprocessor_config.json could not be read")
