@@ -55,7 +55,8 @@ def _eval_set(ctx, model_config=None):
             model_config, c.model.path), pad_token_id=model_config.pad_token_id)
     image_cfg = preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL's settings
     if c.eval.jsonl:
-        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_cfg, build=build)
+        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_cfg, build=build,
+                                  items=sources.benchmark(c.eval.jsonl, ctx.cache))
     from mode_jax.testbed import tasks
 
     n = c.eval.num_samples or DEFAULT_HELDOUT

@@ -263,14 +263,6 @@ def validate(config, cache: dict | None = None) -> None:
         if c[section][name] not in allowed:
             shown = ", ".join(a if a else "'' (default)" for a in allowed)
             raise UserError(f"{field}={c[section][name]!r}; allowed: {shown}")
-    for name, least, meaning in (
-            ("kl_chunk", 1, "logit_kl variants per folded batch, >= 1"),
-            ("trace_batch_size", 0, "random sequences per Hessian-trace batch, >= 1, or 0 for "
-             "the calibration batch size"),
-            ("trace_layers_per_pass", 0, "MoE layers per Hessian-trace pass, >= 1, or 0 to fit "
-             "the device memory")):
-        if c.sens[name] < least:
-            raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
     _validate_settings(c)
     if c.final_stage not in STAGES:
         raise UserError(f"final_stage={c.final_stage!r}; allowed: {', '.join(STAGES)}")
@@ -282,9 +274,10 @@ def validate(config, cache: dict | None = None) -> None:
         raise UserError(f"model path {c.model.path!r} is not a directory")
     if not os.path.isfile(os.path.join(c.model.path, "config.json")):
         raise UserError(f"model path {c.model.path!r} has no config.json")
-    _validate_budget(c, methods)
-    _validate_multimodal(c)
-    _validate_files(c)
+    model_config = _model_config(c)
+    _validate_budget(c, methods, model_config)
+    _validate_multimodal(c, model_config)
+    _validate_files(c, cache)
     if c.data.source == "sharegpt":
         from mode_jax.calib import data
 
@@ -295,7 +288,7 @@ def validate(config, cache: dict | None = None) -> None:
         take = (c.eval.num_samples or sources.DEFAULT_HELDOUT_CONVERSATIONS) * scores_heldout
         data.check_images(records, c.data.image_dir,
                           sources.drawn_indices(len(records), c.data, c.seed, take))
-    _validate_tokenizer(c, cache)
+    _validate_tokenizer(c, model_config, cache)
 
 
 def _model_config(c):
@@ -319,6 +312,14 @@ def _validate_settings(c) -> None:
     from mode_jax.quant import apply
     from pallas_kernels import packing
 
+    for name, least, meaning in (
+            ("kl_chunk", 1, "logit_kl variants per folded batch, >= 1"),
+            ("trace_batch_size", 0, "random sequences per Hessian-trace batch, >= 1, or 0 for "
+             "the calibration batch size"),
+            ("trace_layers_per_pass", 0, "MoE layers per Hessian-trace pass, >= 1, or 0 to fit "
+             "the device memory")):
+        if c.sens[name] < least:
+            raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
     draws = 0 if c.data.source == "sharegpt" else 1  # 0 draws every ShareGPT record
     least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.num_freq_samples": draws,
              "data.num_sens_samples": draws, "data.num_gptq_samples": draws, "sens.group_size": 1,
@@ -361,27 +362,26 @@ def _validate_settings(c) -> None:
             raise UserError(f"{section}: {e}") from None
 
 
-def _validate_files(c) -> None:
-    """The benchmark JSONL (every line and image) and a testbed's recorded task settings: read
-    by the evaluate and calibrate stages, so checked before anything runs."""
-    from mode_jax.eval import jsonl
+def _validate_files(c, cache: dict | None = None) -> None:
+    """The benchmark JSONL (every line and image; kept in `cache` for the evaluate stage) and a
+    testbed's recorded task settings, checked before anything runs."""
+    from mode_jax.calib import sources
     from mode_jax.testbed import tasks
 
     try:
         if c.eval.jsonl and c.final_stage == "evaluate":
-            jsonl.read_benchmark(c.eval.jsonl)
+            sources.benchmark(c.eval.jsonl, cache)
         if c.data.source == "testbed":
             tasks.recorded_config(c.model.path)
     except (ValueError, OSError) as e:
         raise UserError(str(e)) from None
 
 
-def _validate_multimodal(c) -> None:
+def _validate_multimodal(c, config) -> None:
     """A text-only checkpoint loads (mode_jax.load) but has no image tokens to calibrate on."""
     from mode_jax.calib import sources
     from mode_jax.convert import families
 
-    config = _model_config(c)
     if families.image_token_id(config) is None or config.vision is None:
         raise UserError(f"{c.model.path}: {sources.NOT_MULTIMODAL}")
     layers = config.text.num_hidden_layers
@@ -393,7 +393,7 @@ def _validate_multimodal(c) -> None:
                         f"decoder layers (use {-layers}..{layers - 1})")
 
 
-def _validate_tokenizer(c, cache: dict | None = None) -> None:
+def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
     """The tokenizer that real prompts need loads and its image placeholder is the config's
     image token: found in seconds rather than after converting the weights."""
     if c.data.source == "random" and not c.eval.jsonl:
@@ -402,7 +402,6 @@ def _validate_tokenizer(c, cache: dict | None = None) -> None:
     from mode_jax.calib import sources
     from mode_jax.convert import families
 
-    config = _model_config(c)
     if families.image_token_id(config) is None:
         return  # a text-only checkpoint: _validate_multimodal refused it
     try:
@@ -414,7 +413,7 @@ def _validate_tokenizer(c, cache: dict | None = None) -> None:
         raise UserError(str(e)) from None
 
 
-def _validate_budget(c, methods) -> None:
+def _validate_budget(c, methods, model_config) -> None:
     """Solve a zero-cost problem of the real size: the ILP's own checks name what is feasible."""
     from mode_jax.alloc import ilp
 
@@ -423,7 +422,7 @@ def _validate_budget(c, methods) -> None:
         raise UserError(f"uniform allocation needs an integer budget, got {c.alloc.budget_bits}")
     if set(methods) <= {"uniform", "mopeq"}:
         return
-    text = _model_config(c).text
+    text = model_config.text
     n_experts, n_layers = text.n_routed_experts, max(1, len(text.moe_layers))
     scope = "global" if "gemq" in methods else c.alloc.scope
     try:
@@ -477,6 +476,8 @@ def run(config, workdir: str, *, distributed: bool = False) -> str:
     runner.check_workdir(workdir)
     shared: dict = {}  # the fp model, its evaluation, records, tokenizer: shared by the methods
     validate(config, shared)
+    order = list(STAGES)
+    upto = order[:order.index(final_stage) + 1]  # pipeline order: every stage up to the final
     use_compilation_cache(config.compilation_cache, workdir)
     methods = tuple(config.sweep) or (config.alloc.method,)
     contexts = []
@@ -484,8 +485,7 @@ def run(config, workdir: str, *, distributed: bool = False) -> str:
         for method in methods:
             ctx = runner.Context(method_config(config, method), workdir, STAGES)
             ctx.cache = shared  # one model in memory for every method
-            order = list(STAGES)  # pipeline order: every stage up to the final one runs
-            for name in order[:order.index(final_stage) + 1]:
+            for name in upto:
                 path = ctx.ensure(name).path
             log.info("method %s: %s", method, path)
             contexts.append(ctx)

@@ -12,10 +12,10 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(tmp_path, *flags, workdir=None):
+def _run(tmp_path, *flags, workdir=None, config="configs/tiny.py", env=None):
     workdir = workdir or str(tmp_path / "work")
-    cmd = [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *flags]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     return proc, workdir
 
 
@@ -132,10 +132,7 @@ def test_text_only_checkpoint_is_refused_before_anything_is_written(tmp_path):
 def test_config_file_with_a_syntax_error(tmp_path):
     bad = tmp_path / "bad_config.py"
     bad.write_text("def get_config(:\n    pass\n")
-    proc = subprocess.run([sys.executable, "main.py", f"--config={bad}",
-                           f"--workdir={tmp_path / 'work'}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
-    _assert_user_error(proc, str(tmp_path / "work"), "bad flag or config", "invalid syntax")
+    _assert_user_error(*_run(tmp_path, config=bad), "bad flag or config", "invalid syntax")
 
 
 def test_a_positional_argument_is_one_line(tmp_path):
@@ -147,10 +144,8 @@ def test_compilation_cache_that_is_a_file(tmp_path):
     blocker = tmp_path / "cache_file"
     blocker.write_text("x")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    cmd = [sys.executable, "main.py", "--config=configs/tiny.py",
-           f"--workdir={tmp_path / 'work'}", f"--config.compilation_cache={blocker}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    _assert_user_error(proc, str(tmp_path / "work"), "compilation_cache=", "cache_file")
+    proc, workdir = _run(tmp_path, f"--config.compilation_cache={blocker}", env=env)
+    _assert_user_error(proc, workdir, "compilation_cache=", "cache_file")
 
 
 def test_benchmark_jsonl_is_checked_before_any_stage(tmp_path):
@@ -186,10 +181,7 @@ def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
 def test_expert_axis_that_does_not_divide_the_devices(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    workdir = str(tmp_path / "work")
-    proc = subprocess.run([sys.executable, "main.py", "--config=configs/tiny.py",
-                           f"--workdir={workdir}", "--config.mesh.expert=3"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc, workdir = _run(tmp_path, "--config.mesh.expert=3", env=env)
     _assert_user_error(proc, workdir, "mesh.expert=3 does not divide the 4 devices")
 
 
@@ -215,8 +207,5 @@ def test_unreadable_preprocessor_config_is_named_before_any_stage(tmp_path):
         (copy / name).symlink_to(os.path.join(shipped, name))
     (copy / "preprocessor_config.json").unlink()
     (copy / "preprocessor_config.json").write_text("{not json")
-    workdir = str(tmp_path / "work")
-    proc = subprocess.run([sys.executable, "main.py", "--config=configs/testbed.py",
-                           f"--workdir={workdir}", f"--config.model.path={copy}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
     _assert_user_error(proc, workdir, "preprocessor_config.json could not be read")

@@ -92,6 +92,13 @@ def sharegpt_records(data_cfg, cache: dict | None = None) -> list[dict]:
                    lambda: data.read_sharegpt(data_cfg.calib_json, data_cfg.image_dir))
 
 
+def benchmark(jsonl_path: str, cache: dict | None = None) -> list:
+    """The validated items of a benchmark JSONL (`eval.jsonl.read_benchmark`), once per cache."""
+    from mode_jax.eval import jsonl
+
+    return _cached(cache, ("benchmark", jsonl_path), lambda: jsonl.read_benchmark(jsonl_path))
+
+
 def tokenizer(model_path: str, cache: dict | None = None):
     """`preprocess.load_tokenizer(model_path)` (None without tokenizer files), once per cache."""
     return _cached(cache, ("tokenizer", model_path),
@@ -124,13 +131,19 @@ def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
     return Calibration(batches, int(families.image_token_id(model_config)), special)
 
 
-def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
-    """Records no calibration draw takes, in the evaluate stage's seeded order."""
+def _calibration_draws(num_records: int, data_cfg, seed: int) -> np.ndarray:
+    """`[num_records]` bool: the records some calibration stage's draw takes."""
     used = np.zeros(num_records, bool)
     for stage, field in DRAWS:
         n = int(data_cfg[field])
         order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
         used[order if n <= 0 else order[:n]] = True
+    return used
+
+
+def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
+    """Records no calibration draw takes, in the evaluate stage's seeded order."""
+    used = _calibration_draws(num_records, data_cfg, seed)
     order = data.draw_order(num_records, seed + SEED_OFFSETS["evaluate"])
     return order[~used[order]]
 
@@ -138,11 +151,7 @@ def heldout_indices(num_records: int, data_cfg, seed: int) -> np.ndarray:
 def drawn_indices(num_records: int, data_cfg, seed: int, heldout_take: int) -> np.ndarray:
     """Every record some stage reads: the calibration draws and the first `heldout_take`
     held-out records (0: none, e.g. when a benchmark is scored instead)."""
-    used = np.zeros(num_records, bool)
-    for stage, field in DRAWS:
-        n = int(data_cfg[field])
-        order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
-        used[order if n <= 0 else order[:n]] = True
+    used = _calibration_draws(num_records, data_cfg, seed)
     used[heldout_indices(num_records, data_cfg, seed)[:heldout_take]] = True
     return np.flatnonzero(used)
 

@@ -145,10 +145,11 @@ def _encode_built(samples, tokenizer, build, eos: int) -> EvalSet:
 
 
 def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None,
-               build=None) -> EvalSet:
-    """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them."""
-    data = encode([jsonl.to_sample(item) for item in jsonl.read_benchmark(path)], tokenizer,
-                  image_cfg, build)
+               build=None, items=None) -> EvalSet:
+    """A user benchmark (format in `eval.jsonl`) as an EvalSet; bad lines raise, naming them.
+    `items`: the file's `jsonl.read_benchmark` result when the caller has read it already."""
+    items = jsonl.read_benchmark(path) if items is None else items
+    data = encode([jsonl.to_sample(item) for item in items], tokenizer, image_cfg, build)
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None:
         lost = [ex.sample.answer for ex in data.examples if unk in ex.answer_ids]
