@@ -286,9 +286,12 @@ def validate(config, cache: dict | None = None) -> None:
         if scores_heldout and not len(sources.heldout_indices(len(records), c.data, c.seed)):
             raise UserError(sources.heldout_error(len(records), c.data))
         take = (c.eval.num_samples or sources.DEFAULT_HELDOUT_CONVERSATIONS) * scores_heldout
-        data.check_images(records, c.data.image_dir,
-                          sources.drawn_indices(len(records), c.data, c.seed, take))
+        sizes = data.image_sizes(records, c.data.image_dir,
+                                 sources.drawn_indices(len(records), c.data, c.seed, take))
     _validate_tokenizer(c, model_config, cache)
+    if c.data.source == "sharegpt":
+        sources.check_prompt_lengths(c.data, c.model.path, model_config, c.seed, take, sizes,
+                                     cache)
 
 
 def _model_config(c):

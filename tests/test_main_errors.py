@@ -209,3 +209,34 @@ def test_unreadable_preprocessor_config_is_named_before_any_stage(tmp_path):
     (copy / "preprocessor_config.json").write_text("{not json")
     proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
     _assert_user_error(proc, workdir, "preprocessor_config.json could not be read")
+
+
+def test_prompt_longer_than_max_length_is_named_before_convert(tmp_path):
+    """The longest prompt any stage would build (here a whole conversation for GPTQ) is named
+    with the max_length it needs, before convert writes anything."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    records = []
+    for i, (w, h) in enumerate([(28, 28), (640, 480), (300, 200)]):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(img_dir / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat colour is the circle ?"},
+            {"from": "gpt", "value": "red"}]})
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps(records))
+    flags = ("--config.data.source=sharegpt", f"--config.data.calib_json={path}",
+             f"--config.data.image_dir={img_dir}", "--config.final_stage=quantize")
+    proc, workdir = _run(tmp_path, *flags, "--config.data.max_length=64",
+                         config="configs/testbed.py")
+    from mode_jax import preprocess
+    from mode_jax.calib import data, sources
+    from mode_jax.models import kimivl
+
+    testbed = os.path.join(REPO, "checkpoints/testbed")
+    config = kimivl.KimiVLConfig.from_dict(json.loads(open(f"{testbed}/config.json").read()))
+    build = sources._builder(testbed, config, preprocess.load_tokenizer(testbed))
+    sample = data.record_sample(records[1], str(img_dir), human_only=False)
+    longest = build([sample.messages], [sample.images])["input_ids"].shape[1]
+    _assert_user_error(proc, workdir, "2 calibration record(s)", "data.max_length=64",
+                       "whole conversation of image record 1 (id 'r1', image 640x480)",
+                       f"at least {longest}")

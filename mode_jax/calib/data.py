@@ -80,23 +80,59 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
     return kept
 
 
-def check_images(records: list[dict], image_dir: str, indices) -> None:
-    """Open the images of `records[indices]` (header only): a zero-byte or non-image file is
-    named before any stage runs, not when the stage that draws it reaches it."""
+def image_sizes(records: list[dict], image_dir: str, indices) -> dict[int, tuple[int, int]]:
+    """(width, height) of the images of `records[indices]`, read from their headers: a zero-byte
+    or non-image file is named before any stage runs, not when the stage that draws it reaches
+    it."""
     from PIL import Image
 
-    problems = []
+    sizes, problems = {}, []
     for i in sorted({int(i) for i in indices}):
         path = os.path.join(image_dir, records[i]["image"])
         try:
             with Image.open(path) as image:
-                image.size  # noqa: B018 (the header is what is checked)
-        except (OSError, ValueError) as err:  # UnidentifiedImageError is an OSError
+                sizes[i] = image.size
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            # UnidentifiedImageError is an OSError
             problems.append(f"image record {i} (id {records[i].get('id', '?')!r}): {err}")
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(f"{len(problems)} calibration image(s) cannot be read:\n  {shown}{more}")
+    return sizes
+
+
+# A blank image this size stands in for every record's image when prompts are measured.
+PROBE_SIZE = (64, 64)
+
+
+def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[tuple[int, int]], build
+                   ) -> np.ndarray:
+    """Tokens of each one-image sample's prompt as `batches` builds it with `build`, knowing only
+    its image's (width, height), e.g. from `image_sizes`: no image is decoded.
+
+    An image adds a run of placeholder tokens whose count depends on its size alone, so each
+    prompt is built once with a small blank image and the difference a real size makes is
+    measured once per distinct size (on the first sample's messages)."""
+    from PIL import Image
+
+    if len(samples) != len(sizes):
+        raise ValueError(f"{len(samples)} samples but {len(sizes)} image sizes")
+    for s in samples:
+        if len(s.images) != 1:
+            raise ValueError(f"prompt_lengths measures one-image samples; one has {len(s.images)}")
+    probe = Image.new("RGB", PROBE_SIZE)
+
+    def length(messages, image) -> int:
+        return int(build([messages], [(image,)])["input_ids"].shape[1])
+
+    extra = {}
+    if samples:
+        base = length(samples[0].messages, probe)
+        for size in sorted(set(map(tuple, sizes))):
+            extra[size] = length(samples[0].messages, Image.new("RGB", size)) - base
+    return np.asarray([length(s.messages, probe) + extra[tuple(size)]
+                       for s, size in zip(samples, sizes, strict=True)], np.int64)
 
 
 def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
@@ -156,6 +192,14 @@ def _bucket(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
+def kimi_build(tokenizer, image_cfg: preprocess.ImageConfig, pad_token_id: int = 0):
+    """Kimi-VL's `build(conversations, images) -> batch` (right-padded), as `batches` uses it."""
+    def build(conversations, images):
+        return preprocess.build_batch(conversations, images, tokenizer, image_cfg=image_cfg,
+                                      pad_token_id=pad_token_id, padding_side="right")
+    return build
+
+
 def batches(
     samples: Sequence[Sample],
     tokenizer,
@@ -176,10 +220,7 @@ def batches(
     is Kimi-VL's `preprocess.build_batch`.
     """
     if build is None:
-        def build(conversations, images):
-            return preprocess.build_batch(conversations, images, tokenizer,
-                                          image_cfg=image_cfg or preprocess.ImageConfig(),
-                                          pad_token_id=pad_token_id, padding_side="right")
+        build = kimi_build(tokenizer, image_cfg or preprocess.ImageConfig(), pad_token_id)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         batch = build([s.messages for s in chunk], [s.images for s in chunk])

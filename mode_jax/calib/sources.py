@@ -22,12 +22,16 @@ records) takes about 7 s to parse and check and holds about 1 GB of host memory 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import numpy as np
 
 from mode_jax import preprocess, processors
 from mode_jax.calib import data
 from mode_jax.convert import families
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("sharegpt", "testbed", "random")
 # config.seed + offset draws each stage's records; (stage, data field holding its count)
@@ -119,25 +123,35 @@ def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
                  batch_size: int = 0) -> Calibration:
     """`samples` as the family's batches (`batch_size` each, 0 = data.batch_size), with the ids
     the statistics need."""
+    batches = list(data.batches(samples, tokenizer, batch_size or data_cfg.batch_size,
+                                max_length=data_cfg.max_length,
+                                build=_builder(model_path, model_config, tokenizer)))
+    special = tuple(int(i) for i in data.special_token_ids(tokenizer))
+    return Calibration(batches, int(families.image_token_id(model_config)), special)
+
+
+def _builder(model_path: str, model_config, tokenizer):
+    """The family's right-padded `build(conversations, images) -> batch` for calibration."""
     processors.check_image_token(model_config, tokenizer, f"the tokenizer of {model_path}")
     build = processors.batch_builder(
         model_config, tokenizer, processors.image_processor(model_config, model_path),
         pad_token_id=model_config.pad_token_id)
-    batches = list(data.batches(samples, tokenizer, batch_size or data_cfg.batch_size,
-                                image_cfg=preprocess.ImageConfig.from_checkpoint(model_path),
-                                pad_token_id=model_config.pad_token_id,
-                                max_length=data_cfg.max_length, build=build))
-    special = tuple(int(i) for i in data.special_token_ids(tokenizer))
-    return Calibration(batches, int(families.image_token_id(model_config)), special)
+    return build or data.kimi_build(tokenizer, preprocess.ImageConfig.from_checkpoint(model_path),
+                                    model_config.pad_token_id)
+
+
+def stage_draw(num_records: int, data_cfg, seed: int, stage: str) -> np.ndarray:
+    """The records `stage` ("calibrate", "sensitivity" or "quantize") draws, in draw order."""
+    n = int(data_cfg[dict(DRAWS)[stage]])
+    order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
+    return order if n <= 0 else order[:n]
 
 
 def _calibration_draws(num_records: int, data_cfg, seed: int) -> np.ndarray:
     """`[num_records]` bool: the records some calibration stage's draw takes."""
     used = np.zeros(num_records, bool)
-    for stage, field in DRAWS:
-        n = int(data_cfg[field])
-        order = data.draw_order(num_records, seed + SEED_OFFSETS[stage])
-        used[order if n <= 0 else order[:n]] = True
+    for stage, _ in DRAWS:
+        used[stage_draw(num_records, data_cfg, seed, stage)] = True
     return used
 
 
@@ -154,6 +168,42 @@ def drawn_indices(num_records: int, data_cfg, seed: int, heldout_take: int) -> n
     used = _calibration_draws(num_records, data_cfg, seed)
     used[heldout_indices(num_records, data_cfg, seed)[:heldout_take]] = True
     return np.flatnonzero(used)
+
+
+def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, heldout_take: int,
+                         sizes: dict[int, tuple[int, int]], cache: dict | None = None) -> None:
+    """Every ShareGPT prompt a stage will build fits `data.max_length`, or a ValueError naming
+    the longest: found before convert runs rather than by the stage whose batch is too long.
+
+    Prompts are measured as the stages build them (human-only for the statistics draws, whole
+    conversations for GPTQ's and the first `heldout_take` held-out records) from the image sizes
+    `sizes` (record index -> (width, height), `data.image_sizes`), no image decoded."""
+    started = time.perf_counter()
+    records = sharegpt_records(data_cfg, cache)
+    n = len(records)
+    human, whole = set(), set(heldout_indices(n, data_cfg, seed)[:heldout_take].tolist())
+    for stage, _ in DRAWS:
+        (whole if stage == "quantize" else human).update(
+            stage_draw(n, data_cfg, seed, stage).tolist())
+    forms = [(i, True) for i in sorted(human)] + [(i, False) for i in sorted(whole)]
+    samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=h) for i, h in forms]
+    build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache))
+    lengths = data.prompt_lengths(samples, [sizes[i] for i, _ in forms], build)
+    over = np.flatnonzero(lengths > data_cfg.max_length)
+    if over.size:
+        worst = int(over[np.argmax(lengths[over])])
+        i, human_only = forms[worst]
+        (w, h), form = sizes[i], "prompt" if human_only else "whole conversation"
+        count = len({forms[j][0] for j in over})
+        raise ValueError(
+            f"{count} calibration record(s) are longer than data.max_length={data_cfg.max_length} "
+            f"tokens, which would cut their image tokens; the longest is the {form} of image "
+            f"record {i} (id {records[i].get('id', '?')!r}, image {w}x{h}): {lengths[worst]} "
+            f"tokens. Raise --config.data.max_length to at least {lengths.max()} or lower the "
+            "image patch budget")
+    if len(lengths):
+        log.info("%d calibration prompts fit data.max_length=%d (longest %d tokens; %.1f s)",
+                 len(lengths), data_cfg.max_length, lengths.max(), time.perf_counter() - started)
 
 
 def heldout(data_cfg, model_path: str, model_config, n: int, seed: int,
