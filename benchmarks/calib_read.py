@@ -4,8 +4,11 @@ Writes a synthetic calibration file of `--records` records (a share of them text
 spread over `--images` small files), then times `data.read_sharegpt` (parse, skip text-only
 records, check every image path) and reports the host memory the parsed records hold. A run
 reads the file once into its shared stage cache (`sources.sharegpt_records`); before that,
-`validate` and every stage read it again, and quantize and evaluate once per sweep method. The
-last line prints what that would cost for a run of `--methods` methods.
+`validate` and every stage read it again, and quantize and evaluate once per sweep method; a
+line prints what that would cost for a run of `--methods` methods. Last, validate's two checks
+of the records the default config draws (plus 256 held-out ones): their image headers
+(`data.image_sizes`) and every prompt's length against `data.max_length`
+(`sources.check_prompt_lengths`, with `--checkpoint`'s tokenizer and prompt builder).
 
     python -m benchmarks.calib_read                      # 665,000 records (LLaVA mix665k's size)
     python -m benchmarks.calib_read --records 100000     # ShareGPT4V instruct's size
@@ -21,16 +24,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from mode_jax.calib import data
+from configs import common
+from mode_jax.calib import data, sources
+from mode_jax.convert import families, safetensors_io
+
+# COCO-like (width, height) of the synthetic images, cycled
+SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (640, 425), (500, 375), (640, 360),
+         (612, 612))
 
 
 def write_synthetic(directory: Path, records: int, images: int, text_only_every: int) -> Path:
     (directory / "images").mkdir(parents=True)
     for i in range(images):
-        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(directory / "images" / f"{i}.png")
+        w, h = SIZES[i % len(SIZES)]
+        Image.new("RGB", (w, h)).save(directory / "images" / f"{i}.png")
     answer = "The image shows " + "a cat sitting on a mat next to a window and " * 8
     out = []
     for i in range(records):
@@ -58,6 +67,8 @@ def main(argv=None) -> None:
                    "image (0: none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--methods", type=int, default=6, help="sweep methods of the projected run")
+    p.add_argument("--checkpoint", default="checkpoints/testbed", help="tokenizer and prompt "
+                   "builder of validate's length check")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="calib_read_"))
     try:
@@ -76,9 +87,32 @@ def main(argv=None) -> None:
         reads = 3 + 2 * args.methods  # validate, calibrate, sensitivity; quantize + evaluate each
         print(f"a run of {args.methods} methods: {reads} reads ({reads * min(times):.0f} s) "
               f"before, 1 read ({min(times):.1f} s) now")
+        _validate_checks(kept, tmp, args.checkpoint)
         print(f"reproduce: python -m benchmarks.calib_read {' '.join(sys.argv[1:])}".rstrip())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _validate_checks(records: list[dict], directory: Path, checkpoint: str) -> None:
+    cfg = common.get_config().data
+    cfg.calib_json, cfg.image_dir = str(directory / "mix.json"), str(directory / "images")
+    cfg.max_length = 1 << 20
+    take = sources.DEFAULT_HELDOUT_CONVERSATIONS
+    drawn = sources.drawn_indices(len(records), cfg, 0, take)
+    raw = safetensors_io.read_config(checkpoint)
+    model_config = families.for_model_type(raw["model_type"], checkpoint).config_from_json(
+        raw, checkpoint)
+    cache = {("sharegpt", cfg.calib_json, cfg.image_dir): records}
+    sources.checkpoint_tokenizer(checkpoint, cache)  # loaded before the timing, as validate has
+    start = time.perf_counter()
+    sizes = data.image_sizes(records, cfg.image_dir, drawn)
+    headers = time.perf_counter() - start
+    start = time.perf_counter()
+    sources.check_prompt_lengths(cfg, checkpoint, model_config, 0, take, sizes, cache)
+    lengths = time.perf_counter() - start
+    print(f"validate on the default draws ({len(drawn)} records, {len(set(sizes.values()))} "
+          f"image sizes; {checkpoint}): image headers {headers:.2f} s, prompt lengths "
+          f"{lengths:.2f} s")
 
 
 if __name__ == "__main__":
