@@ -110,7 +110,8 @@ def _validate_checks(records: list[dict], directory: Path, checkpoint: str) -> N
     start = time.perf_counter()
     sources.check_prompt_lengths(cfg, checkpoint, model_config, 0, take, sizes, cache)
     lengths = time.perf_counter() - start
-    print(f"validate on the default draws ({len(drawn)} records, {len(set(sizes.values()))} "
+    distinct = len({wh for per_record in sizes.values() for wh in per_record})
+    print(f"validate on the default draws ({len(drawn)} records, {distinct} "
           f"image sizes; {checkpoint}): image headers {headers:.2f} s, prompt lengths "
           f"{lengths:.2f} s")
 

@@ -54,19 +54,56 @@ def test_every_problem_named_at_once(tmp_path):
         _record(0, "a.png"),
         _record(1, "missing.png"),
         {"id": "r2", "image": ["a.png", "b.png"], "conversations": [
-            {"from": "human", "value": "two images"}]},
+            {"from": "human", "value": "<image> two images"}]},
         {"id": "r3", "image": "a.png", "conversations": [{"from": "gpt", "value": "x"}]},
         {"id": "r4", "image": "a.png"},
+        {"id": "r5", "image": [], "conversations": [{"from": "human", "value": "x"}]},
+        {"id": "r6", "image": ["a.png"], "conversations": [
+            {"from": "human", "value": "x"}, {"from": "gpt", "value": "<image>"}]},
+        {"id": "r7", "image": "a.png", "conversations": [{"from": "robot", "value": "x"}]},
+        {"id": "r8", "image": "a.png", "conversations": ["hi"]},
     ]
     path, img_dir = _write(tmp_path, records)
     with pytest.raises(ValueError) as err:
         data.read_sharegpt(path, img_dir)
     msg = str(err.value)
-    assert "4 problem(s)" in msg
+    assert "8 problem(s)" in msg
     assert "'r1'" in msg and "missing.png" in msg
-    assert "'r2'" in msg and "one relative path" in msg
+    assert "'r2'): 1 '<image>' placeholder(s) in its human turns for 2 images" in msg
     assert "'r3'" in msg and "no human turn" in msg
     assert "'r4'" in msg and "'conversations' list" in msg
+    assert "'r5'): 'image' must be a relative path or a non-empty list of them" in msg
+    assert "'r6'): 1 '<image>' placeholder(s) outside the human turns" in msg
+    assert "'r7'): turn 0 needs 'from'" in msg and "'robot'" in msg
+    assert "'r8'): turn 0 needs 'from'" in msg
+
+
+def test_several_images_stand_at_their_placeholders(tmp_path):
+    """A list of images: each where its `<image>` is written (a human-only prompt keeps the first
+    turn's); without placeholders all first, like a single image."""
+    at = {"id": "m", "image": ["a.png", "b.png", "c.png"], "conversations": [
+        {"from": "human", "value": "compare <image> and\n<image>"},
+        {"from": "gpt", "value": "the first"},
+        {"from": "human", "value": "<image>\nand this one?"}]}
+    first = {"id": "f", "image": ["b.png", "a.png"], "conversations": [
+        {"from": "human", "value": "which is brighter?"}, {"from": "gpt", "value": "b"}]}
+    path, img_dir = _write(tmp_path, [at, first])
+    at, first = data.read_sharegpt(path, img_dir)
+    img = lambda *names: tuple(f"{img_dir}/{n}" for n in names)  # noqa: E731
+    image, text = {"type": "image"}, lambda t: {"type": "text", "text": t}  # noqa: E731
+    whole = data.record_sample(at, img_dir, human_only=False)
+    assert whole.images == img("a.png", "b.png", "c.png")
+    assert whole.messages == (
+        {"role": "user", "content": [text("compare"), image, text("and"), image]},
+        {"role": "assistant", "content": "the first"},
+        {"role": "user", "content": [image, text("and this one?")]})
+    human = data.record_sample(at, img_dir)
+    assert human.images == img("a.png", "b.png") and human.messages == whole.messages[:1]
+    both = data.record_sample(first, img_dir, human_only=False)
+    assert both.images == img("b.png", "a.png")
+    assert both.messages[0]["content"] == [image, image, text("which is brighter?")]
+    assert data.image_sizes([at, first], img_dir, [0, 1]) == {0: ((28, 28),) * 3,
+                                                             1: ((28, 28),) * 2}
 
 
 def test_text_only_records_are_skipped(tmp_path, caplog):

@@ -28,22 +28,40 @@ def _family(name, tmp_path):
     return str(internvl_tiny.processor_dir(tmp_path)), internvl_tiny.CONFIG
 
 
+def _records(names):
+    """One-image records over every text and image, then records of two and three images: at
+    their placeholders, all first, and only in a later human turn."""
+    out = [{"image": name, "conversations": [
+        {"from": "human", "value": f"<image>\n{text}"},
+        {"from": "gpt", "value": "red circle " * (i + j)}]}
+        for i, name in enumerate(names) for j, text in enumerate(TEXTS)]
+    out.append({"image": names[2:4], "conversations": [
+        {"from": "human", "value": "compare <image> with <image> please"},
+        {"from": "gpt", "value": "A"}]})
+    out.append({"image": names[3:], "conversations": [
+        {"from": "human", "value": "which is red ?"}, {"from": "gpt", "value": "B"}]})
+    out.append({"image": names[:2], "conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "C"},
+        {"from": "human", "value": "<image> <image> what colour is the circle ?"}]})
+    return out
+
+
 @pytest.mark.parametrize("family", ["kimi_vl", "qwen3_vl_moe", "internvl"])
 def test_lengths_equal_the_built_batches(family, tmp_path):
     path, config = _family(family, tmp_path)
     build = sources._builder(path, config, preprocess.load_tokenizer(path))
     rng = np.random.default_rng(0)
+    names = []
+    for i, (w, h) in enumerate(SIZES):
+        names.append(f"probe{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(tmp_path / names[-1])
+    size_of = dict(zip(names, SIZES, strict=True))
     samples, sizes = [], []
-    for i, size in enumerate(SIZES):
-        image = tmp_path / f"probe{i}.png"
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(image)
-        for j, text in enumerate(TEXTS):
-            record = {"image": image.name, "conversations": [
-                {"from": "human", "value": f"<image>\n{text}"},
-                {"from": "gpt", "value": "red circle " * (i + j)}]}
-            for human_only in (True, False):
-                samples.append(data.record_sample(record, str(tmp_path), human_only))
-                sizes.append(size)
+    for record in _records(names):
+        for human_only in (True, False):
+            samples.append(data.record_sample(record, str(tmp_path), human_only))
+            sizes.append([size_of[p.rsplit("/", 1)[1]] for p in samples[-1].images])
+    assert {len(s.images) for s in samples} == {0, 1, 2, 3}
     want = [build([s.messages], [s.images])["input_ids"].shape[1] for s in samples]
     got = data.prompt_lengths(samples, sizes, build)
     np.testing.assert_array_equal(got, want)
@@ -51,7 +69,7 @@ def test_lengths_equal_the_built_batches(family, tmp_path):
 
 
 def test_mismatched_input_is_refused():
-    with pytest.raises(ValueError, match="2 samples but 1 image sizes"):
-        data.prompt_lengths([data.Sample((), ("a",))] * 2, [(8, 8)], build=None)
-    with pytest.raises(ValueError, match="one-image samples; one has 0"):
-        data.prompt_lengths([data.Sample((), ())], [(8, 8)], build=None)
+    with pytest.raises(ValueError, match="2 samples but 1 image size lists"):
+        data.prompt_lengths([data.Sample((), ("a",))] * 2, [[(8, 8)]], build=None)
+    with pytest.raises(ValueError, match="a sample has 0 images but 1 sizes"):
+        data.prompt_lengths([data.Sample((), ())], [[(8, 8)]], build=None)

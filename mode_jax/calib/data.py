@@ -6,7 +6,12 @@ The file is a JSON list of records:
                      {"from": "gpt", "value": "..."}, ...]}
 `image` is relative to the image directory. The statistics passes use "human-only" prompts (the
 first human turn, image first, generation prompt appended, no answer: method.md stage 1); GPTQ
-uses whole conversations. Records with no `image` key (the text-only share of LLaVA-style mixes)
+uses whole conversations. A record may hold several images (LLaVA-OneVision style):
+  {"image": ["a.jpg", "b.jpg"], "conversations": [
+      {"from": "human", "value": "<image>\n<image>\nWhich photo is brighter?"}, ...]}
+each then stands where its `<image>` placeholder is (in human turns, one per image, in order;
+without placeholders they all go first). A human-only prompt holds the images of the first
+human turn. Records with no `image` key (the text-only share of LLaVA-style mixes)
 are skipped with a logged count: every stage draws from the image records only. Every problem in
 the file (missing image file, bad record) is reported at once, naming the record.
 """
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_WORDS = ("user", "assistant", "system")  # role words inside the chat template
+PLACEHOLDER = "<image>"  # where a record's image stands in its text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +66,16 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
         if "image" not in r:
             text_only += 1
             continue
-        if not any(ROLES.get(t.get("from")) == "user" for t in r["conversations"]):
+        turns = r["conversations"]
+        bad = [j for j, t in enumerate(turns) if not isinstance(t, dict)
+               or t.get("from") not in ROLES or not isinstance(t.get("value", ""), str)]
+        if bad:
+            problems.append(f"{name}: turn {bad[0]} needs 'from' ({', '.join(ROLES)}) and a "
+                            f"string 'value', got {turns[bad[0]]!r}"[:300])
+            continue
+        if not any(ROLES[t["from"]] == "user" for t in turns):
             problems.append(f"{name}: has no human turn")
-        if not isinstance(r["image"], str) or not r["image"]:
-            problems.append(f"{name}: 'image' must be one relative path, got {r['image']!r}")
-        elif not os.path.isfile(os.path.join(image_dir, r["image"])):
-            problems.append(f"{name}: image not found: {os.path.join(image_dir, r['image'])}")
+        problems += [f"{name}: {p}" for p in _image_problems(r, image_dir)]
         kept.append(r)
     if problems:
         shown = "\n  ".join(problems[:20])
@@ -80,21 +90,60 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
     return kept
 
 
-def image_sizes(records: list[dict], image_dir: str, indices) -> dict[int, tuple[int, int]]:
-    """(width, height) of the images of `records[indices]`, read from their headers: a zero-byte
+def image_paths(record: dict) -> list[str]:
+    """A record's image files, relative to the image directory, in placeholder order."""
+    image = record["image"]
+    return [image] if isinstance(image, str) else list(image)
+
+
+def _placeholders(record: dict) -> tuple[int, int]:
+    """`<image>` placeholders in the record's human turns and in its other turns."""
+    human = other = 0
+    for turn in record["conversations"]:
+        n = str(turn.get("value", "")).count(PLACEHOLDER)
+        if ROLES.get(turn.get("from")) == "user":
+            human += n
+        else:
+            other += n
+    return human, other
+
+
+def _image_problems(record: dict, image_dir: str) -> list[str]:
+    image = record["image"]
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not paths or not all(
+            isinstance(p, str) and p for p in paths):
+        return [f"'image' must be a relative path or a non-empty list of them, got {image!r}"]
+    problems = [f"image not found: {os.path.join(image_dir, p)}" for p in paths
+                if not os.path.isfile(os.path.join(image_dir, p))]
+    if isinstance(image, list):
+        human, other = _placeholders(record)
+        if other:
+            problems.append(f"{other} '{PLACEHOLDER}' placeholder(s) outside the human turns")
+        elif human not in (0, len(paths)):
+            problems.append(f"{human} '{PLACEHOLDER}' placeholder(s) in its human turns for "
+                            f"{len(paths)} images (one per image, or none: all images first)")
+    return problems
+
+
+def image_sizes(records: list[dict], image_dir: str, indices
+                ) -> dict[int, tuple[tuple[int, int], ...]]:
+    """(width, height) of each image of `records[indices]`, read from their headers: a zero-byte
     or non-image file is named before any stage runs, not when the stage that draws it reaches
     it."""
     from PIL import Image
 
     sizes, problems = {}, []
     for i in sorted({int(i) for i in indices}):
-        path = os.path.join(image_dir, records[i]["image"])
-        try:
-            with Image.open(path) as image:
-                sizes[i] = image.size
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            # UnidentifiedImageError is an OSError
-            problems.append(f"image record {i} (id {records[i].get('id', '?')!r}): {err}")
+        found = []
+        for name in image_paths(records[i]):
+            try:
+                with Image.open(os.path.join(image_dir, name)) as image:
+                    found.append(image.size)
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                # UnidentifiedImageError is an OSError
+                problems.append(f"image record {i} (id {records[i].get('id', '?')!r}): {err}")
+        sizes[i] = tuple(found)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -106,53 +155,71 @@ def image_sizes(records: list[dict], image_dir: str, indices) -> dict[int, tuple
 PROBE_SIZE = (64, 64)
 
 
-def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[tuple[int, int]], build
+def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[Sequence[tuple[int, int]]], build
                    ) -> np.ndarray:
-    """Tokens of each one-image sample's prompt as `batches` builds it with `build`, knowing only
-    its image's (width, height), e.g. from `image_sizes`: no image is decoded.
+    """Tokens of each sample's prompt as `batches` builds it with `build`, knowing only its
+    images' (width, height) (`sizes[i]` for `samples[i].images`, e.g. from `image_sizes`): no
+    image is decoded.
 
     An image adds a run of placeholder tokens whose count depends on its size alone, so each
-    prompt is built once with a small blank image and the difference a real size makes is
-    measured once per distinct size (on the first sample's messages)."""
+    prompt is built once with small blank images and the difference a real size makes is
+    measured once per distinct size."""
     from PIL import Image
 
     if len(samples) != len(sizes):
-        raise ValueError(f"{len(samples)} samples but {len(sizes)} image sizes")
-    for s in samples:
-        if len(s.images) != 1:
-            raise ValueError(f"prompt_lengths measures one-image samples; one has {len(s.images)}")
+        raise ValueError(f"{len(samples)} samples but {len(sizes)} image size lists")
+    for s, size in zip(samples, sizes, strict=True):
+        if len(s.images) != len(size):
+            raise ValueError(f"a sample has {len(s.images)} images but {len(size)} sizes")
     probe = Image.new("RGB", PROBE_SIZE)
 
-    def length(messages, image) -> int:
-        return int(build([messages], [(image,)])["input_ids"].shape[1])
+    def length(messages, images) -> int:
+        return int(build([messages], [tuple(images)])["input_ids"].shape[1])
 
     extra = {}
-    if samples:
-        base = length(samples[0].messages, probe)
-        for size in sorted(set(map(tuple, sizes))):
-            extra[size] = length(samples[0].messages, Image.new("RGB", size)) - base
-    return np.asarray([length(s.messages, probe) + extra[tuple(size)]
+    distinct = sorted({tuple(wh) for size in sizes for wh in size})
+    if distinct:  # measured as the first image of the first sample that has one
+        s = next(s for s in samples if s.images)
+        rest = [probe] * (len(s.images) - 1)
+        base = length(s.messages, [probe, *rest])
+        extra = {wh: length(s.messages, [Image.new("RGB", wh), *rest]) - base for wh in distinct}
+    return np.asarray([length(s.messages, [probe] * len(size)) + sum(extra[tuple(wh)]
+                                                                    for wh in size)
                        for s, size in zip(samples, sizes, strict=True)], np.int64)
 
 
-def _messages(record: dict, human_only: bool) -> tuple[dict, ...]:
-    """Chat messages with the image as the first item of the first user turn."""
-    out = []
+def _messages(record: dict, human_only: bool) -> tuple[tuple[dict, ...], int]:
+    """Chat messages and how many of the record's images (`image_paths` order) they hold. One
+    image, or a list without placeholders: first in the first user turn. A list with
+    placeholders: each image where its `<image>` stands."""
+    at_placeholders = not isinstance(record["image"], str) and _placeholders(record)[0] > 0
+    first = 0 if at_placeholders else len(image_paths(record))
+    out, used = [], 0
     for turn in record["conversations"]:
         role = ROLES.get(turn.get("from"))
         if role is None:
             raise ValueError(f"record {record.get('id', '?')!r}: unknown role {turn.get('from')!r}")
-        text = str(turn.get("value", "")).replace("<image>", "").strip()
-        if not out:
-            if role != "user":
-                continue
-            out.append({"role": "user", "content": [{"type": "image"}, {"type": "text",
-                                                                           "text": text}]})
+        if not out and role != "user":
+            continue
+        value = str(turn.get("value", ""))
+        if at_placeholders and PLACEHOLDER in value:
+            content = []
+            for k, piece in enumerate(value.split(PLACEHOLDER)):
+                if k:
+                    content.append({"type": "image"})
+                    used += 1
+                if piece.strip():
+                    content.append({"type": "text", "text": piece.strip()})
+        elif not out:
+            text = value.replace(PLACEHOLDER, "").strip()
+            content = [{"type": "image"}] * first + [{"type": "text", "text": text}]
+            used += first
         else:
-            out.append({"role": role, "content": text})
+            content = value.replace(PLACEHOLDER, "").strip()
+        out.append({"role": role, "content": content})
         if human_only:
             break
-    return tuple(out)
+    return tuple(out), used
 
 
 def sharegpt_samples(
@@ -175,7 +242,8 @@ def draw_order(num_records: int, seed: int) -> np.ndarray:
 
 
 def record_sample(record: dict, image_dir: str, human_only: bool = True) -> Sample:
-    return Sample(_messages(record, human_only), (os.path.join(image_dir, record["image"]),))
+    messages, used = _messages(record, human_only)
+    return Sample(messages, tuple(os.path.join(image_dir, p) for p in image_paths(record)[:used]))
 
 
 def special_token_ids(tokenizer) -> np.ndarray:

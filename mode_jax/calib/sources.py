@@ -171,13 +171,15 @@ def drawn_indices(num_records: int, data_cfg, seed: int, heldout_take: int) -> n
 
 
 def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, heldout_take: int,
-                         sizes: dict[int, tuple[int, int]], cache: dict | None = None) -> None:
+                         sizes: dict[int, tuple[tuple[int, int], ...]], cache: dict | None = None
+                         ) -> None:
     """Every ShareGPT prompt a stage will build fits `data.max_length`, or a ValueError naming
     the longest: found before convert runs rather than by the stage whose batch is too long.
 
     Prompts are measured as the stages build them (human-only for the statistics draws, whole
     conversations for GPTQ's and the first `heldout_take` held-out records) from the image sizes
-    `sizes` (record index -> (width, height), `data.image_sizes`), no image decoded."""
+    `sizes` (record index -> each image's (width, height), `data.image_sizes`), no image
+    decoded."""
     started = time.perf_counter()
     records = sharegpt_records(data_cfg, cache)
     n = len(records)
@@ -188,17 +190,20 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
     forms = [(i, True) for i in sorted(human)] + [(i, False) for i in sorted(whole)]
     samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=h) for i, h in forms]
     build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache))
-    lengths = data.prompt_lengths(samples, [sizes[i] for i, _ in forms], build)
+    used = [sizes[i][:len(s.images)] for (i, _), s in zip(forms, samples, strict=True)]
+    lengths = data.prompt_lengths(samples, used, build)
     over = np.flatnonzero(lengths > data_cfg.max_length)
     if over.size:
         worst = int(over[np.argmax(lengths[over])])
         i, human_only = forms[worst]
-        (w, h), form = sizes[i], "prompt" if human_only else "whole conversation"
+        form = "prompt" if human_only else "whole conversation"
+        shown = ", ".join(f"{w}x{h}" for w, h in used[worst]) or "none"
+        noun = "image" if len(used[worst]) == 1 else "images"
         count = len({forms[j][0] for j in over})
         raise ValueError(
             f"{count} calibration record(s) are longer than data.max_length={data_cfg.max_length} "
             f"tokens, which would cut their image tokens; the longest is the {form} of image "
-            f"record {i} (id {records[i].get('id', '?')!r}, image {w}x{h}): {lengths[worst]} "
+            f"record {i} (id {records[i].get('id', '?')!r}, {noun} {shown}): {lengths[worst]} "
             f"tokens. Raise --config.data.max_length to at least {lengths.max()} or lower the "
             "image patch budget")
     if len(lengths):
