@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_gptq_samples = 128
     c.data.batch_size = 8
     c.data.max_length = 512
+    # tokens per calibration (and held-out) image at most (0: the checkpoint's image processor
+    # settings): lowers large images' resolution, and with it prompt length and memory; a
+    # benchmark (eval.jsonl) keeps the checkpoint's settings. processors.image_processor
+    c.data.max_image_tokens = 0
 
     c.stats = ml_collections.ConfigDict()
     c.stats.key_ratio = 0.2  # r: fraction of image tokens kept as key tokens

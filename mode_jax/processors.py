@@ -8,6 +8,7 @@ harness and the evaluate stage ask here instead of testing the family themselves
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,16 @@ from mode_jax import preprocess
 from mode_jax.convert import families
 
 
-def load_image_processor(directory: str | Path):
-    """The checkpoint's image processor (local files only), or a clear error."""
+def load_image_processor(directory: str | Path, **overrides):
+    """The checkpoint's image processor (local files only; `overrides` replace its saved
+    settings), or a clear error."""
     d = Path(directory)
     if not (d / "preprocessor_config.json").is_file():
         raise ValueError(f"{d} has no preprocessor_config.json: this model's images need the "
                          "checkpoint's image processor settings")
     from transformers import AutoImageProcessor
 
-    return AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
+    return AutoImageProcessor.from_pretrained(str(d), local_files_only=True, **overrides)
 
 
 def rgb(image: Any):
@@ -68,11 +70,50 @@ def check_image_token(model_config: Any, tokenizer, source: str = "the tokenizer
                          "not belong together")
 
 
-def image_processor(model_config: Any, checkpoint: str | Path):
-    """The checkpoint's image processor for families that use one, else None."""
+def image_processor(model_config: Any, checkpoint: str | Path, max_image_tokens: int = 0):
+    """The checkpoint's image processor for families that use one, else None.
+
+    `max_image_tokens` > 0 lowers the processor's resolution limit to that many tokens per image
+    (never raises it): Qwen3-VL's largest image area (`size.longest_edge`, in pixels, one token
+    per (patch x merge)^2; its resize keeps at least one token row, so an image more elongated
+    than the cap itself can exceed it), InternVL's tile count (`max_patches`; a thumbnail tile
+    joins more than one). A cap below the processor's smallest image is an error."""
     if model_config is None or families.for_config(model_config).name == "kimi_vl":
         return None
-    return load_image_processor(checkpoint)
+    processor = load_image_processor(checkpoint)
+    if max_image_tokens <= 0:
+        return processor
+    family = families.for_config(model_config).name
+    if family == "qwen3_vl_moe":
+        unit = (int(processor.patch_size) * int(processor.merge_size)) ** 2
+        low, high = int(processor.size["shortest_edge"]), int(processor.size["longest_edge"])
+        if max_image_tokens * unit < low:
+            raise ValueError(f"data.max_image_tokens={max_image_tokens} is below the image "
+                             f"processor's smallest image ({-(-low // unit)} tokens)")
+        overrides = {"size": {"shortest_edge": low,
+                              "longest_edge": min(high, max_image_tokens * unit)}}
+    elif family == "internvl":
+        per_tile = int(model_config.vision.tokens_per_tile)
+        if max_image_tokens < per_tile:
+            raise ValueError(f"data.max_image_tokens={max_image_tokens} is below one image "
+                             f"tile ({per_tile} tokens)")
+        tiles = max_image_tokens // per_tile  # beyond one tile, a thumbnail tile is added
+        overrides = {"max_patches": min(int(processor.max_patches), max(1, tiles - 1))}
+    else:
+        raise ValueError(f"data.max_image_tokens is not supported for model family {family}")
+    return load_image_processor(checkpoint, **overrides)
+
+
+def kimi_image_config(checkpoint: str | Path, max_image_tokens: int = 0
+                      ) -> preprocess.ImageConfig:
+    """Kimi-VL's image settings from the checkpoint; `max_image_tokens` > 0 lowers the patch
+    budget so that no image yields more merged tokens (strictly, padding included)."""
+    cfg = preprocess.ImageConfig.from_checkpoint(checkpoint)
+    if max_image_tokens <= 0:
+        return cfg
+    group = cfg.merge_kernel[0] * cfg.merge_kernel[1]
+    return dataclasses.replace(cfg, max_patches=min(cfg.max_patches, max_image_tokens * group),
+                               strict_budget=True)
 
 
 def batch_builder(model_config: Any, tokenizer, processor, *, pad_token_id: int = 0,

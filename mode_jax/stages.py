@@ -203,30 +203,30 @@ STAGES = {
     "calibrate": Stage(
         "calibrate", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
-         "data.num_freq_samples",
-         "data.batch_size", "data.max_length", "stats", "model.matmul_precision", "seed"),
+         "data.num_freq_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
+         "stats", "model.matmul_precision", "seed"),
         run_calibrate,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
-         "data.num_sens_samples",
-         "data.batch_size", "data.max_length", "stats", "sens", "alloc.bits",
-         "model.matmul_precision", "seed"),
+         "data.num_sens_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
+         "stats", "sens", "alloc.bits", "model.matmul_precision", "seed"),
         run_sensitivity,
     ),
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
     "quantize": Stage(
         "quantize", ("convert", "allocate"),
         ("quant", "data.source", "data.calib_json", "data.image_dir", "data.num_gptq_samples",
-         "data.batch_size", "data.max_length", "model.matmul_precision", "seed"),
+         "data.batch_size", "data.max_length", "data.max_image_tokens", "model.matmul_precision",
+         "seed"),
         run_quantize,
     ),
     "evaluate": Stage(
         "evaluate", ("convert", "quantize"),
         ("eval", "data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
          "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
-         "model.matmul_precision", "seed"),
+         "data.max_image_tokens", "model.matmul_precision", "seed"),
         run_evaluate,
     ),
 }
@@ -324,9 +324,10 @@ def _validate_settings(c) -> None:
         if c.sens[name] < least:
             raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
     draws = 0 if c.data.source == "sharegpt" else 1  # 0 draws every ShareGPT record
-    least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.num_freq_samples": draws,
-             "data.num_sens_samples": draws, "data.num_gptq_samples": draws, "sens.group_size": 1,
-             "sens.max_tokens": 1, "sens.hutchinson_probes": 1, "eval.num_samples": 0,
+    least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.max_image_tokens": 0,
+             "data.num_freq_samples": draws, "data.num_sens_samples": draws,
+             "data.num_gptq_samples": draws, "sens.group_size": 1, "sens.max_tokens": 1,
+             "sens.hutchinson_probes": 1, "eval.num_samples": 0,
              "eval.batch_size": 1, "eval.max_new_tokens": 1, "mesh.expert": 1}
     for field, low in least.items():
         value = runner.config_value(c, field)
@@ -401,7 +402,7 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
     image token: found in seconds rather than after converting the weights."""
     if c.data.source == "random" and not c.eval.jsonl:
         return
-    from mode_jax import preprocess, processors
+    from mode_jax import processors
     from mode_jax.calib import sources
     from mode_jax.convert import families
 
@@ -410,8 +411,9 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
     try:
         tokenizer = sources.checkpoint_tokenizer(c.model.path, cache)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
-        processors.image_processor(config, c.model.path)  # Qwen3-VL, InternVL
-        preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL
+        cap = c.data.max_image_tokens
+        processors.image_processor(config, c.model.path, cap)  # Qwen3-VL, InternVL
+        processors.kimi_image_config(c.model.path, cap)  # Kimi-VL
     except ValueError as e:
         raise UserError(str(e)) from None
 

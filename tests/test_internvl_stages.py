@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import mode_jax
+from configs import common
 from mode_jax import preprocess, processors
 from mode_jax import preprocess_internvl as pi
 from mode_jax.calib import passes, sources
@@ -24,9 +25,10 @@ def checkpoint_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(checkpoint_dir):
-    cfg = type("D", (), dict(source="sharegpt", calib_json=str(checkpoint_dir / "calib.json"),
-                             image_dir=str(checkpoint_dir / "images"), batch_size=2,
-                             max_length=0, testbed_stats_tasks="vision"))
+    cfg = common.get_config().data
+    cfg.update(dict(source="sharegpt", calib_json=str(checkpoint_dir / "calib.json"),
+                    image_dir=str(checkpoint_dir / "images"), batch_size=2,
+                    max_length=0))
     return sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, 3, 0, "stats")
 
 

@@ -6,6 +6,7 @@ import pytest
 import qwen3vl_tiny as tiny
 from PIL import Image
 
+from configs import common
 from mode_jax import preprocess_qwen3vl as pq
 from mode_jax.calib import passes, sources
 
@@ -16,9 +17,10 @@ def checkpoint_dir(tmp_path_factory):
 
 
 def test_sharegpt_batches_in_qwen3vl_format(checkpoint_dir):
-    cfg = type("D", (), dict(source="sharegpt", calib_json=str(checkpoint_dir / "calib.json"),
-                             image_dir=str(checkpoint_dir / "images"), batch_size=2,
-                             max_length=0, testbed_stats_tasks="vision"))
+    cfg = common.get_config().data
+    cfg.update(dict(source="sharegpt", calib_json=str(checkpoint_dir / "calib.json"),
+                    image_dir=str(checkpoint_dir / "images"), batch_size=2,
+                    max_length=0))
     calib = sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, 3, 0, "stats")
     assert calib.image_token_id == tiny.IMAGE and len(calib.batches) == 2
     processor = pq.load_image_processor(checkpoint_dir)

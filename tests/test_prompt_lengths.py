@@ -1,5 +1,6 @@
 """Prompt lengths measured from image sizes alone (validate's `data.max_length` check) equal the
-lengths of the batches the stages build from the decoded images, for every model family."""
+lengths of the batches the stages build from the decoded images, for every model family; and
+`data.max_image_tokens` caps each image's tokens there."""
 
 import internvl_tiny
 import numpy as np
@@ -73,3 +74,33 @@ def test_mismatched_input_is_refused():
         data.prompt_lengths([data.Sample((), ("a",))] * 2, [[(8, 8)]], build=None)
     with pytest.raises(ValueError, match="a sample has 0 images but 1 sizes"):
         data.prompt_lengths([data.Sample((), ())], [[(8, 8)]], build=None)
+
+
+# per family: a cap, the image tokens of a small image (which the cap leaves alone) and the
+# fewest tokens a large image may get under the cap (the resolution is lowered, not discarded)
+CAPS = {"kimi_vl": (64, (28, 28), 40), "qwen3_vl_moe": (4, (8, 8), 2), "internvl": (8, (8, 8), 4)}
+
+
+@pytest.mark.parametrize("family", ["kimi_vl", "qwen3_vl_moe", "internvl"])
+def test_max_image_tokens_caps_every_image(family, tmp_path):
+    path, config = _family(family, tmp_path)
+    cap, small, least = CAPS[family]
+    tokenizer = preprocess.load_tokenizer(path)
+    image_id = int(families.image_token_id(config))
+    sample = data.record_sample({"image": "x.png", "conversations": [
+        {"from": "human", "value": "<image> what colour is the circle ?"}]}, str(tmp_path))
+
+    def image_tokens(size, max_image_tokens):
+        build = sources._builder(path, config, tokenizer, max_image_tokens)
+        ids = build([sample.messages], [(Image.new("RGB", size, (200, 30, 30)),)])["input_ids"]
+        return int((ids == image_id).sum())
+
+    for size in SIZES[2:]:
+        if family == "qwen3_vl_moe" and max(size) > 10 * min(size):
+            continue  # its resize keeps one token row: an image this elongated exceeds a cap of 4
+        full, capped = image_tokens(size, 0), image_tokens(size, cap)
+        assert full > cap and least <= capped <= cap, (size, full, capped)
+    assert image_tokens(small, cap) == image_tokens(small, 0) <= cap
+    if family == "internvl":  # a cap below one tile cannot be met
+        with pytest.raises(ValueError, match=r"max_image_tokens=3 is below one image tile \(4"):
+            sources._builder(path, config, tokenizer, 3)

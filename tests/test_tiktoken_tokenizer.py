@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 import mode_jax
+from configs import common
 from mode_jax import preprocess
 from mode_jax.calib import data, passes, sources
 from mode_jax.convert import export
@@ -168,9 +169,9 @@ def test_kimivl_checkpoint_with_it_feeds_calibration(tmp_path, tok, reference):
             {"from": "human", "value": f"<image>\nWhat colour is shape {i}?"},
             {"from": "gpt", "value": "red"}]})
     (tmp_path / "calib.json").write_text(json.dumps(records))
-    cfg = type("D", (), dict(source="sharegpt", calib_json=str(tmp_path / "calib.json"),
-                             image_dir=str(images), batch_size=3, max_length=0,
-                             testbed_stats_tasks="vision"))
+    cfg = common.get_config().data
+    cfg.update(dict(source="sharegpt", calib_json=str(tmp_path / "calib.json"),
+                    image_dir=str(images), batch_size=3, max_length=0))
     model = mode_jax.load(ckpt)
     calib = sources.load(cfg, str(ckpt), model.config, 3, 0, "stats")
     assert calib.image_token_id == MEDIA_PAD_ID and MEDIA_PAD_ID in calib.special_token_ids

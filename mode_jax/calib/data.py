@@ -296,7 +296,7 @@ def batches(
         if max_length and t > max_length:
             raise ValueError(
                 f"a calibration prompt has {t} tokens, more than data.max_length={max_length}; "
-                "raise max_length or lower the image patch budget"
+                "raise max_length or cap each image's tokens with data.max_image_tokens"
             )
         pad = _bucket(t, length_multiple) - t
         if pad:

@@ -125,19 +125,23 @@ def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
     the statistics need."""
     batches = list(data.batches(samples, tokenizer, batch_size or data_cfg.batch_size,
                                 max_length=data_cfg.max_length,
-                                build=_builder(model_path, model_config, tokenizer)))
+                                build=_builder(model_path, model_config, tokenizer,
+                                               data_cfg.max_image_tokens)))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer))
     return Calibration(batches, int(families.image_token_id(model_config)), special)
 
 
-def _builder(model_path: str, model_config, tokenizer):
-    """The family's right-padded `build(conversations, images) -> batch` for calibration."""
+def _builder(model_path: str, model_config, tokenizer, max_image_tokens: int = 0):
+    """The family's right-padded `build(conversations, images) -> batch` for calibration, each
+    image at most `max_image_tokens` tokens (0: the checkpoint's own image settings)."""
     processors.check_image_token(model_config, tokenizer, f"the tokenizer of {model_path}")
     build = processors.batch_builder(
-        model_config, tokenizer, processors.image_processor(model_config, model_path),
+        model_config, tokenizer,
+        processors.image_processor(model_config, model_path, max_image_tokens),
         pad_token_id=model_config.pad_token_id)
-    return build or data.kimi_build(tokenizer, preprocess.ImageConfig.from_checkpoint(model_path),
-                                    model_config.pad_token_id)
+    return build or data.kimi_build(
+        tokenizer, processors.kimi_image_config(model_path, max_image_tokens),
+        model_config.pad_token_id)
 
 
 def stage_draw(num_records: int, data_cfg, seed: int, stage: str) -> np.ndarray:
@@ -189,7 +193,8 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
             stage_draw(n, data_cfg, seed, stage).tolist())
     forms = [(i, True) for i in sorted(human)] + [(i, False) for i in sorted(whole)]
     samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=h) for i, h in forms]
-    build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache))
+    build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache),
+                     data_cfg.max_image_tokens)
     used = [sizes[i][:len(s.images)] for (i, _), s in zip(forms, samples, strict=True)]
     lengths = data.prompt_lengths(samples, used, build)
     over = np.flatnonzero(lengths > data_cfg.max_length)
@@ -204,8 +209,8 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
             f"{count} calibration record(s) are longer than data.max_length={data_cfg.max_length} "
             f"tokens, which would cut their image tokens; the longest is the {form} of image "
             f"record {i} (id {records[i].get('id', '?')!r}, {noun} {shown}): {lengths[worst]} "
-            f"tokens. Raise --config.data.max_length to at least {lengths.max()} or lower the "
-            "image patch budget")
+            f"tokens. Raise --config.data.max_length to at least {lengths.max()} or cap each "
+            "image's tokens with --config.data.max_image_tokens")
     if len(lengths):
         log.info("%d calibration prompts fit data.max_length=%d (longest %d tokens; %.1f s)",
                  len(lengths), data_cfg.max_length, lengths.max(), time.perf_counter() - started)
