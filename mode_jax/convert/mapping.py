@@ -174,6 +174,8 @@ class _Filler:
         self.last: dict[str, tuple[str, str]] = {}  # target -> key of its latest write
         self.unmatched: list[str] = []
         self.problems: list[str] = []
+        # elements a bad tensor was meant to write: already reported, so not "missing" again
+        self.refused: dict[str, int] = {}
 
     def buffer(self, target: str) -> np.ndarray:
         if target not in self.buffers:
@@ -212,21 +214,21 @@ class _Filler:
             self.problems.append(f"{name}: index {where} is outside {target} {spec.shape}: {err}")
             return
         if tuple(piece.shape) != tuple(view.shape):
-            self.problems.append(
-                f"{name}: shape mismatch for {where}: expected {tuple(view.shape)}, "
-                f"got {tuple(piece.shape)} (source shape {src_shape})"
-            )
+            self.refuse(target, view, f"{name}: shape mismatch for {where}: expected "
+                        f"{tuple(view.shape)}, got {tuple(piece.shape)} (source shape "
+                        f"{src_shape})")
             return
         if _is_float(spec.dtype) and not _is_float(piece.dtype):
-            self.problems.append(f"{name}: stored as {piece.dtype}, but {target} is a "
-                                 f"{spec.dtype} parameter (integer weights would lose their "
-                                 "values; quantized checkpoints are not read)")
+            self.refuse(target, view, f"{name}: stored as {piece.dtype}, but {target} is a "
+                        f"{spec.dtype} parameter (integer weights would lose their values; "
+                        "quantized checkpoints are not read)")
             return
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
             piece = piece.astype(spec.dtype, copy=False)
         if _is_float(piece.dtype) and not np.isfinite(piece).all():
             bad = int(np.size(piece) - np.count_nonzero(np.isfinite(piece)))
-            self.problems.append(f"{name}: {bad} non-finite value(s) (NaN/Inf) as {spec.dtype}")
+            self.refuse(target, view, f"{name}: {bad} non-finite value(s) (NaN/Inf) as "
+                        f"{spec.dtype}")
             return
         key = (target, _index_str(index))
         if key in self.writers:
@@ -243,6 +245,10 @@ class _Filler:
             self.buffers[target] = self.put(target, buf)
             self.done.add(target)
 
+    def refuse(self, target: str, view: np.ndarray, problem: str) -> None:
+        self.problems.append(problem)
+        self.refused[target] = self.refused.get(target, 0) + int(view.size)
+
     def report(self) -> None:
         lines = []
         if self.unmatched:
@@ -255,11 +261,19 @@ class _Filler:
         for target, spec in self.specs.items():
             size = int(np.prod(spec.shape, dtype=np.int64))
             got = self.filled.get(target, 0)
-            if got != size:
-                missing.append(f"  {target} {tuple(spec.shape)}: {got} of {size} elements written")
+            refused = self.refused.get(target, 0)
+            if got + refused != size:
+                also = f" ({refused} more in bad tensors above)" if refused else ""
+                missing.append(f"  {target} {tuple(spec.shape)}: {got} of {size} elements "
+                               f"written{also}")
         if missing:
             lines.append(f"model parameters not fully filled ({len(missing)}):")
             lines += missing
+        if len(lines) == 2:  # one problem: one line, e.g. "...: bad tensor: <name>: <why>"
+            kind = {"s": "source key matching no rule", "b": "bad tensor",
+                    "m": "model parameter not fully filled"}[lines[0][0]]
+            raise MappingError(f"checkpoint does not match the model: {kind}: "
+                               f"{lines[1].strip()}")
         if lines:
             raise MappingError("checkpoint does not match the model:\n" + "\n".join(lines))
 
