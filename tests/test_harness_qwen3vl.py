@@ -38,6 +38,22 @@ def test_examples_carry_qwen3vl_images(data):
     assert len(mc.option_ids) == 2 and image.answer_ids[-1] == data.eos_token_id
 
 
+def test_prompts_are_the_chat_template_over_the_question(data):
+    """Each prompt is the checkpoint's template rendered over (image, question) with the image
+    pad repeated once per merged image token; not the testbed's Kimi-VL-formatted prompt text,
+    which this tokenizer cannot even read (an earlier version put it inside the template)."""
+    tok = data.tokenizer
+    for ex in data.examples:
+        text = tok.apply_chat_template(ex.sample.messages(), tokenize=False,
+                                       add_generation_prompt=True)
+        if ex.grid is not None:
+            text = text.replace("<|image_pad|>", "<|image_pad|> " * (np.prod(ex.grid) // 4))
+        want = tok(text, add_special_tokens=False)["input_ids"]
+        np.testing.assert_array_equal(ex.prompt_ids, want)
+        question = tok(ex.sample.question, add_special_tokens=False)["input_ids"]
+        assert any(want[i:i + len(question)] == question for i in range(len(want)))
+
+
 def _row_logp(model, ex) -> np.ndarray:
     """Log-probs of prompt + answer computed alone (one unpadded row, its own image)."""
     ids = np.concatenate([ex.prompt_ids, ex.answer_ids])[None].astype(np.int32)

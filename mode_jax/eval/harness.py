@@ -130,10 +130,9 @@ def _encode_built(samples, tokenizer, build, eos: int) -> EvalSet:
 
     examples = []
     for s in samples:
-        content = ([{"type": "image"}] if s.image is not None else []) + [
-            {"type": "text", "text": s.prompt}]
+        # the question itself: `s.prompt` is already in Kimi-VL's chat format
         images = [[s.image]] if s.image is not None else [[]]
-        batch = build([[{"role": "user", "content": content}]], images)
+        batch = build([s.messages()], images)
         pixels = batch.get("pixel_values")
         grid = processors.image_grid(batch) if pixels is not None else None
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
