@@ -82,7 +82,8 @@ def testbed_models(a):
         raise ValueError(f"torch LM keys: missing {missing[:5]}, unexpected {unexpected[:5]}")
     tokenizer = preprocess.load_tokenizer(path)
     cfg = passes.StatsConfig(model.config.media_placeholder_token_id,
-                             tuple(int(i) for i in data.special_token_ids(tokenizer)),
+                             tuple(int(i) for i in data.special_token_ids(
+                                 tokenizer, model.config.media_placeholder_token_id)),
                              key_ratio=a.key_ratio)
 
     def make(n, seed):

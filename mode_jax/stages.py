@@ -403,7 +403,7 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
     if c.data.source == "random" and not c.eval.jsonl:
         return
     from mode_jax import processors
-    from mode_jax.calib import sources
+    from mode_jax.calib import data, sources
     from mode_jax.convert import families
 
     if families.image_token_id(config) is None:
@@ -411,6 +411,7 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
     try:
         tokenizer = sources.checkpoint_tokenizer(c.model.path, cache)
         processors.check_image_token(config, tokenizer, f"the tokenizer of {c.model.path}")
+        data.template_token_ids(tokenizer, int(families.image_token_id(config)))  # its template
         cap = c.data.max_image_tokens
         processors.image_processor(config, c.model.path, cap)  # Qwen3-VL, InternVL
         processors.kimi_image_config(c.model.path, cap)  # Kimi-VL

@@ -246,14 +246,34 @@ def record_sample(record: dict, image_dir: str, human_only: bool = True) -> Samp
     return Sample(messages, tuple(os.path.join(image_dir, p) for p in image_paths(record)[:used]))
 
 
-def special_token_ids(tokenizer) -> np.ndarray:
-    """Ids that never count as MODE text queries: special tokens and the template's role words."""
+def special_token_ids(tokenizer, image_token_id: int | None = None) -> np.ndarray:
+    """Ids that never count as MODE text queries: special tokens, the template's role words and,
+    given the image token id, every token the chat template itself writes after an image.
+
+    The last matters for ChatML templates (Qwen3-VL, InternVL): their '\n' after a role word,
+    an image or `<|im_end|>` is an ordinary token, which would otherwise query the image tokens
+    beside the question's words (as would the word 'image' of Kimi-VL's second image block).
+    A newline or role word inside a question is excluded with them: queries are the words."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     added = getattr(tokenizer, "get_added_vocab", lambda: {})()
     ids.update(added.values())
     for word in TEMPLATE_WORDS:
         ids.update(tokenizer(word, add_special_tokens=False)["input_ids"])
+    if image_token_id is not None:
+        ids.update(template_token_ids(tokenizer, image_token_id))
     return np.asarray(sorted(ids), dtype=np.int32)
+
+
+def template_token_ids(tokenizer, image_token_id: int) -> set[int]:
+    """The ids a statistics prompt's template writes from its first image on, found by
+    rendering a user turn of two images and no text (with the generation prompt)."""
+    image, empty = {"type": "image"}, {"type": "text", "text": ""}
+    text = preprocess.prompt_text([{"role": "user", "content": [image, image, empty]}], tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if ids.count(image_token_id) != 2:
+        raise ValueError(f"the chat template wrote {ids.count(image_token_id)} image tokens "
+                         f"(id {image_token_id}) for two images: {text!r}")
+    return set(ids[ids.index(image_token_id):]) - {image_token_id}
 
 
 def _bucket(length: int, multiple: int) -> int:

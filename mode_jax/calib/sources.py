@@ -127,8 +127,9 @@ def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
                                 max_length=data_cfg.max_length,
                                 build=_builder(model_path, model_config, tokenizer,
                                                data_cfg.max_image_tokens)))
-    special = tuple(int(i) for i in data.special_token_ids(tokenizer))
-    return Calibration(batches, int(families.image_token_id(model_config)), special)
+    image_id = int(families.image_token_id(model_config))
+    special = tuple(int(i) for i in data.special_token_ids(tokenizer, image_id))
+    return Calibration(batches, image_id, special)
 
 
 def _builder(model_path: str, model_config, tokenizer, max_image_tokens: int = 0):
