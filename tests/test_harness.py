@@ -58,8 +58,8 @@ def _row_logits(model, ex, ids):
     batch = {"input_ids": np.zeros((1, WIDTH), np.int32),
              "attention_mask": np.zeros((1, WIDTH), np.int32)}
     batch["input_ids"][0, :len(ids)], batch["attention_mask"][0, :len(ids)] = ids, 1
-    if ex.grid is not None:
-        batch.update(pixel_values=ex.pixel_values, image_grid_hws=np.asarray([ex.grid]))
+    if ex.grids:
+        batch.update(pixel_values=ex.pixel_values, image_grid_hws=np.asarray(ex.grids))
     return np.asarray(model(batch).logits[0, :len(ids)], np.float64)
 
 
@@ -233,6 +233,48 @@ def test_user_jsonl_is_scored_and_bad_lines_are_named(model, tokenizer, tmp_path
     bad.write_text(json.dumps(lines[1]) + "\n" + '{"question": "x", "answer": 3}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'answer' must be a non-empty"):
         harness.load_jsonl(bad, tokenizer)
+
+
+def test_questions_with_several_images(model, tokenizer, tmp_path):
+    """Images stand at the question's `<image>` placeholders (or all first); every one is cut
+    and expanded in order, rows of two images batch together, and the perplexity equals one
+    unbatched forward per question."""
+    for name, (h, w, v) in {"a.png": (112, 112, 200), "b.png": (56, 112, 40)}.items():
+        Image.fromarray(np.full((h, w, 3), v, np.uint8)).save(tmp_path / name)
+    lines = [
+        {"question": "is <image> color of <image> red ?", "image": ["a.png", "b.png"],
+         "answer": "red"},
+        {"question": "what color is the circle ?", "image": ["b.png", "a.png"], "answer": "red"},
+        {"question": "what color is the circle ?", "image": "a.png", "answer": "blue"},
+        {"question": "what is 2 plus 3 ?", "answer": "5"},
+    ]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    data = harness.load_jsonl(bench, tokenizer, ImageConfig())
+    assert [ex.grids for ex in data.examples] == [((8, 8), (4, 8)), ((4, 8), (8, 8)),
+                                                  ((8, 8),), ()]
+    image_id = tok_lib.image_token_id(tokenizer)
+    for ex in data.examples:
+        ids = list(ex.prompt_ids)
+        assert ids.count(image_id) == sum(h * w // 4 for h, w in ex.grids)
+        assert len(ex.pixel_values if ex.grids else []) == sum(h * w for h, w in ex.grids)
+    # placeholders: "is" before the first image's run, "color" between the two runs
+    ids = list(data.examples[0].prompt_ids)
+    word = {w: tokenizer.convert_tokens_to_ids(w) for w in ("is", "color")}
+    assert tokenizer.unk_token_id not in ids
+    first = ids.index(image_id)
+    assert ids.index(word["is"]) < first < ids.index(word["color"]) < first + 16 + 8
+    res = harness.evaluate(model, data, batch_size=2, max_new_tokens=NEW_TOKENS)
+    nll = count = 0
+    for ex in data.examples:
+        logits = _row_logits(model, ex, np.concatenate([ex.prompt_ids, ex.answer_ids]))
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        t = len(ex.prompt_ids)
+        nll -= sum(logp[t - 1 + j, a] for j, a in enumerate(ex.answer_ids))
+        count += len(ex.answer_ids)
+    np.testing.assert_allclose(res["perplexity"]["all"], np.exp(nll / count), rtol=1e-5)
+    with pytest.raises(ValueError, match="has 2 images; use .grids"):
+        _ = data.examples[0].grid
 
 
 def test_answers_the_tokenizer_cannot_spell_are_warned_about(tokenizer, tmp_path, caplog):

@@ -20,6 +20,10 @@ def data(tmp_path_factory):
         {"question": "what is the shape", "image": "images/1.png",
          "options": ["red", "circle"], "answer_index": 1},
         {"question": "what colour", "answer": "red circle"},
+        {"question": "is <image> the shape <image> red", "image": ["images/2.png", "images/0.png"],
+         "answer": "A"},  # two images at their placeholders
+        {"question": "which shape is red", "image": ["images/1.png", "images/2.png"],
+         "answer": "B"},  # two images, both first
     ]
     bench = path / "bench.jsonl"
     bench.write_text("\n".join(json.dumps(x) for x in lines))
@@ -30,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def test_examples_carry_qwen3vl_images(data):
-    image, mc, text = data.examples
+    image, mc, text, *_ = data.examples
     assert image.grid[0] == 1 and len(image.grid) == 3
     assert int((image.prompt_ids == tiny.IMAGE).sum()) == np.prod(image.grid) // 4
     assert image.pixel_values.shape == (np.prod(image.grid), 24)
@@ -39,6 +43,7 @@ def test_examples_carry_qwen3vl_images(data):
 
 
 def test_prompts_are_the_chat_template_over_the_question(data):
+    assert [len(ex.grids) for ex in data.examples] == [1, 1, 0, 2, 2]
     """Each prompt is the checkpoint's template rendered over (image, question) with the image
     pad repeated once per merged image token; not the testbed's Kimi-VL-formatted prompt text,
     which this tokenizer cannot even read (an earlier version put it inside the template)."""
@@ -46,20 +51,22 @@ def test_prompts_are_the_chat_template_over_the_question(data):
     for ex in data.examples:
         text = tok.apply_chat_template(ex.sample.messages(), tokenize=False,
                                        add_generation_prompt=True)
-        if ex.grid is not None:
-            text = text.replace("<|image_pad|>", "<|image_pad|> " * (np.prod(ex.grid) // 4))
+        for grid in ex.grids:  # each placeholder in turn, once per merged image token
+            text = text.replace("<|image_pad|>", "<|image_pad|@ " * (np.prod(grid) // 4), 1)
+        text = text.replace("<|image_pad|@", "<|image_pad|>")
         want = tok(text, add_special_tokens=False)["input_ids"]
         np.testing.assert_array_equal(ex.prompt_ids, want)
-        question = tok(ex.sample.question, add_special_tokens=False)["input_ids"]
-        assert any(want[i:i + len(question)] == question for i in range(len(want)))
+        for piece in ex.sample.question.split("<image>"):  # the text between placeholders
+            words = tok(piece.strip(), add_special_tokens=False)["input_ids"]
+            assert any(want[i:i + len(words)] == words for i in range(len(want)))
 
 
 def _row_logp(model, ex) -> np.ndarray:
     """Log-probs of prompt + answer computed alone (one unpadded row, its own image)."""
     ids = np.concatenate([ex.prompt_ids, ex.answer_ids])[None].astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    if ex.grid is not None:
-        batch.update(pixel_values=ex.pixel_values, image_grid_thw=np.asarray([ex.grid]))
+    if ex.grids:
+        batch.update(pixel_values=ex.pixel_values, image_grid_thw=np.asarray(ex.grids))
     logits = np.asarray(model(batch).logits[0], np.float64)
     top = logits.max(-1, keepdims=True)
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))

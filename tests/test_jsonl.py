@@ -76,6 +76,11 @@ BAD = [
     ({"question": "x", "answer": "y", "id": 1.5}, "'id' must be a string or integer"),
     ({"question": "x", "answer": "y", "id": "arith-7"}, "id 'arith-7' already used on line 2"),
     ({"question": "x", "answer": "y", "image": "images/notes.txt"}, "is not a readable image"),
+    ({"question": "x", "answer": "y", "image": []}, "'image' must be a non-empty string or a"),
+    ({"question": "x", "answer": "y", "image": ["images/cat.png", 3]}, "non-empty list of them"),
+    ({"question": "x <image>", "answer": "y"}, "1 '<image>' placeholder(s) for 0 image(s)"),
+    ({"question": "<image> x <image>", "answer": "y", "image": ["images/cat.png"]},
+     "2 '<image>' placeholder(s) for 1 image(s)"),
 ]
 
 
@@ -99,3 +104,28 @@ def test_missing_or_empty_file(folder):
         jsonl.read_benchmark(folder / "absent.jsonl")
     with pytest.raises(ValueError, match="holds no items"):
         jsonl.read_benchmark(_write(folder, ["", "  "]))
+
+
+def test_several_images_stand_at_their_placeholders(folder):
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "images" / "dark.png")
+    records = [{"question": "is <image> darker than <image> ?", "answer": "yes",
+                "image": ["images/cat.png", "images/dark.png"]},
+               {"question": "which is darker ?", "options": ["first", "second"],
+                "answer_index": 1, "image": ["images/dark.png", "images/cat.png"]}]
+    at, first = jsonl.read_benchmark(_write(folder, records))
+    assert at.image_paths == tuple((folder / "images" / n).resolve()
+                                   for n in ("cat.png", "dark.png"))
+    assert at.image_path == at.image_paths[0] and at.family == "vision"
+    sample = jsonl.to_sample(at)
+    assert [im.shape for im in sample.images] == [(40, 60, 3), (20, 30, 3)]
+    assert sample.image is sample.images[0] and sample.modality == "image"
+    image, text = {"type": "image"}, lambda t: {"type": "text", "text": t}  # noqa: E731
+    assert sample.messages() == [{"role": "user", "content": [
+        text("is"), image, text("darker than"), image, text("?")]}]
+    assert sample.prompt == tk.format_user_turn(sample.messages()[0]["content"])
+    both = jsonl.to_sample(first)
+    assert both.messages()[0]["content"] == [image, image, text(both.question)]
+    assert both.question == "which is darker ? A. first B. second" and both.answer == "B"
+    # one image without a placeholder stays a plain task-suite sample, image first
+    one = jsonl.to_sample(jsonl.read_benchmark(_write(folder, [GOOD[0]], "one.jsonl"))[0])
+    assert type(one) is jsonl.Sample and one.images == (one.image,)

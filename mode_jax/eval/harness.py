@@ -20,7 +20,7 @@ Per sample the harness runs
 - optionally (`routing=True`) per-MoE-layer expert counts of image and text tokens.
 Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {...}}`.
 
-Batches hold one kind of sample (same image grid) sorted by length, padded on the left to a
+Batches hold one kind of sample (same image grids) sorted by length, padded on the left to a
 multiple of 16 tokens and to `batch_size` rows (by repeating the last sample, dropped after),
 so a whole held-out split compiles only a few shapes.
 """
@@ -52,18 +52,26 @@ GROUPINGS = ("family", "task", "modality")
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), the
-    image's patches and grid (or None): `[h * w, 3, p, p]` and (h, w) for Kimi-VL,
-    `[t * h * w, C * T * p * p]` and (t, h, w) for Qwen3-VL, `[n, 3, S, S]` tiles and (n,) for
-    InternVL; the token id of each option's
+    """One encoded question: prompt ids `[Tp]`, answer ids `[Ta]` (answer + `<|im_end|>`), its
+    images' pixel rows, concatenated in prompt order (or None), and one grid per image:
+    `[h * w, 3, p, p]` and (h, w) for Kimi-VL, `[t * h * w, C * T * p * p]` and (t, h, w) for
+    Qwen3-VL, `[n, 3, S, S]` tiles and (n,) for InternVL; the token id of each option's
     letter or, when the answer is the option itself, of the option (MC)."""
 
     sample: tasks.Sample
     prompt_ids: np.ndarray
     answer_ids: np.ndarray
     pixel_values: np.ndarray | None
-    grid: tuple[int, ...] | None
+    grids: tuple[tuple[int, ...], ...]
     option_ids: tuple[int, ...] = ()
+
+    @property
+    def grid(self) -> tuple[int, ...] | None:
+        """The grid of the example's one image (None without images)."""
+        if len(self.grids) > 1:
+            raise ValueError(f"example {self.sample.key!r} has {len(self.grids)} images; "
+                             "use .grids")
+        return self.grids[0] if self.grids else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +106,7 @@ def option_token_ids(tokenizer, sample: tasks.Sample) -> tuple[int, ...]:
 
 def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | None = None,
            build=None) -> EvalSet:
-    """Tokenize `samples` (one image at most each, image first) and cut their images
+    """Tokenize `samples` (images where `sample.messages()` puts them) and cut their images
     (`image_cfg`: MoonViT preprocessing, default Kimi-VL's; with `build`, a family's batch
     builder from `processors.batch_builder`, its chat template and image processor instead).
     Kimi-VL prompts are the tokenizer's chat template over `sample.messages()` (Kimi-VL's
@@ -111,14 +119,13 @@ def encode(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig | 
         return _encode_built(samples, tokenizer, build, eos)
     examples = []
     for s in samples:
-        pixels = grid = None
-        if s.image is not None:
-            pixels, grid = preprocess_image(s.image, image_cfg)
-            grid = (int(grid[0]), int(grid[1]))
+        cut = [preprocess_image(image, image_cfg) for image in s.images]
+        pixels = np.concatenate([p for p, _ in cut]) if cut else None
+        grids = tuple((int(g[0]), int(g[1])) for _, g in cut)
         prompt = prompt_text(s.messages(), tokenizer)  # the checkpoint's own chat template
         ids, answer = tok_lib.encode_example(tokenizer, prompt, s.answer,
-                                             None if grid is None else [grid])
-        examples.append(Example(s, ids[~answer], ids[answer], pixels, grid,
+                                             list(grids) if grids else None)
+        examples.append(Example(s, ids[~answer], ids[answer], pixels, grids,
                                 option_token_ids(tokenizer, s)))
     return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
 
@@ -131,15 +138,14 @@ def _encode_built(samples, tokenizer, build, eos: int) -> EvalSet:
     examples = []
     for s in samples:
         # the question itself: `s.prompt` is already in Kimi-VL's chat format
-        images = [[s.image]] if s.image is not None else [[]]
-        batch = build([s.messages()], images)
+        batch = build([s.messages()], [list(s.images)])
         pixels = batch.get("pixel_values")
-        grid = processors.image_grid(batch) if pixels is not None else None
+        grids = tuple(processors.image_grid(batch, i) for i in range(len(s.images)))
         answer = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
         if not answer:
             raise ValueError(f"answer {s.answer!r} encodes to no tokens")
         examples.append(Example(s, batch["input_ids"][0], np.asarray([*answer, eos], np.int32),
-                                pixels, grid, option_token_ids(tokenizer, s)))
+                                pixels, grids, option_token_ids(tokenizer, s)))
     return EvalSet(tuple(examples), tokenizer, eos, int(tokenizer.pad_token_id or 0))
 
 
@@ -165,10 +171,10 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
-    """Example indices per batch: same image grid, similar length."""
+    """Example indices per batch: same image grids, similar length."""
     groups: dict[Any, list[int]] = {}
     for i, ex in enumerate(data.examples):
-        groups.setdefault(ex.grid, []).append(i)
+        groups.setdefault(ex.grids, []).append(i)
     out = []
     for key in sorted(groups, key=str):
         idx = sorted(groups[key], key=lambda i: len(data.examples[i].prompt_ids))
@@ -183,9 +189,9 @@ def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str,
     ids, mask = generate.pad_left(seqs, data.pad_token_id,
                                   _round_up(max(len(s) for s in seqs), 16))
     batch = {"input_ids": ids, "attention_mask": mask}
-    if examples[0].grid is not None:
+    if examples[0].grids:
         batch["pixel_values"] = np.concatenate([e.pixel_values for e in examples])
-        grids = np.asarray([e.grid for e in examples], np.int64)
+        grids = np.asarray([g for e in examples for g in e.grids], np.int64)
         key = {1: "image_num_patches", 2: "image_grid_hws", 3: "image_grid_thw"}[grids.shape[1]]
         batch[key] = grids.reshape(-1) if grids.shape[1] == 1 else grids
     return batch

@@ -9,8 +9,10 @@ One JSON object per line (blank lines are skipped):
 Fields:
 - `question` (string, required): the user text; for multiple choice the options are appended
   MMBench style ("... A. cat B. dog C. owl") and the expected answer is the letter.
-- `image` (string, optional): path of an image file, relative to the JSONL file's folder (or
-  absolute); the prompt then has the image first, as in the chat template.
+- `image` (string, or a list of strings; optional): path of an image file, relative to the JSONL
+  file's folder (or absolute), or several (MMMU style). The images stand where the question
+  writes `<image>` (one placeholder per image, in order); without placeholders they come first,
+  as in the chat template.
 - exactly one of: `answer` (string, open question scored by exact match) or `options` (2 to 26
   strings) with `answer_index` (integer, 0-based index of the right option; scored by exact match
   of the letter and by log-likelihood of each option letter).
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mode_jax.testbed.tasks import LETTERS, Sample, format_choices
-from mode_jax.testbed.tokenizer import format_chat
+from mode_jax.testbed.tokenizer import format_chat, format_user_turn
 
 FIELDS = ("question", "image", "answer", "options", "answer_index", "family", "task", "id")
 
@@ -44,10 +46,47 @@ class BenchmarkItem:
     answer: str
     family: str
     task: str
-    image_path: Path | None = None
+    image_paths: tuple[Path, ...] = ()
     options: tuple[str, ...] = ()
     answer_index: int | None = None
     line: int = 0
+
+    @property
+    def image_path(self) -> Path | None:
+        """The first image (the only one of most benchmarks), or None."""
+        return self.image_paths[0] if self.image_paths else None
+
+
+PLACEHOLDER = "<image>"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkSample(Sample):
+    """A benchmark question with any number of images (`image` is the first): each at its
+    `<image>` placeholder in the question, or all first."""
+
+    image_list: tuple[np.ndarray, ...] = dataclasses.field(default=(), compare=False,
+                                                           repr=False)
+
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        return self.image_list
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": user_content(self.question, len(self.image_list))}]
+
+
+def user_content(question: str, num_images: int) -> list[dict]:
+    """Content items of a question with `num_images` images: at its placeholders, else first."""
+    if PLACEHOLDER not in question:
+        return [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    content = []
+    for k, piece in enumerate(question.split(PLACEHOLDER)):
+        if k:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return content
 
 
 def _string(record: dict, key: str, where: str, required: bool = False) -> str | None:
@@ -68,16 +107,11 @@ def _parse(record, base: Path, where: str, line: int) -> BenchmarkItem:
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown} (allowed: {list(FIELDS)})")
     question = _string(record, "question", where, required=True)
-    image_path = None
-    if (image := _string(record, "image", where)) is not None:
-        image_path = (base / image).resolve()
-        if not image_path.is_file():
-            raise FileNotFoundError(f"{where}: image file {image_path} not found")
-        try:
-            with Image.open(image_path):
-                pass
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{where}: {image_path} is not a readable image ({err})") from None
+    image_paths = _images(record, base, where)
+    slots = question.count(PLACEHOLDER)
+    if slots not in (0, len(image_paths)):
+        raise ValueError(f"{where}: the question has {slots} '{PLACEHOLDER}' placeholder(s) for "
+                         f"{len(image_paths)} image(s) (one per image, or none: images first)")
     has_options = "options" in record or "answer_index" in record
     if has_options == ("answer" in record):
         raise ValueError(f"{where}: give either 'answer' or 'options' with 'answer_index'")
@@ -101,14 +135,37 @@ def _parse(record, base: Path, where: str, line: int) -> BenchmarkItem:
         options, answer = tuple(o.strip() for o in opts), LETTERS[index]
     else:
         answer = _string(record, "answer", where, required=True)
-    family = _string(record, "family", where) or ("vision" if image_path else "text")
+    family = _string(record, "family", where) or ("vision" if image_paths else "text")
     task = _string(record, "task", where) or family
     raw_id = record.get("id", line)
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         raise ValueError(f"{where}: 'id' must be a string or integer, got {raw_id!r}")
     return BenchmarkItem(id=str(raw_id), question=question, answer=answer, family=family,
-                         task=task, image_path=image_path, options=options, answer_index=index,
+                         task=task, image_paths=image_paths, options=options, answer_index=index,
                          line=line)
+
+
+def _images(record: dict, base: Path, where: str) -> tuple[Path, ...]:
+    """The record's image files (checked to open), in order."""
+    value = record.get("image")
+    if value is None:
+        return ()
+    names = value if isinstance(value, list) else [value]
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"{where}: field 'image' must be a non-empty string or a non-empty "
+                         f"list of them, got {value!r}")
+    paths = []
+    for name in names:
+        path = (base / name.strip()).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: image file {path} not found")
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{where}: {path} is not a readable image ({err})") from None
+        paths.append(path)
+    return tuple(paths)
 
 
 def read_benchmark(path: str | Path) -> list[BenchmarkItem]:
@@ -138,12 +195,17 @@ def read_benchmark(path: str | Path) -> list[BenchmarkItem]:
 
 
 def to_sample(item: BenchmarkItem) -> Sample:
-    """The item as a task-suite `Sample` (image loaded as [H, W, 3] uint8 RGB), ready to encode."""
+    """The item as a task-suite `Sample` (images loaded as [H, W, 3] uint8 RGB), ready to
+    encode; a `BenchmarkSample` when its images are not simply one placed first."""
     question = format_choices(item.question, item.options) if item.options else item.question
-    image = None
-    if item.image_path is not None:
-        with Image.open(item.image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-    return Sample(prompt=format_chat(question, with_image=image is not None), question=question,
-                  answer=item.answer, family=item.family, task=item.task, image=image,
-                  options=item.options, answer_index=item.answer_index, key=item.id)
+    images = []
+    for path in item.image_paths:
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    fields = dict(question=question, answer=item.answer, family=item.family, task=item.task,
+                  image=images[0] if images else None, options=item.options,
+                  answer_index=item.answer_index, key=item.id)
+    if len(images) <= 1 and PLACEHOLDER not in question:
+        return Sample(prompt=format_chat(question, with_image=bool(images)), **fields)
+    content = user_content(question, len(images))
+    return BenchmarkSample(prompt=format_user_turn(content), image_list=tuple(images), **fields)

@@ -146,6 +146,11 @@ class Sample:
     def modality(self) -> str:
         return "image" if self.image is not None else "text"
 
+    @property
+    def images(self) -> tuple[np.ndarray, ...]:
+        """The images in prompt order (a benchmark question may have several)."""
+        return () if self.image is None else (self.image,)
+
     def messages(self) -> list[dict]:
         """The user turn as chat messages (image first), for `apply_chat_template`/processors."""
         content = [{"type": "image"}] if self.image is not None else []

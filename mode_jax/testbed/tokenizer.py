@@ -59,8 +59,13 @@ def format_chat(question: str, with_image: bool) -> str:
     tokenize=False, add_generation_prompt=True)`; written out so that data generation does not
     need a tokenizer. The image appears as one `<|media_pad|>` (`encode_prompt` expands it).
     """
-    image = IMAGE_BLOCK if with_image else ""
-    return f"{IM_USER}user{IM_MIDDLE}{image}{question}{IM_END}{IM_ASSISTANT}assistant{IM_MIDDLE}"
+    return format_user_turn([{"type": "image"}] * with_image + [{"type": "text", "text": question}])
+
+
+def format_user_turn(content) -> str:
+    """`format_chat` for a user turn of content items (images and texts, in order)."""
+    body = "".join(IMAGE_BLOCK if c["type"] == "image" else c["text"] for c in content)
+    return f"{IM_USER}user{IM_MIDDLE}{body}{IM_END}{IM_ASSISTANT}assistant{IM_MIDDLE}"
 
 
 def split_words(text: str) -> list[str]:
