@@ -21,6 +21,7 @@ positions, `kl_tokens` [n] how many positions that is, and, where answers are sc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -55,14 +56,16 @@ def _eval_set(ctx, model_config=None):
             model_config, c.model.path), pad_token_id=model_config.pad_token_id)
     image_cfg = preprocess.ImageConfig.from_checkpoint(c.model.path)  # Kimi-VL's settings
     if c.eval.jsonl:
-        return harness.load_jsonl(c.eval.jsonl, tokenizer, image_cfg, build=build,
+        data = harness.load_jsonl(c.eval.jsonl, tokenizer, image_cfg, build=build,
                                   items=sources.benchmark(c.eval.jsonl, ctx.cache))
-    from mode_jax.testbed import tasks
+    else:
+        from mode_jax.testbed import tasks
 
-    n = c.eval.num_samples or DEFAULT_HELDOUT
-    suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
-    return harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite), tokenizer,
-                          image_cfg, build=build)
+        n = c.eval.num_samples or DEFAULT_HELDOUT
+        suite = tasks.recorded_config(c.model.path)  # the suite the checkpoint learned
+        data = harness.encode(tasks.generate("heldout", n, seed=c.seed, config=suite),
+                              tokenizer, image_cfg, build=build)
+    return dataclasses.replace(data, stop_token_ids=harness.generation_stop_ids(c.model.path))
 
 
 def _harness(ctx, fp_model, q_model):

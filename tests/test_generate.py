@@ -96,6 +96,22 @@ def test_rows_stop_at_their_end_token(model, prompts, references):
     assert out.lengths[0] == 2
 
 
+def test_rows_also_stop_at_other_end_tokens(model, prompts, references):
+    """A second end token (e.g. Qwen3-VL's <|endoftext|> beside <|im_end|>) stops a row too: it
+    is cut from the answer and eos fills the slots after it."""
+    refs = [tokens for tokens, _ in references]
+    vocab = model.config.text.vocab_size
+    other = int(refs[1][1])  # row 1 emits it at step 1
+    out = generate.greedy_generate(model, _batch(prompts), STEPS, eos_token_id=vocab - 1,
+                                   stop_token_ids=(other,))
+    for row, ref in enumerate(refs):
+        stop = int(np.flatnonzero(ref == other)[0]) if other in ref else STEPS
+        assert out.lengths[row] == stop
+        np.testing.assert_array_equal(out.tokens[row, :stop + 1], ref[:stop + 1])
+        assert np.all(out.tokens[row, stop + 1:] == vocab - 1)
+    assert out.lengths[1] == 1
+
+
 def test_bad_requests_are_refused(model, prompts):
     batch = _batch(prompts)
     right = dict(batch, input_ids=batch["input_ids"][:, ::-1].copy(),
@@ -104,8 +120,10 @@ def test_bad_requests_are_refused(model, prompts):
         generate.greedy_generate(model, right, 2, eos_token_id=1)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate.greedy_generate(model, batch, 0, eos_token_id=1)
-    with pytest.raises(ValueError, match="eos_token_id 999 is outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"end token id\(s\) \[999\] outside the vocabulary"):
         generate.greedy_generate(model, batch, 2, eos_token_id=999)
+    with pytest.raises(ValueError, match=r"\[-1\] outside the vocabulary"):
+        generate.greedy_generate(model, batch, 2, eos_token_id=1, stop_token_ids=(-1,))
 
 
 def test_decode_cuts_at_the_end_token():

@@ -312,3 +312,16 @@ def test_multiple_choice_scores_letters_or_options_by_the_answer_form(tokenizer)
     bad = dataclasses.replace(s, options=("north morvale", *s.options[1:]))
     with pytest.raises(ValueError, match="option 'north morvale' encodes to 2 tokens"):
         harness.encode([bad], tokenizer)
+
+
+def test_generation_stop_ids_come_from_generation_config(tmp_path):
+    assert harness.generation_stop_ids(tmp_path) == ()  # no file
+    path = tmp_path / "generation_config.json"
+    for value, want in ((151645, (151645,)), ([151645, 151643], (151645, 151643)), (None, ())):
+        path.write_text(json.dumps({"eos_token_id": value}))
+        assert harness.generation_stop_ids(tmp_path) == want
+    for bad in ('{"eos_token_id": "x"}', '{"eos_token_id": [1, true]}', "[1,", "[]"):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="generation_config.json"):
+            harness.generation_stop_ids(tmp_path)
+    assert harness.generation_stop_ids("checkpoints/testbed") == (8,)  # the shipped <|im_end|>

@@ -3,10 +3,12 @@
 `greedy_generate(model, batch, max_new_tokens, eos_token_id)` takes the HF-style batch the
 model takes (`input_ids [B, T]` left-padded, `attention_mask`, optional images), runs one
 prefill over the prompt (image features written at the placeholders), then one cached step per
-new token, all under one `nnx.jit`. A row stops at its first `eos_token_id`; the loop ends when
-every row has stopped or after `max_new_tokens`. Any model family with `prepare`/`embed_inputs`
-(`models.batch`) and a text model with `init_cache` works: Kimi-VL (MLA cache) and
-Qwen3-VL-MoE (k/v cache; the prefill uses the M-RoPE positions and DeepStack additions).
+new token, all under one `nnx.jit`. A row stops at its first `eos_token_id` (or any of
+`stop_token_ids`, e.g. the other end tokens a checkpoint's generation_config.json lists); the
+loop ends when every row has stopped or after `max_new_tokens`. Any model family with
+`prepare`/`embed_inputs` (`models.batch`) and a text model with `init_cache` works: Kimi-VL (MLA
+cache) and Qwen3-VL-MoE (k/v cache; the prefill uses the M-RoPE positions and DeepStack
+additions).
 
 Each step feeds the chosen token back at position `num_real + rope_delta` (the row's count of
 real tokens, shifted by what an image did to M-RoPE positions; 0 for Kimi-VL), so a
@@ -26,8 +28,8 @@ from flax import nnx
 
 
 class Generation(NamedTuple):
-    """tokens `[B, N]` int32 (after a row's first eos every slot holds eos), lengths `[B]`
-    int32 (tokens before the eos, or N), scores `[B, N, V]` float32 logits or None."""
+    """tokens `[B, N]` int32 (after a row's first stop token every slot holds eos), lengths
+    `[B]` int32 (tokens before the stop, or N), scores `[B, N, V]` float32 logits or None."""
 
     tokens: np.ndarray
     lengths: np.ndarray
@@ -35,13 +37,16 @@ class Generation(NamedTuple):
 
 
 def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
-                    eos_token_id: int, *, return_scores: bool = False) -> Generation:
+                    eos_token_id: int, *, stop_token_ids: Sequence[int] = (),
+                    return_scores: bool = False) -> Generation:
     """Greedy continuation of every prompt in `batch` (left padding; see the module doc)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = model.config.text.vocab_size
-    if not 0 <= eos_token_id < vocab:
-        raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab})")
+    stops = sorted({int(eos_token_id), *(int(i) for i in stop_token_ids)})
+    outside = [i for i in stops if not 0 <= i < vocab]
+    if outside:
+        raise ValueError(f"end token id(s) {outside} outside the vocabulary [0, {vocab})")
     p = model.prepare(batch)
     mask = np.asarray(p.attention_mask)
     if mask.shape[1] == 0 or not mask[:, -1].all():
@@ -51,16 +56,16 @@ def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
     rope_delta = None if p.rope_delta is None else jnp.asarray(p.rope_delta, jnp.int32)
     tokens, scores = _generate(model, p.input_ids, p.attention_mask, p.pixel_values, p.grid,
                                p.positions, rope_delta, max_new_tokens, jnp.int32(eos_token_id),
-                               return_scores)
+                               jnp.asarray(stops, jnp.int32), return_scores)
     tokens = np.asarray(tokens)
-    is_eos = tokens == eos_token_id
-    lengths = np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1]).astype(np.int32)
+    is_stop = np.isin(tokens, stops)
+    lengths = np.where(is_stop.any(1), is_stop.argmax(1), tokens.shape[1]).astype(np.int32)
     return Generation(tokens, lengths, None if scores is None else np.asarray(scores))
 
 
 @nnx.jit(static_argnames=("grid", "max_new_tokens", "return_scores"))
 def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, rope_delta,
-              max_new_tokens, eos, return_scores):
+              max_new_tokens, eos, stops, return_scores):
     lm = model.language_model
     b, t = input_ids.shape
     cache = lm.init_cache(b, t + max_new_tokens, rope_delta)
@@ -78,7 +83,7 @@ def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, r
         tokens = tokens.at[:, i].set(token)
         if return_scores:
             scores = scores.at[:, i].set(logits)
-        return token, tokens, scores, done | (token == eos)
+        return token, tokens, scores, done | jnp.isin(token, stops)
 
     token, tokens, scores, done = record(0, logits, tokens, scores, jnp.zeros((b,), bool))
 

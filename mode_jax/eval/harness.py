@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -76,12 +77,31 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """Encoded examples plus what decoding needs."""
+    """Encoded examples plus what decoding needs: generation also stops at `stop_token_ids`
+    (`generation_stop_ids`: the checkpoint's other end tokens)."""
 
     examples: tuple[Example, ...]
     tokenizer: Any
     eos_token_id: int
     pad_token_id: int
+    stop_token_ids: tuple[int, ...] = ()
+
+
+def generation_stop_ids(checkpoint: str | Path) -> tuple[int, ...]:
+    """The end tokens of the checkpoint's generation_config.json (`eos_token_id`, one id or a
+    list; Qwen3-VL lists `<|im_end|>` and `<|endoftext|>`), or () without the file."""
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        ids = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path} could not be read: {err}") from None
+    ids = [ids] if isinstance(ids, int) else ids if ids is not None else []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {ids!r}")
+    return tuple(ids)
 
 
 def _single_token(tokenizer, text: str, what: str) -> int:
@@ -295,7 +315,7 @@ def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
         res = _teacher_forced(model, data, filled, _model_batch(data, filled, True), reference,
                               routing, k)
         gen = generate.greedy_generate(model, _model_batch(data, filled, False), max_new_tokens,
-                                       data.eos_token_id)
+                                       data.eos_token_id, stop_token_ids=data.stop_token_ids)
         texts = generate.decode(data.tokenizer, gen)
         for j, i in enumerate(rows):
             preds[i], choice[i] = texts[j], res["choice"][j]
