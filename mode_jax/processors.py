@@ -90,8 +90,10 @@ def image_processor(model_config: Any, checkpoint: str | Path, max_image_tokens:
         if max_image_tokens * unit < low:
             raise ValueError(f"data.max_image_tokens={max_image_tokens} is below the image "
                              f"processor's smallest image ({-(-low // unit)} tokens)")
-        overrides = {"size": {"shortest_edge": low,
-                              "longest_edge": min(high, max_image_tokens * unit)}}
+        cap = min(high, max_image_tokens * unit)
+        # saved max_pixels / min_pixels (Qwen2-VL style configs) win over `size`: set both
+        overrides = {"size": {"shortest_edge": low, "longest_edge": cap}, "max_pixels": cap,
+                     "min_pixels": low}
     elif family == "internvl":
         per_tile = int(model_config.vision.tokens_per_tile)
         if max_image_tokens < per_tile:
@@ -101,7 +103,12 @@ def image_processor(model_config: Any, checkpoint: str | Path, max_image_tokens:
         overrides = {"max_patches": min(int(processor.max_patches), max(1, tiles - 1))}
     else:
         raise ValueError(f"data.max_image_tokens is not supported for model family {family}")
-    return load_image_processor(checkpoint, **overrides)
+    capped = load_image_processor(checkpoint, **overrides)
+    if family == "qwen3_vl_moe" and int(capped.size["longest_edge"]) > cap:
+        raise ValueError(f"data.max_image_tokens={max_image_tokens} could not be applied to the "
+                         f"image processor of {checkpoint} (its largest image stayed "
+                         f"{capped.size['longest_edge']} pixels)")
+    return capped
 
 
 def kimi_image_config(checkpoint: str | Path, max_image_tokens: int = 0
@@ -109,11 +116,10 @@ def kimi_image_config(checkpoint: str | Path, max_image_tokens: int = 0
     """Kimi-VL's image settings from the checkpoint; `max_image_tokens` > 0 lowers the patch
     budget so that no image yields more merged tokens (strictly, padding included)."""
     cfg = preprocess.ImageConfig.from_checkpoint(checkpoint)
-    if max_image_tokens <= 0:
-        return cfg
     group = cfg.merge_kernel[0] * cfg.merge_kernel[1]
-    return dataclasses.replace(cfg, max_patches=min(cfg.max_patches, max_image_tokens * group),
-                               strict_budget=True)
+    if max_image_tokens <= 0 or max_image_tokens * group >= cfg.max_patches:
+        return cfg  # no cap, or none below the checkpoint's own budget
+    return dataclasses.replace(cfg, max_patches=max_image_tokens * group, strict_budget=True)
 
 
 def batch_builder(model_config: Any, tokenizer, processor, *, pad_token_id: int = 0,

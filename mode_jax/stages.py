@@ -289,6 +289,8 @@ def validate(config, cache: dict | None = None) -> None:
         sizes = data.image_sizes(records, c.data.image_dir,
                                  sources.drawn_indices(len(records), c.data, c.seed, take))
     _validate_tokenizer(c, model_config, cache)
+    if c.final_stage == "evaluate":
+        _validate_stop_ids(c, model_config)
     if c.data.source == "sharegpt":
         sources.check_prompt_lengths(c.data, c.model.path, model_config, c.seed, take, sizes,
                                      cache)
@@ -417,6 +419,19 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
         processors.kimi_image_config(c.model.path, cap)  # Kimi-VL
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _validate_stop_ids(c, model_config) -> None:
+    """The end tokens generation stops at (generation_config.json) read and lie in the
+    vocabulary: named now rather than when evaluate starts generating."""
+    from mode_jax.eval import harness
+
+    ids = harness.generation_stop_ids(c.model.path)  # a malformed file is named
+    vocab = int(model_config.text.vocab_size)
+    outside = [i for i in ids if i >= vocab]
+    if outside:
+        raise UserError(f"{c.model.path}/generation_config.json: eos_token_id {outside} lies "
+                        f"outside the model's vocabulary of {vocab} tokens")
 
 
 def _validate_budget(c, methods, model_config) -> None:

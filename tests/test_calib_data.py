@@ -62,12 +62,13 @@ def test_every_problem_named_at_once(tmp_path):
             {"from": "human", "value": "x"}, {"from": "gpt", "value": "<image>"}]},
         {"id": "r7", "image": "a.png", "conversations": [{"from": "robot", "value": "x"}]},
         {"id": "r8", "image": "a.png", "conversations": ["hi"]},
+        {"id": "r9", "image": "a.png", "conversations": [{"from": ["human"], "value": "x"}]},
     ]
     path, img_dir = _write(tmp_path, records)
     with pytest.raises(ValueError) as err:
         data.read_sharegpt(path, img_dir)
     msg = str(err.value)
-    assert "8 problem(s)" in msg
+    assert "9 problem(s)" in msg
     assert "'r1'" in msg and "missing.png" in msg
     assert "'r2'): 1 '<image>' placeholder(s) in its human turns for 2 images" in msg
     assert "'r3'" in msg and "no human turn" in msg
@@ -76,6 +77,7 @@ def test_every_problem_named_at_once(tmp_path):
     assert "'r6'): 1 '<image>' placeholder(s) outside the human turns" in msg
     assert "'r7'): turn 0 needs 'from'" in msg and "'robot'" in msg
     assert "'r8'): turn 0 needs 'from'" in msg
+    assert "'r9'): turn 0 needs 'from'" in msg
 
 
 def test_several_images_stand_at_their_placeholders(tmp_path):

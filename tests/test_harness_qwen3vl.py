@@ -43,10 +43,10 @@ def test_examples_carry_qwen3vl_images(data):
 
 
 def test_prompts_are_the_chat_template_over_the_question(data):
-    assert [len(ex.grids) for ex in data.examples] == [1, 1, 0, 2, 2]
     """Each prompt is the checkpoint's template rendered over (image, question) with the image
     pad repeated once per merged image token; not the testbed's Kimi-VL-formatted prompt text,
     which this tokenizer cannot even read (an earlier version put it inside the template)."""
+    assert [len(ex.grids) for ex in data.examples] == [1, 1, 0, 2, 2]
     tok = data.tokenizer
     for ex in data.examples:
         text = tok.apply_chat_template(ex.sample.messages(), tokenize=False,

@@ -79,6 +79,8 @@ BAD = [
     ({"question": "x", "answer": "y", "image": []}, "'image' must be a non-empty string or a"),
     ({"question": "x", "answer": "y", "image": ["images/cat.png", 3]}, "non-empty list of them"),
     ({"question": "x <image>", "answer": "y"}, "1 '<image>' placeholder(s) for 0 image(s)"),
+    ({"question": "x", "options": ["a <image>", "b"], "answer_index": 0},
+     "an option holds '<image>'"),
     ({"question": "<image> x <image>", "answer": "y", "image": ["images/cat.png"]},
      "2 '<image>' placeholder(s) for 1 image(s)"),
 ]

@@ -240,3 +240,17 @@ def test_prompt_longer_than_max_length_is_named_before_convert(tmp_path):
     _assert_user_error(proc, workdir, "2 calibration record(s)", "data.max_length=64",
                        "whole conversation of image record 1 (id 'r1', image 640x480)",
                        f"at least {longest}")
+
+
+def test_generation_config_with_an_end_token_outside_the_vocabulary(tmp_path):
+    """Evaluation stops at the end tokens of generation_config.json; a bad one is named before
+    convert, not when evaluate starts generating."""
+    shipped = os.path.join(REPO, "checkpoints/testbed")
+    copy = tmp_path / "testbed"
+    copy.mkdir()
+    for name in os.listdir(shipped):
+        (copy / name).symlink_to(os.path.join(shipped, name))
+    (copy / "generation_config.json").unlink()
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [8, 99999]}))
+    proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
+    _assert_user_error(proc, workdir, "generation_config.json: eos_token_id [99999] lies outside")

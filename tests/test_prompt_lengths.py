@@ -8,7 +8,7 @@ import pytest
 import qwen3vl_tiny
 from PIL import Image
 
-from mode_jax import preprocess
+from mode_jax import preprocess, processors
 from mode_jax.calib import data, sources
 from mode_jax.convert import families, safetensors_io
 
@@ -104,3 +104,31 @@ def test_max_image_tokens_caps_every_image(family, tmp_path):
     if family == "internvl":  # a cap below one tile cannot be met
         with pytest.raises(ValueError, match=r"max_image_tokens=3 is below one image tile \(4"):
             sources._builder(path, config, tokenizer, 3)
+
+
+def test_a_cap_survives_saved_max_pixels_and_never_raises_a_budget(tmp_path):
+    """Qwen2-VL-style configs save max_pixels, which transformers prefers to `size`; the cap must
+    still apply. A Kimi-VL cap above the checkpoint's own budget changes nothing."""
+    import json
+
+    path, config = _family("qwen3_vl_moe", tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    saved.update(max_pixels=144, min_pixels=16)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    assert processors.image_processor(config, path, 4).size["longest_edge"] == 64
+    assert processors.image_processor(config, path).size["longest_edge"] == 144
+    own = preprocess.ImageConfig.from_checkpoint(TESTBED)
+    assert processors.kimi_image_config(TESTBED, 10 ** 6) == own
+    assert processors.kimi_image_config(TESTBED, 16).max_patches == 64
+
+
+def test_a_size_the_processor_refuses_names_the_record():
+    def build(conversations, images):
+        if images[0] and images[0][0].size[0] > 500:
+            raise ValueError("aspect ratio too large")
+        return {"input_ids": np.zeros((1, 10), np.int32)}
+
+    samples = [data.Sample((), ("a",)), data.Sample((), ("b",))]
+    with pytest.raises(ValueError, match=r"record 7 \(id 'x'\), an image of 900x4 px: aspect"):
+        data.prompt_lengths(samples, [[(20, 20)], [(900, 4)]], build,
+                            names=["record 6 (id 'w')", "record 7 (id 'x')"])

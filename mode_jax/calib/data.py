@@ -68,7 +68,8 @@ def read_sharegpt(json_path: str, image_dir: str) -> list[dict]:
             continue
         turns = r["conversations"]
         bad = [j for j, t in enumerate(turns) if not isinstance(t, dict)
-               or t.get("from") not in ROLES or not isinstance(t.get("value", ""), str)]
+               or not isinstance(t.get("from"), str) or t["from"] not in ROLES
+               or not isinstance(t.get("value", ""), str)]
         if bad:
             problems.append(f"{name}: turn {bad[0]} needs 'from' ({', '.join(ROLES)}) and a "
                             f"string 'value', got {turns[bad[0]]!r}"[:300])
@@ -155,11 +156,11 @@ def image_sizes(records: list[dict], image_dir: str, indices
 PROBE_SIZE = (64, 64)
 
 
-def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[Sequence[tuple[int, int]]], build
-                   ) -> np.ndarray:
+def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[Sequence[tuple[int, int]]], build,
+                   names: Sequence[str] | None = None) -> np.ndarray:
     """Tokens of each sample's prompt as `batches` builds it with `build`, knowing only its
     images' (width, height) (`sizes[i]` for `samples[i].images`, e.g. from `image_sizes`): no
-    image is decoded.
+    image is decoded. `names` label the samples in errors (e.g. a processor refusing a size).
 
     An image adds a run of placeholder tokens whose count depends on its size alone, so each
     prompt is built once with small blank images and the difference a real size makes is
@@ -171,21 +172,29 @@ def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[Sequence[tuple[int
     for s, size in zip(samples, sizes, strict=True):
         if len(s.images) != len(size):
             raise ValueError(f"a sample has {len(s.images)} images but {len(size)} sizes")
+    names = list(names) if names is not None else [f"sample {i}" for i in range(len(samples))]
     probe = Image.new("RGB", PROBE_SIZE)
 
-    def length(messages, images) -> int:
-        return int(build([messages], [tuple(images)])["input_ids"].shape[1])
+    def length(i: int, messages, images, what: str = "") -> int:
+        try:
+            return int(build([messages], [tuple(images)])["input_ids"].shape[1])
+        except ValueError as err:
+            raise ValueError(f"{names[i]}{what}: {err}") from None
 
     extra = {}
     distinct = sorted({tuple(wh) for size in sizes for wh in size})
     if distinct:  # measured as the first image of the first sample that has one
-        s = next(s for s in samples if s.images)
-        rest = [probe] * (len(s.images) - 1)
-        base = length(s.messages, [probe, *rest])
-        extra = {wh: length(s.messages, [Image.new("RGB", wh), *rest]) - base for wh in distinct}
-    return np.asarray([length(s.messages, [probe] * len(size)) + sum(extra[tuple(wh)]
-                                                                    for wh in size)
-                       for s, size in zip(samples, sizes, strict=True)], np.int64)
+        j = next(i for i, s in enumerate(samples) if s.images)
+        rest = [probe] * (len(samples[j].images) - 1)
+        base = length(j, samples[j].messages, [probe, *rest])
+        for wh in distinct:
+            owner = next(i for i, size in enumerate(sizes) if wh in map(tuple, size))
+            extra[wh] = length(owner, samples[j].messages, [Image.new("RGB", wh), *rest],
+                               f", an image of {wh[0]}x{wh[1]} px") - base
+    return np.asarray([length(i, s.messages, [probe] * len(size)) + sum(extra[tuple(wh)]
+                                                                       for wh in size)
+                       for i, (s, size) in enumerate(zip(samples, sizes, strict=True))],
+                      np.int64)
 
 
 def _messages(record: dict, human_only: bool) -> tuple[tuple[dict, ...], int]:

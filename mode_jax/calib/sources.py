@@ -197,21 +197,22 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
     build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache),
                      data_cfg.max_image_tokens)
     used = [sizes[i][:len(s.images)] for (i, _), s in zip(forms, samples, strict=True)]
-    lengths = data.prompt_lengths(samples, used, build)
+    names = [f"image record {i} (id {records[i].get('id', '?')!r})" for i, _ in forms]
+    lengths = data.prompt_lengths(samples, used, build, names)
     over = np.flatnonzero(lengths > data_cfg.max_length)
     if over.size:
         worst = int(over[np.argmax(lengths[over])])
         i, human_only = forms[worst]
         form = "prompt" if human_only else "whole conversation"
-        shown = ", ".join(f"{w}x{h}" for w, h in used[worst]) or "none"
-        noun = "image" if len(used[worst]) == 1 else "images"
+        shown = ", ".join(f"{w}x{h}" for w, h in used[worst])
+        shown = f", image{'s' * (len(used[worst]) > 1)} {shown}" if shown else ""
         count = len({forms[j][0] for j in over})
         raise ValueError(
             f"{count} calibration record(s) are longer than data.max_length={data_cfg.max_length} "
-            f"tokens, which would cut their image tokens; the longest is the {form} of image "
-            f"record {i} (id {records[i].get('id', '?')!r}, {noun} {shown}): {lengths[worst]} "
-            f"tokens. Raise --config.data.max_length to at least {lengths.max()} or cap each "
-            "image's tokens with --config.data.max_image_tokens")
+            f"tokens (prompts are never cut); the longest is the {form} of image record {i} "
+            f"(id {records[i].get('id', '?')!r}{shown}): {lengths[worst]} tokens. Raise "
+            f"--config.data.max_length to at least {lengths.max()} or cap each image's tokens "
+            "with --config.data.max_image_tokens")
     if len(lengths):
         log.info("%d calibration prompts fit data.max_length=%d (longest %d tokens; %.1f s)",
                  len(lengths), data_cfg.max_length, lengths.max(), time.perf_counter() - started)

@@ -103,7 +103,7 @@ def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, r
 
 
 def decode(tokenizer, generation: Generation) -> list[str]:
-    """Each row's text up to (not including) its eos, special tokens skipped."""
+    """Each row's text up to (not including) its first stop token, special tokens skipped."""
     return [tokenizer.decode([int(x) for x in row[:n]], skip_special_tokens=True)
             for row, n in zip(generation.tokens, generation.lengths, strict=True)]
 

@@ -132,6 +132,9 @@ def _parse(record, base: Path, where: str, line: int) -> BenchmarkItem:
         if not 0 <= index < len(opts):
             raise ValueError(f"{where}: answer_index {index} out of range for {len(opts)} "
                              f"options (allowed 0..{len(opts) - 1})")
+        if any(PLACEHOLDER in o for o in opts):
+            raise ValueError(f"{where}: an option holds '{PLACEHOLDER}'; images stand at "
+                             "placeholders in the question only")
         options, answer = tuple(o.strip() for o in opts), LETTERS[index]
     else:
         answer = _string(record, "answer", where, required=True)
