@@ -419,6 +419,20 @@ def _validate_tokenizer(c, config, cache: dict | None = None) -> None:
         processors.kimi_image_config(c.model.path, cap)  # Kimi-VL
     except ValueError as e:
         raise UserError(str(e)) from None
+    if c.final_stage == "evaluate" and opens_reasoning(tokenizer):
+        log.warning("%s's chat template opens a reasoning block (<think>) in its generation "
+                    "prompt: a 'Thinking' checkpoint. Its first %d greedy tokens are reasoning, "
+                    "so exact-match accuracy means little; KL and perplexity still compare the "
+                    "models", c.model.path, c.eval.max_new_tokens)
+
+
+def opens_reasoning(tokenizer) -> bool:
+    """Whether the chat template's generation prompt starts a `<think>` block (Qwen3-VL's
+    Thinking checkpoints), after which a model writes its reasoning, not the answer."""
+    from mode_jax import preprocess
+
+    prompt = preprocess.prompt_text([{"role": "user", "content": "hi"}], tokenizer)
+    return prompt.rstrip().endswith("<think>")
 
 
 def _validate_stop_ids(c, model_config) -> None:

@@ -254,3 +254,15 @@ def test_generation_config_with_an_end_token_outside_the_vocabulary(tmp_path):
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [8, 99999]}))
     proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
     _assert_user_error(proc, workdir, "generation_config.json: eos_token_id [99999] lies outside")
+
+
+def test_a_thinking_template_is_recognised():
+    """A generation prompt that opens a <think> block (Qwen3-VL Thinking) gets a warning that
+    greedy answers are reasoning; an ordinary template does not."""
+    from mode_jax import preprocess, stages
+
+    tok = preprocess.load_tokenizer(os.path.join(REPO, "checkpoints/testbed"))
+    assert not stages.opens_reasoning(tok)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}<|im_start|>assistant\n<think>\n")
+    assert stages.opens_reasoning(tok)
