@@ -224,6 +224,21 @@ def render_chat(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bo
     return "".join(parts)
 
 
+IMAGE_PLACEHOLDER = "<image>"  # where a dataset's text puts an image (ShareGPT, benchmarks)
+
+
+def placeholder_content(text: str) -> list[dict]:
+    """Content items of `text` with an image item at each `<image>` and the stripped text
+    pieces between them (empty pieces dropped)."""
+    content = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return content
+
+
 def _is_image_item(item: Mapping[str, Any]) -> bool:
     return item.get("type") == "image" or "image" in item or "image_url" in item
 

@@ -78,12 +78,12 @@ def image_processor(model_config: Any, checkpoint: str | Path, max_image_tokens:
     per (patch x merge)^2; its resize keeps at least one token row, so an image more elongated
     than the cap itself can exceed it), InternVL's tile count (`max_patches`; a thumbnail tile
     joins more than one). A cap below the processor's smallest image is an error."""
-    if model_config is None or families.for_config(model_config).name == "kimi_vl":
+    family = None if model_config is None else families.for_config(model_config).name
+    if family in (None, "kimi_vl"):
         return None
     processor = load_image_processor(checkpoint)
     if max_image_tokens <= 0:
         return processor
-    family = families.for_config(model_config).name
     if family == "qwen3_vl_moe":
         unit = (int(processor.patch_size) * int(processor.merge_size)) ** 2
         low, high = int(processor.size["shortest_edge"]), int(processor.size["longest_edge"])

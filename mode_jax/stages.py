@@ -278,22 +278,28 @@ def validate(config, cache: dict | None = None) -> None:
     _validate_budget(c, methods, model_config)
     _validate_multimodal(c, model_config)
     _validate_files(c, cache)
-    if c.data.source == "sharegpt":
-        from mode_jax.calib import data
-
-        records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
-        scores_heldout = c.final_stage == "evaluate" and not c.eval.jsonl
-        if scores_heldout and not len(sources.heldout_indices(len(records), c.data, c.seed)):
-            raise UserError(sources.heldout_error(len(records), c.data))
-        take = (c.eval.num_samples or sources.DEFAULT_HELDOUT_CONVERSATIONS) * scores_heldout
-        sizes = data.image_sizes(records, c.data.image_dir,
-                                 sources.drawn_indices(len(records), c.data, c.seed, take))
-    _validate_tokenizer(c, model_config, cache)
     if c.final_stage == "evaluate":
         _validate_stop_ids(c, model_config)
     if c.data.source == "sharegpt":
-        sources.check_prompt_lengths(c.data, c.model.path, model_config, c.seed, take, sizes,
-                                     cache)
+        _validate_records(c, model_config, cache)  # the tokenizer's check included
+    else:
+        _validate_tokenizer(c, model_config, cache)
+
+
+def _validate_records(c, model_config, cache: dict | None = None) -> None:
+    """The ShareGPT records the stages will draw: something left to evaluate on, readable
+    images (headers), the tokenizer, and every prompt within data.max_length."""
+    from mode_jax.calib import data, sources
+
+    records = sources.sharegpt_records(c.data, cache)  # names a missing calib_json
+    scores_heldout = c.final_stage == "evaluate" and not c.eval.jsonl
+    if scores_heldout and not len(sources.heldout_indices(len(records), c.data, c.seed)):
+        raise UserError(sources.heldout_error(len(records), c.data))
+    take = (c.eval.num_samples or sources.DEFAULT_HELDOUT_CONVERSATIONS) * scores_heldout
+    sizes = data.image_sizes(records, c.data.image_dir,
+                             sources.drawn_indices(len(records), c.data, c.seed, take))
+    _validate_tokenizer(c, model_config, cache)
+    sources.check_prompt_lengths(c.data, c.model.path, model_config, c.seed, take, sizes, cache)
 
 
 def _model_config(c):

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from mode_jax import preprocess
+from mode_jax.preprocess import IMAGE_PLACEHOLDER as PLACEHOLDER
 
 log = logging.getLogger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_WORDS = ("user", "assistant", "system")  # role words inside the chat template
-PLACEHOLDER = "<image>"  # where a record's image stands in its text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +181,17 @@ def prompt_lengths(samples: Sequence[Sample], sizes: Sequence[Sequence[tuple[int
         except ValueError as err:
             raise ValueError(f"{names[i]}{what}: {err}") from None
 
+    owner = {}  # each distinct size -> the first sample with it (named if it is refused)
+    for i, size in enumerate(sizes):
+        for wh in size:
+            owner.setdefault(tuple(wh), i)
     extra = {}
-    distinct = sorted({tuple(wh) for size in sizes for wh in size})
-    if distinct:  # measured as the first image of the first sample that has one
+    if owner:  # measured as the first image of the first sample that has one
         j = next(i for i, s in enumerate(samples) if s.images)
         rest = [probe] * (len(samples[j].images) - 1)
         base = length(j, samples[j].messages, [probe, *rest])
-        for wh in distinct:
-            owner = next(i for i, size in enumerate(sizes) if wh in map(tuple, size))
-            extra[wh] = length(owner, samples[j].messages, [Image.new("RGB", wh), *rest],
+        for wh, i in sorted(owner.items()):
+            extra[wh] = length(i, samples[j].messages, [Image.new("RGB", wh), *rest],
                                f", an image of {wh[0]}x{wh[1]} px") - base
     return np.asarray([length(i, s.messages, [probe] * len(size)) + sum(extra[tuple(wh)]
                                                                        for wh in size)
@@ -212,13 +214,8 @@ def _messages(record: dict, human_only: bool) -> tuple[tuple[dict, ...], int]:
             continue
         value = str(turn.get("value", ""))
         if at_placeholders and PLACEHOLDER in value:
-            content = []
-            for k, piece in enumerate(value.split(PLACEHOLDER)):
-                if k:
-                    content.append({"type": "image"})
-                    used += 1
-                if piece.strip():
-                    content.append({"type": "text", "text": piece.strip()})
+            content = preprocess.placeholder_content(value)
+            used += value.count(PLACEHOLDER)
         elif not out:
             text = value.replace(PLACEHOLDER, "").strip()
             content = [{"type": "image"}] * first + [{"type": "text", "text": text}]

@@ -250,13 +250,6 @@ class _Filler:
         self.refused[target] = self.refused.get(target, 0) + int(view.size)
 
     def report(self) -> None:
-        lines = []
-        if self.unmatched:
-            lines.append(f"source keys matching no rule ({len(self.unmatched)}):")
-            lines += [f"  {k}" for k in self.unmatched]
-        if self.problems:
-            lines.append(f"bad tensors ({len(self.problems)}):")
-            lines += [f"  {p}" for p in self.problems]
         missing = []
         for target, spec in self.specs.items():
             size = int(np.prod(spec.shape, dtype=np.int64))
@@ -264,17 +257,19 @@ class _Filler:
             refused = self.refused.get(target, 0)
             if got + refused != size:
                 also = f" ({refused} more in bad tensors above)" if refused else ""
-                missing.append(f"  {target} {tuple(spec.shape)}: {got} of {size} elements "
+                missing.append(f"{target} {tuple(spec.shape)}: {got} of {size} elements "
                                f"written{also}")
-        if missing:
-            lines.append(f"model parameters not fully filled ({len(missing)}):")
-            lines += missing
-        if len(lines) == 2:  # one problem: one line, e.g. "...: bad tensor: <name>: <why>"
-            kind = {"s": "source key matching no rule", "b": "bad tensor",
-                    "m": "model parameter not fully filled"}[lines[0][0]]
-            raise MappingError(f"checkpoint does not match the model: {kind}: "
-                               f"{lines[1].strip()}")
-        if lines:
+        found = [(kinds, items) for kinds, items in (
+            (("source keys matching no rule", "source key matching no rule"), self.unmatched),
+            (("bad tensors", "bad tensor"), self.problems),
+            (("model parameters not fully filled", "model parameter not fully filled"), missing),
+        ) if items]
+        if sum(len(items) for _, items in found) == 1:  # one problem: one line
+            (_, kind), (item,) = found[0]
+            raise MappingError(f"checkpoint does not match the model: {kind}: {item}")
+        if found:
+            lines = [line for (kinds, items) in found
+                     for line in (f"{kinds[0]} ({len(items)}):", *(f"  {i}" for i in items))]
             raise MappingError("checkpoint does not match the model:\n" + "\n".join(lines))
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mode_jax.preprocess import IMAGE_PLACEHOLDER as PLACEHOLDER
+from mode_jax.preprocess import placeholder_content
 from mode_jax.testbed.tasks import LETTERS, Sample, format_choices
 from mode_jax.testbed.tokenizer import format_chat, format_user_turn
 
@@ -57,9 +59,6 @@ class BenchmarkItem:
         return self.image_paths[0] if self.image_paths else None
 
 
-PLACEHOLDER = "<image>"
-
-
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSample(Sample):
     """A benchmark question with any number of images (`image` is the first): each at its
@@ -80,13 +79,7 @@ def user_content(question: str, num_images: int) -> list[dict]:
     """Content items of a question with `num_images` images: at its placeholders, else first."""
     if PLACEHOLDER not in question:
         return [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-    content = []
-    for k, piece in enumerate(question.split(PLACEHOLDER)):
-        if k:
-            content.append({"type": "image"})
-        if piece.strip():
-            content.append({"type": "text", "text": piece.strip()})
-    return content
+    return placeholder_content(question)
 
 
 def _string(record: dict, key: str, where: str, required: bool = False) -> str | None:
