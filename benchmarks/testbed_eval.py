@@ -2,7 +2,7 @@
 and how differently text and image tokens route.
 
     python -m benchmarks.testbed_eval [--checkpoint checkpoints/testbed] [--samples 1000]
-        [--outlier_channels K --outlier_factor F]
+        [--fold HIDDEN INTERMEDIATE FACTOR]
 
 Prints: the full-precision table (exact match, multiple choice, perplexity per family, task,
 modality); for uniform round-to-nearest on every routed expert at 2, 3, 4 bits (group 128) the
@@ -15,14 +15,17 @@ other token) at full precision and how far each of those RTN and scaled models m
 times.
 The held-out split is `tasks.generate("heldout", samples, seed=0)` with the task settings the
 checkpoint was trained on (its train_summary.json); `mode_jax.testbed.card` writes the same
-figures into the checkpoint's MODEL_CARD.md. With `--outlier_channels` every perturbation is
-applied to `card.with_outlier_channels` of the checkpoint (the same function, K rows per expert's
-down kernel F times larger): how much of the damage real weights' outliers would add.
+figures into the checkpoint's MODEL_CARD.md. The shipped checkpoint carries outlier channels
+folded in after training (`mode_jax.testbed.outliers`, recorded in train_summary.json); `--fold`
+undoes that fold and applies another one (the same function, HIDDEN channels per MoE layer and
+INTERMEDIATE per routed expert FACTOR times larger) before every perturbation: `--fold 0 0 1`
+measures the trained weights as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ import numpy as np
 
 from mode_jax.eval import harness, metrics
 from mode_jax.quant import fake, rtn
-from mode_jax.testbed import card
+from mode_jax.testbed import card, outliers
 
 
 def _cell(accuracy: float, drop: float) -> str:
@@ -81,10 +84,8 @@ def main() -> None:
     p.add_argument("--group_size", type=int, default=128)
     p.add_argument("--scales", type=float, nargs="*", default=[0.66, 0.5, 0.0],
                    help="routed-expert output factors for the aligned-shrink rows")
-    p.add_argument("--outlier_channels", type=int, default=0,
-                   help="outlier rows per routed expert's down kernel (0: the checkpoint as is)")
-    p.add_argument("--outlier_factor", type=float, default=16.0)
-    p.add_argument("--outlier_seed", type=int, default=0)
+    p.add_argument("--fold", nargs=3, type=float, metavar=("HIDDEN", "INTERMEDIATE", "FACTOR"),
+                   help="outlier channels to fold in instead of the checkpoint's own")
     args = p.parse_args()
     ckpt = Path(args.checkpoint)
 
@@ -95,14 +96,15 @@ def main() -> None:
     print(harness.format_table(full, f"full precision, {args.checkpoint}"))
     print(f"load + data {prepare:.1f} s; full-precision evaluation {full['wall_seconds']:.1f} s "
           "(compilation included)\n")
-    if args.outlier_channels:
-        model = card.with_outlier_channels(model, args.outlier_channels, args.outlier_factor,
-                                           args.outlier_seed)
+    shipped = outliers.from_summary(json.loads((ckpt / "train_summary.json").read_text()))
+    print(f"checkpoint's fold: {shipped}")
+    if args.fold is not None:
+        fold = outliers.Fold(int(args.fold[0]), int(args.fold[1]), args.fold[2], shipped.seed)
+        model = outliers.apply(outliers.apply(model, shipped, inverse=True), fold)
         same = card.against(full, model, data)
-        print(f"with {args.outlier_channels} outlier rows x {args.outlier_factor:g} per routed "
-              f"expert's down kernel (seed {args.outlier_seed}): accuracy "
-              f"{same['accuracy']['all']:.1f} ({same['drop']['all']:+.1f}), KL to the checkpoint "
-              f"{same['kl']:.2e}; every row below perturbs this model\n")
+        print(f"refolded as {fold}: accuracy {same['accuracy']['all']:.1f} "
+              f"({same['drop']['all']:+.1f}), KL to the checkpoint {same['kl']:.2e}; every row "
+              "below perturbs this model\n")
 
     families = sorted(full["accuracy"]["family"])
     print("uniform RTN on all routed experts (symmetric, group "

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mode_jax.quant import fake
 from mode_jax.testbed import card, tasks, train
 
 
@@ -118,26 +117,21 @@ def test_scaled_routed_experts_write_that_share_of_their_output():
                                    atol=1e-5)
 
 
-def test_outlier_channels_keep_the_function_and_put_outlier_rows_in_down():
-    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(2))
-    ids = jnp.array([[5, 6, 7, 8, 9, 10]])
-    mask = jnp.ones_like(ids)
-    out = card.with_outlier_channels(model, channels=3, factor=8.0, seed=0)
-    np.testing.assert_allclose(np.asarray(out.forward(ids, mask).logits),
-                               np.asarray(model.forward(ids, mask).logits), rtol=1e-4, atol=1e-5)
-    width = model.config.text.moe_intermediate_size
-    for before, after in zip(fake.moe_experts(model), fake.moe_experts(out), strict=True):
-        ratio = np.asarray(after.down.get_value()) / np.asarray(before.down.get_value())
-        row = ratio[..., 0]  # one factor per (expert, row), the same across the output
-        np.testing.assert_allclose(ratio, np.broadcast_to(row[..., None], ratio.shape), rtol=1e-6)
-        assert np.all(np.sum(np.isclose(row, 8.0), axis=1) == 3)
-        assert np.all(np.isclose(row, 8.0) | np.isclose(row, 1.0))
-        gate_up_b, gate_up_a = (np.asarray(m.gate_up.get_value()) for m in (before, after))
-        np.testing.assert_array_equal(gate_up_a[..., :width], gate_up_b[..., :width])
-        np.testing.assert_allclose(gate_up_a[..., width:] * row[:, None, :],
-                                   gate_up_b[..., width:], rtol=1e-6)
-    with pytest.raises(ValueError, match="channels"):
-        card.with_outlier_channels(model, channels=width + 1, factor=2.0)
+def test_card_shows_the_fold_and_the_sweep_on_the_trained_weights():
+    summary = _summary()
+    summary["train_config"] |= {"outlier_hidden": 4, "outlier_intermediate": 2,
+                                "outlier_factor": 8.0}
+    sweep = [_against(50.0, 40.0, -50.0, -50.0, 1.25, bits=2)]
+    trained = [_against(100.0, 90.0, 0.0, 0.0, 0.002, bits=2)]
+    text = card.render(summary, tasks.TaskConfig(), _result(0.9, 1.0), sweep,
+                       np.array([0.1, 0.2]), (1, 2), 2**20, [], trained)
+    note = text.split("folded in after training")[1].split("## Text and image")[0]
+    assert "4 hidden\nchannels per MoE layer and 2 intermediate channels per routed expert, 8x" \
+        in note
+    assert "| 2 | 100.0 (+0.0) | 90.0 (+0.0) | 95.0 (+0.0) | 0.0020 |" in note
+    text = card.render(_summary(), tasks.TaskConfig(), _result(0.9, 1.0), sweep,
+                       np.array([0.1, 0.2]), (1, 2), 2**20, [])
+    assert "folded" not in text
 
 
 def test_the_shipped_summary_records_every_training_setting():

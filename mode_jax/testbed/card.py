@@ -3,8 +3,9 @@
     python -m mode_jax.testbed.card --checkpoint checkpoints/testbed [--samples 1000]
 
 Scores the checkpoint on the held-out split (full precision; uniform round-to-nearest on every
-routed expert at 1, 2, 3 and 4 bits; the routed, the shared or both kinds of experts switched
-off; routing divergence between text and image tokens) and writes
+routed expert at 1, 2, 3 and 4 bits, and the same on the trained weights where outlier channels
+were folded in after training; the routed, the shared or both kinds of experts switched off;
+routing divergence between text and image tokens) and writes
 `MODEL_CARD.md` next to the weights. The training script calls `write` at the end of a run, so a
 retrained checkpoint always carries its own card.
 """
@@ -23,7 +24,7 @@ import mode_jax
 from mode_jax.eval import harness
 from mode_jax.preprocess import ImageConfig
 from mode_jax.quant import fake
-from mode_jax.testbed import tasks
+from mode_jax.testbed import outliers, tasks
 from mode_jax.testbed import tokenizer as tok_lib
 
 TRAIN_COMMAND = "python -m mode_jax.testbed.train --out checkpoints/testbed"
@@ -78,35 +79,6 @@ def scaled(model, part: str, factor: float):
     new = fake.editable_copy(model)
     for down in down_projections(new, tuple(part.split("+"))):
         down.set_value(down.get_value() * jnp.asarray(factor, down.get_value().dtype))
-    return new
-
-
-def with_outlier_channels(model, channels: int, factor: float, seed: int = 0):
-    """A copy of `model` computing the same function, whose routed experts' down kernels have
-    `channels` outlier rows per expert, `factor` times larger (the testbed's experts are 128
-    wide: one quantization group, so every group holds them all).
-
-    Real LLM weights are heavy-tailed (the outlier channels of LLM.int8 and SmoothQuant), which
-    is much of why 2-bit round-to-nearest breaks them; the trained testbed's are not. In SwiGLU
-    `down(silu(x @ gate) * (x @ up))` the up column j and the down row j meet only as a product,
-    so dividing one by s_j and multiplying the other by it changes no output (up to float
-    rounding); the up kernel's groups run along the input, so only down gains outliers. Which
-    channels are drawn from `seed`, independently per layer and expert.
-    """
-    if not 0 <= channels <= model.config.text.moe_intermediate_size or factor <= 0:
-        raise ValueError(f"need 0 <= channels <= {model.config.text.moe_intermediate_size} "
-                         f"and factor > 0, got {channels}, {factor}")
-    rng = np.random.default_rng(seed)
-    new = fake.editable_copy(model)
-    for experts in fake.moe_experts(new):
-        gate_up, down = experts.gate_up.get_value(), experts.down.get_value()
-        num, width = down.shape[:2]
-        s = np.ones((num, width), np.float32)
-        for e in range(num):
-            s[e, rng.choice(width, channels, replace=False)] = factor
-        s = jnp.asarray(s, down.dtype)
-        experts.gate_up.set_value(gate_up.at[:, :, width:].divide(s[:, None, :]))
-        experts.down.set_value(down * s[:, :, None])
     return new
 
 
@@ -211,9 +183,33 @@ def _min_objects_note(cfg: dict) -> list[str]:
             "asks for no look-up."]
 
 
+def _fold_note(fold: outliers.Fold, trained_sweep: list[dict], families) -> list[str]:
+    """What the folded outlier channels add, beside the same sweep on the trained weights."""
+    if fold.empty:
+        return []
+    lines = [
+        "",
+        f"The weights carry outlier channels folded in after training (`outliers.py`): "
+        f"{fold.hidden} hidden",
+        f"channels per MoE layer and {fold.intermediate} intermediate channels per routed "
+        f"expert, {fold.factor:g}x larger,",
+        "with the matching norm scales and up columns divided by as much. Real LLM weights "
+        "are",
+        "heavy-tailed in this way; the trained ones here are near Gaussian. The function is",
+        "unchanged (bit for bit with a power-of-two factor), so every accuracy above is the",
+        "trained model's; only quantization sees the difference. The same sweep on the trained",
+        "weights, the fold undone:",
+    ]
+    if trained_sweep:
+        lines += ["", "| bits | " + " | ".join(families) + " | all | KL |",
+                  "| --- |" + " --- |" * (len(families) + 2)]
+        lines += [_row(row["bits"], row, [*families, "all"]) for row in trained_sweep]
+    return lines
+
+
 def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict],
            divergence: np.ndarray, moe_layers, size_bytes: int,
-           removed: list[dict] = ()) -> str:
+           removed: list[dict] = (), trained_sweep: list[dict] = ()) -> str:
     """MODEL_CARD.md text from the training summary and the evaluations above."""
     cfg = summary["train_config"]
     acc = full["accuracy"]
@@ -283,6 +279,7 @@ def render(summary: dict, scene: tasks.TaskConfig, full: dict, sweep: list[dict]
         + " | 0 |",
     ]
     lines += [_row(row["bits"], row, [*families, "all"]) for row in sweep]
+    lines += _fold_note(outliers.from_summary(summary), trained_sweep, families)
     if removed:
         lines += ["", "With the routed, the shared or both kinds of experts of every MoE layer "
                   "off:", ""]
@@ -313,14 +310,18 @@ def write(checkpoint: str | Path, samples: int = 1000, log=print) -> dict:
     full = harness.evaluate(model, data, routing=True)
     log(harness.format_table(full, f"full precision, {checkpoint}"))
     sweep = rtn_sweep(model, data, full)
+    fold = outliers.from_summary(summary)
+    trained = ([] if fold.empty else
+               rtn_sweep(outliers.apply(model, fold, inverse=True), data, full))
     removed = ablations(model, data, full)
     divergence = harness.routing_divergence(full["routing"]["text"], full["routing"]["image"])
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     text = render(summary, tasks.recorded_config(checkpoint), full, sweep, divergence,
-                  model.config.text.moe_layers, size, removed)
+                  model.config.text.moe_layers, size, removed, trained)
     (checkpoint / "MODEL_CARD.md").write_text(text)
     log(text)
-    figures = {"heldout": harness.summary(full), "rtn": sweep, "removed": removed,
+    figures = {"heldout": harness.summary(full), "rtn": sweep, "rtn_trained": trained,
+               "removed": removed,
                "divergence": divergence.tolist()}
     summary |= figures
     (checkpoint / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
