@@ -6,9 +6,10 @@ records, check every image path) and reports the host memory the parsed records 
 reads the file once into its shared stage cache (`sources.sharegpt_records`); before that,
 `validate` and every stage read it again, and quantize and evaluate once per sweep method; a
 line prints what that would cost for a run of `--methods` methods. Last, validate's two checks
-of the records the default config draws (plus 256 held-out ones): their image headers
-(`data.image_sizes`) and every prompt's length against `data.max_length`
-(`sources.check_prompt_lengths`, with `--checkpoint`'s tokenizer and prompt builder).
+of the records the default config draws (plus 256 held-out ones): decoding their images
+(`data.image_sizes`, which names truncated files) and every prompt's length against
+`data.max_length` (`sources.check_prompt_lengths`, with `--checkpoint`'s tokenizer and prompt
+builder).
 
     python -m benchmarks.calib_read                      # 665,000 records (LLaVA mix665k's size)
     python -m benchmarks.calib_read --records 100000     # ShareGPT4V instruct's size
@@ -106,13 +107,13 @@ def _validate_checks(records: list[dict], directory: Path, checkpoint: str) -> N
     sources.checkpoint_tokenizer(checkpoint, cache)  # loaded before the timing, as validate has
     start = time.perf_counter()
     sizes = data.image_sizes(records, cfg.image_dir, drawn)
-    headers = time.perf_counter() - start
+    decode = time.perf_counter() - start
     start = time.perf_counter()
     sources.check_prompt_lengths(cfg, checkpoint, model_config, 0, take, sizes, cache)
     lengths = time.perf_counter() - start
     distinct = len({wh for per_record in sizes.values() for wh in per_record})
     print(f"validate on the default draws ({len(drawn)} records, {distinct} "
-          f"image sizes; {checkpoint}): image headers {headers:.2f} s, prompt lengths "
+          f"image sizes; {checkpoint}): images decoded {decode:.2f} s, prompt lengths "
           f"{lengths:.2f} s")
 
 

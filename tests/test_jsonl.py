@@ -101,6 +101,19 @@ def test_missing_image_is_named(folder):
         jsonl.read_benchmark(path)
 
 
+def test_a_truncated_image_is_named_with_its_line(folder):
+    """Its header reads, so the line passes; decoding it names the line and the file."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        folder / "images" / "full.png")
+    body = (folder / "images" / "full.png").read_bytes()
+    (folder / "images" / "cut.png").write_bytes(body[:len(body) // 2])
+    path = _write(folder, [GOOD[1], {"question": "x", "answer": "y", "image": "images/cut.png"}])
+    items = jsonl.read_benchmark(path)
+    with pytest.raises(ValueError, match=r"benchmark line 2: image .*cut.png could not be read: "
+                                         r"image file is truncated"):
+        jsonl.to_sample(items[1])
+
+
 def test_missing_or_empty_file(folder):
     with pytest.raises(FileNotFoundError, match="not found"):
         jsonl.read_benchmark(folder / "absent.jsonl")

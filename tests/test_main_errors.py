@@ -170,12 +170,18 @@ def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
     path, img_dir = _calib_json(tmp_path, missing=False)
     records = json.loads(open(path).read())
     (tmp_path / "img" / "empty.png").write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "img" / "full.png")
+    body = (tmp_path / "img" / "full.png").read_bytes()  # a good header, half a body
+    (tmp_path / "img" / "cut.png").write_bytes(body[:len(body) // 2])
     records.append({**records[0], "id": "r1", "image": "empty.png"})
+    records.append({**records[0], "id": "r2", "image": "cut.png"})
     open(path, "w").write(json.dumps(records))
     proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}",
                          "--config.final_stage=quantize")  # every record is drawn
-    _assert_user_error(proc, workdir, "cannot be read", "id 'r1'", "empty.png")
+    _assert_user_error(proc, workdir, "2 calibration image(s) cannot be read", "id 'r1'",
+                       "empty.png", "id 'r2'), cut.png: image file is truncated")
 
 
 def test_expert_axis_that_does_not_divide_the_devices(tmp_path):

@@ -129,9 +129,9 @@ def _image_problems(record: dict, image_dir: str) -> list[str]:
 
 def image_sizes(records: list[dict], image_dir: str, indices
                 ) -> dict[int, tuple[tuple[int, int], ...]]:
-    """(width, height) of each image of `records[indices]`, read from their headers: a zero-byte
-    or non-image file is named before any stage runs, not when the stage that draws it reaches
-    it."""
+    """(width, height) of each image of `records[indices]`, each decoded once: a zero-byte,
+    non-image or truncated file is named before any stage runs, not when the stage that draws
+    it reaches it (after convert, on a real checkpoint)."""
     from PIL import Image
 
     sizes, problems = {}, []
@@ -140,10 +140,12 @@ def image_sizes(records: list[dict], image_dir: str, indices
         for name in image_paths(records[i]):
             try:
                 with Image.open(os.path.join(image_dir, name)) as image:
+                    image.load()  # the body too: a truncated file has a good header
                     found.append(image.size)
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 # UnidentifiedImageError is an OSError
-                problems.append(f"image record {i} (id {records[i].get('id', '?')!r}): {err}")
+                problems.append(f"image record {i} (id {records[i].get('id', '?')!r}), "
+                                f"{name}: {err}")
         sizes[i] = tuple(found)
     if problems:
         shown = "\n  ".join(problems[:20])

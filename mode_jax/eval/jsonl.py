@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mode_jax.preprocess import IMAGE_PLACEHOLDER as PLACEHOLDER
-from mode_jax.preprocess import placeholder_content
+from mode_jax.preprocess import open_image, placeholder_content
 from mode_jax.testbed.tasks import LETTERS, Sample, format_choices
 from mode_jax.testbed.tokenizer import format_chat, format_user_turn
 
@@ -195,9 +195,11 @@ def to_sample(item: BenchmarkItem) -> Sample:
     encode; a `BenchmarkSample` when its images are not simply one placed first."""
     question = format_choices(item.question, item.options) if item.options else item.question
     images = []
-    for path in item.image_paths:
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
+    for path in item.image_paths:  # headers were read with the line; a truncated body shows here
+        try:
+            images.append(np.asarray(open_image(path)))
+        except ValueError as err:
+            raise ValueError(f"benchmark line {item.line}: {err}") from None
     fields = dict(question=question, answer=item.answer, family=item.family, task=item.task,
                   image=images[0] if images else None, options=item.options,
                   answer_index=item.answer_index, key=item.id)
