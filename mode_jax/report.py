@@ -67,7 +67,7 @@ def evaluated_runs(workdir: str) -> list[dict]:
     Follows the recorded inputs evaluate -> quantize -> allocate through each meta.json, so
     results of earlier invocations (other budgets, ablations) land in the same table.
     """
-    rows = []
+    rows, quants = [], []
     root = os.path.join(workdir, "evaluate")
     for fp in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if not checkpoint.is_complete(os.path.join(root, fp)):
@@ -97,9 +97,28 @@ def evaluated_runs(workdir: str) -> list[dict]:
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
         })
+        quants.append(quant)
+    for row, label in zip(rows, quantizer_labels(quants), strict=True):
+        row["quantizer"] = label
     rows = sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
                                        r["quantizer"], r["router_finetune"]))
     return with_intervals(rows, {r["evaluate"]: _per_sample(workdir, r["evaluate"]) for r in rows})
+
+
+GPTQ_ONLY = ("act_order", "block_size", "damp")  # settings round-to-nearest ignores
+
+
+def quantizer_labels(quants: list[dict]) -> list[str]:
+    """Each row's quant.method plus every quant setting whose value differs between the rows
+    (`act_order=True`, `attention_bits=16`, ...): quantizer ablations in one workdir are told
+    apart, and each method pairs only with the uniform row quantized the same way. Router
+    fine-tuning has its own column."""
+    keys = sorted(set().union(*quants) - {"method", "router_finetune"}) if quants else []
+    varying = [k for k in keys
+               if len({json.dumps(q.get(k), sort_keys=True) for q in quants}) > 1]
+    return [" ".join([q["method"], *(f"{k}={q.get(k)}" for k in varying
+                                     if q["method"] == "gptq" or k not in GPTQ_ONLY)])
+            for q in quants]
 
 
 def _sensitivity_label(method: str, sens: dict) -> str | None:

@@ -99,7 +99,9 @@ def test_changed_field_reruns_only_downstream(tmp_path, reference):
     log = _run(work, "--config.quant.attention_bits=8")
     ran = re.findall(r"stage (\w+)\s+running", log)
     assert ran == ["quantize", "evaluate"], log
-    assert os.path.isfile(os.path.join(work, "report.md"))
+    with open(os.path.join(work, "report.md")) as f:  # both runs' rows, told apart
+        quantizers = {line.split("|")[3].strip() for line in f if line.startswith("| mode/")}
+    assert quantizers == {"gptq attention_bits=4", "gptq attention_bits=8"}, quantizers
 
 
 def test_report_tells_rows_with_another_sensitivity_estimator_apart(tmp_path, reference):
