@@ -97,7 +97,7 @@ def evaluated_runs(workdir: str) -> list[dict]:
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
         })
-        quants.append(quant)
+        quants.append(q["recorded_config"]["config"])
     for row, label in zip(rows, quantizer_labels(quants), strict=True):
         row["quantizer"] = label
     rows = sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
@@ -105,20 +105,34 @@ def evaluated_runs(workdir: str) -> list[dict]:
     return with_intervals(rows, {r["evaluate"]: _per_sample(workdir, r["evaluate"]) for r in rows})
 
 
-GPTQ_ONLY = ("act_order", "block_size", "damp")  # settings round-to-nearest ignores
+GPTQ_ONLY = ("act_order", "block_size", "damp")  # settings round-to-nearest ignores, with the
+# calibration data's (data.*) and the seed
 
 
-def quantizer_labels(quants: list[dict]) -> list[str]:
-    """Each row's quant.method plus every quant setting whose value differs between the rows
-    (`act_order=True`, `attention_bits=16`, ...): quantizer ablations in one workdir are told
-    apart, and each method pairs only with the uniform row quantized the same way. Router
-    fine-tuning has its own column."""
-    keys = sorted(set().union(*quants) - {"method", "router_finetune"}) if quants else []
-    varying = [k for k in keys
-               if len({json.dumps(q.get(k), sort_keys=True) for q in quants}) > 1]
-    return [" ".join([q["method"], *(f"{k}={q.get(k)}" for k in varying
-                                     if q["method"] == "gptq" or k not in GPTQ_ONLY)])
-            for q in quants]
+def _quantize_settings(config: dict) -> dict:
+    """The quantize stage's recorded config, flat: quant.* by their own names, the rest (data.*,
+    seed, ...) as recorded; method and router fine-tuning have their own columns."""
+    quant = {k: v for k, v in config.get("quant", {}).items()
+             if k not in ("method", "router_finetune")}
+    return quant | {k: v for k, v in config.items() if k != "quant"}
+
+
+def quantizer_labels(configs: list[dict]) -> list[str]:
+    """Each row's quant.method plus every quantize-stage setting whose value differs between
+    the rows (`act_order=True`, `attention_bits=16`, `data.num_gptq_samples=256`, ...), from
+    the recorded configs of their quantize artifacts: quantizer ablations in one workdir are
+    told apart, and each method pairs only with the uniform row quantized the same way."""
+    flat = [_quantize_settings(c) for c in configs]
+    keys = sorted(set().union(*flat)) if flat else []
+    varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+
+    def used(method: str, key: str) -> bool:
+        return method == "gptq" or not (key in GPTQ_ONLY or key.startswith("data.")
+                                         or key == "seed")
+
+    return [" ".join([c["quant"]["method"], *(f"{k}={f.get(k)}" for k in varying
+                                              if used(c["quant"]["method"], k))])
+            for c, f in zip(configs, flat, strict=True)]
 
 
 def _sensitivity_label(method: str, sens: dict) -> str | None:

@@ -4,18 +4,28 @@ import numpy as np
 
 from mode_jax import report
 
-DEFAULT = {"method": "gptq", "group_size": 128, "damp": 0.01, "act_order": False,
-           "attention_bits": 4, "router_finetune": False}
+QUANT = {"method": "gptq", "group_size": 128, "damp": 0.01, "act_order": False,
+         "attention_bits": 4, "router_finetune": False}
+DEFAULT = {"quant": QUANT, "data.num_gptq_samples": 64, "seed": 0}
+
+
+def _with(**changes):
+    """DEFAULT's recorded config with quant.* or other keys (data_num_gptq_samples=...) set."""
+    quant = {k: v for k, v in changes.items() if k in QUANT}
+    other = {k.replace("data_", "data.", 1): v for k, v in changes.items() if k not in QUANT}
+    return {**DEFAULT, **other, "quant": {**QUANT, **quant}}
 
 
 def test_only_the_settings_that_differ_between_rows_are_named():
-    assert report.quantizer_labels([DEFAULT, dict(DEFAULT, router_finetune=True)]) == \
+    assert report.quantizer_labels([DEFAULT, _with(router_finetune=True)]) == \
         ["gptq", "gptq"]  # router fine-tuning has its own column
-    labels = report.quantizer_labels([DEFAULT, dict(DEFAULT, act_order=True),
-                                      dict(DEFAULT, method="rtn", attention_bits=16)])
-    assert labels == ["gptq act_order=False attention_bits=4",
-                      "gptq act_order=True attention_bits=4",
-                      "rtn attention_bits=16"]  # act_order means nothing to rtn
+    labels = report.quantizer_labels([DEFAULT, _with(act_order=True),
+                                      _with(method="rtn", attention_bits=16),
+                                      _with(data_num_gptq_samples=256)])
+    assert labels == ["gptq act_order=False attention_bits=4 data.num_gptq_samples=64",
+                      "gptq act_order=True attention_bits=4 data.num_gptq_samples=64",
+                      "rtn attention_bits=16",  # GPTQ's settings and data mean nothing to rtn
+                      "gptq act_order=False attention_bits=4 data.num_gptq_samples=256"]
     assert report.quantizer_labels([]) == []
 
 
@@ -27,7 +37,7 @@ def _row(method, fp):
 def test_a_method_pairs_with_the_uniform_quantized_like_it():
     """Two uniform rows at one budget (a quantizer ablation in the same workdir): each mode row
     is compared with its own. With one label for both, the later uniform took the pairing."""
-    quants = [DEFAULT, dict(DEFAULT, act_order=True), DEFAULT]
+    quants = [DEFAULT, _with(act_order=True), DEFAULT]
     rows = [_row("uniform", "u"), _row("uniform", "u_ao"), _row("mode", "m")]
     for row, label in zip(rows, report.quantizer_labels(quants), strict=True):
         row["quantizer"] = label
