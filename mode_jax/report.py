@@ -67,7 +67,7 @@ def evaluated_runs(workdir: str) -> list[dict]:
     Follows the recorded inputs evaluate -> quantize -> allocate through each meta.json, so
     results of earlier invocations (other budgets, ablations) land in the same table.
     """
-    rows, quants = [], []
+    rows, quantize_configs = [], []
     root = os.path.join(workdir, "evaluate")
     for fp in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if not checkpoint.is_complete(os.path.join(root, fp)):
@@ -97,16 +97,16 @@ def evaluated_runs(workdir: str) -> list[dict]:
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
         })
-        quants.append(q["recorded_config"]["config"])
-    for row, label in zip(rows, quantizer_labels(quants), strict=True):
+        quantize_configs.append(q["recorded_config"]["config"])
+    for row, label in zip(rows, quantizer_labels(quantize_configs), strict=True):
         row["quantizer"] = label
     rows = sorted(rows, key=lambda r: (-r["budget_bits"], r["method"], r["estimator"] or "",
                                        r["quantizer"], r["router_finetune"]))
     return with_intervals(rows, {r["evaluate"]: _per_sample(workdir, r["evaluate"]) for r in rows})
 
 
-GPTQ_ONLY = ("act_order", "block_size", "damp")  # settings round-to-nearest ignores, with the
-# calibration data's (data.*) and the seed
+# Round-to-nearest ignores these, the calibration data's settings (data.*) and the seed.
+GPTQ_ONLY = ("act_order", "block_size", "damp")
 
 
 def _quantize_settings(config: dict) -> dict:

@@ -107,6 +107,8 @@ def test_bad_folds_are_named(fold, match):
 def test_the_fold_is_read_from_the_training_summary():
     assert outliers.from_summary({"train_config": {"seed": 0}}).empty
     cfg = train.TrainConfig()
+    assert cfg.fold() == outliers.Fold(cfg.outlier_hidden, cfg.outlier_intermediate,
+                                       cfg.outlier_factor, cfg.seed)
     assert outliers.from_summary({"train_config": {
         "seed": cfg.seed, "outlier_hidden": cfg.outlier_hidden,
         "outlier_intermediate": cfg.outlier_intermediate,

@@ -83,8 +83,13 @@ def apply(model, fold: Fold, inverse: bool = False):
     return new
 
 
-def from_summary(summary: dict) -> Fold:
-    """The fold a checkpoint was shipped with, from its train_summary.json (none if absent)."""
-    cfg = summary.get("train_config", {})
+def from_train_config(cfg: dict) -> Fold:
+    """The fold of a train.py config (`dataclasses.asdict(TrainConfig)`, or one recorded by an
+    older train.py without these fields: no fold)."""
     return Fold(cfg.get("outlier_hidden", 0), cfg.get("outlier_intermediate", 0),
                 cfg.get("outlier_factor", 1.0), cfg.get("seed", 0))
+
+
+def from_summary(summary: dict) -> Fold:
+    """The fold a checkpoint was shipped with, from its train_summary.json."""
+    return from_train_config(summary.get("train_config", {}))

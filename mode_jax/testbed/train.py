@@ -128,8 +128,7 @@ class TrainConfig:
             raise ValueError(f"outlier_factor={self.outlier_factor}: must be positive")
 
     def fold(self) -> outliers.Fold:
-        return outliers.Fold(self.outlier_hidden, self.outlier_intermediate,
-                             self.outlier_factor, self.seed)
+        return outliers.from_train_config(dataclasses.asdict(self))
 
     def task_config(self, family_tasks: tuple[str, ...] = tasks.ALL_TASKS) -> tasks.TaskConfig:
         """The task suite's default settings (`family_tasks` picks the mix; a repeat doubles a
