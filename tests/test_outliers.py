@@ -104,6 +104,14 @@ def test_bad_folds_are_named(fold, match):
         outliers.apply(_model(), fold)
 
 
+@pytest.mark.parametrize("field, value", [("outlier_hidden", 129), ("outlier_hidden", -1),
+                                          ("outlier_intermediate", 129)])
+def test_train_refuses_a_fold_wider_than_the_model_before_training(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}: must be in 0..128"):
+        train.TrainConfig(**{field: value})
+    train.TrainConfig(**{field: 128})  # the whole width is allowed
+
+
 def test_the_fold_is_read_from_the_training_summary():
     assert outliers.from_summary({"train_config": {"seed": 0}}).empty
     cfg = train.TrainConfig()

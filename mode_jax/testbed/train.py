@@ -126,6 +126,12 @@ class TrainConfig:
                              "(the suite's max_objects)")
         if not self.outlier_factor > 0:
             raise ValueError(f"outlier_factor={self.outlier_factor}: must be positive")
+        # Refused here, not at export 40 minutes later.
+        text = model_config(attention_heads=self.attention_heads, head_dim=self.head_dim).text
+        for name, width in (("outlier_hidden", text.hidden_size),
+                            ("outlier_intermediate", text.moe_intermediate_size)):
+            if not 0 <= getattr(self, name) <= width:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in 0..{width}")
 
     def fold(self) -> outliers.Fold:
         return outliers.from_train_config(dataclasses.asdict(self))
