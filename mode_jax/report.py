@@ -138,14 +138,13 @@ def quantizer_labels(configs: list[dict]) -> list[str]:
 def _sensitivity_label(method: str, sens: dict) -> str | None:
     """What a row's allocation read from the sensitivity stage: MODE its configured estimator,
     PMQ and GEMQ their own costs; '/gptq' when the expert copies were not round-to-nearest;
-    MoPEQ its trace when it is the Gauss-Newton one."""
+    MoPEQ the curvature of its trace (a config may make either the default)."""
     quantizer = sens.get("quantizer", "rtn")  # artifacts older than the option: rtn
     suffix = "" if quantizer == "rtn" else f"/{quantizer}"
     if method == "mode":
         return sens["estimator"] + suffix
     if method.startswith("mopeq"):  # older artifacts: the Hessian
-        curvature = sens.get("trace_curvature", "hessian")
-        return None if curvature == "hessian" else f"{curvature} trace"
+        return f"{sens.get('trace_curvature', 'hessian')} trace"
     return f"own costs{suffix}" if suffix and method in ("pmq", "gemq") else None
 
 

@@ -47,3 +47,16 @@ def test_a_method_pairs_with_the_uniform_quantized_like_it():
     out = report.with_intervals(rows, samples, resamples=20)
     mode = next(r for r in out if r["method"] == "mode")
     assert np.isclose(mode["vs_uniform"]["kl_ratio"][0], 2.0)  # against "u", not "u_ao" (0.5)
+
+
+def test_sensitivity_column_names_what_each_allocation_read():
+    """Both MoPEQ curvatures are named: configs/testbed.py makes Gauss-Newton the default, so a
+    bare '-' would not say which trace a row used."""
+    sens = {"estimator": "logit_kl", "quantizer": "rtn", "trace_curvature": "hessian"}
+    assert report._sensitivity_label("mopeq-budget", sens) == "hessian trace"
+    assert report._sensitivity_label(
+        "mopeq", dict(sens, trace_curvature="gauss_newton")) == "gauss_newton trace"
+    assert report._sensitivity_label("mopeq", {"estimator": "expert_mse"}) == "hessian trace"
+    assert report._sensitivity_label("mode", dict(sens, quantizer="gptq")) == "logit_kl/gptq"
+    assert report._sensitivity_label("pmq", sens) is None
+    assert report._sensitivity_label("gemq", dict(sens, quantizer="gptq")) == "own costs/gptq"
