@@ -15,6 +15,7 @@ from mode_jax import checkpoint
 from mode_jax.alloc import bitmap
 from mode_jax.calib import frequency
 from mode_jax.eval import bootstrap
+from mode_jax.quant import apply
 
 
 def _figure_frequencies(stats: dict, path: str) -> None:
@@ -96,6 +97,7 @@ def evaluated_runs(workdir: str) -> list[dict]:
             "average_bits": a["summary"]["average_bits"],
             "histogram": a["summary"].get("histogram"),
             "allocate": a_fp, "evaluate": fp, **ev.get("metrics", {}),
+            "quantize_notes": apply.notes(q.get("metadata", {}).get("quant_report", {})),
         })
         quantize_configs.append(q["recorded_config"]["config"])
     for row, label in zip(rows, quantizer_labels(quantize_configs), strict=True):
@@ -288,6 +290,7 @@ def _markdown(doc: dict) -> str:
         lines.append(_md_row(cells))
     lines += _paired_table(rows)
     lines += _random_table(rows)
+    lines += _notes(rows)
     if "modality_js_divergence_per_layer" in doc:
         js = ", ".join(f"{v:.3f}" for v in doc["modality_js_divergence_per_layer"])
         lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}"]
@@ -297,6 +300,23 @@ def _markdown(doc: dict) -> str:
         lines += ["", f"Full precision: accuracy {fp['fp_accuracy']:.4g} ({fams})"]
     lines += ["", "Figures: figures/*.png; bit maps: bitmaps/<method>-<key>-<budget>/", ""]
     return "\n".join(lines)
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    """The quantize stage's notes (apply.notes), each once, with the rows it concerns."""
+    where: dict[str, list[str]] = {}
+    for r in rows:
+        for note in r.get("quantize_notes") or []:
+            where.setdefault(note, []).append(
+                f"{r['method']} at {r['budget_bits']:g} bits, {r['quantizer']}")
+    if not where:
+        return []
+    lines = ["", "Quantization notes (each quantize artifact's `quant_report` has the details):",
+             ""]
+    for note, names in where.items():
+        rows_said = "every row" if len(names) == len(rows) else "; ".join(names)
+        lines.append(f"- {note} ({rows_said})")
+    return lines
 
 
 def _paired_table(rows: list[dict]) -> list[str]:

@@ -172,6 +172,9 @@ def run_quantize(ctx, inputs):
     if qconfig.method == "gptq" or c.quant.router_finetune:
         batches = calibration(ctx, model, c.data.num_gptq_samples, "gptq", "quantize").batches
     qmodel, report = apply.quantize_model(model, batches, bits, qconfig)
+    report["notes"] = apply.notes(report)
+    for line in report["notes"]:
+        log.warning("quantize: %s", line)
     if c.quant.router_finetune:
         report["router_finetune"] = router_finetune.finetune_routers(qmodel, batches)
     ctx.cache[("quantized", ctx.fingerprint("quantize"))] = qmodel

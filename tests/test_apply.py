@@ -87,6 +87,10 @@ def test_gptq_beats_rtn_per_expert_and_idle_expert_falls_back(starved_model, bit
     listed = {(f["linear"], f["expert"], f["tokens"], f["reason"]) for f in report["rtn_fallback"]}
     assert listed == {(f"layers.2.mlp.experts.{p}", 5, 0, "no calibration tokens")
                       for p in ("gate_up", "down")}
+    assert report["expert_input_widths"] == {"gate_up": 64, "down": 32}
+    assert apply.notes(report)[0] == ("round-to-nearest instead of GPTQ for 2 linear(s), no "
+                                      "calibration tokens: MoE layer 1 expert 5 gate_up, MoE "
+                                      "layer 1 expert 5 down")
     skipped = expert_checks.assert_gptq_beats_rtn_per_expert(model, fake, batches, report,
                                                             bits, GS)
     assert skipped == [(1, 5)]

@@ -93,6 +93,18 @@ def test_sigkill_in_every_stage_then_resume(tmp_path, reference):
                    for n in os.listdir(os.path.join(work, s)))
 
 
+def test_thin_gptq_calibration_is_logged_and_reported(reference):
+    """configs/tiny.py gives GPTQ 4 conversations: some experts see fewer tokens than their
+    64-wide gate/up input, which the log and the report say, naming the flag that helps."""
+    ref, log = reference
+    said = re.search(r"quantize: \d+ routed expert\(s\) saw fewer GPTQ calibration tokens "
+                     r"than an input width \(down 36, gate_up 64\)", log)
+    assert said, log
+    with open(os.path.join(ref, "report.md")) as f:
+        notes = [line for line in f if "raise data.num_gptq_samples" in line]
+    assert len(notes) == 1 and notes[0].rstrip().endswith("(every row)"), notes
+
+
 def test_changed_field_reruns_only_downstream(tmp_path, reference):
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)

@@ -27,7 +27,8 @@ Router, embeddings, lm_head, norms, vision tower and projector are never touched
 
 An expert with no calibration token falls back to round-to-nearest (GPTQ's own fallback) and is
 listed in `report["rtn_fallback"]`; so is any linear whose Cholesky factorisation failed at every
-damping; every raised damping is in `report["damp_escalations"]`.
+damping; every raised damping is in `report["damp_escalations"]`; `notes(report)` puts these,
+and the experts with fewer calibration tokens than an input width, into words.
 
 `config.hadamard`: routed experts are quantized in a rotated basis (quantized_moe.rotate: a
 block-diagonal Hadamard per quantization group of the gate/up and down inputs), with the
@@ -381,7 +382,7 @@ def _quantize_experts(layer, l, x, states, bits, config: QuantConfig, report, mo
         acc = _expert_hessians(xr, ids, states, gu_hat, config)
         h_dn = qmoe.rotate_hessian(hessian.finalize(acc.down, acc.count), r_mid)
     dn_codes, dn_scales = _quantize_stack(down, h_dn, bits_j, config, report, l, "down")
-    report.note_experts(l, moe_i, counts)
+    report.note_experts(l, moe_i, counts, {"gate_up": d, "down": f})
     layer.mlp.experts = qmoe.from_codes(
         bits, gu_codes, gu_scales, dn_codes, dn_scales.astype(config.scale_dtype),
         group_size=config.group_size, rotate_in=r_in, rotate_mid=r_mid)
@@ -427,6 +428,7 @@ class _Report:
         self.fallback: list[dict[str, Any]] = []
         self.damp: list[dict[str, Any]] = []
         self.tokens: list[list[int]] = []
+        self.widths: dict[str, int] = {}
         self.seconds = 0.0
         self._stack_fallback: dict[tuple[int, str], np.ndarray] = {}
 
@@ -443,10 +445,11 @@ class _Report:
                 self.damp.append({"linear": f"layers.{l}.mlp.experts.{proj}", "expert": e,
                                   "damp": float(ratio)})
 
-    def note_experts(self, l, moe_i, counts) -> None:
+    def note_experts(self, l, moe_i, counts, widths) -> None:
         if counts is None:
             return
         self.tokens.append([int(c) for c in counts])
+        self.widths = dict(widths)
         for proj in ("gate_up", "down"):
             failed = self._stack_fallback.pop((l, proj))
             for e in np.flatnonzero(failed):
@@ -466,8 +469,49 @@ class _Report:
                                  if f.get("tokens") == 0 and f["linear"].endswith("gate_up")],
             "damp_escalations": self.damp,
             "expert_tokens": self.tokens,
+            "expert_input_widths": self.widths,
             "seconds": self.seconds,
         }
+
+
+def notes(report: Mapping[str, Any], most: int = 6) -> list[str]:
+    """What the user should know about a GPTQ run, one line each (none when all went well):
+    linears quantized by round-to-nearest instead, routed experts whose calibration tokens
+    were fewer than an input's width (their Hessian lacks rank, so the damping rather than the
+    data shapes their GPTQ: more `data.num_gptq_samples` helps), and raised damping."""
+    lines = []
+
+    def listed(items):
+        items = list(items)
+        return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most
+                                          else "")
+
+    by_reason: dict[str, list[str]] = {}
+    for f in report.get("rtn_fallback", []):
+        where = (f"MoE layer {f['moe_layer']} expert {f['expert']} {f['linear'].split('.')[-1]}"
+                 if "expert" in f else f["linear"])
+        by_reason.setdefault(f["reason"], []).append(where)
+    for reason, where in by_reason.items():
+        lines.append(f"round-to-nearest instead of GPTQ for {len(where)} linear(s), "
+                     f"{reason}: {listed(where)}")
+    widths = report.get("expert_input_widths") or {}
+    if widths:
+        width = max(widths.values())
+        thin = sorted((t, i, e) for i, row in enumerate(report.get("expert_tokens", []))
+                      for e, t in enumerate(row) if 0 < t < width)
+        if thin:
+            lines.append(
+                f"{len(thin)} routed expert(s) saw fewer GPTQ calibration tokens than an input "
+                f"width ({', '.join(f'{k} {w}' for k, w in sorted(widths.items()))}), so damping "
+                "rather than data shapes their GPTQ; raise data.num_gptq_samples: "
+                + listed(f"MoE layer {i} expert {e} ({t} tokens)" for t, i, e in thin))
+    damp = report.get("damp_escalations", [])
+    if damp:
+        lines.append(f"GPTQ raised the damping of {len(damp)} linear(s) to factor their Hessian "
+                     f"(up to {max(d['damp'] for d in damp):.3g} x mean diagonal): "
+                     + listed(d["linear"] + (f" expert {d['expert']}" if "expert" in d else "")
+                              for d in damp))
+    return lines
 
 
 # ---------------------------------------------------------------- model-wide helpers
