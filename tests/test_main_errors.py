@@ -272,3 +272,27 @@ def test_a_thinking_template_is_recognised():
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "<|im_end|>\n{% endfor %}<|im_start|>assistant\n<think>\n")
     assert stages.opens_reasoning(tok)
+
+
+def test_statistics_prompts_missing_their_records_images_are_noted(tmp_path):
+    """Statistics read a record's first user turn; a record whose <image> placeholders stand in
+    later turns is named in a warning before convert, with how many of its images it keeps."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(img_dir / f"{name}.png")
+    late = {"id": "late", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"},
+        {"from": "human", "value": "<image> and <image>: which is brighter?"},
+        {"from": "gpt", "value": "the first"}]}
+    early = {"id": "early", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "black"}]}
+    path = tmp_path / "calib.json"
+    path.write_text(json.dumps([late, early, early | {"id": "early2"}]))
+    flags = ("--config.data.source=sharegpt", f"--config.data.calib_json={path}",
+             f"--config.data.image_dir={img_dir}", "--config.final_stage=convert")
+    proc, _ = _run(tmp_path, *flags, config="configs/testbed.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("1 of the 3 statistics prompts hold fewer images than their record (1 none)"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "image record 0 (id 'late'), 0 of its 2 images" in proc.stderr

@@ -194,6 +194,7 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
             stage_draw(n, data_cfg, seed, stage).tolist())
     forms = [(i, True) for i in sorted(human)] + [(i, False) for i in sorted(whole)]
     samples = [data.record_sample(records[i], data_cfg.image_dir, human_only=h) for i, h in forms]
+    _note_late_images(records, forms, samples)
     build = _builder(model_path, model_config, checkpoint_tokenizer(model_path, cache),
                      data_cfg.max_image_tokens)
     used = [sizes[i][:len(s.images)] for (i, _), s in zip(forms, samples, strict=True)]
@@ -216,6 +217,22 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
     if len(lengths):
         log.info("%d calibration prompts fit data.max_length=%d (longest %d tokens; %.1f s)",
                  len(lengths), data_cfg.max_length, lengths.max(), time.perf_counter() - started)
+
+
+def _note_late_images(records, forms, samples) -> None:
+    """Statistics prompts are a record's first user turn (method.md); a record whose <image>
+    placeholders stand in later turns gives them fewer images, or none: say so, once."""
+    late = [(i, len(s.images), len(data.image_paths(records[i])))
+            for (i, human_only), s in zip(forms, samples, strict=True)
+            if human_only and len(s.images) < len(data.image_paths(records[i]))]
+    if late:
+        i, got, has = late[0]
+        log.warning(
+            "%d of the %d statistics prompts hold fewer images than their record (%d none): "
+            "statistics read a record's first user turn, and these records' <image> "
+            "placeholders stand in later turns, e.g. image record %d (id %r), %d of its %d "
+            "images", len(late), sum(h for _, h in forms), sum(g == 0 for _, g, _ in late), i,
+            records[i].get("id", "?"), got, has)
 
 
 def heldout(data_cfg, model_path: str, model_config, n: int, seed: int,
