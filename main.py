@@ -45,7 +45,7 @@ def main(argv):
     except KeyboardInterrupt:
         print("interrupted: completed stages are kept; rerun the same command to resume",
               file=sys.stderr)
-        sys.exit(130)
+        _exit_now(130)  # XLA's threads may still be compiling: a normal shutdown can segfault
     final = _CONFIG.value.final_stage
     print(f"done: report at {out}" if final in stages.REPORTED_STAGES
           else f"done: {final} artifact at {out}")
@@ -54,7 +54,8 @@ def main(argv):
 def _exit_now(code: int) -> None:
     """Exit without the interpreter's shutdown: after a failed Orbax restore, tensorstore's
     threads still call back into the closed asyncio loop and would print tracebacks under the
-    one-line error. Nothing is left to save on an error exit (artifacts are written atomically)."""
+    one-line error, and after Ctrl-C in a stage the teardown could segfault (exit -11 instead of
+    130). Nothing is left to save (artifacts are written atomically)."""
     pylogging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
