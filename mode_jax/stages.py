@@ -172,8 +172,7 @@ def run_quantize(ctx, inputs):
     if qconfig.method == "gptq" or c.quant.router_finetune:
         batches = calibration(ctx, model, c.data.num_gptq_samples, "gptq", "quantize").batches
     qmodel, report = apply.quantize_model(model, batches, bits, qconfig)
-    report["notes"] = apply.notes(report)
-    for line in report["notes"]:
+    for line in apply.notes(report):  # the report recomputes them from quant_report
         log.warning("quantize: %s", line)
     if c.quant.router_finetune:
         report["router_finetune"] = router_finetune.finetune_routers(qmodel, batches)

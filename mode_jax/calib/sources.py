@@ -222,16 +222,16 @@ def check_prompt_lengths(data_cfg, model_path: str, model_config, seed: int, hel
 def _note_late_images(records, forms, samples) -> None:
     """Statistics prompts are a record's first user turn (method.md); a record whose <image>
     placeholders stand in later turns gives them fewer images, or none: say so, once."""
-    late = [(i, len(s.images), len(data.image_paths(records[i])))
-            for (i, human_only), s in zip(forms, samples, strict=True)
-            if human_only and len(s.images) < len(data.image_paths(records[i]))]
+    kept = [(i, len(s.images), len(data.image_paths(records[i])))
+            for (i, human_only), s in zip(forms, samples, strict=True) if human_only]
+    late = [(i, got, has) for i, got, has in kept if got < has]
     if late:
         i, got, has = late[0]
         log.warning(
             "%d of the %d statistics prompts hold fewer images than their record (%d none): "
             "statistics read a record's first user turn, and these records' <image> "
             "placeholders stand in later turns, e.g. image record %d (id %r), %d of its %d "
-            "images", len(late), sum(h for _, h in forms), sum(g == 0 for _, g, _ in late), i,
+            "images", len(late), len(kept), sum(g == 0 for _, g, _ in late), i,
             records[i].get("id", "?"), got, has)
 
 
