@@ -61,6 +61,40 @@ def test_capacity_experts_module_shares_the_model_parameters():
     assert isinstance(model.language_model.layers[0].mlp, MLP)  # the dense layer is left alone
 
 
+def test_shared_dropout_skips_whole_rows_draws_anew_each_step_and_restores():
+    """Training rows skip the shared experts with probability `rate` (kept ones scaled by
+    1 / (1 - rate)), a fresh draw per jitted call; restoring gives back the same trained MLPs."""
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+    shared = model.language_model.layers[1].mlp.shared_experts
+    x = jax.random.normal(jax.random.key(1), (64, 3, model.config.text.hidden_size))
+    full = np.asarray(shared(x))
+    originals = train.use_shared_dropout(model, 0.25, seed=0)
+    assert len(originals) == model.config.text.num_hidden_layers - 1  # every MoE layer
+    dropped = model.language_model.layers[1].mlp.shared_experts
+    assert isinstance(dropped, train.DroppedShared) and dropped.down_proj is shared.down_proj
+
+    @nnx.jit
+    def call(module, x):
+        return module(x)
+
+    draws = []
+    for _ in range(2):
+        y = np.asarray(call(dropped, x))
+        kept = np.array([np.allclose(y[b], full[b] / 0.75, rtol=1e-5, atol=1e-6)
+                         for b in range(64)])
+        zero = ~y.reshape(64, -1).any(axis=1)
+        assert np.all(kept ^ zero)  # each row is either skipped or scaled, never mixed
+        assert 6 <= zero.sum() <= 28  # about a quarter of 64 rows
+        draws.append(zero)
+    assert not np.array_equal(*draws)  # the rng advances between jitted calls
+    train.restore_shared(originals)
+    assert model.language_model.layers[1].mlp.shared_experts is shared
+    np.testing.assert_array_equal(np.asarray(shared(x)), full)
+    assert train.use_shared_dropout(model, 0.0, seed=0) == []  # rate 0 leaves the model alone
+    with pytest.raises(ValueError, match="shared_dropout=1.0"):
+        train.TrainConfig(shared_dropout=1.0)
+
+
 def test_routed_experts_start_at_the_dense_mlps_scale():
     """Each expert's matrices start at LeCun normal per expert (std 1/sqrt(fan_in)), the init of
     the shared expert's and the dense layer's nnx.Linear: at a smaller scale training would put

@@ -46,6 +46,7 @@ class ProbeConfig:
     eval_samples: int = 500
     seed: int = 0
     label_smoothing: float = 0.0  # on the answer tokens (train.answer_loss)
+    shared_dropout: float = 0.0  # rows trained without the shared experts (train.TrainConfig)
     # language-model depth (the first layer stays dense) and AdamW decay: the testbed's own
     layers: int = train.model_config().text.num_hidden_layers
     weight_decay: float = train.TrainConfig.weight_decay
@@ -80,6 +81,7 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
     model = KimiVL(config, rngs=nnx.Rngs(cfg.seed))
     train.zero_mlp_down(model)
     train.use_capacity_dispatch(model, 2.0)
+    dropped = train.use_shared_dropout(model, cfg.shared_dropout, cfg.seed)
     optimizer = train.make_optimizer(model, cfg.lr, min(100, cfg.steps // 10), cfg.steps,
                                      clip_norm=1.0, weight_decay=cfg.weight_decay,
                                      freeze_vision=True)
@@ -91,6 +93,7 @@ def run(cfg: ProbeConfig, log=print) -> dict[str, dict]:
         loss = _step(model, optimizer, train.split_static(rows)[0], 1e-2, cfg.label_smoothing)
         if step % 200 == 0 or step == cfg.steps:
             log(f"step {step}  answer loss {float(loss):.4f}  {time.time() - start:.0f}s")
+    train.restore_shared(dropped)
     with tempfile.TemporaryDirectory() as tmp:  # reload as users do (exact experts path)
         export.save(model, tmp, tokenizer=tokenizer, image_config=image_cfg)
         model = mode_jax.load(tmp)

@@ -112,6 +112,10 @@ class TrainConfig:
     outlier_hidden: int = 8
     outlier_intermediate: int = 8
     outlier_factor: float = 8.0
+    # Probability that a training row runs without the shared experts (whole rows, inverted
+    # scaling as in dropout; none at inference): the routed experts then have to hold every
+    # skill on their own rather than share it with an always-on expert.
+    shared_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("vision_mix", "vision_mix_small"):
@@ -124,6 +128,8 @@ class TrainConfig:
         if not 1 <= self.train_min_objects <= most:
             raise ValueError(f"train_min_objects={self.train_min_objects}: must be in 1..{most} "
                              "(the suite's max_objects)")
+        if not 0 <= self.shared_dropout < 1:
+            raise ValueError(f"shared_dropout={self.shared_dropout}: must be in [0, 1)")
         if not self.outlier_factor > 0:
             raise ValueError(f"outlier_factor={self.outlier_factor}: must be positive")
         # Refused here, not at export 40 minutes later.
@@ -235,6 +241,39 @@ def use_capacity_dispatch(model: KimiVL, capacity_factor: float) -> None:
         if layer.is_moe:
             old = layer.mlp.experts
             layer.mlp.experts = CapacityExperts(old.gate_up, old.down, capacity_factor)
+
+
+class DroppedShared(nnx.Module):
+    """Training stand-in for a layer's shared experts (same Linear modules, same paths): each
+    row of the batch skips them with probability `rate`, the kept rows scaled by 1 / (1 - rate).
+    """
+
+    def __init__(self, mlp, rate: float, seed: int):
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.rate = rate
+        self.rngs = nnx.Rngs(shared_dropout=seed)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # x [B, T, D]
+        y = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        keep = jax.random.bernoulli(self.rngs.shared_dropout(), 1 - self.rate, (x.shape[0], 1, 1))
+        return jnp.where(keep, y / (1 - self.rate), jnp.zeros_like(y))
+
+
+def use_shared_dropout(model: KimiVL, rate: float, seed: int) -> list:
+    """Swap every MoE layer's shared experts for `DroppedShared`; returns the originals for
+    `restore_shared` (they hold the same, trained, Linear modules). A no-op at rate 0."""
+    originals = []
+    for i, layer in enumerate(model.language_model.layers):
+        if rate and layer.is_moe and layer.mlp.shared_experts is not None:
+            originals.append((layer, layer.mlp.shared_experts))
+            layer.mlp.shared_experts = DroppedShared(layer.mlp.shared_experts, rate, seed + i)
+    return originals
+
+
+def restore_shared(originals: list) -> None:
+    """Undo `use_shared_dropout`: the plain shared MLPs, with their trained weights."""
+    for layer, mlp in originals:
+        layer.mlp.shared_experts = mlp
 
 
 def zero_mlp_down(model: KimiVL) -> None:
@@ -440,6 +479,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     if cfg.zero_init_down:
         zero_mlp_down(model)
     use_capacity_dispatch(model, cfg.capacity_factor)
+    dropped = use_shared_dropout(model, cfg.shared_dropout, cfg.seed)
     optimizer = make_optimizer(model, cfg.lr, cfg.warmup, cfg.steps, cfg.clip_norm,
                                cfg.weight_decay, cfg.freeze_vision)
     data = Batches(cfg, tokenizer, image_cfg)
@@ -472,6 +512,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                 "    " + " ".join(f"{t} {a:.2f}" for t, a in per_task.items()))
             window = []
     train_seconds = time.time() - t_start
+    restore_shared(dropped)
     out_dir = Path(out_dir)
     model = outliers.apply(model, cfg.fold())
     export.save(model, out_dir, tokenizer=tokenizer, image_config=image_cfg)
