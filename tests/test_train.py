@@ -87,6 +87,10 @@ def test_shared_dropout_skips_whole_rows_draws_anew_each_step_and_restores():
         assert 6 <= zero.sum() <= 28  # about a quarter of 64 rows
         draws.append(zero)
     assert not np.array_equal(*draws)  # the rng advances between jitted calls
+    train.shared_dropout_on(model, False)  # what the held-out probes score
+    np.testing.assert_array_equal(np.asarray(call(dropped, x)), full)
+    train.shared_dropout_on(model, True)
+    assert not np.array_equal(np.asarray(call(dropped, x)), full)
     train.restore_shared(originals)
     assert model.language_model.layers[1].mlp.shared_experts is shared
     np.testing.assert_array_equal(np.asarray(shared(x)), full)

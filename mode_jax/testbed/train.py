@@ -254,9 +254,12 @@ class DroppedShared(nnx.Module):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.rate = rate
         self.rngs = nnx.Rngs(shared_dropout=seed)
+        self.deterministic = False  # True: the plain shared MLP (held-out probes)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # x [B, T, D]
         y = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.deterministic:
+            return y
         keep = jax.random.bernoulli(self.rngs.shared_dropout(), 1 - self.rate, (x.shape[0], 1, 1))
         return jnp.where(keep, y / (1 - self.rate), jnp.zeros_like(y))
 
@@ -270,6 +273,13 @@ def use_shared_dropout(model: KimiVL, rate: float, seed: int) -> list:
             originals.append((layer, layer.mlp.shared_experts))
             layer.mlp.shared_experts = DroppedShared(layer.mlp.shared_experts, rate, seed + i)
     return originals
+
+
+def shared_dropout_on(model: KimiVL, on: bool) -> None:
+    """Switch every `DroppedShared` of `model` between training (`on`) and the plain MLP."""
+    for layer in model.language_model.layers:
+        if isinstance(getattr(layer.mlp, "shared_experts", None), DroppedShared):
+            layer.mlp.shared_experts.deterministic = not on
 
 
 def restore_shared(originals: list) -> None:
@@ -497,8 +507,10 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
         window.append((loss, lv, lt))
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean = np.mean(np.asarray(jax.device_get(window)), axis=0)
+            shared_dropout_on(model, False)  # the probes score the model as it will run
             hits = {f: np.asarray(probe(model, *split_static(rows)))
                     for f, (rows, _) in probes.items()}
+            shared_dropout_on(model, True)
             acc = {f: float(np.mean(h)) for f, h in hits.items()}
             per_task = {t: float(np.mean([h for h, tt in zip(hits[f], names, strict=True)
                                           if tt == t]))
