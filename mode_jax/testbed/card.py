@@ -44,13 +44,17 @@ def train_command(train_config: dict) -> str:
 def heldout(checkpoint: Path, samples: int, seed: int = 0):
     """(model, encoded held-out split) for a checkpoint in the published layout; the card uses
     seed 0, other seeds draw further held-out samples."""
-    model = mode_jax.load(checkpoint)
+    return mode_jax.load(checkpoint), heldout_data(checkpoint, samples, seed)
+
+
+def heldout_data(checkpoint: Path, samples: int, seed: int = 0):
+    """The encoded held-out split alone (further draws score one loaded model)."""
     tokenizer = tok_lib.load_tokenizer(checkpoint)
     image_cfg = ImageConfig.from_preprocessor_config(
         json.loads((checkpoint / "preprocessor_config.json").read_text()))
     data = tasks.generate("heldout", samples, seed=seed,
                           config=tasks.recorded_config(checkpoint))
-    return model, harness.encode(data, tokenizer, image_cfg)
+    return harness.encode(data, tokenizer, image_cfg)
 
 
 def rtn_sweep(model, data, full: dict, bits=(1, 2, 3, 4), group_size: int = 128,
