@@ -42,7 +42,7 @@ from mode_jax.models.deepseek_v3 import TextConfig
 from mode_jax.models.kimivl import KimiVL, KimiVLConfig
 from mode_jax.models.moonvit import VisionConfig
 from mode_jax.preprocess import ImageConfig, preprocess_images
-from mode_jax.testbed import card, outliers, tasks, vision_warmup
+from mode_jax.testbed import card, outliers, portable_math, tasks, vision_warmup
 from mode_jax.testbed import tokenizer as tok_lib
 
 # Shares of the sub-tasks per batch (a repeat doubles a share). With the warm-up's relation
@@ -118,6 +118,10 @@ class TrainConfig:
     # round-to-nearest cost 11.5 points (routed off 11.4), but vision fell to 90.4%
     # (docs/testbed.md), so the recipe keeps 0.
     shared_dropout: float = 0.0
+    # Run XLA:CPU with the flags of `portable_math.py` (no run-time-dispatched YNNPACK kernels,
+    # generated code capped at AVX2), so the run computes the same bits on any x86-64 machine
+    # with AVX2 and the same core count, not only on the machine kind that made it.
+    portable_math: bool = False
 
     def __post_init__(self):
         for name in ("vision_mix", "vision_mix_small"):
@@ -472,6 +476,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     """Train, export to `out_dir`, reload it, score the held-out split; returns the summary."""
     if not 0 <= cfg.warmup < cfg.steps:
         raise ValueError(f"warmup={cfg.warmup} must be at least 0 and below steps={cfg.steps}")
+    if cfg.portable_math:
+        portable_math.enable()  # before the first array, or a clear error
     t_start = time.time()
     tokenizer = build_tokenizer(cfg)
     image_cfg = ImageConfig()
@@ -532,7 +538,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     export.save(model, out_dir, tokenizer=tokenizer, image_config=image_cfg)
     summary = {"train_config": dataclasses.asdict(cfg),
                "task_config": dataclasses.asdict(cfg.task_config()), "parameters": _count(model),
-               "train_seconds": train_seconds, "vision_warmup": warm, "history": history}
+               "train_seconds": train_seconds, "arithmetic": portable_math.describe(),
+               "vision_warmup": warm, "history": history}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     # The card reloads the export, as users do, and adds its figures to train_summary.json.
     return summary | card.write(out_dir, cfg.eval_samples, log)
