@@ -425,3 +425,29 @@ def test_a_broken_train_summary_is_named(tmp_path, text, needle):
     with pytest.raises(ValueError, match=needle) as err:
         tasks.recorded_config(tmp_path)
     assert "train_summary.json" in str(err.value)
+
+
+def test_target_cells_hold_the_object_the_question_names(train, heldout):
+    """The look-up aid's target (`Sample.target_cells`) is where the pixels of the named object
+    are, read from the image: the cell's saturated pixels have the named (or answered) colour;
+    questions that name no object (count, the 'shape' position form) have none."""
+    palette = np.array(list(tasks.COLORS.values()))
+    checked = 0
+    for s in [s for s in train + heldout if s.family == "vision"]:
+        if s.task == "count":
+            assert s.target_cells == ()
+            continue
+        named = [w for w in s.question.split("?")[0].split() if w in tasks.COLORS]  # subject 1st
+        color = named[0] if named else (s.options[s.answer_index] if s.options else s.answer)
+        assert len(s.target_cells) == 1  # default scenes: one object per 28-pixel token
+        row, col = divmod(s.target_cells[0], s.image.shape[1] // 28)
+        patch = s.image[28 * row:28 * row + 28, 28 * col:28 * col + 28].reshape(-1, 3)
+        patch = patch.astype(np.int32)
+        ink = patch[patch.max(-1) - patch.min(-1) > 60]
+        assert len(ink) >= 30, s.question
+        nearest = np.argmin(((palette[None] - ink[:, None]) ** 2).sum(-1), axis=1)
+        assert np.mean(nearest == list(tasks.COLORS).index(color)) > 0.9, s.question
+        checked += 1
+    assert checked > 100
+    shape_form = tasks.TaskConfig(tasks=("position",), position_form="shape")
+    assert all(s.target_cells == () for s in tasks.generate("train", 8, 0, shape_form))

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from scipy import ndimage
@@ -372,3 +373,64 @@ def test_command_line_round_trips_through_the_parser(monkeypatch):
     assert card.train_command(recorded) == line
     del recorded["attention_heads"]  # a summary written before that flag existed
     assert "older recipe" in card.train_command(recorded)
+
+
+def test_rows_mark_the_answer_query_and_the_named_objects_image_token():
+    tok = tok_lib.build_tokenizer(tasks.vocabulary())
+    samples = tasks.generate("train", 12, 5, tasks.TaskConfig(tasks=("shape", "count", "fact")))
+    rows = train.encode_rows(samples, tok, ImageConfig(), length=8)
+    image = rows["input_ids"] == tok_lib.image_token_id(tok)
+    for b, s in enumerate(samples):
+        first_answer = int(np.flatnonzero(rows["target_mask"][b])[0])
+        assert np.flatnonzero(rows["query_mask"][b]).tolist() == [first_answer - 1]
+        marked = np.flatnonzero(rows["lookup_mask"][b])
+        assert image[b, marked].all() and len(marked) == len(s.target_cells)
+        # the k-th image token of the row is cell k of the image
+        assert (np.flatnonzero(image[b])[list(s.target_cells)] == marked).all()
+        assert (len(marked) > 0) == (s.task == "shape")
+
+
+def test_lookup_loss_asks_one_heads_worth_of_attention_and_skips_rows_naming_nothing():
+    mask = np.zeros((3, 6), bool)
+    mask[0, 2] = mask[1, [1, 3]] = True  # row 2 names no object
+    scores = np.full((3, 6), 0.05, np.float32)
+    scores[0, 2] = 0.3   # 4 heads x 0.3 >= 1: found
+    scores[1, [1, 3]] = 0.05  # 4 x 0.1 = 0.4
+    scores[2] = 0.0      # would be -log(1e-6) if it counted
+    got = float(train.lookup_loss(jnp.asarray(scores), jnp.asarray(mask), heads=4))
+    np.testing.assert_allclose(got, (0.0 - np.log(0.4)) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="lookup_layer=0"):
+        train.TrainConfig(lookup_layer=0)
+    with pytest.raises(ValueError, match="lookup_weight=-1"):
+        train.TrainConfig(lookup_weight=-1.0)
+
+
+def test_the_lookup_aid_moves_attention_onto_the_named_object():
+    """The aid adds weight x lookup_loss of the chosen layer, and a few steps on it alone raise
+    that layer's attention on the named object's token."""
+    tok = tok_lib.build_tokenizer(tasks.vocabulary())
+    suite = tasks.TaskConfig(tasks=("shape",), image_size=(112, 112), object_size=(7, 10))
+    samples = tasks.generate("train", 4, 2, suite)
+    rows, grid = train.split_static(train.encode_rows(samples, tok, ImageConfig(), length=8))
+    model = train.KimiVL(train.model_config(), rngs=nnx.Rngs(0))
+
+    def mass():
+        out = model.forward(rows["input_ids"], rows["attention_mask"], rows["pixel_values"], grid,
+                            image_query_mask=rows["query_mask"])
+        return float(np.mean(np.sum(np.where(rows["lookup_mask"], out.image_scores[2], 0), -1)))
+
+    plain = train.answer_loss(model, rows, grid)[0]
+    aided = train.answer_loss(model, rows, grid, lookup_weight=0.5, lookup_layer=2)[0]
+    scores = model.forward(rows["input_ids"], rows["attention_mask"], rows["pixel_values"], grid,
+                           image_query_mask=rows["query_mask"]).image_scores[2]
+    np.testing.assert_allclose(float(aided), float(plain) + 0.5 * float(
+        train.lookup_loss(scores, rows["lookup_mask"], 4)), rtol=1e-5)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
+    step = nnx.jit(lambda m, o: o.update(m, nnx.grad(lambda m: train.lookup_loss(
+        m.forward(rows["input_ids"], rows["attention_mask"], rows["pixel_values"], grid,
+                  image_query_mask=rows["query_mask"]).image_scores[2],
+        rows["lookup_mask"], 4))(m)))
+    before = mass()
+    for _ in range(15):
+        step(model, optimizer)
+    assert mass() > 2 * before

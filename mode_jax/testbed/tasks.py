@@ -141,6 +141,10 @@ class Sample:
     options: tuple[str, ...] = ()
     answer_index: int | None = None
     key: str = ""
+    # Raster indices of the 28-pixel cells (= merged image tokens) the question's named object
+    # touches ("the red object", "the circle"); () when it names none (count, text). Training's
+    # look-up aid reads them; the content, and so `key`, is the same without them.
+    target_cells: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def modality(self) -> str:
@@ -352,6 +356,14 @@ def relation(a: Shape, b: Shape) -> str | None:
     return None
 
 
+def object_cells(o: Shape, image_size: tuple[int, int], cell: int = 28) -> tuple[int, ...]:
+    """Raster indices of the `cell`-pixel cells that `o`'s bounding box overlaps."""
+    cols = image_size[1] // cell
+    rows = range(max(o.cy - o.r, 0) // cell, min(o.cy + o.r, image_size[0] - 1) // cell + 1)
+    span = range(max(o.cx - o.r, 0) // cell, min(o.cx + o.r, image_size[1] - 1) // cell + 1)
+    return tuple(r * cols + c for r in rows for c in span)
+
+
 def _distinct_kinds(rng, n: int) -> list[tuple[str, str]]:
     shapes = rng.choice(SHAPES, size=n, replace=False)
     colors = rng.choice(list(COLORS), size=n, replace=False)
@@ -359,7 +371,8 @@ def _distinct_kinds(rng, n: int) -> list[tuple[str, str]]:
 
 
 def _scene_question(task: str, rng, config: TaskConfig):
-    """(objects, question, answer, options, answer_index) for one vision task, or None to retry."""
+    """(objects, question, answer, options, answer_index, named object or None) for one vision
+    task, or None to retry."""
     if task == "count":
         target = str(rng.choice(SHAPES))
         n = int(rng.integers(0, config.max_objects + 1))
@@ -371,7 +384,7 @@ def _scene_question(task: str, rng, config: TaskConfig):
         objects = place(rng, kinds, config)
         if objects is None:
             return None
-        return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None
+        return objects, f"how many {PLURALS[target]} are there ?", str(n), (), None, None
     # A position question's scene holds exactly its two objects: "where is a relative to b"
     # then needs a's place against the scene's other object, not a search among distractors.
     n = 2 if task == "position" else int(rng.integers(config.min_objects,
@@ -381,9 +394,10 @@ def _scene_question(task: str, rng, config: TaskConfig):
         return None
     target = objects[rng.integers(len(objects))]
     if task == "color":
-        return objects, f"what color is the {target.shape} ?", target.color, (), None
+        return objects, f"what color is the {target.shape} ?", target.color, (), None, target
     if task == "shape":
-        return objects, f"what shape is the {target.color} object ?", target.shape, (), None
+        return (objects, f"what shape is the {target.color} object ?", target.shape, (), None,
+                target)
     if task == "position":
         wanted = str(rng.choice(RELATIONS))
         pairs = [(a, b) for a in objects for b in objects
@@ -391,7 +405,8 @@ def _scene_question(task: str, rng, config: TaskConfig):
         if not pairs:
             return None
         a, b = pairs[rng.integers(len(pairs))]
-        return objects, *position_question(config.position_form, a, b), (), None
+        named = None if config.position_form == "shape" else a  # "shape" names no object
+        return objects, *position_question(config.position_form, a, b), (), None, named
     if task == "choice":
         if rng.integers(2):
             q, answer, pool = f"what color is the {target.shape} ?", target.color, list(COLORS)
@@ -400,7 +415,8 @@ def _scene_question(task: str, rng, config: TaskConfig):
         distractors = rng.choice([p for p in pool if p != answer], size=3, replace=False)
         options = tuple(str(o) for o in rng.permutation([answer, *distractors.tolist()]))
         index = options.index(answer)
-        return objects, *multiple_choice(q, options, index, config.choice_answer), options, index
+        return (objects, *multiple_choice(q, options, index, config.choice_answer), options, index,
+                target)
     raise ValueError(f"unknown vision task {task!r} (allowed: {VISION_TASKS})")
 
 
@@ -409,7 +425,7 @@ def _vision_sample(task: str, rng: np.random.Generator, config: TaskConfig, spli
         made = _scene_question(task, rng, config)
         if made is None:
             continue
-        objects, question, answer, options, index = made
+        objects, question, answer, options, index, named = made
         texture_seed = int(rng.integers(2**31))
         key = _digest("vision", config.image_size, texture_seed, objects, question)
         in_heldout = int(key[:8], 16) % 100 < config.heldout_percent
@@ -421,7 +437,7 @@ def _vision_sample(task: str, rng: np.random.Generator, config: TaskConfig, spli
     image = render(objects, config.image_size, texture_seed)
     return Sample(prompt=format_chat(question, with_image=True), question=question, answer=answer,
                   family="vision", task=task, image=image, options=options, answer_index=index,
-                  key=key)
+                  key=key, target_cells=object_cells(named, config.image_size) if named else ())
 
 
 # ---------------------------------------------------------------- public entry points

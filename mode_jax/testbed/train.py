@@ -50,6 +50,7 @@ from mode_jax.testbed import tokenizer as tok_lib
 # 3/8 share), while shape fell to 61% next to it; shape and counting get 2/7 each here.
 TEXT_MIX = tasks.TEXT_TASKS
 VISION_MIX = ("color", "shape", "shape", "count", "count", "position", "choice")
+LAYERS = 4  # language-model decoder layers (model_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,13 @@ class TrainConfig:
     # generated code capped at AVX2), so the run computes the same bits on any x86-64 machine
     # with AVX2 and the same core count, not only on the machine kind that made it.
     portable_math: bool = False
+    # Look-up aid: weight of a loss on one language-model layer's attention from the position
+    # that predicts the answer, asking at least one head's worth of it (1 / heads of the
+    # head-mean) to fall on the image tokens of the object the question names (`tasks.Sample.
+    # target_cells`). Finding "the red object" among the image tokens is the skill the recipe
+    # learns last and least reliably (docs/testbed.md); this gives it a direct signal. 0: off.
+    lookup_weight: float = 0.0
+    lookup_layer: int = 1  # layer 0 cannot look up: its query has not yet read the question
 
     def __post_init__(self):
         for name in ("vision_mix", "vision_mix_small"):
@@ -134,6 +142,9 @@ class TrainConfig:
         if not 1 <= self.train_min_objects <= most:
             raise ValueError(f"train_min_objects={self.train_min_objects}: must be in 1..{most} "
                              "(the suite's max_objects)")
+        if self.lookup_weight < 0 or not 1 <= self.lookup_layer < LAYERS:
+            raise ValueError(f"lookup_weight={self.lookup_weight} must be >= 0 and "
+                             f"lookup_layer={self.lookup_layer} in 1..{LAYERS - 1}")
         if not 0 <= self.shared_dropout < 1:
             raise ValueError(f"shared_dropout={self.shared_dropout}: must be in [0, 1)")
         if not self.outlier_factor > 0:
@@ -188,7 +199,7 @@ def model_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 12,
     slower: 40% vision and 16% fact_choice after 1600 steps.)
     """
     text = TextConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=32, num_hidden_layers=4,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=32, num_hidden_layers=LAYERS,
         num_attention_heads=attention_heads, kv_lora_rank=64, qk_nope_head_dim=head_dim,
         qk_rope_head_dim=16, v_head_dim=head_dim, q_lora_rank=None, moe_intermediate_size=128,
         n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -305,7 +316,9 @@ def round_up(n: int, multiple: int = 8) -> int:
 
 def encode_rows(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConfig,
                 length: int) -> dict[str, np.ndarray]:
-    """Right-padded teacher-forcing rows: ids, attention mask, answer-target mask, images.
+    """Right-padded teacher-forcing rows: ids, attention mask, answer-target mask, images, and
+    for the look-up aid the position that predicts the answer (`query_mask`) and the image
+    tokens of the object the question names (`lookup_mask`, all False when it names none).
 
     `length` is a minimum (rounded up to a multiple of 8 if a row is longer), so batches of a
     family keep one shape and one compiled step.
@@ -321,10 +334,16 @@ def encode_rows(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConf
     ids = np.zeros((len(rows), length), np.int32)
     mask = np.zeros((len(rows), length), bool)
     target = np.zeros((len(rows), length), bool)
-    for b, (row, answer) in enumerate(rows):
+    query = np.zeros((len(rows), length), bool)
+    lookup = np.zeros((len(rows), length), bool)
+    image_token = tok_lib.image_token_id(tokenizer)
+    for b, ((row, answer), s) in enumerate(zip(rows, samples, strict=True)):
         ids[b, :len(row)], mask[b, :len(row)], target[b, :len(row)] = row, True, answer
-    out = {"input_ids": ids, "attention_mask": mask, "target_mask": target, "pixel_values": None,
-           "grid_hws": None}
+        query[b, np.argmax(answer) - 1] = True
+        image_at = np.flatnonzero(row == image_token)  # merged tokens in raster order
+        lookup[b, image_at[list(s.target_cells)]] = True
+    out = {"input_ids": ids, "attention_mask": mask, "target_mask": target, "query_mask": query,
+           "lookup_mask": lookup, "pixel_values": None, "grid_hws": None}
     if pixels:
         out["pixel_values"] = pixels["pixel_values"]
         out["grid_hws"] = tuple(tuple(int(v) for v in g) for g in pixels["image_grid_hws"])
@@ -370,7 +389,7 @@ class Batches:
 
 # ---------------------------------------------------------------- the step
 def answer_loss(model: KimiVL, rows: dict, grid_hws, context_weight: float = 0.0,
-                label_smoothing: float = 0.0
+                label_smoothing: float = 0.0, lookup_weight: float = 0.0, lookup_layer: int = 1
                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(answer loss + context_weight * context loss, [L_moe, E] routed-token counts, [B] row
     all-correct, answer loss).
@@ -383,9 +402,13 @@ def answer_loss(model: KimiVL, rows: dict, grid_hws, context_weight: float = 0.0
     `label_smoothing` e trains the answer tokens towards (1 - e) on the target plus e spread over
     the vocabulary; it bounds the margin cross-entropy keeps pushing up (the reported answer
     loss stays the plain cross-entropy).
+
+    `lookup_weight` adds that times `lookup_loss` (the look-up aid; rows naming no object add
+    nothing).
     """
     out = model.forward(rows["input_ids"], rows["attention_mask"], rows["pixel_values"],
-                        grid_hws, return_routing=True)
+                        grid_hws, return_routing=True,
+                        image_query_mask=rows["query_mask"] if lookup_weight else None)
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     targets, answer = rows["input_ids"][:, 1:], rows["target_mask"][:, 1:]
     context = (rows["attention_mask"][:, 1:].astype(bool) & ~answer
@@ -405,7 +428,22 @@ def answer_loss(model: KimiVL, rows: dict, grid_hws, context_weight: float = 0.0
     counts = jnp.stack([jnp.einsum("btke,bt->e", jax.nn.one_hot(ids, e), real)
                         for ids, _ in out.routing])
     hit = (jnp.argmax(out.logits[:, :-1], -1) == targets) | ~answer
-    return fit + context_weight * mean(context), counts, jnp.all(hit, axis=1), loss
+    total = fit + context_weight * mean(context)
+    if lookup_weight:
+        total += lookup_weight * lookup_loss(out.image_scores[lookup_layer], rows["lookup_mask"],
+                                             model.config.text.num_attention_heads)
+    return total, counts, jnp.all(hit, axis=1), loss
+
+
+def lookup_loss(scores: jax.Array, lookup_mask: jax.Array, heads: int) -> jax.Array:
+    """Mean over rows that name an object of -log(min(1, heads * mass)), where mass is the
+    head-mean attention `scores [B, S]` of the answer-predicting query on the named object's
+    tokens: zero once one head's worth of attention finds the object, so the other heads stay
+    free for what else the answer needs."""
+    mass = jnp.sum(jnp.where(lookup_mask, scores, 0.0), axis=-1)
+    named = lookup_mask.any(-1)
+    nll = -jnp.log(jnp.clip(heads * mass, 1e-6, 1.0))
+    return jnp.sum(jnp.where(named, nll, 0.0)) / jnp.maximum(named.sum(), 1)
 
 
 def trainable(freeze_vision: bool):
@@ -418,9 +456,11 @@ def trainable(freeze_vision: bool):
     return nnx.All(nnx.Param, *(nnx.Not(f) for f in frozen))
 
 
-@nnx.jit(static_argnames=("grid_hws", "gamma", "context_weight", "freeze_vision"))
+@nnx.jit(static_argnames=("grid_hws", "gamma", "context_weight", "freeze_vision",
+                          "lookup_weight", "lookup_layer"))
 def train_step(model: KimiVL, optimizer: nnx.Optimizer, vision: dict, text: dict, grid_hws,
-               gamma: float, context_weight: float, freeze_vision: bool):
+               gamma: float, context_weight: float, freeze_vision: bool,
+               lookup_weight: float = 0.0, lookup_layer: int = 1):
     """One AdamW step on the mean of the two families' losses, then the bias update.
 
     Reports (total loss, vision answer loss, text answer loss, routed-token counts).
@@ -430,7 +470,8 @@ def train_step(model: KimiVL, optimizer: nnx.Optimizer, vision: dict, text: dict
     """
 
     def loss_fn(model):
-        total_v, cv, _, lv = answer_loss(model, vision, grid_hws, context_weight)
+        total_v, cv, _, lv = answer_loss(model, vision, grid_hws, context_weight,
+                                         lookup_weight=lookup_weight, lookup_layer=lookup_layer)
         total_t, ct, _, lt = answer_loss(model, text, None, context_weight)
         return (total_v + total_t) / 2, (lv, lt, cv + ct)
 
@@ -509,7 +550,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     for step in range(1, cfg.steps + 1):
         (vision, grid_hws), (text, _) = (split_static(rows) for rows in data.step(step))
         loss, lv, lt, counts = train_step(model, optimizer, vision, text, grid_hws,
-                                          cfg.bias_gamma, cfg.context_weight, cfg.freeze_vision)
+                                          cfg.bias_gamma, cfg.context_weight, cfg.freeze_vision,
+                                          cfg.lookup_weight, cfg.lookup_layer)
         window.append((loss, lv, lt))
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean = np.mean(np.asarray(jax.device_get(window)), axis=0)
