@@ -434,3 +434,11 @@ def test_the_lookup_aid_moves_attention_onto_the_named_object():
     for _ in range(15):
         step(model, optimizer)
     assert mass() > 2 * before
+
+
+def test_a_target_cell_past_the_image_tokens_is_named():
+    tok = tok_lib.build_tokenizer(tasks.vocabulary())
+    sample = tasks.generate("train", 1, 0, tasks.TaskConfig(tasks=("shape",)))[0]
+    broken = dataclasses.replace(sample, target_cells=(144,))  # a 12 x 12 grid has 0..143
+    with pytest.raises(ValueError, match="cell 144 is past the 144 image tokens"):
+        train.encode_rows([broken], tok, ImageConfig(), length=8)

@@ -341,6 +341,9 @@ def encode_rows(samples: Sequence[tasks.Sample], tokenizer, image_cfg: ImageConf
         ids[b, :len(row)], mask[b, :len(row)], target[b, :len(row)] = row, True, answer
         query[b, np.argmax(answer) - 1] = True
         image_at = np.flatnonzero(row == image_token)  # merged tokens in raster order
+        if s.target_cells and max(s.target_cells) >= len(image_at):
+            raise ValueError(f"{s.question!r}: its object's cell {max(s.target_cells)} is past "
+                             f"the {len(image_at)} image tokens (was the image resized?)")
         lookup[b, image_at[list(s.target_cells)]] = True
     out = {"input_ids": ids, "attention_mask": mask, "target_mask": target, "query_mask": query,
            "lookup_mask": lookup, "pixel_values": None, "grid_hws": None}
