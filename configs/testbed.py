@@ -4,7 +4,8 @@
 
 runs MODE, every baseline and the uninformed control `random` on the same statistics (the
 sweep) at 3 average bits. Further commands on the same workdir reuse the statistics and add
-their rows to the same report:
+their rows to the same report (`bash benchmarks/testbed_table.sh` runs those of the README's
+table):
 
   # 2 average bits, candidates 1/2/3; 2.4375 average bits, candidates 2/3/4 (no 1-bit expert)
   python main.py --config=configs/testbed.py --workdir=runs/testbed \

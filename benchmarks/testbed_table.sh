@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every run behind the README's method table ("What it says about the methods"), on the shipped
+# testbed: three budgets, each with MODE, the baselines, five draws of the random control, MoPEQ
+# with method.md's Hessian trace and MODE with the exact logit_kl estimator on statistics of all
+# tasks. One workdir: every run reuses the statistics stages it shares with an earlier one and
+# adds its rows to <workdir>/report.md, where the table is read. 91 minutes on 2 cores beside a
+# training run (2026-12-06); alone, perhaps half that (not measured).
+#   bash benchmarks/testbed_table.sh [workdir, default runs/table]
+set -eu
+WORKDIR=${1:-runs/table}
+run() { python main.py --config=configs/testbed.py --workdir="$WORKDIR" "$@"; }
+budget() {  # flags of the budget, sweep of its first run
+  local flags=$1 sweep=$2
+  # shellcheck disable=SC2086  # the budget's flags are words on purpose
+  run $flags --config.sweep="$sweep"
+  for seed in 1 2 3 4; do
+    # shellcheck disable=SC2086
+    run $flags --config.alloc.random_seed=$seed --config.sweep='("random",)'
+  done
+  # shellcheck disable=SC2086
+  run $flags --config.sens.trace_curvature=hessian \
+    --config.sweep='("mopeq-budget",)'
+  # shellcheck disable=SC2086
+  run $flags --config.sens.estimator=logit_kl \
+    --config.data.testbed_stats_tasks=all --config.sweep='("mode",)'
+}
+budget "" '("mode","uniform","pmq","gemq","mopeq-budget","random")'
+budget "--config.alloc.budget_bits=2.4375" \
+  '("mode","pmq","gemq","mopeq-budget","mopeq","random")'
+budget "--config.alloc.budget_bits=2 --config.alloc.bits=(1,2,3)" \
+  '("mode","uniform","pmq","gemq","mopeq-budget","random")'
