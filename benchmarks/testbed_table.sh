@@ -6,21 +6,18 @@
 # adds its rows to <workdir>/report.md, where the table is read. 91 minutes on 2 cores beside a
 # training run (2026-12-06); alone, perhaps half that (not measured).
 #   bash benchmarks/testbed_table.sh [workdir, default runs/table]
+# shellcheck disable=SC2086  # a budget's flags are split into words on purpose
 set -eu
 WORKDIR=${1:-runs/table}
 run() { python main.py --config=configs/testbed.py --workdir="$WORKDIR" "$@"; }
 budget() {  # flags of the budget, sweep of its first run
   local flags=$1 sweep=$2
-  # shellcheck disable=SC2086  # the budget's flags are words on purpose
   run $flags --config.sweep="$sweep"
   for seed in 1 2 3 4; do
-    # shellcheck disable=SC2086
     run $flags --config.alloc.random_seed=$seed --config.sweep='("random",)'
   done
-  # shellcheck disable=SC2086
   run $flags --config.sens.trace_curvature=hessian \
     --config.sweep='("mopeq-budget",)'
-  # shellcheck disable=SC2086
   run $flags --config.sens.estimator=logit_kl \
     --config.data.testbed_stats_tasks=all --config.sweep='("mode",)'
 }
