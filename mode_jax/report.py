@@ -252,9 +252,11 @@ def write(workdir: str, config, contexts: list) -> str:
                     alloc.arrays["bits"], candidate_bits=tuple(a.bits),
                     report=alloc.meta.get("report"))
     rows = evaluated_runs(workdir)
-    stats = contexts[0].ensure("calibrate").arrays
+    calibrate = contexts[0].ensure("calibrate")
+    stats = calibrate.arrays
     doc = {"config": config.to_dict(), "results": rows,
-           "modality_js_divergence_per_layer": modality_divergence(stats)}
+           "modality_js_divergence_per_layer": modality_divergence(stats),
+           "modality_js_divergence_source": _statistics_source(calibrate, workdir)}
     _figure_frequencies(stats, os.path.join(fig_dir, "modality_frequency.png"))
     if any(r.get("accuracy") is not None for r in rows):
         _figure_accuracy(rows, os.path.join(fig_dir, "accuracy_vs_bits.png"))
@@ -264,6 +266,18 @@ def write(workdir: str, config, contexts: list) -> str:
     with open(path, "w") as f:
         f.write(_markdown(doc))
     return path
+
+
+def _statistics_source(calibrate, workdir: str) -> str:
+    """Which statistics the divergence line reads: the rows may come from runs with other data
+    settings on the same workdir, the divergence only from the run that wrote the report."""
+    data = calibrate.meta.get("recorded_config", {}).get("config", {})
+    keys = ["data.source", "data.num_freq_samples"]
+    if data.get("data.source") == "testbed":
+        keys.insert(1, "data.testbed_stats_tasks")
+    settings = ", ".join(f"{k.split('.')[-1]} {data[k]}" for k in keys if k in data)
+    where = os.path.relpath(calibrate.path, workdir)
+    return f"{where} ({settings})" if settings else where
 
 
 def _json_default(value):
@@ -293,7 +307,9 @@ def _markdown(doc: dict) -> str:
     lines += _notes(rows)
     if "modality_js_divergence_per_layer" in doc:
         js = ", ".join(f"{v:.3f}" for v in doc["modality_js_divergence_per_layer"])
-        lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}"]
+        source = doc.get("modality_js_divergence_source")
+        of = f"; on the latest run's statistics, {source}" if source else ""
+        lines += ["", f"Text vs key-vision routing divergence per MoE layer (JS, bits): {js}{of}"]
     fp = next((r for r in rows if "fp_accuracy" in r), None)
     if fp:
         fams = ", ".join(f"{k[12:]} {v:.4g}" for k, v in fp.items() if k.startswith("fp_accuracy_"))

@@ -198,3 +198,20 @@ def test_a_damaged_artifact_is_one_line_naming_it(tmp_path, reference):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: artifact {convert} is "
                                                            "unreadable")
     assert f"rm -r {convert}" in proc.stderr
+
+
+def test_report_says_which_statistics_its_divergence_line_reads(tmp_path, reference):
+    """Rows of several runs share one report, the divergence line is the latest run's: it names
+    that run's calibrate artifact and data settings, so a reader can tell."""
+    def divergence_line(workdir):
+        with open(os.path.join(workdir, "report.md")) as f:
+            return next(line for line in f if line.startswith("Text vs key-vision"))
+
+    (first,) = os.listdir(os.path.join(reference[0], "calibrate"))
+    assert f"calibrate/{first} (source random, num_freq_samples 8)" in divergence_line(
+        reference[0])
+    work = str(tmp_path / "w")
+    shutil.copytree(reference[0], work)
+    _run(work, "--config.data.num_freq_samples=4")
+    (second,) = set(os.listdir(os.path.join(work, "calibrate"))) - {first}
+    assert f"calibrate/{second} (source random, num_freq_samples 4)" in divergence_line(work)
