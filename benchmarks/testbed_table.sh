@@ -3,8 +3,8 @@
 # testbed: three budgets, each with MODE, the baselines, five draws of the random control, MoPEQ
 # with method.md's Hessian trace and MODE with the exact logit_kl estimator on statistics of all
 # tasks. One workdir: every run reuses the statistics stages it shares with an earlier one and
-# adds its rows to <workdir>/report.md, where the table is read. 91 minutes on 2 cores beside a
-# training run (2026-12-06); alone, perhaps half that (not measured).
+# adds its rows to <workdir>/report.md, where the table is read. 47 minutes on 2 cores with a few
+# small jobs beside it (2026-12-06, the shipped checkpoint); 91 beside a training run.
 #   bash benchmarks/testbed_table.sh [workdir, default runs/table]
 # shellcheck disable=SC2086  # a budget's flags are split into words on purpose
 set -eu
