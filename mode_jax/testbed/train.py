@@ -118,11 +118,10 @@ class TrainConfig:
     outlier_factor: float = 8.0
     # Probability that a training row runs without the shared experts (whole rows, inverted
     # scaling as in dropout; none at inference): the routed experts then have to hold every
-    # skill on their own rather than share it with an always-on expert. Without it the look-up-
-    # aided recipe held vision 96.8% but 2-bit round-to-nearest cost only 6.9 points (the
-    # routed experts mattered little); at 0.25 the shipped checkpoint holds vision 97.6% and
-    # 2 bits cost 12.9 points (docs/testbed.md). Without the look-up aid, 0.25 cost vision
-    # (90.4%).
+    # skill on their own rather than share it with an always-on expert, so quantizing them
+    # costs what it would in a real model: 2-bit round-to-nearest costs the shipped checkpoint
+    # 12.9 points, 6.9 without dropout. Without the look-up aid it cost vision (90.4%); the
+    # runs are in docs/testbed.md.
     shared_dropout: float = 0.25
     # Run XLA:CPU with the flags of `portable_math.py` (no run-time-dispatched YNNPACK kernels,
     # generated code capped at AVX2), so the run computes the same bits on any x86-64 machine
