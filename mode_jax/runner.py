@@ -48,6 +48,7 @@ class Stage:
     inputs: tuple[str, ...]
     config_keys: tuple[str, ...]
     run: Callable[[Context, dict[str, Artifact]], tuple[dict, dict]]
+    layout: str = ""  # the stored layout, where it changes apart from FORMAT_VERSION
 
 
 def config_value(config: Any, dotted: str) -> Any:
@@ -81,7 +82,10 @@ class Context:
         stage = self.stages[name]
         own = {k: _jsonable(config_value(self.config, k)) for k in stage.config_keys}
         ups = {i: self.fingerprint(i) for i in stage.inputs}
-        return {"format": FORMAT_VERSION, "stage": name, "config": own, "inputs": ups}
+        recorded = {"format": FORMAT_VERSION, "stage": name, "config": own, "inputs": ups}
+        if stage.layout:  # only where set, so the other stages keep their fingerprints
+            recorded["layout"] = stage.layout
+        return recorded
 
     def fingerprint(self, name: str) -> str:
         if name not in self._fingerprints:

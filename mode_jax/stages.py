@@ -26,6 +26,7 @@ import numpy as np
 from mode_jax import runner
 from mode_jax.alloc.allocators import METHODS, MODE_KEYS
 from mode_jax.runner import Stage, UserError
+from pallas_kernels import packing
 from pallas_kernels.grouped_matmul import DEQUANT_MODES as KERNEL_DEQUANT_MODES
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ STAGES = {
          "data.batch_size", "data.max_length", "data.max_image_tokens", "model.matmul_precision",
          "seed"),
         run_quantize,
+        layout=f"packing/{packing.LAYOUT_VERSION}",  # a new bit layout re-packs, not misreads
     ),
     "evaluate": Stage(
         "evaluate", ("convert", "quantize"),

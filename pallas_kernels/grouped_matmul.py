@@ -58,13 +58,13 @@ class BlockConfig:
     codes become matmul operands (all exact, so all give the same products):
       "convert"  int32 codes -> float32 -> x's dtype (int-to-float instructions);
       "magic"    float32 codes from exponent bits (``packing.unpack_tile_float``) -> x's dtype;
-      "registers" (Triton) each plane's tile in ``packing.register_order`` so each thread
+      "registers" (Triton) the codes' tile in ``packing.register_order`` so each thread
                  unpacks the words whose rows it feeds to the tensor cores: no trip through
                  shared memory. Up to 4 bits the operand is bf16 ``128 + u`` straight from
                  exponent bits and the offset comes off the product (``_registers_product``);
-                 x's columns are permuted to match outside the kernel, once per plane (3 bits:
-                 two dots, as its two planes' words cannot share a thread). Mosaic, and group
-                 sizes without a register order, run it as "magic".
+                 x's columns are permuted to match outside the kernel (3 bits: both planes
+                 share the order, one dot). Mosaic, and group sizes without a register order,
+                 run it as "magic".
     (Multiplying the float32 codes in TF32 instead was measured 2.5x slower on an H100.)
     """
 
@@ -305,12 +305,9 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
     dequant = effective_dequant(config.dequant, spec.bits, backend, spec.group_size)
-    if dequant == "registers":  # x's columns in each plane's row order, plane after plane
-        groups = x.reshape(m_pad, spec.num_k_groups, spec.group_size)
-        x = jnp.concatenate([
-            groups[:, :, packing.register_order(width, spec.group_size)].reshape(m_pad, k_pad)
-            for width in packing.plane_widths(spec.bits)
-        ], axis=1)
+    if dequant == "registers":  # x's columns in the codes' row order, group by group
+        perm = packing.codes_register_order(spec.bits, spec.group_size)
+        x = x.reshape(m_pad, spec.num_k_groups, spec.group_size)[:, :, perm].reshape(m_pad, k_pad)
     if dequant != config.dequant:
         config = dataclasses.replace(config, dequant=dequant)
     meta = group_metadata(group_sizes, m_pad, bm)
@@ -364,13 +361,10 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
 
     def step(kg, accs):
         xk = load_x(kg)
-        if dequant == "registers":  # plane i's x columns start at group i * num_k_groups
-            x_planes = [xk] + [load_x(kg + i * spec.num_k_groups)
-                               for i in range(1, len(packing.plane_widths(spec.bits)))]
         new = []
         for acc, (load_w, load_s) in zip(accs, operands, strict=True):
             if dequant == "registers":
-                part = _registers_product(x_planes, load_w(kg), spec, precision)
+                part = _registers_product(xk, load_w(kg), spec, precision)
             else:
                 if spec.bits is None:
                     w = load_w(kg).astype(xk.dtype)
@@ -394,47 +388,35 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
     return y.astype(out_dtype)
 
 
-def _registers_product(x_planes, words, spec: _Spec, precision):
-    """``x @ q`` for one group from its plane tiles in ``packing.register_order``.
+def _registers_product(x, words, spec: _Spec, precision):
+    """``x @ q`` for one group from its plane tiles, unpacked in ``packing.register_order``.
 
-    ``x_planes[i]``: the group's x columns in plane i's row order. The code is
-    ``u = sum_i u_i 2^(shift_i)`` over planes (3 bits: a 2-bit and a 1-bit plane), and
-    ``q = u - 2^(b-1)`` (1 bit: ``q = 2u - 1``). Up to 4 bits, ``0x4300 | u_i`` read as bf16 is
-    ``128 + u_i`` (u_i < 128 fits the 7-bit mantissa): one OR per code and no conversion; the
-    dots then carry multiples of ``rowsum(x)``, taken off once per tile row instead of once per
-    code. The bf16 products are exact and the float32 sums keep about 16 bits after that
-    cancellation, beyond bf16's 8. 8-bit codes do not fit the mantissa and go through float32
-    exponent bits as in "magic".
+    ``x``: the group's columns in that order. ``q = u - 2^(b-1)`` (1 bit: ``q = 2u - 1``). Up
+    to 4 bits, ``0x4300 | u`` read as bf16 is ``128 + u`` (u < 128 fits the 7-bit mantissa):
+    one OR per code and no conversion; the dot then carries ``128 rowsum(x)``, taken off once
+    per tile row instead of once per code. The bf16 products are exact and the float32 sums
+    keep about 16 bits after that cancellation, beyond bf16's 8. 8-bit codes do not fit the
+    mantissa and go through float32 exponent bits as in "magic".
     """
-    bits, gs = spec.bits, spec.group_size
-    widths = packing.plane_widths(bits)
-    units = [
-        packing.unpack_tile_registers(w, width, gs)
-        for w, width in zip(words, widths, strict=True)
-    ]
+    bits = spec.bits
+    u = packing.unpack_tile_registers(words, bits, spec.group_size)
     dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
     if bits == 8:
-        (u,) = units
         f = lax.bitcast_convert_type(u | 0x4B000000, jnp.float32) - (2.0**23 + 128)
-        return dot(x_planes[0], f.astype(x_planes[0].dtype))
-    raw, offset, shift = None, 0, 0  # raw = x @ u + offset * rowsum(x)
-    for x, u, width in zip(x_planes, units, widths, strict=True):
-        v = lax.bitcast_convert_type((u | 0x4300).astype(jnp.int16), jnp.bfloat16)
-        part = dot(x, v.astype(x.dtype))
-        raw = part if raw is None else raw + float(1 << shift) * part
-        offset += 128 << shift
-        shift += width
-    rowsum = jnp.sum(x_planes[0].astype(jnp.float32), axis=1, keepdims=True)
+        return dot(x, f.astype(x.dtype))
+    v = lax.bitcast_convert_type((u | 0x4300).astype(jnp.int16), jnp.bfloat16)
+    raw = dot(x, v.astype(x.dtype))  # x @ (128 + u)
+    rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
     if bits == 1:  # q = 2u - 1
-        return 2.0 * raw - float(2 * offset + 1) * rowsum
-    return raw - float(offset + (1 << (bits - 1))) * rowsum
+        return 2.0 * raw - 257.0 * rowsum
+    return raw - float(128 + (1 << (bits - 1))) * rowsum
 
 
 def effective_dequant(mode: str, bits: int | None, backend: str, group_size: int = 128) -> str:
     """The dequant a launch runs: "registers" only where it applies (see ``BlockConfig``)."""
     if mode == "registers" and (
         backend != "triton" or bits is None
-        or not all(packing.has_register_order(w, group_size) for w in packing.plane_widths(bits))
+        or not packing.codes_have_register_order(bits, group_size)
     ):
         return "magic"
     return mode

@@ -20,6 +20,9 @@ row ``k = g*gs + t`` of column ``n``, where the in-group row ``t`` is::
 
     slot-major  (R % 8 == 0; gs=128: c = 2, 4, 8):  t = j * R + r
     word-major  (otherwise;  gs=128: c = 1):        t = r * P + j
+    paired      (the 1-bit plane of 3-bit codes; R2 = the 2-bit plane's R = 2 R):
+                bit 16 h + j of word r holds the high bit of the code in slot j (j < 16) of
+                the 2-bit plane's word r + h R, i.e. t = t2(r + h R, j) in that plane's order
 
     gs = 128, c = 2 (R = 8, P = 16), one group, one column n:
       word r=0: [ t=0 | t=8  | t=16 | ... | t=120 ]   bits 0-1, 2-3, 4-5, ..., 30-31
@@ -29,11 +32,20 @@ row ``k = g*gs + t`` of column ``n``, where the in-group row ``t`` is::
     gs = 128, c = 1 (R = 4, P = 32):
       word r=0: [ t=0  | t=1  | ... | t=31  ]         bit j holds t = j
       word r=3: [ t=96 | t=97 | ... | t=127 ]
+    gs = 128, 3 bits' c = 1 plane (paired, R = 4):
+      word r=0: [ t=0 | t=8 | ... | t=120 | t=4 | t=12 | ... | t=124 ]   (2-bit words 0 and 4)
+      word r=3: [ t=3 | t=11 | ... | t=123 | t=7 | t=15 | ... | t=127 ]  (2-bit words 3 and 7)
 
-Both orders unpack one group's ``[R, bn]`` word tile to ``[gs, bn]`` codes with a broadcast, a
-shift by a ``broadcasted_iota``, a mask and a reshape whose merged second-minor dimension
-(R or P) is a multiple of 8: no gather, no stack, power-of-two sizes (Triton), and
-(8, 128)-aligned tiles (Mosaic TPU). N is the lane (contiguous) dimension.
+Why paired: each code's two pieces then sit in words of the same index pair, so whoever unpacks
+the 2-bit word has the high bits at hand (``unpack_tile_registers``: one thread, one dot).
+``LAYOUT_VERSION`` 1 held that plane word-major, like a 1-bit code's.
+
+Slot- and word-major planes unpack one group's ``[R, bn]`` word tile to ``[gs, bn]`` codes with
+a broadcast, a shift by a ``broadcasted_iota``, a mask and a reshape whose merged second-minor
+dimension (R or P) is a multiple of 8: no gather, no stack, power-of-two sizes (Triton), and
+(8, 128)-aligned tiles (Mosaic TPU). A paired plane first splits its words into 16-bit halves
+``[2 R, bn]`` the same way (a reshape that merges R = 4 rows at gs = 128) and then reads like a
+1-bit plane of 16-slot words in the 2-bit plane's order. N is the lane (contiguous) dimension.
 
 Padding (round-trips; stripped by ``unpack``/``dequantize``): K is padded to ``Kg * gs`` with
 code q = 0 (q = -1 for b = 1); each of the ``parts`` column blocks of width ``Nq = N / parts``
@@ -62,6 +74,7 @@ import numpy as np
 from jax import lax
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
+LAYOUT_VERSION = 2  # bump when the bit layout changes; packed-model files and stages record it
 COLUMN_ALIGN = 128
 
 
@@ -79,6 +92,11 @@ def words_per_group(width: int, group_size: int) -> int:
 def is_slot_major(width: int, group_size: int) -> bool:
     """Whether a plane uses the slot-major in-group order (see the module docstring)."""
     return words_per_group(width, group_size) % 8 == 0
+
+
+def is_paired(bits: int, plane: int) -> bool:
+    """Whether plane number ``plane`` of ``bits``-bit codes uses the paired order."""
+    return bits == 3 and plane == 1
 
 
 @jax.tree_util.register_dataclass
@@ -155,9 +173,15 @@ def _pack_arrays(codes, scales, bits, group_size, parts):
     u = _pad_parts(u, parts, _unsigned_pad_value(bits))
     planes = []
     shift = 0
-    for width in plane_widths(bits):
+    for i, width in enumerate(plane_widths(bits)):
         piece = (u >> shift) & ((1 << width) - 1)
-        planes.append(_pack_plane(piece, width, group_size))
+        if is_paired(bits, i):  # 16-bit halves ordered as the 2-bit plane's words, then folded
+            halves = _pack_plane(piece, width, group_size, slots=16, r=group_size // 16,
+                                 slot_major=is_slot_major(2, group_size))
+            half_r = halves.shape[-2] // 2
+            planes.append(halves[..., :half_r, :] | (halves[..., half_r:, :] << 16))
+        else:
+            planes.append(_pack_plane(piece, width, group_size))
         shift += width
     return tuple(planes), _pad_parts(scales, parts, 0)
 
@@ -194,6 +218,21 @@ def has_register_order(width: int, group_size: int) -> bool:
     return words_per_group(width, group_size) % lanes == 0 and (32 // width) % lanes == 0
 
 
+def codes_have_register_order(bits: int, group_size: int) -> bool:
+    """Whether ``unpack_tile_registers`` serves ``bits``-bit codes of this group size (3 bits:
+    also a paired word's two 2-bit words on one lane)."""
+    if bits == 3:
+        return has_register_order(2, group_size) and words_per_group(1, group_size) % 4 == 0
+    return has_register_order(bits, group_size)
+
+
+def codes_register_order(bits: int, group_size: int) -> np.ndarray:
+    """``register_order`` of ``bits``-bit codes: 3 bits unpack in their 2-bit plane's order."""
+    if not codes_have_register_order(bits, group_size):
+        raise ValueError(f"no register order for {bits}-bit codes of group {group_size}")
+    return register_order(plane_widths(bits)[0], group_size)
+
+
 def register_order(width: int, group_size: int) -> np.ndarray:
     """In-group row order of ``unpack_tile_registers``: tile row i holds natural row ``perm[i]``.
 
@@ -220,22 +259,35 @@ def register_order(width: int, group_size: int) -> np.ndarray:
     return perm
 
 
-def unpack_tile_registers(words: jax.Array, width: int, group_size: int) -> jax.Array:
-    """Unsigned int32 codes ``[gs, bn]`` of one single-plane group in ``register_order``.
+def unpack_tile_registers(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+    """Unsigned int32 codes ``[gs, bn]`` of one group in ``codes_register_order``.
 
     Each slot is a shift and a mask of the whole word tile; the slots are gathered with
     2-way joins (Triton's ``tt.join`` keeps them in the thread that holds the word), and one
-    transpose and reshape put them in ``register_order``'s rows.
+    transpose and reshape put them in ``register_order``'s rows. 3 bits: the paired plane's
+    halves are joined and transposed to line up with the 2-bit words first (on words, not
+    codes), then each slot ORs its high bit in.
     """
-    r, bn = words.shape
+    tiles = [_as_int32(w) for w in words]
+    r, bn = tiles[0].shape
+    width = plane_widths(bits)[0]
     p, lanes = 32 // width, REGISTER_ORDER_LANES
-    if words.dtype != jnp.int32:
-        words = lax.bitcast_convert_type(words, jnp.int32)
-    pieces = [lax.shift_right_logical(words, j * width) & ((1 << width) - 1)
-              for j in _register_slots(p)]
-    stacked = _stack_last(pieces)  # [r, bn, p], last index = position e
+    if bits == 3:  # halves [r, bn]: row h r/2 + w is half h of paired word w
+        lo, hi = tiles
+        pair = jnp.stack([hi & 0xFFFF, lax.shift_right_logical(hi, 16)], axis=-1)
+        halves = jnp.transpose(pair, (2, 0, 1)).reshape(r, bn)
+        piece = lambda j: ((lax.shift_right_logical(lo, 2 * j) & 3)
+                           | ((lax.shift_right_logical(halves, j) & 1) << 2))
+    else:
+        (tile,) = tiles
+        piece = lambda j: lax.shift_right_logical(tile, j * width) & ((1 << width) - 1)
+    stacked = _stack_last([piece(j) for j in _register_slots(p)])  # [r, bn, p], last = e
     tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)  # r_hi, lane, n, e_hi, e_lo
     return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
+
+
+def _as_int32(words: jax.Array) -> jax.Array:
+    return words if words.dtype == jnp.int32 else lax.bitcast_convert_type(words, jnp.int32)
 
 
 def _register_slots(p: int) -> list[int]:
@@ -369,12 +421,17 @@ def _strip_parts(a: jax.Array, packed: PackedWeight) -> jax.Array:
     return a.reshape(*a.shape[:-2], packed.n)
 
 
-def _pack_plane(piece: jax.Array, width: int, group_size: int) -> jax.Array:
-    """``piece [..., Kp, Np]`` (values < 2^width) -> words ``[..., Kg, R, Np]``."""
+def _pack_plane(piece: jax.Array, width: int, group_size: int, *, slots: int | None = None,
+                r: int | None = None, slot_major: bool | None = None) -> jax.Array:
+    """``piece [..., Kp, Np]`` (values < 2^width) -> words ``[..., Kg, R, Np]``; ``slots``, ``r``
+    and ``slot_major`` default to a plane of ``width`` (a paired plane's halves override them)."""
     *batch, kp, npad = piece.shape
-    kg, r, p = kp // group_size, words_per_group(width, group_size), 32 // width
+    kg = kp // group_size
+    r = words_per_group(width, group_size) if r is None else r
+    p = 32 // width if slots is None else slots
+    slot_major = is_slot_major(width, group_size) if slot_major is None else slot_major
     shifts = jnp.arange(p, dtype=jnp.uint32) * width
-    if is_slot_major(width, group_size):  # t = j * R + r
+    if slot_major:  # t = j * R + r
         piece = piece.reshape(*batch, kg, p, r, npad)
         words = piece << shifts[:, None, None]
         axis = -3
@@ -390,20 +447,34 @@ def _unpack_unsigned_tile(words: tuple[jax.Array, ...], bits: int, group_size: i
     """Unsigned int32 codes ``[gs, bn]``: each plane's pieces shifted into place and OR-ed."""
     u = None
     shift = 0
-    for width, w in zip(plane_widths(bits), words, strict=True):
-        piece = _unpack_plane_tile(w, width, group_size)
+    for i, (width, w) in enumerate(zip(plane_widths(bits), words, strict=True)):
+        if is_paired(bits, i):
+            piece = _unpack_plane_tile(_halves(_as_int32(w)), width, group_size, slots=16,
+                                       slot_major=is_slot_major(2, group_size))
+        else:
+            piece = _unpack_plane_tile(w, width, group_size)
         u = piece if u is None else u | (piece << shift)
         shift += width
     return u
 
 
-def _unpack_plane_tile(words: jax.Array, width: int, group_size: int) -> jax.Array:
+def _halves(words: jax.Array) -> jax.Array:
+    """Paired words ``[R, bn]`` -> their 16-bit halves ``[2 R, bn]`` (row h R + r: half h of
+    word r), by a broadcast and an iota shift (no concatenate, for Mosaic TPU)."""
+    r, bn = words.shape
+    wide = lax.broadcast_in_dim(words, (2, r, bn), (1, 2))
+    shifts = lax.broadcasted_iota(jnp.int32, (2, r, bn), 0) * 16
+    return (lax.shift_right_logical(wide, shifts) & 0xFFFF).reshape(2 * r, bn)
+
+
+def _unpack_plane_tile(words: jax.Array, width: int, group_size: int, *,
+                       slots: int | None = None, slot_major: bool | None = None) -> jax.Array:
     """Words ``[R, bn]`` of one group -> unsigned pieces ``int32 [gs, bn]``."""
     r, bn = words.shape
-    p = 32 // width
-    if words.dtype != jnp.int32:
-        words = lax.bitcast_convert_type(words, jnp.int32)
-    if is_slot_major(width, group_size):
+    p = 32 // width if slots is None else slots
+    slot_major = is_slot_major(width, group_size) if slot_major is None else slot_major
+    words = _as_int32(words)
+    if slot_major:
         shape, slot_axis = (p, r, bn), 0
         wide = lax.broadcast_in_dim(words, shape, (1, 2))
     else:

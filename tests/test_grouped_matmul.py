@@ -267,9 +267,9 @@ def test_registers_mode_lowers_for_cuda(bits, swiglu):
 
 def test_registers_mode_runs_as_magic_where_it_cannot_apply():
     assert gm.effective_dequant("registers", 4, "triton") == "registers"
-    assert gm.effective_dequant("registers", 3, "triton") == "registers"  # one dot per plane
+    assert gm.effective_dequant("registers", 3, "triton") == "registers"  # one dot (paired plane)
     assert gm.effective_dequant("registers", 1, "triton", group_size=64) == "magic"
-    assert gm.effective_dequant("registers", 3, "triton", group_size=64) == "magic"  # 1-bit plane
+    assert gm.effective_dequant("registers", 3, "triton", group_size=64) == "magic"  # R/2 = 2
     assert gm.effective_dequant("registers", 4, "mosaic_tpu") == "magic"
     assert gm.effective_dequant("registers", None, "triton") == "magic"  # dense weights
     assert gm.effective_dequant("convert", 4, "triton") == "convert"

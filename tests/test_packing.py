@@ -44,14 +44,23 @@ def read_by_docstring(packed):
     g, t = rows // gs, rows % gs
     u = np.zeros((*planes[0].shape[:-3], k, planes[0].shape[-1]), np.uint64)
     shift = 0
-    for width, plane in zip(packed_widths(packed.bits), planes, strict=True):
-        r_words, per_word = gs * width // 32, 32 // width
-        if r_words % 8 == 0:  # slot-major: t = j * R + r
-            j, r = t // r_words, t % r_words
-        else:  # word-major: t = r * P + j
-            r, j = t // per_word, t % per_word
+    for i, (width, plane) in enumerate(zip(packed_widths(packed.bits), planes, strict=True)):
+        if packed.bits == 3 and i == 1:  # paired: bit 16 h + j of word r <-> 2-bit word r + h R
+            r2, half_r = gs * 2 // 32, gs // 32
+            if r2 % 8 == 0:
+                r_lo, j = t % r2, t // r2
+            else:
+                r_lo, j = t // 16, t % 16
+            r, bit = r_lo % half_r, j + 16 * (r_lo // half_r)
+        else:
+            r_words, per_word = gs * width // 32, 32 // width
+            if r_words % 8 == 0:  # slot-major: t = j * R + r
+                j, r = t // r_words, t % r_words
+            else:  # word-major: t = r * P + j
+                r, j = t // per_word, t % per_word
+            bit = j * width
         words = plane[..., g, r, :]  # [..., K, Np]
-        piece = (words >> (j * width).astype(np.uint64)[:, None]) & ((1 << width) - 1)
+        piece = (words >> bit.astype(np.uint64)[:, None]) & ((1 << width) - 1)
         u |= piece << np.uint64(shift)
         shift += width
     u = u.astype(np.int64)
@@ -170,28 +179,31 @@ def test_float_unpack_equals_integer_unpack(bits):
         np.testing.assert_array_equal(np.asarray(ints), codes[g * 128:(g + 1) * 128])
 
 
-@pytest.mark.parametrize("bits,group_size", [(1, 128), (2, 128), (4, 128), (8, 128), (2, 64),
-                                             (4, 256), (1, 256)])
+@pytest.mark.parametrize("bits,group_size", [(1, 128), (2, 128), (3, 128), (4, 128), (8, 128),
+                                             (2, 64), (3, 256), (4, 256), (1, 256)])
 def test_register_order_unpack_is_the_natural_codes_permuted(bits, group_size):
     """``unpack_tile_registers`` gives row i = natural row perm[i], and lane (i % 16) // 4 only
-    reads words w with w % 4 equal to it (the docstring layout decides which word holds a row)."""
+    reads words w with w % 4 equal to it (the docstring layout decides which word holds a row;
+    3 bits: the 2-bit word, whose paired word shares its lane when R / 2 % 4 == 0)."""
     rng = np.random.default_rng(bits)
     codes = random_codes(rng, bits, (2 * group_size, 128))
     packed = packing.pack(codes, jnp.ones((2, 128), jnp.bfloat16), bits, group_size=group_size)
-    perm = packing.register_order(bits, group_size)
+    perm = packing.codes_register_order(bits, group_size)
     assert sorted(perm.tolist()) == list(range(group_size))
     unsigned = (codes + 1) // 2 if bits == 1 else codes + (1 << (bits - 1))
     for g in range(2):
-        tile = packing.unpack_tile_registers(packed.planes[0][g], bits, group_size)
+        tile = packing.unpack_tile_registers(tuple(p[g] for p in packed.planes), bits,
+                                             group_size)
         np.testing.assert_array_equal(np.asarray(tile), unsigned[g * group_size + perm])
-    r, p = packing.words_per_group(bits, group_size), 32 // bits
-    word = perm % r if packing.is_slot_major(bits, group_size) else perm // p
+    width = packed_widths(bits)[0]
+    r, p = packing.words_per_group(width, group_size), 32 // width
+    word = perm % r if packing.is_slot_major(width, group_size) else perm // p
     lane = (np.arange(group_size) % 16) // 4
     np.testing.assert_array_equal(word % 4, lane)
 
 
-@pytest.mark.parametrize("bits,group_size", [(1, 32), (1, 64), (2, 32)])
+@pytest.mark.parametrize("bits,group_size", [(1, 32), (1, 64), (2, 32), (3, 64)])
 def test_register_order_needs_words_for_every_lane(bits, group_size):
-    assert not packing.has_register_order(bits, group_size)
+    assert not packing.codes_have_register_order(bits, group_size)
     with pytest.raises(ValueError, match="no register order"):
-        packing.register_order(bits, group_size)
+        packing.codes_register_order(bits, group_size)

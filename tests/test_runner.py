@@ -101,3 +101,28 @@ def test_a_damaged_artifact_is_named_with_what_to_do(tmp_path, damage):
     with pytest.raises(runner.UserError, match=rf"artifact {art.path} is unreadable .*"
                                                rf"remove it \(rm -r {art.path}\) and rerun"):
         runner.Context(_config(), str(tmp_path), _stages([])).ensure("first")
+
+
+def test_a_new_stored_layout_reruns_that_stage_and_what_follows_only(tmp_path):
+    """A stage's `layout` (the quantize stage's bit layout) joins its fingerprint: artifacts of
+    another layout are recomputed, never misread, and stages without one keep theirs."""
+    calls = []
+    cfg = _config()
+
+    def stages(layout):
+        s = _stages(calls)
+        s["second"] = runner.Stage("second", ("first",), ("b",), s["second"].run, layout=layout)
+        s["third"] = runner.Stage("third", ("second",), (), lambda ctx, i: ({}, {"t": 1}))
+        return s
+
+    old = runner.Context(cfg, str(tmp_path), stages("packing/1"))
+    old.ensure("third")
+    new = runner.Context(cfg, str(tmp_path), stages("packing/2"))
+    assert new.fingerprint("first") == old.fingerprint("first")
+    assert new.fingerprint("second") != old.fingerprint("second")
+    assert new.fingerprint("third") != old.fingerprint("third")
+    calls.clear()
+    new.ensure("third")
+    assert calls == ["second"]
+    assert runner.Context(cfg, str(tmp_path), _stages([])).fingerprint("second") not in (
+        old.fingerprint("second"), new.fingerprint("second"))  # no layout: the bare record

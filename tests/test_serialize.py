@@ -188,6 +188,10 @@ def test_bad_checkpoints_raise_clear_errors(saved, tmp_path):
     arrays, meta = serialize.to_artifact(restored)
     with pytest.raises(ValueError, match="format"):
         serialize.from_artifact(arrays, {**meta, "format": "other/0"})
+    # Format 1 packed 3 bits' high plane in another order: same shapes, so only the format
+    # check stands between an old file and wrong weights.
+    with pytest.raises(ValueError, match="re-run the quantize stage"):
+        serialize.from_artifact(arrays, {**meta, "format": "mode-jax-packed/1"})
     with pytest.raises(ValueError, match="dtype"):
         serialize.from_artifact(arrays, {**meta, "dtype": "int8"})
     key = "language_model.layers.1.mlp.experts.groups.b2.expert_ids"

@@ -34,7 +34,7 @@ from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, abstract_packed
 from pallas_kernels import packing
 
-FORMAT = "mode-jax-packed/1"
+FORMAT = f"mode-jax-packed/{packing.LAYOUT_VERSION}"  # the bit layout decides the file format
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -76,7 +76,10 @@ def from_artifact(arrays: Mapping[str, Any], meta: Mapping[str, Any], *,
                   source: str = "artifact"):
     """Rebuild the packed model from `to_artifact`'s output (shapes and dtypes checked)."""
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{source}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise ValueError(
+            f"{source}: format {meta.get('format')!r} is not {FORMAT!r}; the bit layout of the "
+            "packed weights differs, so re-run the quantize stage (another --workdir, or remove "
+            "the old quantize artifact)")
     if meta.get("dtype") not in DTYPES:
         raise ValueError(f"{source}: dtype {meta.get('dtype')!r}; allowed: {sorted(DTYPES)}")
     family = families.by_name(meta.get("family", "kimi_vl"))
