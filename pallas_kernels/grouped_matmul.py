@@ -392,19 +392,20 @@ def _registers_product(x, words, spec: _Spec, precision):
     """``x @ q`` for one group from its plane tiles, unpacked in ``packing.register_order``.
 
     ``x``: the group's columns in that order. ``q = u - 2^(b-1)`` (1 bit: ``q = 2u - 1``). Up
-    to 4 bits, ``0x4300 | u`` read as bf16 is ``128 + u`` (u < 128 fits the 7-bit mantissa):
-    one OR per code and no conversion; the dot then carries ``128 rowsum(x)``, taken off once
-    per tile row instead of once per code. The bf16 products are exact and the float32 sums
+    to 4 bits, ``0x4300 | u`` read as bf16 is ``128 + u`` (u < 128 fits the 7-bit mantissa),
+    made two codes at a time in one 32-bit register (``packing.unpack_tile_registers_bf16``):
+    no conversion; the dot then carries ``128 rowsum(x)``, taken off once per tile row instead
+    of once per code. The bf16 products are exact and the float32 sums
     keep about 16 bits after that cancellation, beyond bf16's 8. 8-bit codes do not fit the
     mantissa and go through float32 exponent bits as in "magic".
     """
     bits = spec.bits
-    u = packing.unpack_tile_registers(words, bits, spec.group_size)
     dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
     if bits == 8:
+        u = packing.unpack_tile_registers(words, bits, spec.group_size)
         f = lax.bitcast_convert_type(u | 0x4B000000, jnp.float32) - (2.0**23 + 128)
         return dot(x, f.astype(x.dtype))
-    v = lax.bitcast_convert_type((u | 0x4300).astype(jnp.int16), jnp.bfloat16)
+    v = packing.unpack_tile_registers_bf16(words, bits, spec.group_size)
     raw = dot(x, v.astype(x.dtype))  # x @ (128 + u)
     rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
     if bits == 1:  # q = 2u - 1

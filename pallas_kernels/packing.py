@@ -286,6 +286,43 @@ def unpack_tile_registers(words: tuple[jax.Array, ...], bits: int, group_size: i
     return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
 
 
+def unpack_tile_registers_bf16(words: tuple[jax.Array, ...], bits: int,
+                               group_size: int) -> jax.Array:
+    """bf16 ``128 + u`` ``[gs, bn]`` (bits <= 4) in ``codes_register_order``, a pair at a time.
+
+    Slots j and j + P/2 of a word are 16 bits apart, and ``register_order`` puts them on
+    adjacent rows of one thread: a shift, a mask and an OR of the word give both codes' bf16
+    bit patterns (``0x4300 | u`` = 128 + u) in the two halves of one 32-bit value, which is the
+    register the tensor cores read for that row pair (3 bits: one more shift and mask bring
+    the high bits in, spread once per word).
+    """
+    if bits > 4:
+        raise ValueError(f"{bits}-bit codes do not fit bf16's 7-bit mantissa as 128 + u")
+    tiles = [_as_int32(w) for w in words]
+    r, bn = tiles[0].shape
+    width = plane_widths(bits)[0]
+    p, lanes = 32 // width, REGISTER_ORDER_LANES
+    mask = (1 << width) - 1
+    if bits == 3:  # the high bits of slots j, j + 8 moved to bits 2 + j and 18 + j
+        lo, hi = tiles
+        pair = jnp.stack([hi & 0xFFFF, lax.shift_right_logical(hi, 16)], axis=-1)
+        halves = jnp.transpose(pair, (2, 0, 1)).reshape(r, bn)
+        high = ((halves & 0xFF) | ((halves & 0xFF00) << 8)) << 2
+        both = lambda j: ((lax.shift_right_logical(lo, 2 * j) & 0x00030003)
+                          | (lax.shift_right_logical(high, j) & 0x00040004))
+    else:
+        (tile,) = tiles
+        both = lambda j: lax.shift_right_logical(tile, j * width) & (mask | (mask << 16))
+    pieces = []
+    for j in range(p // 2):
+        t = both(j) | 0x43004300
+        for half in (t, lax.shift_right_logical(t, 16)):
+            pieces.append(lax.bitcast_convert_type(half.astype(jnp.int16), jnp.bfloat16))
+    stacked = _stack_last(pieces)  # [r, bn, p], last = position e (slot j, then j + P/2)
+    tile = stacked.reshape(r // lanes, lanes, bn, p // lanes, lanes)
+    return jnp.transpose(tile, (0, 3, 1, 4, 2)).reshape(group_size, bn)
+
+
 def _as_int32(words: jax.Array) -> jax.Array:
     return words if words.dtype == jnp.int32 else lax.bitcast_convert_type(words, jnp.int32)
 

@@ -207,3 +207,19 @@ def test_register_order_needs_words_for_every_lane(bits, group_size):
     assert not packing.codes_have_register_order(bits, group_size)
     with pytest.raises(ValueError, match="no register order"):
         packing.codes_register_order(bits, group_size)
+
+
+@pytest.mark.parametrize("bits,group_size", [(1, 128), (2, 128), (3, 128), (4, 128), (2, 64),
+                                             (3, 256), (1, 256)])
+def test_bf16_pair_unpack_is_128_plus_the_register_codes(bits, group_size):
+    """The pair-at-a-time construction gives exactly bf16(128 + u) of ``unpack_tile_registers``
+    (itself checked against the natural codes above), over the full code range."""
+    rng = np.random.default_rng(10 + bits)
+    codes = random_codes(rng, bits, (2 * group_size, 256))
+    packed = packing.pack(codes, jnp.ones((2, 256), jnp.bfloat16), bits, group_size=group_size)
+    for g in range(2):
+        words = tuple(p[g] for p in packed.planes)
+        v = packing.unpack_tile_registers_bf16(words, bits, group_size)
+        assert v.dtype == jnp.bfloat16
+        u = packing.unpack_tile_registers(words, bits, group_size)
+        np.testing.assert_array_equal(np.asarray(v, np.float32), 128.0 + np.asarray(u))
