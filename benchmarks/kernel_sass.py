@@ -84,6 +84,25 @@ def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> s
     return _ir_text(_unescape(match.group(1)))
 
 
+def mosaic_body(module_text: str) -> str:
+    """The Mosaic kernel of a launch exported for TPU, as MLIR text: the custom call carries
+    it as base64 bytecode (what a TPU compiles; its layout passes run only there)."""
+    import base64
+    import json
+
+    from jax._src.lib import tpu
+    from jax._src.lib.mlir import ir
+
+    call = module_text[module_text.index("tpu_custom_call"):]
+    match = re.search(r'backend_config = "((?:[^"\\]|\\.)*)"', call)
+    body = json.loads(_unescape(match.group(1)))["custom_call_config"]["body"]
+    context = ir.Context()
+    tpu.register_dialect(context)
+    context.allow_unregistered_dialects = True
+    with context:
+        return ir.Module.parse(base64.b64decode(body)).operation.get_asm()
+
+
 def _unescape(s: str) -> bytes:
     """An MLIR string attribute's escapes (``\\XX`` hex, ``\\\\``, ``\\"``) back to bytes."""
     out, i = bytearray(), 0

@@ -19,7 +19,8 @@ bf16 with f32 accumulation and applies the group scale to the partial product; f
 writes the rows of its expert. ``BlockConfig.dequant="registers"`` unpacks each group's rows in
 the order the GPU tensor cores read them (``packing.register_order``, x permuted to match) so
 the codes never pass through shared memory; ``benchmarks/kernel_sass.py`` reads the effect in
-the compiled code.
+the compiled code. The Mosaic kernel unpacks 3-bit codes in ``packing.paired_word_order`` (x
+permuted to match), since Mosaic reshapes whole (8, 128) tiles only.
 Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
 scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
 mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.
@@ -305,8 +306,8 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
     dequant = effective_dequant(config.dequant, spec.bits, backend, spec.group_size)
-    if dequant == "registers":  # x's columns in the codes' row order, group by group
-        perm = packing.codes_register_order(spec.bits, spec.group_size)
+    perm = tile_row_order(dequant, spec.bits, backend, spec.group_size)
+    if perm is not None:  # x's columns in the kernel's row order of W, group by group
         x = x.reshape(m_pad, spec.num_k_groups, spec.group_size)[:, :, perm].reshape(m_pad, k_pad)
     if dequant != config.dequant:
         config = dataclasses.replace(config, dequant=dequant)
@@ -348,8 +349,18 @@ def group_metadata(group_sizes: jax.Array, m_padded: int, block_m: int):
 # ---------------------------------------------------------------- kernel bodies
 
 
+def tile_row_order(dequant: str, bits: int | None, backend: str, group_size: int):
+    """The in-group order in which a launch unpacks W's rows (x's columns follow), or None for
+    the natural order: registers mode's, and Mosaic's word order for 3 bits."""
+    if dequant == "registers":
+        return packing.codes_register_order(bits, group_size)
+    if backend == "mosaic_tpu" and bits == 3:
+        return packing.paired_word_order(group_size)
+    return None
+
+
 def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_loop: bool,
-                  dequant: str = "convert"):
+                  dequant: str = "convert", word_rows: bool = False):
     """Accumulates each operand's ``x @ W`` over K groups; SwiGLU when fused.
 
     ``operands``: per output (gate, up) a pair ``(load_words(kg) -> tuple | array,
@@ -369,10 +380,12 @@ def _tile_product(load_x, operands, spec: _Spec, bm, bn, out_dtype, *, static_lo
                 if spec.bits is None:
                     w = load_w(kg).astype(xk.dtype)
                 elif dequant == "convert":
-                    q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size)
+                    q = packing.unpack_tile(load_w(kg), spec.bits, spec.group_size,
+                                            word_rows=word_rows)
                     w = q.astype(jnp.float32).astype(xk.dtype)
                 else:
-                    w = packing.unpack_tile_float(load_w(kg), spec.bits, spec.group_size)
+                    w = packing.unpack_tile_float(load_w(kg), spec.bits, spec.group_size,
+                                                  word_rows=word_rows)
                     w = w.astype(xk.dtype)
                 part = jnp.dot(xk, w, precision=precision, preferred_element_type=jnp.float32)
             new.append(acc + (part if load_s is None else part * load_s(kg).astype(jnp.float32)))
@@ -499,7 +512,7 @@ def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
                 _mosaic_operand(w_refs[i * per_out : (i + 1) * per_out], spec) for i in range(n_out)
             ]
             y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True,
-                              dequant=config.dequant)
+                              dequant=config.dequant, word_rows=spec.bits == 3)
             mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
             o_ref[...] = jnp.where(mask, y, o_ref[...])
 

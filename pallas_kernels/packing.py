@@ -44,8 +44,10 @@ Slot- and word-major planes unpack one group's ``[R, bn]`` word tile to ``[gs, b
 a broadcast, a shift by a ``broadcasted_iota``, a mask and a reshape whose merged second-minor
 dimension (R or P) is a multiple of 8: no gather, no stack, power-of-two sizes (Triton), and
 (8, 128)-aligned tiles (Mosaic TPU). A paired plane first splits its words into 16-bit halves
-``[2 R, bn]`` the same way (a reshape that merges R = 4 rows at gs = 128) and then reads like a
-1-bit plane of 16-slot words in the 2-bit plane's order. N is the lane (contiguous) dimension.
+``[2 R, bn]`` the same way (a reshape that merges R = 4 rows at gs = 128, which Mosaic TPU does
+not take) and then reads like a 1-bit plane of 16-slot words in the 2-bit plane's order; the
+Mosaic kernel instead unpacks 3-bit codes in ``paired_word_order`` with x's columns permuted
+to match. N is the lane (contiguous) dimension.
 
 Padding (round-trips; stripped by ``unpack``/``dequantize``): K is padded to ``Kg * gs`` with
 code q = 0 (q = -1 for b = 1); each of the ``parts`` column blocks of width ``Nq = N / parts``
@@ -186,27 +188,44 @@ def _pack_arrays(codes, scales, bits, group_size, parts):
     return tuple(planes), _pad_parts(scales, parts, 0)
 
 
-def unpack_tile(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+def unpack_tile(words: tuple[jax.Array, ...], bits: int, group_size: int, *,
+                word_rows: bool = False) -> jax.Array:
     """Signed int32 codes ``[gs, bn]`` of one group from its plane tiles ``[R_i, bn]``.
 
     Only broadcasts, iota shifts, masks and one reshape per plane: safe inside Triton and
-    Mosaic TPU kernels. Works on uint32 or int32 words.
+    Mosaic TPU kernels. Works on uint32 or int32 words. ``word_rows`` (3 bits): rows in
+    ``paired_word_order`` instead of the natural order.
     """
-    return _to_signed(_unpack_unsigned_tile(words, bits, group_size), bits)
+    return _to_signed(_unpack_unsigned_tile(words, bits, group_size, word_rows), bits)
 
 
-def unpack_tile_float(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+def unpack_tile_float(words: tuple[jax.Array, ...], bits: int, group_size: int, *,
+                      word_rows: bool = False) -> jax.Array:
     """``unpack_tile`` as exact float32 codes, built without int-to-float conversions.
 
     ``u | 0x4B000000`` read as float32 is ``2^23 + u`` (u < 2^23 sits in the mantissa), so one
     OR and one subtraction give the signed code; GPUs convert int to float at a quarter of
     their ALU rate, and a tile converts every one of its ``gs * bn`` codes.
     """
-    u = _unpack_unsigned_tile(words, bits, group_size)
+    u = _unpack_unsigned_tile(words, bits, group_size, word_rows)
     f = lax.bitcast_convert_type(u | 0x4B000000, jnp.float32)
     if bits == 1:
         return 2 * (f - 2.0**23) - 1  # q = 2u - 1; each step is exact in float32
     return f - (2.0**23 + (1 << (bits - 1)))
+
+
+def paired_word_order(group_size: int) -> np.ndarray:
+    """Row order of ``unpack_tile(..., word_rows=True)`` for 3 bits: tile row ``o = 16 r + j``
+    holds slot j of the 2-bit plane's word r, natural row ``perm[o]``.
+
+    Why: Mosaic TPU reshapes whole (8, 128) tiles only, and a paired plane's natural rows
+    interleave 4-row pieces (R = 4 at gs = 128). In word order every reshape merges 16 slots,
+    and the kernel takes x's columns in the same order instead (one permutation per call).
+    """
+    r2 = words_per_group(2, group_size)
+    word, slot = np.meshgrid(np.arange(r2), np.arange(16), indexing="ij")
+    natural = slot * r2 + word if is_slot_major(2, group_size) else word * 16 + slot
+    return natural.ravel()
 
 
 REGISTER_ORDER_LANES = 4  # MMA lanes that split one 16-row k-step, 4 rows each (kWidth 4)
@@ -480,8 +499,13 @@ def _pack_plane(piece: jax.Array, width: int, group_size: int, *, slots: int | N
     return jnp.sum(words, axis=axis, dtype=jnp.uint32)
 
 
-def _unpack_unsigned_tile(words: tuple[jax.Array, ...], bits: int, group_size: int) -> jax.Array:
+def _unpack_unsigned_tile(words: tuple[jax.Array, ...], bits: int, group_size: int,
+                          word_rows: bool = False) -> jax.Array:
     """Unsigned int32 codes ``[gs, bn]``: each plane's pieces shifted into place and OR-ed."""
+    if word_rows:
+        if bits != 3:
+            raise ValueError(f"word_rows applies to 3-bit codes, not {bits}")
+        return _unpack_paired_words(words, group_size)
     u = None
     shift = 0
     for i, (width, w) in enumerate(zip(plane_widths(bits), words, strict=True)):
@@ -493,6 +517,25 @@ def _unpack_unsigned_tile(words: tuple[jax.Array, ...], bits: int, group_size: i
         u = piece if u is None else u | (piece << shift)
         shift += width
     return u
+
+
+def _unpack_paired_words(words: tuple[jax.Array, ...], group_size: int) -> jax.Array:
+    """3-bit codes ``[gs, bn]`` in ``paired_word_order``: each plane broadcast over its slots
+    (``[R2, 16, bn]``; the paired plane as ``[2, R, 16, bn]``, half h = row block h), shifted,
+    masked and reshaped with 16 slots minor to the rows (whole Mosaic tiles)."""
+    lo, hi = (_as_int32(w) for w in words)
+    r2, bn = lo.shape
+    if r2 * 16 != group_size or hi.shape[0] * 2 != r2:
+        raise ValueError(f"3-bit plane tiles {lo.shape}, {hi.shape} do not fit group {group_size}")
+    lo_wide = lax.broadcast_in_dim(lo, (r2, 16, bn), (0, 2))
+    lo_piece = lax.shift_right_logical(
+        lo_wide, lax.broadcasted_iota(jnp.int32, (r2, 16, bn), 1) * 2) & 3
+    shape = (2, r2 // 2, 16, bn)
+    hi_wide = lax.broadcast_in_dim(hi, shape, (1, 3))
+    shifts = lax.broadcasted_iota(jnp.int32, shape, 2) + 16 * lax.broadcasted_iota(
+        jnp.int32, shape, 0)
+    hi_piece = lax.shift_right_logical(hi_wide, shifts) & 1
+    return lo_piece.reshape(group_size, bn) | (hi_piece.reshape(group_size, bn) << 2)
 
 
 def _halves(words: jax.Array) -> jax.Array:

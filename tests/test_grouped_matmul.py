@@ -8,6 +8,7 @@ tests ``jax.export`` every kernel configuration for TPU (Mosaic) and CUDA (Trito
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -302,3 +303,34 @@ def test_dense_baseline_kernel_lowers(platform):
     )
     exported = jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
     assert MARKERS[platform] in exported.mlir_module()
+
+
+def _vector_shape(text):
+    *dims, dtype = text.split("x")
+    return tuple(int(d) for d in dims), dtype
+
+
+def _mosaic_can_reshape(src, dst, dtype):
+    """Mosaic's reshape rule (apply_vector_layout's shape_cast): the last two dims unchanged,
+    only unit dims added or dropped, or leading dims folded into (or out of) the second-minor
+    dim with both second-minor sizes whole sublane tiles (8 rows of 32-bit)."""
+    if src[-2:] == dst[-2:] or [d for d in src if d != 1] == [d for d in dst if d != 1]:
+        return True
+    tile = 8 * 32 // int(re.sub(r"\D", "", dtype) or 32)
+    return src[-1] == dst[-1] and src[-2] % tile == 0 and dst[-2] % tile == 0
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_mosaic_kernels_reshape_whole_tiles(bits):
+    """Every reshape in the TPU kernels is one Mosaic compiles. A TPU is needed to compile, so
+    this reads the kernel the custom call carries; a paired 3-bit plane unpacked in its
+    natural rows (4-row halves merged) fails it, hence Mosaic's word order for 3 bits."""
+    for swiglu in (False, True):
+        k, n = (2048, 1408) if swiglu else (1408, 2048)
+        body = kernel_sass.mosaic_body(export_kernel("tpu", bits, swiglu, m=256, g=64, k=k, n=n))
+        casts = re.findall(r"shape_cast\"\(%\w+\) : \(vector<([\dx]+\w+)>\) -> "
+                           r"vector<([\dx]+\w+)>", body)
+        assert casts, "no shape_cast found: the kernel text changed form"
+        for src_text, dst_text in casts:
+            (src, dtype), (dst, _) = _vector_shape(src_text), _vector_shape(dst_text)
+            assert _mosaic_can_reshape(src, dst, dtype), (bits, swiglu, src, dst)

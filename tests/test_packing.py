@@ -223,3 +223,22 @@ def test_bf16_pair_unpack_is_128_plus_the_register_codes(bits, group_size):
         assert v.dtype == jnp.bfloat16
         u = packing.unpack_tile_registers(words, bits, group_size)
         np.testing.assert_array_equal(np.asarray(v, np.float32), 128.0 + np.asarray(u))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_paired_word_order_unpack_is_the_natural_codes_permuted(group_size):
+    """3-bit codes in Mosaic's word order: row o holds natural row perm[o], for the group sizes
+    with slot-major (>= 128) and word-major (< 128) 2-bit planes."""
+    rng = np.random.default_rng(group_size)
+    codes = random_codes(rng, 3, (2 * group_size, 128))
+    packed = packing.pack(codes, jnp.ones((2, 128), jnp.bfloat16), 3, group_size=group_size)
+    perm = packing.paired_word_order(group_size)
+    assert sorted(perm.tolist()) == list(range(group_size))
+    for g in range(2):
+        words = tuple(p[g] for p in packed.planes)
+        ints = packing.unpack_tile(words, 3, group_size, word_rows=True)
+        floats = packing.unpack_tile_float(words, 3, group_size, word_rows=True)
+        np.testing.assert_array_equal(np.asarray(ints), codes[g * group_size + perm])
+        np.testing.assert_array_equal(np.asarray(floats), np.asarray(ints, np.float32))
+    with pytest.raises(ValueError, match="3-bit"):
+        packing.unpack_tile((packed.planes[0][0],), 2, group_size, word_rows=True)
