@@ -408,9 +408,9 @@ def _registers_product(x, words, spec: _Spec, precision):
     to 4 bits, ``0x4300 | u`` read as bf16 is ``128 + u`` (u < 128 fits the 7-bit mantissa),
     made two codes at a time in one 32-bit register (``packing.unpack_tile_registers_bf16``):
     no conversion; the dot then carries ``128 rowsum(x)``, taken off once per tile row instead
-    of once per code. The bf16 products are exact and the float32 sums
-    keep about 16 bits after that cancellation, beyond bf16's 8. 8-bit codes do not fit the
-    mantissa and go through float32 exponent bits as in "magic".
+    of once per code. The bf16 products are exact and the float32 sums keep about 16 bits
+    after that cancellation, beyond bf16's 8. 8-bit codes do not fit the mantissa and go
+    through float32 exponent bits as in "magic".
     """
     bits = spec.bits
     dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
