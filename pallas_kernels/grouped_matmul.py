@@ -20,7 +20,7 @@ writes the rows of its expert. ``BlockConfig.dequant="registers"`` unpacks each 
 the order the GPU tensor cores read them (``packing.register_order``, x permuted to match) so
 the codes never pass through shared memory; ``benchmarks/kernel_sass.py`` reads the effect in
 the compiled code. The Mosaic kernel unpacks 3-bit codes in ``packing.paired_word_order`` (x
-permuted to match), since Mosaic reshapes whole (8, 128) tiles only.
+permuted to match), so that every Mosaic reshape keeps whole (8, 128) tiles.
 Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
 scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
 mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.

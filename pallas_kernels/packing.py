@@ -44,10 +44,11 @@ Slot- and word-major planes unpack one group's ``[R, bn]`` word tile to ``[gs, b
 a broadcast, a shift by a ``broadcasted_iota``, a mask and a reshape whose merged second-minor
 dimension (R or P) is a multiple of 8: no gather, no stack, power-of-two sizes (Triton), and
 (8, 128)-aligned tiles (Mosaic TPU). A paired plane first splits its words into 16-bit halves
-``[2 R, bn]`` the same way (a reshape that merges R = 4 rows at gs = 128, which Mosaic TPU does
-not take) and then reads like a 1-bit plane of 16-slot words in the 2-bit plane's order; the
-Mosaic kernel instead unpacks 3-bit codes in ``paired_word_order`` with x's columns permuted
-to match. N is the lane (contiguous) dimension.
+``[2 R, bn]`` the same way (a reshape that merges R = 4 rows at gs = 128: Mosaic TPU takes that
+only through a smaller sublane tiling, or not at all in older versions) and then reads like a
+1-bit plane of 16-slot words in the 2-bit plane's order; the Mosaic kernel instead unpacks
+3-bit codes in ``paired_word_order`` with x's columns permuted to match. N is the lane
+(contiguous) dimension.
 
 Padding (round-trips; stripped by ``unpack``/``dequantize``): K is padded to ``Kg * gs`` with
 code q = 0 (q = -1 for b = 1); each of the ``parts`` column blocks of width ``Nq = N / parts``
@@ -218,9 +219,10 @@ def paired_word_order(group_size: int) -> np.ndarray:
     """Row order of ``unpack_tile(..., word_rows=True)`` for 3 bits: tile row ``o = 16 r + j``
     holds slot j of the 2-bit plane's word r, natural row ``perm[o]``.
 
-    Why: Mosaic TPU reshapes whole (8, 128) tiles only, and a paired plane's natural rows
-    interleave 4-row pieces (R = 4 at gs = 128). In word order every reshape merges 16 slots,
-    and the kernel takes x's columns in the same order instead (one permutation per call).
+    Why: a paired plane's natural rows interleave 4-row pieces (R = 4 at gs = 128), which
+    Mosaic TPU reshapes only off its native (8, 128) tiles, or not at all in older versions. In
+    word order every reshape merges 16 slots (whole tiles), and the kernel takes x's columns
+    in the same order instead (one permutation per call).
     """
     r2 = words_per_group(2, group_size)
     word, slot = np.meshgrid(np.arange(r2), np.arange(16), indexing="ij")

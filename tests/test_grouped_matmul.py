@@ -311,9 +311,11 @@ def _vector_shape(text):
 
 
 def _mosaic_can_reshape(src, dst, dtype):
-    """Mosaic's reshape rule (apply_vector_layout's shape_cast): the last two dims unchanged,
-    only unit dims added or dropped, or leading dims folded into (or out of) the second-minor
-    dim with both second-minor sizes whole sublane tiles (8 rows of 32-bit)."""
+    """The reshapes Mosaic takes on its native tiles (the shape_cast rules of its layout
+    passes): the last two dims unchanged, only unit dims added or dropped, or leading dims
+    folded into (or out of) the second-minor dim with both second-minor sizes whole sublane
+    tiles (8 rows of 32-bit). Newer versions also relayout through smaller sublane tilings;
+    older ones reject what this rejects, so this is the subset every version compiles."""
     if src[-2:] == dst[-2:] or [d for d in src if d != 1] == [d for d in dst if d != 1]:
         return True
     tile = 8 * 32 // int(re.sub(r"\D", "", dtype) or 32)
@@ -322,8 +324,8 @@ def _mosaic_can_reshape(src, dst, dtype):
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_mosaic_kernels_reshape_whole_tiles(bits):
-    """Every reshape in the TPU kernels is one Mosaic compiles. A TPU is needed to compile, so
-    this reads the kernel the custom call carries; a paired 3-bit plane unpacked in its
+    """Every reshape in the TPU kernels stays on whole Mosaic tiles. A TPU is needed to compile,
+    so this reads the kernel the custom call carries; a paired 3-bit plane unpacked in its
     natural rows (4-row halves merged) fails it, hence Mosaic's word order for 3 bits."""
     for swiglu in (False, True):
         k, n = (2048, 1408) if swiglu else (1408, 2048)
