@@ -21,7 +21,9 @@ Triton of the jaxlib GPU builds; not a dependency of the project).
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import json
 import os
 import re
 import subprocess
@@ -87,10 +89,7 @@ def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> s
 def mosaic_body(module_text: str) -> str:
     """The Mosaic kernel of a launch exported for TPU, as MLIR text: the custom call carries
     it as base64 bytecode (what a TPU compiles; its layout passes run only there)."""
-    import base64
-    import json
-
-    from jax._src.lib import tpu
+    from jax._src.lib import tpu  # jax's private dialect bindings (pinned jax 0.10.2)
     from jax._src.lib.mlir import ir
 
     call = module_text[module_text.index("tpu_custom_call"):]

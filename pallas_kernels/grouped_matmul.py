@@ -306,7 +306,7 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
     dequant = effective_dequant(config.dequant, spec.bits, backend, spec.group_size)
-    perm = tile_row_order(dequant, spec.bits, backend, spec.group_size)
+    perm = _tile_row_order(dequant, spec.bits, backend, spec.group_size)
     if perm is not None:  # x's columns in the kernel's row order of W, group by group
         x = x.reshape(m_pad, spec.num_k_groups, spec.group_size)[:, :, perm].reshape(m_pad, k_pad)
     if dequant != config.dequant:
@@ -349,12 +349,17 @@ def group_metadata(group_sizes: jax.Array, m_padded: int, block_m: int):
 # ---------------------------------------------------------------- kernel bodies
 
 
-def tile_row_order(dequant: str, bits: int | None, backend: str, group_size: int):
+def _mosaic_word_rows(bits: int | None) -> bool:
+    """Whether the Mosaic kernel unpacks in ``packing.paired_word_order`` (3-bit codes)."""
+    return bits == 3
+
+
+def _tile_row_order(dequant: str, bits: int | None, backend: str, group_size: int):
     """The in-group order in which a launch unpacks W's rows (x's columns follow), or None for
     the natural order: registers mode's, and Mosaic's word order for 3 bits."""
     if dequant == "registers":
         return packing.codes_register_order(bits, group_size)
-    if backend == "mosaic_tpu" and bits == 3:
+    if backend == "mosaic_tpu" and _mosaic_word_rows(bits):
         return packing.paired_word_order(group_size)
     return None
 
@@ -512,7 +517,7 @@ def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
                 _mosaic_operand(w_refs[i * per_out : (i + 1) * per_out], spec) for i in range(n_out)
             ]
             y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True,
-                              dequant=config.dequant, word_rows=spec.bits == 3)
+                              dequant=config.dequant, word_rows=_mosaic_word_rows(spec.bits))
             mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
             o_ref[...] = jnp.where(mask, y, o_ref[...])
 
