@@ -4,7 +4,9 @@ One call serves one bit-width group of G experts:
   x [M, K] (bf16), rows sorted by expert; group_sizes [G] int32, sum <= M (rows of group g are
   ``offsets[g]:offsets[g+1]`` with ``offsets = [0, cumsum(group_sizes)]``);
   weights: a stacked ``packing.PackedWeight`` (planes ``[G, Kg, R, Np]``, scales ``[G, Kg, Np]``).
-Rows at or past ``sum(group_sizes)`` come out as zeros. Ops:
+Rows at or past ``sum(group_sizes)`` come out as zeros. ``weights`` may also be a sequence of
+stacked ``PackedWeight`` (a layer's bit groups, which may differ in bits): their experts follow
+one another in ``group_sizes``' order and run in one launch (see "Mixed bits" below). Ops:
   grouped_matmul(x, w [G, K, N], gs)      -> [M, N]   x_g @ W_g        (down projection)
   grouped_swiglu(x, w [G, K, 2F], gs)     -> [M, F]   silu(x Wg) * (x Wu), gate = cols [:F];
                                                       w packed with ``parts=2``.
@@ -21,6 +23,13 @@ the order the GPU tensor cores read them (``packing.register_order``, x permuted
 the codes never pass through shared memory; ``benchmarks/kernel_sass.py`` reads the effect in
 the compiled code. The Mosaic kernel unpacks 3-bit codes in ``packing.paired_word_order`` (x
 permuted to match), so that every Mosaic reshape keeps whole (8, 128) tiles.
+Mixed bits: a launch over several bit groups visits every expert of every group in one grid
+(a decode step's layer then costs one launch per projection instead of one per bit group, and
+no group's rows are moved to row 0); each group occupies a static range of expert numbers, so a
+visit's expert number picks its group's branch (``pl.when``) and index into that group's
+arrays. Groups whose row order differs (registers mode, Mosaic's 3 bits) read their own
+permuted copy of x. On Mosaic each group's weight blocks are indexed by the visit's expert
+clamped into the group, so visits of other groups re-use the block already fetched.
 Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
 scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
 mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.
@@ -140,7 +149,7 @@ def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
 
 def grouped_matmul(
     x: jax.Array,
-    weights: PackedWeight,
+    weights: PackedWeight | Sequence[PackedWeight],
     group_sizes: jax.Array,
     *,
     config: BlockConfig | None = None,
@@ -148,19 +157,20 @@ def grouped_matmul(
     interpret: bool = False,
     dequant: str | None = None,
 ) -> jax.Array:
-    """``out[i] = x[i] @ W[g(i)]`` for packed ``W [G, K, N]``; returns ``[M, N]`` in x.dtype.
+    """``out[i] = x[i] @ W[g(i)]`` for packed ``W [G, K, N]`` (or bit groups whose G add up);
+    returns ``[M, N]`` in x.dtype.
 
     ``config=None`` takes the frozen default for the backend and regime; ``dequant`` (one of
     ``DEQUANT_MODES``) then replaces that config's dequant mode and keeps its tiles.
     """
-    _check_inputs(x, weights, group_sizes, fused=False)
+    parts = _check_inputs(x, weights, group_sizes, fused=False)
     config = _with_dequant(config, dequant)
-    return _grouped(x, weights, group_sizes, False, config, backend, interpret)
+    return _grouped(x, parts, group_sizes, False, config, backend, interpret)
 
 
 def grouped_swiglu(
     x: jax.Array,
-    weights: PackedWeight,
+    weights: PackedWeight | Sequence[PackedWeight],
     group_sizes: jax.Array,
     *,
     config: BlockConfig | None = None,
@@ -170,9 +180,9 @@ def grouped_swiglu(
 ) -> jax.Array:
     """``silu(x Wg) * (x Wu)`` per expert for packed gate/up ``[G, K, 2F]`` (``parts=2``);
     ``config`` and ``dequant`` as in ``grouped_matmul``."""
-    _check_inputs(x, weights, group_sizes, fused=True)
+    parts = _check_inputs(x, weights, group_sizes, fused=True)
     config = _with_dequant(config, dequant)
-    return _grouped(x, weights, group_sizes, True, config, backend, interpret)
+    return _grouped(x, parts, group_sizes, True, config, backend, interpret)
 
 
 def _with_dequant(config: BlockConfig | None, dequant: str | None):
@@ -217,26 +227,32 @@ def grouped_matmul_dense(
         y = lax.ragged_dot(x, w.astype(x.dtype), group_sizes, preferred_element_type=jnp.float32)
         return _finish_xla(y, n // 2 if fused else n, fused, x.dtype)
     spec = _Spec(None, 128, k // 128, fused, n // (2 if fused else 1), n // (2 if fused else 1))
-    return _run_kernel(x, (w,), group_sizes, spec, config, backend, interpret)
+    return _run_kernel(x, ((w,),), group_sizes, (spec,), config, backend, interpret)
 
 
 # ---------------------------------------------------------------- references
 
 
 @jax.jit
-def grouped_matmul_reference(x, weights: PackedWeight, group_sizes) -> jax.Array:
+def grouped_matmul_reference(x, weights, group_sizes) -> jax.Array:
     """Plain jnp: dequantize every expert, multiply each expert's rows in float32."""
-    w = packing.dequantize(weights, jnp.float32)  # [G, K, N]
+    w = _dequantize_all(weights, jnp.float32)  # [G, K, N]
     return _per_group_matmul(x, w, group_sizes).astype(x.dtype)
 
 
 @jax.jit
-def grouped_swiglu_reference(x, weights: PackedWeight, group_sizes) -> jax.Array:
+def grouped_swiglu_reference(x, weights, group_sizes) -> jax.Array:
     """Plain jnp SwiGLU over ``grouped_matmul_reference``'s float32 product."""
-    w = packing.dequantize(weights, jnp.float32)
+    w = _dequantize_all(weights, jnp.float32)
     y = _per_group_matmul(x, w, group_sizes)
-    f = weights.n // 2
+    f = w.shape[-1] // 2
     return (jax.nn.silu(y[:, :f]) * y[:, f:]).astype(x.dtype)
+
+
+def _dequantize_all(weights, dtype) -> jax.Array:
+    """``[sum G, K, N]``: every expert of one stacked ``PackedWeight`` or of a sequence."""
+    parts = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
+    return jnp.concatenate([packing.dequantize(w, dtype) for w in parts])
 
 
 def _per_group_matmul(x, w, group_sizes):
@@ -267,21 +283,35 @@ class _Spec:
     part_padded: int  # column offset of the up half; output columns computed
 
 
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One bit group of a launch: experts ``first .. first + size - 1`` in group_sizes' order,
+    its ``num_arrays`` operands (planes, scales), dequant mode and x layout (``xs[x_index]``)."""
+
+    spec: _Spec
+    first: int
+    size: int
+    num_arrays: int
+    dequant: str
+    x_index: int
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _grouped(x, weights, group_sizes, fused, config, backend, interpret):
+def _grouped(x, parts: tuple[PackedWeight, ...], group_sizes, fused, config, backend, interpret):
     backend = resolve_backend(backend, interpret)
-    if backend == "mosaic_tpu" and weights.group_size % 128:
+    first = parts[0]  # all parts share K, N, group size and parts (``_check_inputs``)
+    if backend == "mosaic_tpu" and first.group_size % 128:
         backend = "xla"  # Mosaic needs 128-lane x slices; no kernel for smaller groups
-    out_n = weights.n // 2 if fused else weights.n
+    out_n = first.n // 2 if fused else first.n
     if backend == "xla":
-        w = packing.dequantize(weights, x.dtype)
+        w = _dequantize_all(parts, x.dtype)
         y = lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
         return _finish_xla(y, out_n, fused, x.dtype)
-    spec = _Spec(
-        weights.bits, weights.group_size, weights.num_groups_k, fused, out_n, weights.part_padded
+    specs = tuple(
+        _Spec(w.bits, w.group_size, w.num_groups_k, fused, out_n, w.part_padded) for w in parts
     )
-    arrays = (*weights.planes, weights.scales)
-    return _run_kernel(x, arrays, group_sizes, spec, config, backend, interpret)
+    arrays = tuple((*w.planes, w.scales) for w in parts)
+    return _run_kernel(x, arrays, group_sizes, specs, config, backend, interpret)
 
 
 def _finish_xla(y, out_n, fused, dtype):
@@ -290,9 +320,11 @@ def _finish_xla(y, out_n, fused, dtype):
     return y.astype(dtype)
 
 
-def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret):
+def _run_kernel(x, arrays, group_sizes, specs: tuple[_Spec, ...], config, backend, interpret):
+    """Pads x, lays out its copies, runs the backend's launch. ``arrays``/``specs``: per part."""
     m, k = x.shape
-    num_experts = arrays[0].shape[0]
+    spec = specs[0]  # the shape fields all parts share
+    num_experts = sum(a[0].shape[0] for a in arrays)
     if config is None or isinstance(config, _DequantOnly):
         chosen = default_config(backend, m, num_experts, spec.fused)
         config = chosen if config is None else dataclasses.replace(chosen, dequant=config.dequant)
@@ -305,15 +337,24 @@ def _run_kernel(x, arrays, group_sizes, spec: _Spec, config, backend, interpret)
     m_pad = max(_round_up(m, bm), bm)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
-    dequant = effective_dequant(config.dequant, spec.bits, backend, spec.group_size)
-    perm = _tile_row_order(dequant, spec.bits, backend, spec.group_size)
-    if perm is not None:  # x's columns in the kernel's row order of W, group by group
-        x = x.reshape(m_pad, spec.num_k_groups, spec.group_size)[:, :, perm].reshape(m_pad, k_pad)
-    if dequant != config.dequant:
-        config = dataclasses.replace(config, dequant=dequant)
+    orders, parts, first = [], [], 0
+    for part_spec, part_arrays in zip(specs, arrays, strict=True):
+        dequant = effective_dequant(config.dequant, part_spec.bits, backend, spec.group_size)
+        order = _tile_row_order(dequant, part_spec.bits, backend, spec.group_size)
+        key = None if order is None else tuple(order.tolist())
+        if key not in orders:
+            orders.append(key)
+        size = part_arrays[0].shape[0]
+        parts.append(_Part(part_spec, first, size, len(part_arrays), dequant, orders.index(key)))
+        first += size
+    # x's columns in each part's row order of W, K group by K group
+    groups = x.reshape(m_pad, spec.num_k_groups, spec.group_size)
+    xs = tuple(x if order is None else groups[:, :, list(order)].reshape(m_pad, k_pad)
+               for order in orders)
     meta = group_metadata(group_sizes, m_pad, bm)
     build = _triton_call if backend == "triton" else _mosaic_call
-    out = build(x, arrays, meta, spec, bm, bn, config, interpret)
+    flat = tuple(a for part_arrays in arrays for a in part_arrays)
+    out = build(xs, flat, meta, tuple(parts), bm, bn, config, interpret)
     rows = jnp.arange(m)
     return jnp.where((rows < meta[0][-1])[:, None], out[:m, : spec.out_n], 0).astype(x.dtype)
 
@@ -454,38 +495,58 @@ def _column_blocks(spec, bn):
     return spec.part_padded // bn
 
 
-def _triton_call(x, arrays, meta, spec, bm, bn, config, interpret):
+def _triton_call(xs, arrays, meta, parts, bm, bn, config, interpret):
+    spec = parts[0].spec
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
 
-    def kernel(offs_ref, group_ref, tile_ref, count_ref, x_ref, *refs):
-        *w_refs, o_ref = refs
+    def kernel(offs_ref, group_ref, tile_ref, count_ref, *refs):
+        x_refs, w_refs, o_ref = refs[: len(xs)], refs[len(xs) : -1], refs[-1]
         n, t = pl.program_id(0), pl.program_id(1)
 
         @pl.when(t < count_ref[0])
         def _():
             g, mt = group_ref[t], tile_ref[t]
             rows = pl.ds(pl.multiple_of(mt * bm, bm), bm)
-            load_x = lambda kg: x_ref[rows, pl.ds(pl.multiple_of(kg * gs, gs), gs)]
-            operands = []
-            for i in range(_num_outputs(spec)):
-                cols = pl.ds(pl.multiple_of((n + i * n_blocks) * bn, bn), bn)
-                operands.append(_triton_operand(w_refs, g, cols, spec))
-            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=False,
-                              dequant=config.dequant)
-            mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
-            plgpu.store(o_ref.at[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)], y, mask=mask)
+
+            def run(part, part_refs, local):
+                x_ref = x_refs[part.x_index]
+                load_x = lambda kg: x_ref[rows, pl.ds(pl.multiple_of(kg * gs, gs), gs)]
+                operands = []
+                for i in range(_num_outputs(spec)):
+                    cols = pl.ds(pl.multiple_of((n + i * n_blocks) * bn, bn), bn)
+                    operands.append(_triton_operand(part_refs, local, cols, part.spec))
+                y = _tile_product(load_x, operands, part.spec, bm, bn, o_ref.dtype,
+                                  static_loop=False, dequant=part.dequant)
+                mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
+                plgpu.store(o_ref.at[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)], y, mask=mask)
+
+            _each_part(parts, w_refs, g, run)
 
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], spec.part_padded), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((xs[0].shape[0], spec.part_padded), xs[0].dtype),
         grid=(n_blocks, meta[1].shape[0]),
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
-        name=_kernel_name(spec),
-    )(*meta, x, *arrays)
+        name=_kernel_name(parts),
+    )(*meta, *xs, *arrays)
+
+
+def _each_part(parts, w_refs, g, run, copies: int = 1):
+    """Calls ``run(part, its refs, g's index in the part)`` under ``g``'s part's branch (the
+    only part: no branch). Each part owns ``copies * num_arrays`` consecutive refs."""
+    start = 0
+    for part in parts:
+        part_refs = w_refs[start : start + copies * part.num_arrays]
+        start += copies * part.num_arrays
+        if len(parts) == 1:
+            run(part, part_refs, g)
+        else:
+            inside = (g >= part.first) & (g < part.first + part.size)
+            pl.when(inside)(functools.partial(run, part, part_refs, g - part.first))
 
 
 def _triton_operand(w_refs, g, cols, spec):
@@ -499,36 +560,55 @@ def _triton_operand(w_refs, g, cols, spec):
     return load_w, load_s
 
 
-def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
+def _mosaic_call(xs, arrays, meta, parts, bm, bn, config, interpret):
+    spec = parts[0].spec
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
     n_out = _num_outputs(spec)
 
-    def kernel(offs_ref, group_ref, tile_ref, count_ref, x_ref, *refs):
-        *w_refs, o_ref = refs
+    def kernel(offs_ref, group_ref, tile_ref, count_ref, *refs):
+        x_refs, w_refs, o_ref = refs[: len(xs)], refs[len(xs) : -1], refs[-1]
         t = pl.program_id(1)
 
         @pl.when(t < count_ref[0])
         def _():
             g, mt = group_ref[t], tile_ref[t]
-            load_x = lambda kg: x_ref[:, kg * gs : (kg + 1) * gs]
-            per_out = len(w_refs) // n_out
-            operands = [
-                _mosaic_operand(w_refs[i * per_out : (i + 1) * per_out], spec) for i in range(n_out)
-            ]
-            y = _tile_product(load_x, operands, spec, bm, bn, o_ref.dtype, static_loop=True,
-                              dequant=config.dequant, word_rows=_mosaic_word_rows(spec.bits))
-            mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
-            o_ref[...] = jnp.where(mask, y, o_ref[...])
 
-    def weight_spec(a, shift):
+            def run(part, part_refs, _local):  # the index maps already picked the expert
+                x_ref = x_refs[part.x_index]
+                load_x = lambda kg: x_ref[:, kg * gs : (kg + 1) * gs]
+                per_out = part.num_arrays
+                operands = [_mosaic_operand(part_refs[i * per_out : (i + 1) * per_out], part.spec)
+                            for i in range(n_out)]
+                y = _tile_product(load_x, operands, part.spec, bm, bn, o_ref.dtype,
+                                  static_loop=True, dequant=part.dequant,
+                                  word_rows=_mosaic_word_rows(part.spec.bits))
+                mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
+                o_ref[...] = jnp.where(mask, y, o_ref[...])
+
+            _each_part(parts, w_refs, g, run, copies=n_out)
+
+    def weight_spec(a, part, shift):
         block = (None, *a.shape[1:-1], bn)
         zeros = (0,) * (a.ndim - 2)
-        return pl.BlockSpec(block, lambda n, t, o, gr, tm, c: (gr[t], *zeros, n + shift))
 
-    in_specs = [pl.BlockSpec((bm, x.shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))]
-    for i in range(n_out):
-        in_specs += [weight_spec(a, i * n_blocks) for a in arrays]
+        def index(n, t, o, gr, tm, c):
+            expert = gr[t]
+            if len(parts) > 1:  # other parts' visits keep this part's last block: no refetch
+                expert = jnp.clip(expert - part.first, 0, part.size - 1)
+            return (expert, *zeros, n + shift)
+
+        return pl.BlockSpec(block, index)
+
+    x_spec = pl.BlockSpec((bm, xs[0].shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))
+    in_specs = [x_spec] * len(xs)
+    operands, start = [], 0
+    for part in parts:
+        part_arrays = arrays[start : start + part.num_arrays]
+        start += part.num_arrays
+        for i in range(n_out):
+            in_specs += [weight_spec(a, part, i * n_blocks) for a in part_arrays]
+            operands += part_arrays
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(n_blocks, meta[1].shape[0]),
@@ -537,12 +617,12 @@ def _mosaic_call(x, arrays, meta, spec, bm, bn, config, interpret):
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], spec.part_padded), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((xs[0].shape[0], spec.part_padded), xs[0].dtype),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-        name=_kernel_name(spec),
-    )(*meta, x, *(arrays * n_out))
+        name=_kernel_name(parts),
+    )(*meta, *xs, *operands)
 
 
 def _mosaic_operand(w_refs, spec):
@@ -556,26 +636,36 @@ def _mosaic_operand(w_refs, spec):
     return load_w, load_s
 
 
-def _kernel_name(spec):
-    kind = "swiglu" if spec.fused else "matmul"
-    return f"grouped_{kind}_{'bf16' if spec.bits is None else f'w{spec.bits}'}"
+def _kernel_name(parts):
+    kind = "swiglu" if parts[0].spec.fused else "matmul"
+    widths = "_".join("bf16" if p.spec.bits is None else f"w{p.spec.bits}" for p in parts)
+    return f"grouped_{kind}_{widths}"
 
 
 # ---------------------------------------------------------------- checks and helpers
 
 
-def _check_inputs(x, weights, group_sizes, *, fused):
-    if not isinstance(weights, PackedWeight):
-        raise ValueError(f"weights must be a packing.PackedWeight, got {type(weights).__name__}")
+def _check_inputs(x, weights, group_sizes, *, fused) -> tuple[PackedWeight, ...]:
+    """The weights as a tuple of bit groups, after checking shapes; else a ValueError."""
+    parts = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
+    if not parts or not all(isinstance(w, PackedWeight) for w in parts):
+        raise ValueError("weights must be a packing.PackedWeight or a non-empty sequence of "
+                         f"them, got {type(weights).__name__}")
     if x.ndim != 2 or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"x must be [M, K] bf16/f16/f32, got {x.shape} {x.dtype}")
-    if weights.scales.ndim != 3:
-        raise ValueError(
-            f"weights must be stacked over experts ([G, ...]), got scales {weights.scales.shape}"
-        )
+    for w in parts:
+        if w.scales.ndim != 3:
+            raise ValueError(
+                f"weights must be stacked over experts ([G, ...]), got scales {w.scales.shape}"
+            )
+    shapes = {(w.k, w.n, w.group_size, w.parts) for w in parts}
+    if len(shapes) > 1:
+        raise ValueError("bit groups of one call must agree on (K, N, group_size, parts); "
+                         f"got {sorted(shapes)}")
+    weights = parts[0]
     if x.shape[1] != weights.k:
         raise ValueError(f"x has K={x.shape[1]} but the weights have K={weights.k}")
-    num_experts = weights.scales.shape[0]
+    num_experts = sum(w.scales.shape[0] for w in parts)
     if group_sizes.shape != (num_experts,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(
             f"group_sizes must be int [{num_experts}], got {group_sizes.shape} {group_sizes.dtype}"
@@ -591,6 +681,7 @@ def _check_inputs(x, weights, group_sizes, *, fused):
             raise ValueError(
                 f"group_sizes must be >= 0 with sum <= M={x.shape[0]}; got sum {total}"
             )
+    return parts
 
 
 def _fit_block_n(block_n: int, width: int) -> int:

@@ -88,6 +88,65 @@ def check_kernel_case(case, backend, interpret):
     assert_close(out, ref, x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class MixedCase:
+    """A layer's bit groups in one call: per group its bits and its experts' row counts."""
+
+    name: str
+    bits: tuple[int, ...]
+    group_sizes: tuple[tuple[int, ...], ...]
+    k: int
+    n: int
+    m: int
+    swiglu: bool = False
+
+
+MIXED_CASES = [
+    MixedCase("w2_w3_w4_ragged", (2, 3, 4), ((3, 0, 5), (7,), (0, 9, 2)), 256, 256, 32),
+    MixedCase("w1_w8_swiglu_odd_k_n", (1, 8), ((4, 6), (0, 5)), 200, 100, 20, swiglu=True),
+    MixedCase("w4_empty_w2_w3_one_token", (4, 2, 3), ((1, 1), (0, 0), (1,)), 128, 128, 4,
+              swiglu=True),
+]
+
+
+def make_mixed_inputs(case: MixedCase):
+    """x and, per bit group, its stacked weights (independent codes); flat group_sizes."""
+    groups = []
+    for i, (bits, sizes) in enumerate(zip(case.bits, case.group_sizes, strict=True)):
+        one = Case(case.name, bits, case.k, case.n, sizes, case.m, swiglu=case.swiglu)
+        x, weights, _ = make_inputs(one, seed=10 + i)
+        groups.append(weights)
+    flat = [s for sizes in case.group_sizes for s in sizes]
+    return x, tuple(groups), jnp.asarray(flat, jnp.int32)
+
+
+def per_group_launches(op, x, groups, sizes_per_group, **kw):
+    """What a mixed launch replaces: one launch per bit group on that group's rows."""
+    out, start = [], 0
+    for weights, sizes in zip(groups, sizes_per_group, strict=True):
+        rows = x[start : start + sum(sizes)]
+        rows = jnp.pad(rows, ((0, max(1, len(rows)) - len(rows)), (0, 0)))  # M >= 1
+        y = op(rows, weights, jnp.asarray(sizes, jnp.int32), **kw)
+        out.append(y[: sum(sizes)])
+        start += sum(sizes)
+    y = jnp.concatenate(out)
+    return jnp.pad(y, ((0, x.shape[0] - y.shape[0]), (0, 0)))
+
+
+def check_mixed_case(case, backend, interpret, mode=None):
+    x, groups, sizes = make_mixed_inputs(case)
+    op, ref_op = ((gm.grouped_swiglu, gm.grouped_swiglu_reference) if case.swiglu
+                  else (gm.grouped_matmul, gm.grouped_matmul_reference))
+    kw = dict(backend=backend, interpret=interpret, dequant=mode)
+    out = op(x, groups, sizes, **kw)
+    assert out.shape == (case.m, case.n) and out.dtype == x.dtype
+    total = int(sizes.sum())
+    np.testing.assert_array_equal(np.asarray(out[total:], np.float32), 0.0)
+    assert_close(out, ref_op(x, groups, sizes), x.dtype)
+    # the same rows through one single-group launch per bit group
+    assert_close(out, per_group_launches(op, x, groups, case.group_sizes, **kw), x.dtype)
+
+
 class TestGroupedMatmul:
     """Kernel vs reference on the native accelerator (skipped without one)."""
 
@@ -123,6 +182,11 @@ class TestGroupedMatmul:
         y = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
         assert_close(out, jax.nn.silu(y[:, :128]) * y[:, 128:], x.dtype)
 
+    @pytest.mark.parametrize("mode", gm.DEQUANT_MODES)
+    @pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: c.name)
+    def test_mixed_bits_one_launch_matches_reference(self, case, mode):
+        check_mixed_case(case, self.backend, self.interpret, mode)
+
 
 class TestGroupedMatmulInterpret(TestGroupedMatmul):
     """The same cases in interpret mode on CPU, Triton kernel structure."""
@@ -144,6 +208,10 @@ def test_mosaic_structure_interpret_fast_subset(case):
     check_kernel_case(case, "mosaic_tpu", interpret=True)
 
 
+def test_mosaic_structure_interpret_mixed_bits_fast_subset():
+    check_mixed_case(MIXED_CASES[0], "mosaic_tpu", interpret=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_xla_fallback_matches_reference(case):
     x, weights, sizes = make_inputs(case, seed=1)
@@ -153,6 +221,41 @@ def test_xla_fallback_matches_reference(case):
         else (gm.grouped_matmul, gm.grouped_matmul_reference)
     )
     assert_close(op(x, weights, sizes, backend="xla"), ref_op(x, weights, sizes), x.dtype)
+
+
+@pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: c.name)
+def test_mixed_bits_xla_fallback_matches_reference(case):
+    check_mixed_case(case, "xla", interpret=False)
+
+
+def test_mixed_bits_need_matching_groups():
+    x, groups, sizes = make_mixed_inputs(MIXED_CASES[0])
+    with pytest.raises(ValueError, match=r"int \[7\]"):  # 3 + 1 + 3 experts
+        gm.grouped_matmul(x, groups, sizes[:-1])
+    other = make_inputs(Case("k128", 2, 128, 256, (1,), 4))[1]
+    with pytest.raises(ValueError, match="must agree on"):
+        gm.grouped_matmul(x, (*groups, other), jnp.concatenate([sizes, jnp.ones(1, jnp.int32)]))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        gm.grouped_matmul(x, (), sizes)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["down", "gate_up"])
+def test_mixed_bits_lower_as_one_launch_at_kimi_shapes(platform, swiglu):
+    """A decode step's mix of 2, 3 and 4 bits over 64 experts is one custom call per
+    projection; on TPU every reshape of it keeps whole Mosaic tiles."""
+    k, n = (2048, 1408) if swiglu else (1408, 2048)
+    configs = [None] if platform == "tpu" else [None, gm.BlockConfig(16, 128, dequant="registers")]
+    for config in configs:
+        module = export_kernel(platform, (2, 3, 4), swiglu, m=256, g=64, k=k, n=n, config=config)
+        assert module.count(MARKERS[platform]) == 1
+    if platform == "tpu":
+        body = kernel_sass.mosaic_body(module)
+        casts = re.findall(r"shape_cast\"\(%\w+\) : \(vector<([\dx]+\w+)>\) -> "
+                           r"vector<([\dx]+\w+)>", body)
+        for src_text, dst_text in casts:
+            (src, dtype), (dst, _) = _vector_shape(src_text), _vector_shape(dst_text)
+            assert _mosaic_can_reshape(src, dst, dtype), (swiglu, src, dst)
 
 
 def test_group_metadata_covers_every_row_once():

@@ -8,12 +8,11 @@ all groups partition `range(E)`; a width no expert uses has no group.
 
 Forward: the experts are renumbered so each bit group is contiguous (group order = ascending
 bits, ids in each group's order), the (token, slot) pairs are sorted once by the new number
-(`moe.dispatch`), and each group runs the grouped SwiGLU then the down projection from
-`pallas_kernels` on its rows. A group's rows start at a data-dependent offset, so they are
-rolled to row 0 for the call and back after (rows past a group's sizes come out as zeros, so
-the groups' outputs add up). `use_kernels=True` runs the Pallas kernel (interpret mode on
-CPU); False the XLA dequantize + `ragged_dot` path. Groups or experts without tokens produce
-zeros, and decode (a few tokens) takes the same path as prefill.
+(`moe.dispatch`), and one grouped SwiGLU then one down projection from `pallas_kernels` run
+over all groups at once (each call takes the groups' packed weights as a sequence, so a layer
+costs two launches whatever its mix of widths). `use_kernels=True` runs the Pallas kernel
+(interpret mode on CPU); False the XLA dequantize + `ragged_dot` path. Groups or experts
+without tokens produce zeros, and decode (a few tokens) takes the same path as prefill.
 
 Optional rotation (`rotate_in`, `rotate_mid`: block sizes, 0 = off): a block-diagonal
 normalised Hadamard matrix R (blocks of b rows, `R = R^T = R^-1`) applied to the input of
@@ -192,16 +191,10 @@ def experts_forward(groups: tuple[GroupWeights, ...], x, ids, weights, *, rotate
         jnp.arange(num_experts, dtype=jnp.int32))
     d = moe.dispatch(x, rank[ids], num_experts)
     opts = kernel_options(use_kernels, kernel_dequant)
-    y = jnp.zeros(d.x_sorted.shape, x.dtype)
-    first = 0
-    for g in groups:
-        size = g.expert_ids.shape[0]
-        sizes = d.group_sizes[first : first + size]
-        start = jnp.sum(d.group_sizes[:first])
-        rows = jnp.roll(d.x_sorted, -start, axis=0)
-        a = rotate(gm.grouped_swiglu(rows, g.gate_up, sizes, **opts), rotate_mid)
-        y = y + jnp.roll(gm.grouped_matmul(a, g.down, sizes, **opts), start, axis=0)
-        first += size
+    gate_up = tuple(g.gate_up for g in groups)
+    down = tuple(g.down for g in groups)
+    a = rotate(gm.grouped_swiglu(d.x_sorted, gate_up, d.group_sizes, **opts), rotate_mid)
+    y = gm.grouped_matmul(a, down, d.group_sizes, **opts)
     return moe.combine(y, d, weights)
 
 
