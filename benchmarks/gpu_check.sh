@@ -11,7 +11,8 @@
 #     -d .whl transformers==5.23.0 ml-collections==1.1.0
 # Each step has its own time limit, so a hang in one still leaves the others' figures.
 # Outputs: $OUT/device.txt, tests.txt (native kernel tests), kernels.txt (the kernel table,
-# "magic" and "registers" side by side), sweep.txt (tiles for "registers"), stats.txt
+# "magic" and "registers" side by side, and one launch over a 2+3+4-bit layer against one launch
+# per bit group), sweep.txt (tiles for "registers"), stats.txt
 # (statistics pass and sensitivity speed), memory_plan.txt (device memory of each step at
 # Kimi-VL-A3B's widths).
 set -u
@@ -25,14 +26,15 @@ export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import jax, triton; print('jax', jax.__version__, jax.devices(), 'triton', triton.__version__)"
   git log -1 --format='commit %H %s' 2>/dev/null; } > "$OUT/device.txt" 2>&1
-timeout 120 python3 -m pytest -q tests/test_grouped_matmul.py -k "TestGroupedMatmul and not Interpret" \
+timeout 100 python3 -m pytest -q tests/test_grouped_matmul.py -k "TestGroupedMatmul and not Interpret" \
   2>&1 | tee "$OUT/tests.txt"
-timeout 200 python3 -m benchmarks.kernels --bits 2,3,4 --tokens 1,16,512 --dequant magic,registers \
+timeout 250 python3 -m benchmarks.kernels --bits 2,3,4 --tokens 1,16,512 --dequant magic,registers \
+  --mixed 2+3+4 \
   2>&1 | tee "$OUT/kernels.txt"
 # The tiles for "registers" (the table above uses the frozen "magic" tiles for both modes).
-timeout 70 python3 -m benchmarks.kernels --sweep --bits 4 --tokens 4 --dequant registers \
+timeout 60 python3 -m benchmarks.kernels --sweep --bits 4 --tokens 4 --dequant registers \
   2>&1 | tee "$OUT/sweep.txt"
-timeout 150 python3 -m benchmarks.stats 2>&1 | tee "$OUT/stats.txt"
+timeout 130 python3 -m benchmarks.stats 2>&1 | tee "$OUT/stats.txt"
 # Compile-only (no weights): the GPU's own memory figures for each calibration and sensitivity
 # step at Kimi-VL-A3B's widths, 4 decoder layers.
 timeout 40 python3 -m benchmarks.memory_plan --layers 4 --trace_layers 1 2>&1 | tee "$OUT/memory_plan.txt"

@@ -16,6 +16,11 @@ Triton of the jaxlib GPU builds; not a dependency of the project).
 
   python -m benchmarks.kernel_sass                          # 4 tokens/expert, all bits and modes
   python -m benchmarks.kernel_sass --bits 4 --tokens 512 --block_m 128 --num_stages 3
+  python -m benchmarks.kernel_sass --bits 2,3,4,2+3+4 --dequant registers  # + one mixed launch
+
+A ``--bits`` entry like ``2+3+4`` is one launch over that many bit groups (the 64 experts split
+between them): its row gives the launch's registers and shared memory and, per branch in
+that order, the instructions per code of the branch's main loop.
 """
 
 from __future__ import annotations
@@ -56,17 +61,27 @@ def parse_args(argv):
 KIMI_SHAPES = {"gate_up": (2048, 1408), "down": (1408, 2048)}  # op -> (K, output columns)
 
 
-def export_launch(platform: str, bits: int, fused: bool, m: int, g: int, k: int, n: int,
-                  dtype=jnp.bfloat16, config: gm.BlockConfig | None = None) -> jax.export.Exported:
+def export_launch(platform: str, bits: int | tuple[int, ...], fused: bool, m: int, g: int,
+                  k: int, n: int, dtype=jnp.bfloat16,
+                  config: gm.BlockConfig | None = None) -> jax.export.Exported:
     """One kernel launch over abstract packed weights, exported for ``platform`` on this CPU
-    (``fused``: SwiGLU over ``[K, 2n]``; else ``[K, n]``)."""
+    (``fused``: SwiGLU over ``[K, 2n]``; else ``[K, n]``). ``bits`` a tuple: one launch over
+    that many bit groups, the ``g`` experts split between them as evenly as they go."""
     backend = {"tpu": "mosaic_tpu", "cuda": "triton"}[platform]
     cols = 2 * n if fused else n
-    weights = jax.eval_shape(
-        lambda q, s: packing.pack(q, s, bits, parts=2 if fused else 1),
-        jax.ShapeDtypeStruct((g, k, cols), jnp.int32),
-        jax.ShapeDtypeStruct((g, -(-k // 128), cols), jnp.bfloat16),
-    )
+
+    def abstract(b, size):
+        return jax.eval_shape(
+            lambda q, s: packing.pack(q, s, b, parts=2 if fused else 1),
+            jax.ShapeDtypeStruct((size, k, cols), jnp.int32),
+            jax.ShapeDtypeStruct((size, -(-k // 128), cols), jnp.bfloat16),
+        )
+
+    if isinstance(bits, int):
+        weights = abstract(bits, g)
+    else:
+        sizes = [g // len(bits) + (i < g % len(bits)) for i in range(len(bits))]
+        weights = tuple(abstract(b, size) for b, size in zip(bits, sizes, strict=True))
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
     fn = jax.jit(lambda x, w, s: op(x, w, s, backend=backend, config=config))
     args = (jax.ShapeDtypeStruct((m, k), dtype), weights, jax.ShapeDtypeStruct((g,), jnp.int32))
@@ -75,7 +90,8 @@ def export_launch(platform: str, bits: int, fused: bool, m: int, g: int, k: int,
     return jax.export.export(fn, platforms=[platform], disabled_checks=disabled)(*args)
 
 
-def triton_ir(op_name: str, bits: int, tokens: int, config: gm.BlockConfig) -> str:
+def triton_ir(op_name: str, bits: int | tuple[int, ...], tokens: int,
+              config: gm.BlockConfig) -> str:
     """The Triton IR (text) of one launch at Kimi-VL expert shapes, lowered on this CPU."""
     k, n = KIMI_SHAPES[op_name]
     module = export_launch("cuda", bits, op_name == "gate_up", 64 * tokens, 64, k, n,
@@ -154,23 +170,33 @@ def _run(cmd) -> str:
 
 def main_loop(sass: str) -> collections.Counter:
     """Opcode counts of the backward-branch loop holding the most tensor-core instructions."""
+    return main_loops(sass)[0]
+
+
+def main_loops(sass: str) -> list[collections.Counter]:
+    """Opcode counts of every backward-branch loop holding the most tensor-core instructions,
+    in code order (a launch over several bit groups has one such loop per branch)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"^(\.L_x_\d+):", line.strip()))}
-    best, best_mma = [], -1
+    loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
         if m and labels.get(m.group(1), i) < i:
             body = lines[labels[m.group(1)] : i + 1]
-            mma = sum("MMA" in b for b in body)
-            if mma > best_mma:
-                best, best_mma = body, mma
-    counts = collections.Counter()
-    for line in best:
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if m:
-            counts[m.group(1)] += 1
-    return counts
+            loops.append((sum("MMA" in b for b in body), body))
+    most = max((mma for mma, _ in loops), default=0)
+    out = []
+    for mma, body in loops:
+        if mma != most:
+            continue
+        counts = collections.Counter()
+        for line in body:
+            m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+            if m:
+                counts[m.group(1)] += 1
+        out.append(counts)
+    return out or [collections.Counter()]
 
 
 def summarize(counts: collections.Counter, codes_per_thread: int) -> dict[str, float]:
@@ -190,20 +216,23 @@ def run(args) -> None:
           f"{'instr/code':>10} {'STS/code':>8} {'LDS/code':>8} {'MMA/iter':>8}")
     for op_name in args.ops.split(","):
         outputs = 2 if op_name == "gate_up" else 1
-        for bits in (int(b) for b in args.bits.split(",")):
+        for entry in args.bits.split(","):
+            widths = tuple(int(b) for b in entry.split("+"))
             for mode in args.dequant.split(","):
                 config = gm.BlockConfig(args.block_m, args.block_n, args.num_warps,
                                         args.num_stages, dequant=mode)
-                ran = gm.effective_dequant(mode, bits, "triton")
-                label = mode if ran == mode else f"{mode}>{ran}"
+                ran = {gm.effective_dequant(mode, b, "triton") for b in widths}
+                label = mode if ran == {mode} else f"{mode}>{'/'.join(sorted(ran))}"
+                bits = widths[0] if len(widths) == 1 else widths
                 sass, regs, smem = compile_sass(
                     triton_ir(op_name, bits, args.tokens, config), config, args.arch)
                 block_n = gm._fit_block_n(args.block_n, KIMI_SHAPES[op_name][1])
                 codes = outputs * 128 * block_n // (32 * args.num_warps)
-                s = summarize(main_loop(sass), codes)
-                print(f"{op_name:8} {bits:4d} {label:>9} {regs:4d} {smem / 1024:7.1f} "
-                      f"{s['total']:10d} {s['instr']:10.2f} {s['sts']:8.2f} {s['lds']:8.2f} "
-                      f"{s['mma']:8d}")
+                loops = [summarize(c, codes) for c in main_loops(sass)]
+                cell = lambda key, fmt, loops=loops: "/".join(format(s[key], fmt) for s in loops)
+                print(f"{op_name:8} {entry:>4} {label:>9} {regs:4d} {smem / 1024:7.1f} "
+                      f"{cell('total', 'd'):>10} {cell('instr', '.2f'):>10} "
+                      f"{cell('sts', '.2f'):>8} {cell('lds', '.2f'):>8} {loops[0]['mma']:8d}")
 
 
 if __name__ == "__main__":

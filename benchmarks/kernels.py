@@ -15,6 +15,12 @@ ragged_dot); use ``--small`` there.
   python -m benchmarks.kernels --shapes qwen3_30b_a3b # Qwen3-VL / InternVL3.5 MoE experts
   python -m benchmarks.kernels --dequant magic,registers # dequant modes side by side
   python -m benchmarks.kernels --sweep --bits 4 --tokens 1 # time block configs (autotune)
+  python -m benchmarks.kernels --mixed 2+3+4 --bits 4      # + one launch over bit groups
+
+``--mixed 2+3+4`` adds, per op and token count, rows for a layer whose experts are split
+evenly over those widths: one launch over all the bit groups (what ``QuantizedExperts`` runs)
+against one launch per group on its rows rolled to row 0 and back (what it ran before
+2026-12-06), with the bandwidth floor of all groups' packed bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def parse_args(argv):
                    "config's (--sweep: all)")
     p.add_argument("--sweep", action="store_true", help="autotune block configs and dequant "
                    "modes per (op, bits, tokens) and print the fastest, instead of the table")
+    p.add_argument("--mixed", default="", help="bit groups of one layer, e.g. 2+3+4: add rows "
+                   "timing one launch over them against one launch per group")
     return p.parse_args(argv)
 
 
@@ -108,12 +116,16 @@ def run(args) -> None:
             if args.sweep:
                 sweep(op_name, fused, x, sizes, packed, backend, args)
             else:
-                bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args)
+                t_ragged = bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend,
+                                        bandwidth, args)
+                if args.mixed:
+                    bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args)
         print(f"  ({op_name}: bf16 weights {w_bf16.size * 2 / 1e6:.1f} MB, {cols} -> {out_cols})")
 
 
 def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, args):
-    """One table row per bit width at one token count, with the bf16 baselines timed once."""
+    """One table row per bit width at one token count, with the bf16 baselines timed once;
+    returns the ``ragged_dot`` bf16 time."""
     repeats = args.repeats
     timer = functools.partial(gm.time_call, repeats=repeats, queued=args.queued)
     t_ragged = timer(_ragged_bf16, x, w_bf16, sizes, fused)
@@ -144,6 +156,54 @@ def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, a
                 f"{seconds * 1e6:10.1f} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:7.1f} "
                 f"{floor / seconds:6.1%} {t_ragged / seconds:13.2f} {vs_dense} {err:8.1e}"
             )
+    return t_ragged
+
+
+def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
+    """Rows for one layer's experts split over ``args.mixed`` widths: one launch over all bit
+    groups against one launch per group, in each dequant mode."""
+    widths = [int(b) for b in args.mixed.split("+")]
+    experts, k, cols, _, _ = op_shapes(args.small, args.shapes)[op_name]
+    split = [experts // len(widths) + (i < experts % len(widths)) for i in range(len(widths))]
+    keys = jax.random.split(jax.random.key(1), len(widths))
+    groups = tuple(random_packed(key, g, k, cols, b, 2 if fused else 1)
+                   for key, g, b in zip(keys, split, widths, strict=True))
+    sizes = jnp.full((experts,), tokens, jnp.int32)
+    nbytes = sum(packing.nbytes(w) for w in groups)
+    op = gm.grouped_swiglu if fused else gm.grouped_matmul
+    timer = functools.partial(gm.time_call, repeats=args.repeats, queued=args.queued)
+    ref = jax.jit(functools.partial(op, backend="xla"))(x, groups, sizes)
+    base = None if backend == "xla" else gm.default_config(backend, x.shape[0], experts, fused)
+    modes = args.dequant.split(",") if args.dequant and base else [base.dequant if base else "-"]
+    print(f"  mixed {args.mixed} ({'/'.join(map(str, split))} experts): one launch vs one per "
+          f"bit group; {'time_us':>10} {'per_group_us':>12} {'x_per_group':>11} {'packed_MB':>9} "
+          f"{'%floor':>6} {'x_ragged_bf16':>13} {'err':>8}")
+    for mode in modes:
+        config = dataclasses.replace(base, dequant=mode) if base else None
+        one = jax.jit(functools.partial(op, backend=backend, config=config))
+        per_group = jax.jit(functools.partial(_per_group_launches, op, backend=backend,
+                                              config=config))
+        t_one, t_groups = timer(one, x, groups, sizes), timer(per_group, x, groups, sizes)
+        err = _relative_error(one(x, groups, sizes), ref)
+        err = max(err, _relative_error(per_group(x, groups, sizes), ref))
+        print(f"{op_name:8} {args.mixed:>5} {mode:>9} {tokens:7d} {x.shape[0]:6d} "
+              f"{t_one * 1e6:10.1f} {t_groups * 1e6:12.1f} {t_groups / t_one:11.2f} "
+              f"{nbytes / 1e6:9.1f} {nbytes / bandwidth / t_one:6.1%} "
+              f"{t_ragged / t_one:13.2f} {err:8.1e}")
+
+
+def _per_group_launches(op, x, groups, sizes, **kw):
+    """One launch per bit group, its rows rolled to row 0 and back (rows past a group's sizes
+    come out as zeros, so the groups' outputs add up)."""
+    y, first = None, 0
+    for w in groups:
+        size = w.scales.shape[0]
+        start = jnp.sum(sizes[:first])
+        out = op(jnp.roll(x, -start, axis=0), w, sizes[first : first + size], **kw)
+        out = jnp.roll(out, start, axis=0)
+        y = out if y is None else y + out
+        first += size
+    return y
 
 
 def sweep(op_name, fused, x, sizes, packed, backend, args):

@@ -32,6 +32,35 @@ def test_main_loop_is_the_backward_loop_with_most_tensor_core_instructions():
     assert summary["sts"] == 0.5 and summary["instr"] == 2.5 and summary["mma"] == 2
 
 
+def test_main_loops_lists_every_loop_with_the_most_tensor_core_instructions_in_order():
+    """A launch over several bit groups has one K loop per branch: each is reported."""
+    two = """
+.L_x_0:
+        /*0000*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0010*/                   STS.U16 [R3], R2 ;
+        /*0020*/                   @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LOP3.LUT R2, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0040*/                   @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0060*/                   LOP3.LUT R2, R2, 0xf, RZ, 0xc0, !PT ;
+        /*0070*/                   @P1 BRA `(.L_x_2) ;
+"""
+    assert kernel_sass.main_loops(two) == [
+        collections.Counter({"HMMA": 1, "STS": 1, "BRA": 1}),
+        collections.Counter({"HMMA": 1, "LOP3": 1, "BRA": 1}),
+    ]
+    assert kernel_sass.main_loop(two) == kernel_sass.main_loops(two)[0]
+
+
+def test_mixed_launch_has_one_k_loop_and_dot_per_bit_group():
+    config = gm.BlockConfig(16, 128, 8, 2, dequant="registers")
+    ir = kernel_sass.triton_ir("down", (2, 3, 4), 1, config)
+    assert ir.count("scf.for") == 3 and ir.count("tt.dot ") == 3
+    assert kernel_sass.triton_ir("down", 4, 1, config).count("scf.for") == 1
+
+
 def test_unescape_reads_mlir_string_escapes():
     assert kernel_sass._unescape(r"ML\EFR\0D\\\"a") == b'ML\xefR\r\\"a'
 
