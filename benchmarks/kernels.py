@@ -6,8 +6,10 @@ InternVL3.5-30B-A3B share).
 For each op, bit width and tokens per expert (1, 4, 16, 64, 512; routing spread evenly) it
 prints the median time, the packed weight bytes (codes + bf16 scales), the achieved bandwidth on
 those bytes, the fraction of the bandwidth floor (packed bytes / measured copy bandwidth), and
-the speed ratio to bf16 ``jax.lax.ragged_dot`` and to the same kernel on bf16 weights, all in
-one run. Without a GPU/TPU the kernel backend resolves to the XLA fallback (dequantize +
+the speed ratio to bf16 ``jax.lax.ragged_dot``, to the same kernel on bf16 weights (with fewer
+pipeline stages where its frozen tiles exceed shared memory) and to dequantizing the weights to
+bf16 then running that kernel (``x_predeq``: above 1 the fused kernel is faster), all in one
+run. Without a GPU/TPU the kernel backend resolves to the XLA fallback (dequantize +
 ragged_dot); use ``--small`` there.
 
   python -m benchmarks.kernels                      # full Kimi-VL shapes (GPU/TPU)
@@ -54,6 +56,8 @@ def parse_args(argv):
                    "config's (--sweep: all)")
     p.add_argument("--sweep", action="store_true", help="autotune block configs and dequant "
                    "modes per (op, bits, tokens) and print the fastest, instead of the table")
+    p.add_argument("--interpret", action="store_true", help="run the kernels in Pallas "
+                   "interpret mode (CPU): exercises every path of this script, no real timing")
     p.add_argument("--mixed", default="", help="bit groups of one layer, e.g. 2+3+4: add rows "
                    "timing one launch over them against one launch per group")
     return p.parse_args(argv)
@@ -91,10 +95,12 @@ def random_packed(key, experts, k, cols, bits, parts):
 
 def run(args) -> None:
     bits_list = [int(b) for b in args.bits.split(",")]
-    backend = gm.resolve_backend(args.backend)
+    backend = gm.resolve_backend(args.backend, args.interpret)
     device = jax.devices()[0]
     bandwidth = measure_copy_bandwidth(1 << (26 if args.small else 30))
     fallback_note = "  (XLA fallback: dequantize + ragged_dot)" if backend == "xla" else ""
+    if args.interpret:
+        fallback_note = "  (Pallas interpret mode: checks the script's paths, times nothing real)"
     print(f"device: {device.platform} {device.device_kind}; jax {jax.__version__}")
     print(f"backend: {backend}{fallback_note}")
     print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
@@ -103,7 +109,8 @@ def run(args) -> None:
     print(
         f"{'op':8} {'bits':>4} {'dequant':>9} {'tok/exp':>7} {'M':>6} {'time_us':>10} "
         f"{'packed_MB':>9} "
-        f"{'GB/s':>7} {'%floor':>6} {'x_ragged_bf16':>13} {'x_kernel_bf16':>13} {'err':>8}"
+        f"{'GB/s':>7} {'%floor':>6} {'x_ragged_bf16':>13} {'x_kernel_bf16':>13} "
+        f"{'x_predeq':>9} {'err':>8}"
     )
     key = jax.random.key(0)
     for op_name in args.ops.split(","):
@@ -129,13 +136,8 @@ def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, a
     repeats = args.repeats
     timer = functools.partial(gm.time_call, repeats=repeats, queued=args.queued)
     t_ragged = timer(_ragged_bf16, x, w_bf16, sizes, fused)
-    t_dense = None
-    if backend != "xla":
-        dense = functools.partial(gm.grouped_matmul_dense, fused=fused, backend=backend)
-        try:
-            t_dense = timer(jax.jit(dense), x, w_bf16, sizes)
-        except Exception as e:  # e.g. its default tiles exceed shared memory at prefill
-            print(f"  (bf16 kernel baseline failed: {str(e).splitlines()[0][:100]})")
+    t_dense = None if backend == "xla" else _dense_baseline(fused, x, w_bf16, sizes, backend,
+                                                            timer, args.interpret)
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
     fallback = jax.jit(functools.partial(op, backend="xla"))
     tokens = x.shape[0] // sizes.shape[0]
@@ -143,20 +145,50 @@ def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, a
                                                            fused)
     modes = args.dequant.split(",") if args.dequant and base else [base.dequant if base else "-"]
     for bits, w in packed.items():
+        # dequantize to bf16 then the bf16 kernel: the alternative to fusing at prefill
+        t_predeq = t_dense and t_dense + timer(_dequantize_bf16, w)
         for mode in modes:
             config = dataclasses.replace(base, dequant=mode) if base else None
-            kernel = jax.jit(functools.partial(op, backend=backend, config=config))
+            kernel = jax.jit(functools.partial(op, backend=backend, config=config,
+                                               interpret=args.interpret))
             seconds = timer(kernel, x, w, sizes)
             err = _relative_error(kernel(x, w, sizes), fallback(x, w, sizes))
             nbytes = packing.nbytes(w)
             floor = nbytes / bandwidth
             vs_dense = f"{t_dense / seconds:13.2f}" if t_dense else f"{'n/a':>13}"
+            vs_predeq = f"{t_predeq / seconds:9.2f}" if t_predeq else f"{'n/a':>9}"
             print(
                 f"{op_name:8} {bits:4d} {mode:>9} {tokens:7d} {x.shape[0]:6d} "
                 f"{seconds * 1e6:10.1f} {nbytes / 1e6:9.1f} {nbytes / seconds / 1e9:7.1f} "
-                f"{floor / seconds:6.1%} {t_ragged / seconds:13.2f} {vs_dense} {err:8.1e}"
+                f"{floor / seconds:6.1%} {t_ragged / seconds:13.2f} {vs_dense} {vs_predeq} "
+                f"{err:8.1e}"
             )
     return t_ragged
+
+
+def _dense_baseline(fused, x, w_bf16, sizes, backend, timer, interpret=False):
+    """Seconds of the same kernel on bf16 weights: the frozen tiles, or with fewer pipeline
+    stages where those exceed shared memory (bf16 tiles are 4-16x the packed ones); None if
+    nothing fits."""
+    default = gm.default_config(backend, x.shape[0], sizes.shape[0], fused)
+    for stages in sorted({default.num_stages, 2, 1}, reverse=True):
+        config = dataclasses.replace(default, num_stages=stages, dequant="convert")
+        dense = functools.partial(gm.grouped_matmul_dense, fused=fused, backend=backend,
+                                  config=config, interpret=interpret)
+        try:
+            seconds = timer(jax.jit(dense), x, w_bf16, sizes)
+        except Exception as e:  # e.g. its tiles exceed shared memory at prefill
+            print(f"  (bf16 kernel, {stages} stages, failed: {str(e).splitlines()[0][:90]})")
+            continue
+        if stages != default.num_stages:
+            print(f"  (bf16 kernel baseline ran with num_stages={stages})")
+        return seconds
+    return None
+
+
+@jax.jit
+def _dequantize_bf16(w):
+    return packing.dequantize(w, jnp.bfloat16)
 
 
 def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
@@ -180,9 +212,9 @@ def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
           f"{'%floor':>6} {'x_ragged_bf16':>13} {'err':>8}")
     for mode in modes:
         config = dataclasses.replace(base, dequant=mode) if base else None
-        one = jax.jit(functools.partial(op, backend=backend, config=config))
-        per_group = jax.jit(functools.partial(_per_group_launches, op, backend=backend,
-                                              config=config))
+        kw = dict(backend=backend, config=config, interpret=args.interpret)
+        one = jax.jit(functools.partial(op, **kw))
+        per_group = jax.jit(functools.partial(_per_group_launches, op, **kw))
         t_one, t_groups = timer(one, x, groups, sizes), timer(per_group, x, groups, sizes)
         err = _relative_error(one(x, groups, sizes), ref)
         err = max(err, _relative_error(per_group(x, groups, sizes), ref))
@@ -221,7 +253,8 @@ def sweep(op_name, fused, x, sizes, packed, backend, args):
     ]
     for bits, w in packed.items():
         _, timings = gm.autotune(op, x, w, sizes, candidates=[default, *candidates],
-                                 backend=backend, repeats=args.repeats, queued=args.queued)
+                                 backend=backend, interpret=args.interpret,
+                                 repeats=args.repeats, queued=args.queued)
         ranked = sorted(timings.items(), key=lambda kv: kv[1])
         tokens = x.shape[0] // sizes.shape[0]
         print(f"{op_name} {bits}-bit, {tokens} tokens/expert: default {default} "
