@@ -214,7 +214,7 @@ def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
         config = dataclasses.replace(base, dequant=mode) if base else None
         kw = dict(backend=backend, config=config, interpret=args.interpret)
         one = jax.jit(functools.partial(op, **kw))
-        per_group = jax.jit(functools.partial(_per_group_launches, op, **kw))
+        per_group = jax.jit(functools.partial(per_group_launches, op, **kw))
         t_one, t_groups = timer(one, x, groups, sizes), timer(per_group, x, groups, sizes)
         err = _relative_error(one(x, groups, sizes), ref)
         err = max(err, _relative_error(per_group(x, groups, sizes), ref))
@@ -224,7 +224,7 @@ def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
               f"{t_ragged / t_one:13.2f} {err:8.1e}")
 
 
-def _per_group_launches(op, x, groups, sizes, **kw):
+def per_group_launches(op, x, groups, sizes, **kw):
     """One launch per bit group, its rows rolled to row 0 and back (rows past a group's sizes
     come out as zeros, so the groups' outputs add up)."""
     y, first = None, 0

@@ -25,7 +25,8 @@ the compiled code. The Mosaic kernel unpacks 3-bit codes in ``packing.paired_wor
 permuted to match), so that every Mosaic reshape keeps whole (8, 128) tiles.
 Mixed bits: a launch over several bit groups visits every expert of every group in one grid
 (a decode step's layer then costs one launch per projection instead of one per bit group, and
-no group's rows are moved to row 0); each group occupies a static range of expert numbers, so a
+no group's rows are moved to row 0; the "xla" fallback still runs one ``ragged_dot`` per group,
+see ``_xla_parts``); each group occupies a static range of expert numbers, so a
 visit's expert number picks its group's branch (``pl.when``) and index into that group's
 arrays. Groups whose row order differs (registers mode, Mosaic's 3 bits) read their own
 permuted copy of x. On Mosaic each group's weight blocks are indexed by the visit's expert
@@ -304,14 +305,34 @@ def _grouped(x, parts: tuple[PackedWeight, ...], group_sizes, fused, config, bac
         backend = "xla"  # Mosaic needs 128-lane x slices; no kernel for smaller groups
     out_n = first.n // 2 if fused else first.n
     if backend == "xla":
-        w = _dequantize_all(parts, x.dtype)
-        y = lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
-        return _finish_xla(y, out_n, fused, x.dtype)
+        return _xla_parts(x, parts, group_sizes, out_n, fused)
     specs = tuple(
         _Spec(w.bits, w.group_size, w.num_groups_k, fused, out_n, w.part_padded) for w in parts
     )
     arrays = tuple((*w.planes, w.scales) for w in parts)
     return _run_kernel(x, arrays, group_sizes, specs, config, backend, interpret)
+
+
+def _xla_parts(x, parts, group_sizes, out_n, fused):
+    """Dequantize + ``ragged_dot``, one per bit group on its rows rolled to row 0 (rows past a
+    group's sizes come out as zeros, so the groups' outputs add up). One ``ragged_dot`` over
+    all groups would give the same values up to float rounding, but XLA:CPU sums differently
+    with more groups, and GPTQ, fed the quantized layers' outputs, turns such differences into
+    other codes: kept per group, the fallback's results do not depend on how a layer's bit
+    groups are batched into calls."""
+    y, first = None, 0
+    for w in parts:
+        size = w.scales.shape[0]
+        sizes = group_sizes[first : first + size]
+        start = jnp.sum(group_sizes[:first]) if first else 0
+        rows = jnp.roll(x, -start, axis=0) if first else x
+        part = lax.ragged_dot(rows, packing.dequantize(w, x.dtype), sizes,
+                              preferred_element_type=jnp.float32)
+        part = _finish_xla(part, out_n, fused, x.dtype)
+        part = jnp.roll(part, start, axis=0) if first else part
+        y = part if y is None else y + part
+        first += size
+    return y
 
 
 def _finish_xla(y, out_n, fused, dtype):

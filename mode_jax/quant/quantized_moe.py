@@ -10,9 +10,10 @@ Forward: the experts are renumbered so each bit group is contiguous (group order
 bits, ids in each group's order), the (token, slot) pairs are sorted once by the new number
 (`moe.dispatch`), and one grouped SwiGLU then one down projection from `pallas_kernels` run
 over all groups at once (each call takes the groups' packed weights as a sequence, so a layer
-costs two launches whatever its mix of widths). `use_kernels=True` runs the Pallas kernel
-(interpret mode on CPU); False the XLA dequantize + `ragged_dot` path. Groups or experts
-without tokens produce zeros, and decode (a few tokens) takes the same path as prefill.
+costs two kernel launches whatever its mix of widths; the XLA path computes group by group).
+`use_kernels=True` runs the Pallas kernel (interpret mode on CPU); False the XLA dequantize +
+`ragged_dot` path. Groups or experts without tokens produce zeros, and decode (a few tokens)
+takes the same path as prefill.
 
 Optional rotation (`rotate_in`, `rotate_mid`: block sizes, 0 = off): a block-diagonal
 normalised Hadamard matrix R (blocks of b rows, `R = R^T = R^-1`) applied to the input of
