@@ -164,9 +164,9 @@ def grouped_matmul(
     ``config=None`` takes the frozen default for the backend and regime; ``dequant`` (one of
     ``DEQUANT_MODES``) then replaces that config's dequant mode and keeps its tiles.
     """
-    parts = _check_inputs(x, weights, group_sizes, fused=False)
+    bit_groups = _check_inputs(x, weights, group_sizes, fused=False)
     config = _with_dequant(config, dequant)
-    return _grouped(x, parts, group_sizes, False, config, backend, interpret)
+    return _grouped(x, bit_groups, group_sizes, False, config, backend, interpret)
 
 
 def grouped_swiglu(
@@ -181,9 +181,9 @@ def grouped_swiglu(
 ) -> jax.Array:
     """``silu(x Wg) * (x Wu)`` per expert for packed gate/up ``[G, K, 2F]`` (``parts=2``);
     ``config`` and ``dequant`` as in ``grouped_matmul``."""
-    parts = _check_inputs(x, weights, group_sizes, fused=True)
+    bit_groups = _check_inputs(x, weights, group_sizes, fused=True)
     config = _with_dequant(config, dequant)
-    return _grouped(x, parts, group_sizes, True, config, backend, interpret)
+    return _grouped(x, bit_groups, group_sizes, True, config, backend, interpret)
 
 
 def _with_dequant(config: BlockConfig | None, dequant: str | None):
@@ -252,8 +252,8 @@ def grouped_swiglu_reference(x, weights, group_sizes) -> jax.Array:
 
 def _dequantize_all(weights, dtype) -> jax.Array:
     """``[sum G, K, N]``: every expert of one stacked ``PackedWeight`` or of a sequence."""
-    parts = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
-    return jnp.concatenate([packing.dequantize(w, dtype) for w in parts])
+    bit_groups = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
+    return jnp.concatenate([packing.dequantize(w, dtype) for w in bit_groups])
 
 
 def _per_group_matmul(x, w, group_sizes):
@@ -285,7 +285,7 @@ class _Spec:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Part:
+class _BitGroup:
     """One bit group of a launch: experts ``first .. first + size - 1`` in group_sizes' order,
     its ``num_arrays`` operands (planes, scales), dequant mode and x layout (``xs[x_index]``)."""
 
@@ -298,22 +298,24 @@ class _Part:
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _grouped(x, parts: tuple[PackedWeight, ...], group_sizes, fused, config, backend, interpret):
+def _grouped(x, bit_groups: tuple[PackedWeight, ...], group_sizes, fused, config, backend,
+             interpret):
     backend = resolve_backend(backend, interpret)
-    first = parts[0]  # all parts share K, N, group size and parts (``_check_inputs``)
+    first = bit_groups[0]  # all share K, N, group size and column parts (``_check_inputs``)
     if backend == "mosaic_tpu" and first.group_size % 128:
         backend = "xla"  # Mosaic needs 128-lane x slices; no kernel for smaller groups
     out_n = first.n // 2 if fused else first.n
     if backend == "xla":
-        return _xla_parts(x, parts, group_sizes, out_n, fused)
+        return _xla_per_bit_group(x, bit_groups, group_sizes, out_n, fused)
     specs = tuple(
-        _Spec(w.bits, w.group_size, w.num_groups_k, fused, out_n, w.part_padded) for w in parts
+        _Spec(w.bits, w.group_size, w.num_groups_k, fused, out_n, w.part_padded)
+        for w in bit_groups
     )
-    arrays = tuple((*w.planes, w.scales) for w in parts)
+    arrays = tuple((*w.planes, w.scales) for w in bit_groups)
     return _run_kernel(x, arrays, group_sizes, specs, config, backend, interpret)
 
 
-def _xla_parts(x, parts, group_sizes, out_n, fused):
+def _xla_per_bit_group(x, bit_groups, group_sizes, out_n, fused):
     """Dequantize + ``ragged_dot``, one per bit group on its rows rolled to row 0 (rows past a
     group's sizes come out as zeros, so the groups' outputs add up). One ``ragged_dot`` over
     all groups would give the same values up to float rounding, but XLA:CPU sums differently
@@ -321,16 +323,16 @@ def _xla_parts(x, parts, group_sizes, out_n, fused):
     other codes: kept per group, the fallback's results do not depend on how a layer's bit
     groups are batched into calls."""
     y, first = None, 0
-    for w in parts:
+    for w in bit_groups:
         size = w.scales.shape[0]
         sizes = group_sizes[first : first + size]
         start = jnp.sum(group_sizes[:first]) if first else 0
         rows = jnp.roll(x, -start, axis=0) if first else x
-        part = lax.ragged_dot(rows, packing.dequantize(w, x.dtype), sizes,
-                              preferred_element_type=jnp.float32)
-        part = _finish_xla(part, out_n, fused, x.dtype)
-        part = jnp.roll(part, start, axis=0) if first else part
-        y = part if y is None else y + part
+        out = lax.ragged_dot(rows, packing.dequantize(w, x.dtype), sizes,
+                             preferred_element_type=jnp.float32)
+        out = _finish_xla(out, out_n, fused, x.dtype)
+        out = jnp.roll(out, start, axis=0) if first else out
+        y = out if y is None else y + out
         first += size
     return y
 
@@ -342,9 +344,10 @@ def _finish_xla(y, out_n, fused, dtype):
 
 
 def _run_kernel(x, arrays, group_sizes, specs: tuple[_Spec, ...], config, backend, interpret):
-    """Pads x, lays out its copies, runs the backend's launch. ``arrays``/``specs``: per part."""
+    """Pads x, lays out its copies, runs the backend's launch. ``arrays``/``specs``: per bit
+    group."""
     m, k = x.shape
-    spec = specs[0]  # the shape fields all parts share
+    spec = specs[0]  # the shape fields all bit groups share
     num_experts = sum(a[0].shape[0] for a in arrays)
     if config is None or isinstance(config, _DequantOnly):
         chosen = default_config(backend, m, num_experts, spec.fused)
@@ -358,24 +361,25 @@ def _run_kernel(x, arrays, group_sizes, specs: tuple[_Spec, ...], config, backen
     m_pad = max(_round_up(m, bm), bm)
     k_pad = spec.num_k_groups * spec.group_size
     x = jnp.pad(x, ((0, m_pad - m), (0, k_pad - k))) if (m_pad, k_pad) != (m, k) else x
-    orders, parts, first = [], [], 0
-    for part_spec, part_arrays in zip(specs, arrays, strict=True):
-        dequant = effective_dequant(config.dequant, part_spec.bits, backend, spec.group_size)
-        order = _tile_row_order(dequant, part_spec.bits, backend, spec.group_size)
+    orders, bit_groups, first = [], [], 0
+    for bg_spec, bg_arrays in zip(specs, arrays, strict=True):
+        dequant = effective_dequant(config.dequant, bg_spec.bits, backend, spec.group_size)
+        order = _tile_row_order(dequant, bg_spec.bits, backend, spec.group_size)
         key = None if order is None else tuple(order.tolist())
         if key not in orders:
             orders.append(key)
-        size = part_arrays[0].shape[0]
-        parts.append(_Part(part_spec, first, size, len(part_arrays), dequant, orders.index(key)))
+        size = bg_arrays[0].shape[0]
+        bit_groups.append(
+            _BitGroup(bg_spec, first, size, len(bg_arrays), dequant, orders.index(key)))
         first += size
-    # x's columns in each part's row order of W, K group by K group
+    # x's columns in each bit group's row order of W, K group by K group
     groups = x.reshape(m_pad, spec.num_k_groups, spec.group_size)
     xs = tuple(x if order is None else groups[:, :, list(order)].reshape(m_pad, k_pad)
                for order in orders)
     meta = group_metadata(group_sizes, m_pad, bm)
     build = _triton_call if backend == "triton" else _mosaic_call
-    flat = tuple(a for part_arrays in arrays for a in part_arrays)
-    out = build(xs, flat, meta, tuple(parts), bm, bn, config, interpret)
+    flat = tuple(a for bg_arrays in arrays for a in bg_arrays)
+    out = build(xs, flat, meta, tuple(bit_groups), bm, bn, config, interpret)
     rows = jnp.arange(m)
     return jnp.where((rows < meta[0][-1])[:, None], out[:m, : spec.out_n], 0).astype(x.dtype)
 
@@ -516,8 +520,8 @@ def _column_blocks(spec, bn):
     return spec.part_padded // bn
 
 
-def _triton_call(xs, arrays, meta, parts, bm, bn, config, interpret):
-    spec = parts[0].spec
+def _triton_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
+    spec = bit_groups[0].spec
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
 
@@ -530,19 +534,19 @@ def _triton_call(xs, arrays, meta, parts, bm, bn, config, interpret):
             g, mt = group_ref[t], tile_ref[t]
             rows = pl.ds(pl.multiple_of(mt * bm, bm), bm)
 
-            def run(part, part_refs, local):
-                x_ref = x_refs[part.x_index]
+            def run(bg, bg_refs, local):
+                x_ref = x_refs[bg.x_index]
                 load_x = lambda kg: x_ref[rows, pl.ds(pl.multiple_of(kg * gs, gs), gs)]
                 operands = []
                 for i in range(_num_outputs(spec)):
                     cols = pl.ds(pl.multiple_of((n + i * n_blocks) * bn, bn), bn)
-                    operands.append(_triton_operand(part_refs, local, cols, part.spec))
-                y = _tile_product(load_x, operands, part.spec, bm, bn, o_ref.dtype,
-                                  static_loop=False, dequant=part.dequant)
+                    operands.append(_triton_operand(bg_refs, local, cols, bg.spec))
+                y = _tile_product(load_x, operands, bg.spec, bm, bn, o_ref.dtype,
+                                  static_loop=False, dequant=bg.dequant)
                 mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
                 plgpu.store(o_ref.at[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)], y, mask=mask)
 
-            _each_part(parts, w_refs, g, run)
+            _each_bit_group(bit_groups, w_refs, g, run)
 
     return pl.pallas_call(
         kernel,
@@ -552,22 +556,22 @@ def _triton_call(xs, arrays, meta, parts, bm, bn, config, interpret):
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
         interpret=interpret,
-        name=_kernel_name(parts),
+        name=_kernel_name(bit_groups),
     )(*meta, *xs, *arrays)
 
 
-def _each_part(parts, w_refs, g, run, copies: int = 1):
-    """Calls ``run(part, its refs, g's index in the part)`` under ``g``'s part's branch (the
-    only part: no branch). Each part owns ``copies * num_arrays`` consecutive refs."""
+def _each_bit_group(bit_groups, w_refs, g, run, copies: int = 1):
+    """Calls ``run(bit group, its refs, g's index in it)`` under the branch of ``g``'s bit group
+    (a single group: no branch). Each owns ``copies * num_arrays`` consecutive refs."""
     start = 0
-    for part in parts:
-        part_refs = w_refs[start : start + copies * part.num_arrays]
-        start += copies * part.num_arrays
-        if len(parts) == 1:
-            run(part, part_refs, g)
+    for bg in bit_groups:
+        bg_refs = w_refs[start : start + copies * bg.num_arrays]
+        start += copies * bg.num_arrays
+        if len(bit_groups) == 1:
+            run(bg, bg_refs, g)
         else:
-            inside = (g >= part.first) & (g < part.first + part.size)
-            pl.when(inside)(functools.partial(run, part, part_refs, g - part.first))
+            inside = (g >= bg.first) & (g < bg.first + bg.size)
+            pl.when(inside)(functools.partial(run, bg, bg_refs, g - bg.first))
 
 
 def _triton_operand(w_refs, g, cols, spec):
@@ -581,8 +585,8 @@ def _triton_operand(w_refs, g, cols, spec):
     return load_w, load_s
 
 
-def _mosaic_call(xs, arrays, meta, parts, bm, bn, config, interpret):
-    spec = parts[0].spec
+def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
+    spec = bit_groups[0].spec
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
     n_out = _num_outputs(spec)
@@ -595,28 +599,28 @@ def _mosaic_call(xs, arrays, meta, parts, bm, bn, config, interpret):
         def _():
             g, mt = group_ref[t], tile_ref[t]
 
-            def run(part, part_refs, _local):  # the index maps already picked the expert
-                x_ref = x_refs[part.x_index]
+            def run(bg, bg_refs, _local):  # the index maps already picked the expert
+                x_ref = x_refs[bg.x_index]
                 load_x = lambda kg: x_ref[:, kg * gs : (kg + 1) * gs]
-                per_out = part.num_arrays
-                operands = [_mosaic_operand(part_refs[i * per_out : (i + 1) * per_out], part.spec)
+                per_out = bg.num_arrays
+                operands = [_mosaic_operand(bg_refs[i * per_out : (i + 1) * per_out], bg.spec)
                             for i in range(n_out)]
-                y = _tile_product(load_x, operands, part.spec, bm, bn, o_ref.dtype,
-                                  static_loop=True, dequant=part.dequant,
-                                  word_rows=_mosaic_word_rows(part.spec.bits))
+                y = _tile_product(load_x, operands, bg.spec, bm, bn, o_ref.dtype,
+                                  static_loop=True, dequant=bg.dequant,
+                                  word_rows=_mosaic_word_rows(bg.spec.bits))
                 mask = _row_mask(offs_ref[g], offs_ref[g + 1], mt, bm, bn)
                 o_ref[...] = jnp.where(mask, y, o_ref[...])
 
-            _each_part(parts, w_refs, g, run, copies=n_out)
+            _each_bit_group(bit_groups, w_refs, g, run, copies=n_out)
 
-    def weight_spec(a, part, shift):
+    def weight_spec(a, bg, shift):
         block = (None, *a.shape[1:-1], bn)
         zeros = (0,) * (a.ndim - 2)
 
         def index(n, t, o, gr, tm, c):
             expert = gr[t]
-            if len(parts) > 1:  # other parts' visits keep this part's last block: no refetch
-                expert = jnp.clip(expert - part.first, 0, part.size - 1)
+            if len(bit_groups) > 1:  # other groups' visits keep this group's block: no refetch
+                expert = jnp.clip(expert - bg.first, 0, bg.size - 1)
             return (expert, *zeros, n + shift)
 
         return pl.BlockSpec(block, index)
@@ -624,12 +628,12 @@ def _mosaic_call(xs, arrays, meta, parts, bm, bn, config, interpret):
     x_spec = pl.BlockSpec((bm, xs[0].shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))
     in_specs = [x_spec] * len(xs)
     operands, start = [], 0
-    for part in parts:
-        part_arrays = arrays[start : start + part.num_arrays]
-        start += part.num_arrays
+    for bg in bit_groups:
+        bg_arrays = arrays[start : start + bg.num_arrays]
+        start += bg.num_arrays
         for i in range(n_out):
-            in_specs += [weight_spec(a, part, i * n_blocks) for a in part_arrays]
-            operands += part_arrays
+            in_specs += [weight_spec(a, bg, i * n_blocks) for a in bg_arrays]
+            operands += bg_arrays
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(n_blocks, meta[1].shape[0]),
@@ -642,7 +646,7 @@ def _mosaic_call(xs, arrays, meta, parts, bm, bn, config, interpret):
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-        name=_kernel_name(parts),
+        name=_kernel_name(bit_groups),
     )(*meta, *xs, *operands)
 
 
@@ -657,9 +661,9 @@ def _mosaic_operand(w_refs, spec):
     return load_w, load_s
 
 
-def _kernel_name(parts):
-    kind = "swiglu" if parts[0].spec.fused else "matmul"
-    widths = "_".join("bf16" if p.spec.bits is None else f"w{p.spec.bits}" for p in parts)
+def _kernel_name(bit_groups):
+    kind = "swiglu" if bit_groups[0].spec.fused else "matmul"
+    widths = "_".join("bf16" if p.spec.bits is None else f"w{p.spec.bits}" for p in bit_groups)
     return f"grouped_{kind}_{widths}"
 
 
@@ -668,25 +672,25 @@ def _kernel_name(parts):
 
 def _check_inputs(x, weights, group_sizes, *, fused) -> tuple[PackedWeight, ...]:
     """The weights as a tuple of bit groups, after checking shapes; else a ValueError."""
-    parts = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
-    if not parts or not all(isinstance(w, PackedWeight) for w in parts):
+    bit_groups = (weights,) if isinstance(weights, PackedWeight) else tuple(weights)
+    if not bit_groups or not all(isinstance(w, PackedWeight) for w in bit_groups):
         raise ValueError("weights must be a packing.PackedWeight or a non-empty sequence of "
                          f"them, got {type(weights).__name__}")
     if x.ndim != 2 or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         raise ValueError(f"x must be [M, K] bf16/f16/f32, got {x.shape} {x.dtype}")
-    for w in parts:
+    for w in bit_groups:
         if w.scales.ndim != 3:
             raise ValueError(
                 f"weights must be stacked over experts ([G, ...]), got scales {w.scales.shape}"
             )
-    shapes = {(w.k, w.n, w.group_size, w.parts) for w in parts}
+    shapes = {(w.k, w.n, w.group_size, w.parts) for w in bit_groups}
     if len(shapes) > 1:
         raise ValueError("bit groups of one call must agree on (K, N, group_size, parts); "
                          f"got {sorted(shapes)}")
-    weights = parts[0]
+    weights = bit_groups[0]
     if x.shape[1] != weights.k:
         raise ValueError(f"x has K={x.shape[1]} but the weights have K={weights.k}")
-    num_experts = sum(w.scales.shape[0] for w in parts)
+    num_experts = sum(w.scales.shape[0] for w in bit_groups)
     if group_sizes.shape != (num_experts,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(
             f"group_sizes must be int [{num_experts}], got {group_sizes.shape} {group_sizes.dtype}"
@@ -702,7 +706,7 @@ def _check_inputs(x, weights, group_sizes, *, fused) -> tuple[PackedWeight, ...]
             raise ValueError(
                 f"group_sizes must be >= 0 with sum <= M={x.shape[0]}; got sum {total}"
             )
-    return parts
+    return bit_groups
 
 
 def _fit_block_n(block_n: int, width: int) -> int:
