@@ -1,8 +1,11 @@
 """Resumable stage runner: each stage's artifact lives at `<workdir>/<stage>/<fingerprint>/`.
 
-A stage's fingerprint hashes the config fields it declares plus its inputs' fingerprints, so
+A stage's fingerprint hashes the config fields it declares, the content digests of the files
+named by its `content_keys` (`mode_jax.content_digest`: the checkpoint and data files are keyed
+by what they hold, not where they lie), plus its inputs' fingerprints, so
 - rerunning the same command skips every stage whose artifact is complete;
-- changing one field reruns only the stages downstream of it (their fingerprints change);
+- changing one field, or the bytes of a file it reads, reruns only the stages downstream of it
+  (their fingerprints change);
 - several methods of a sweep share the statistics stages (same fingerprints);
 - an artifact is never reused under a different config: its recorded config must equal the
   current one, or the run stops with a message naming the differing fields.
@@ -17,13 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mode_jax import checkpoint
+from mode_jax import checkpoint, content_digest
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when an artifact's layout changes, so old ones are not reused
@@ -49,6 +53,7 @@ class Stage:
     config_keys: tuple[str, ...]
     run: Callable[[Context, dict[str, Artifact]], tuple[dict, dict]]
     layout: str = ""  # the stored layout, where it changes apart from FORMAT_VERSION
+    content_keys: tuple[str, ...] = ()  # dotted config paths of files whose bytes it reads
 
 
 def config_value(config: Any, dotted: str) -> Any:
@@ -74,6 +79,7 @@ class Context:
         self.workdir = workdir
         self.stages = stages
         self._fingerprints: dict[str, str] = {}
+        self._digests: dict[str, str] = {}
         self._loaded: dict[str, Artifact] = {}
         self.cache: dict[str, Any] = {}  # objects stages share within one process (models)
         self.log: list[str] = []  # what each stage did, for the report
@@ -85,7 +91,23 @@ class Context:
         recorded = {"format": FORMAT_VERSION, "stage": name, "config": own, "inputs": ups}
         if stage.layout:  # only where set, so the other stages keep their fingerprints
             recorded["layout"] = stage.layout
+        if stage.content_keys:
+            recorded["content"] = {k: self.content_digest(config_value(self.config, k))
+                                   for k in stage.content_keys}
         return recorded
+
+    def content_digest(self, path: str) -> str:
+        """The digest of the file or directory ``path`` ("" for an unset path), computed once
+        per run; per-file hashes are cached under the workdir, one file per host."""
+        if not path:
+            return ""
+        if path not in self._digests:
+            cache = os.path.join(self.workdir, ".content_digests", f"{socket.gethostname()}.json")
+            try:
+                self._digests[path] = content_digest.digest(path, cache)
+            except OSError as e:
+                raise UserError(f"cannot read {path} to fingerprint it: {e}") from e
+        return self._digests[path]
 
     def fingerprint(self, name: str) -> str:
         if name not in self._fingerprints:

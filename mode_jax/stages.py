@@ -201,21 +201,25 @@ def run_evaluate(ctx, inputs):
     return {"per_sample": per_sample}, {"metrics": metrics, "tables": tables}
 
 
+# Files are keyed by content (`content_keys`), so a checkpoint rewritten in place reruns every
+# stage and one moved elsewhere reruns none; the image directory stays keyed by its path
+# (hashing a whole image store would read far more than a run uses).
+DATA_FILES = ("data.calib_json",)
 STAGES = {
-    "convert": Stage("convert", (), ("model.path", "model.dtype"), run_convert),
+    "convert": Stage("convert", (), ("model.dtype",), run_convert, content_keys=("model.path",)),
     "calibrate": Stage(
         "calibrate", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_freq_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
          "stats", "model.matmul_precision", "seed"),
-        run_calibrate,
+        run_calibrate, content_keys=DATA_FILES,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
         ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_sens_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
          "stats", "sens", "alloc.bits", "model.matmul_precision", "seed"),
-        run_sensitivity,
+        run_sensitivity, content_keys=DATA_FILES,
     ),
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
     "quantize": Stage(
@@ -223,7 +227,7 @@ STAGES = {
         ("quant", "data.source", "data.calib_json", "data.image_dir", "data.num_gptq_samples",
          "data.batch_size", "data.max_length", "data.max_image_tokens", "model.matmul_precision",
          "seed"),
-        run_quantize,
+        run_quantize, content_keys=DATA_FILES,
         layout=f"packing/{packing.LAYOUT_VERSION}",  # a new bit layout re-packs, not misreads
     ),
     "evaluate": Stage(
@@ -231,7 +235,7 @@ STAGES = {
         ("eval", "data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
          "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
          "data.max_image_tokens", "model.matmul_precision", "seed"),
-        run_evaluate,
+        run_evaluate, content_keys=(*DATA_FILES, "eval.jsonl"),
     ),
 }
 

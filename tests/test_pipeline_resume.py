@@ -46,7 +46,7 @@ def _artifacts(workdir):
     out = {}
     for stage in sorted(os.listdir(workdir)):
         root = os.path.join(workdir, stage)
-        if not os.path.isdir(root) or stage in ("figures", "bitmaps"):
+        if not os.path.isdir(root) or stage in ("figures", "bitmaps") or stage.startswith("."):
             continue
         for fp in os.listdir(root):
             arrays, meta = checkpoint.load(os.path.join(root, fp))

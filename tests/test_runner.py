@@ -126,3 +126,38 @@ def test_a_new_stored_layout_reruns_that_stage_and_what_follows_only(tmp_path):
     assert calls == ["second"]
     assert runner.Context(cfg, str(tmp_path), _stages([])).fingerprint("second") not in (
         old.fingerprint("second"), new.fingerprint("second"))  # no layout: the bare record
+
+
+def test_files_named_by_content_keys_are_keyed_by_their_bytes(tmp_path):
+    """A checkpoint rewritten in place reruns its stage and what follows; the same bytes at
+    another path reuse every artifact; a missing file is one clear error."""
+    calls = []
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "weights.bin").write_bytes(b"old")
+
+    def config(path):
+        c = ml_collections.ConfigDict({"a": {"x": 1, "path": str(path)}, "b": {"y": (2,)}})
+        c.lock()
+        return c
+
+    def stages():
+        s = _stages(calls)
+        s["first"] = runner.Stage("first", (), ("a.x",), s["first"].run,
+                                  content_keys=("a.path",))
+        return s
+
+    work = str(tmp_path / "work")
+    runner.Context(config(ckpt), work, stages()).ensure("second")
+    assert calls == ["first", "second"]
+    calls.clear()
+    (ckpt / "weights.bin").write_bytes(b"new")  # same path, other weights
+    runner.Context(config(ckpt), work, stages()).ensure("second")
+    assert calls == ["first", "second"]
+    calls.clear()
+    moved = tmp_path / "moved"
+    os.rename(ckpt, moved)
+    runner.Context(config(moved), work, stages()).ensure("second")
+    assert calls == []
+    with pytest.raises(runner.UserError, match=r"cannot read .*gone.* to fingerprint it"):
+        runner.Context(config(tmp_path / "gone"), work, stages()).ensure("second")
