@@ -156,6 +156,7 @@ class TestGroupedMatmul:
         ids=lambda c: c.name,
     )
     def test_every_dequant_mode_matches_reference(self, case, mode):
+        self._skip_if_same_as_magic(mode)
         config = dataclasses.replace(case.config or gm.BlockConfig(), dequant=mode)
         check_kernel_case(dataclasses.replace(case, config=config), self.backend, self.interpret)
 
@@ -173,7 +174,14 @@ class TestGroupedMatmul:
     @pytest.mark.parametrize("mode", gm.DEQUANT_MODES)
     @pytest.mark.parametrize("case", MIXED_CASES, ids=lambda c: c.name)
     def test_mixed_bits_one_launch_matches_reference(self, case, mode):
+        self._skip_if_same_as_magic(mode)
         check_mixed_case(case, self.backend, self.interpret, mode)
+
+    def _skip_if_same_as_magic(self, mode):
+        """Mosaic runs "registers" as "magic" (``effective_dequant``): the same kernel twice."""
+        if self.backend == "mosaic_tpu" and mode == "registers":
+            assert gm.effective_dequant(mode, 4, self.backend) == "magic"
+            pytest.skip("Mosaic runs registers mode as magic")
 
 
 class TestGroupedMatmulInterpret(TestGroupedMatmul):
