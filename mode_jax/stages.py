@@ -202,21 +202,23 @@ def run_evaluate(ctx, inputs):
 
 
 # Files are keyed by content (`content_keys`), so a checkpoint rewritten in place reruns every
-# stage and one moved elsewhere reruns none; the image directory stays keyed by its path
-# (hashing a whole image store would read far more than a run uses).
+# stage and one moved elsewhere reruns none; the calibration JSON likewise (its image paths are
+# relative to data.image_dir). The image directory stays keyed by its path (hashing a whole image
+# store would read far more than a run uses), and so does eval.jsonl (in "eval"; its images are
+# relative to it) besides its content.
 DATA_FILES = ("data.calib_json",)
 STAGES = {
     "convert": Stage("convert", (), ("model.dtype",), run_convert, content_keys=("model.path",)),
     "calibrate": Stage(
         "calibrate", ("convert",),
-        ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
+        ("data.source", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_freq_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
          "stats", "model.matmul_precision", "seed"),
         run_calibrate, content_keys=DATA_FILES,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
-        ("data.source", "data.calib_json", "data.image_dir", "data.testbed_stats_tasks",
+        ("data.source", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_sens_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
          "stats", "sens", "alloc.bits", "model.matmul_precision", "seed"),
         run_sensitivity, content_keys=DATA_FILES,
@@ -224,7 +226,7 @@ STAGES = {
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
     "quantize": Stage(
         "quantize", ("convert", "allocate"),
-        ("quant", "data.source", "data.calib_json", "data.image_dir", "data.num_gptq_samples",
+        ("quant", "data.source", "data.image_dir", "data.num_gptq_samples",
          "data.batch_size", "data.max_length", "data.max_image_tokens", "model.matmul_precision",
          "seed"),
         run_quantize, content_keys=DATA_FILES,
@@ -232,7 +234,7 @@ STAGES = {
     ),
     "evaluate": Stage(
         "evaluate", ("convert", "quantize"),
-        ("eval", "data.source", "data.calib_json", "data.image_dir", "data.num_freq_samples",
+        ("eval", "data.source", "data.image_dir", "data.num_freq_samples",
          "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
          "data.max_image_tokens", "model.matmul_precision", "seed"),
         run_evaluate, content_keys=(*DATA_FILES, "eval.jsonl"),

@@ -161,3 +161,34 @@ def test_files_named_by_content_keys_are_keyed_by_their_bytes(tmp_path):
     assert calls == []
     with pytest.raises(runner.UserError, match=r"cannot read .*gone.* to fingerprint it"):
         runner.Context(config(tmp_path / "gone"), work, stages()).ensure("second")
+
+
+def test_pipeline_fingerprints_follow_checkpoint_and_calibration_bytes_not_paths(tmp_path):
+    """The real stage table: the tiny fixture copied elsewhere (and its calibration JSON moved)
+    gives every stage the same fingerprint; one changed byte of either changes them."""
+    import shutil
+
+    from configs import tiny
+    from mode_jax import stages
+
+    def fingerprints(model, calib):
+        c = tiny.get_config()
+        c.model.path, c.data.calib_json = str(model), str(calib)
+        ctx = runner.Context(stages.method_config(c, c.alloc.method), str(tmp_path / "w"),
+                             stages.STAGES)
+        return {name: ctx.fingerprint(name) for name in stages.STAGES}
+
+    model = tmp_path / "a" / "model"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "kimivl-tiny"), model)
+    calib = tmp_path / "a" / "calib.json"
+    calib.write_text("[]")
+    base = fingerprints(model, calib)
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    assert fingerprints(moved / "model", moved / "calib.json") == base
+    (moved / "calib.json").write_text("[ ]")
+    changed = fingerprints(moved / "model", moved / "calib.json")
+    assert changed["convert"] == base["convert"] and changed["calibrate"] != base["calibrate"]
+    config = moved / "model" / "config.json"
+    config.write_text(config.read_text() + " ")
+    assert fingerprints(moved / "model", moved / "calib.json")["convert"] != base["convert"]
