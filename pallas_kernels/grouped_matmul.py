@@ -30,7 +30,8 @@ see ``_xla_parts``); each group occupies a static range of expert numbers, so a
 visit's expert number picks its group's branch (``pl.when``) and index into that group's
 arrays. Groups whose row order differs (registers mode, Mosaic's 3 bits) read their own
 permuted copy of x. On Mosaic each group's weight blocks are indexed by the visit's expert
-clamped into the group, so visits of other groups re-use the block already fetched.
+clamped into the group, and each x copy's row tile by its latest reader (``x_copy_tiles``), so
+visits of other groups re-use the blocks already fetched.
 Backends: "triton" (GPU; metadata read from memory, masked stores), "mosaic_tpu" (metadata by
 scalar prefetch into the BlockSpec index maps, revisited output blocks), either in interpret
 mode on CPU, and "xla" (dequantize + ``jax.lax.ragged_dot``), the fallback where no kernel runs.
@@ -590,8 +591,12 @@ def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
     gs = spec.group_size
     n_blocks = _column_blocks(spec, bn)
     n_out = _num_outputs(spec)
+    if len(xs) > 1:  # each x copy's row tile per visit, so other groups' visits refetch none
+        meta = (*meta, x_copy_tiles(meta[1], meta[2], bit_groups, len(xs)))
+    n_meta = len(meta)
 
-    def kernel(offs_ref, group_ref, tile_ref, count_ref, *refs):
+    def kernel(*refs):
+        (offs_ref, group_ref, tile_ref, count_ref), refs = refs[:4], refs[n_meta:]
         x_refs, w_refs, o_ref = refs[: len(xs)], refs[len(xs) : -1], refs[-1]
         t = pl.program_id(1)
 
@@ -617,7 +622,7 @@ def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
         block = (None, *a.shape[1:-1], bn)
         zeros = (0,) * (a.ndim - 2)
 
-        def index(n, t, o, gr, tm, c):
+        def index(n, t, o, gr, tm, c, *_):
             expert = gr[t]
             if len(bit_groups) > 1:  # other groups' visits keep this group's block: no refetch
                 expert = jnp.clip(expert - bg.first, 0, bg.size - 1)
@@ -625,8 +630,14 @@ def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
 
         return pl.BlockSpec(block, index)
 
-    x_spec = pl.BlockSpec((bm, xs[0].shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))
-    in_specs = [x_spec] * len(xs)
+    def x_spec(copy):
+        if len(xs) == 1:
+            return pl.BlockSpec((bm, xs[0].shape[1]), lambda n, t, o, gr, tm, c: (tm[t], 0))
+        visits = meta[1].shape[0]
+        return pl.BlockSpec((bm, xs[0].shape[1]),
+                            lambda n, t, o, gr, tm, c, xt: (xt[copy * visits + t], 0))
+
+    in_specs = [x_spec(i) for i in range(len(xs))]
     operands, start = [], 0
     for bg in bit_groups:
         bg_arrays = arrays[start : start + bg.num_arrays]
@@ -635,10 +646,10 @@ def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
             in_specs += [weight_spec(a, bg, i * n_blocks) for a in bg_arrays]
             operands += bg_arrays
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4,
+        num_scalar_prefetch=n_meta,
         grid=(n_blocks, meta[1].shape[0]),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda n, t, o, gr, tm, c: (tm[t], n)),
+        out_specs=pl.BlockSpec((bm, bn), lambda n, t, o, gr, tm, c, *_: (tm[t], n)),
     )
     return pl.pallas_call(
         kernel,
@@ -648,6 +659,24 @@ def _mosaic_call(xs, arrays, meta, bit_groups, bm, bn, config, interpret):
         interpret=interpret,
         name=_kernel_name(bit_groups),
     )(*meta, *xs, *operands)
+
+
+def x_copy_tiles(tile_group, tile_m, bit_groups, num_copies: int) -> jax.Array:
+    """``[num_copies * T]``: per x copy and visit, the row tile of the latest visit so far whose
+    bit group reads that copy (before the first such visit: the first one's). A copy's block
+    index then stays put through other groups' visits, so Mosaic fetches each copy's tiles only
+    for the groups that read it."""
+    visits = jnp.arange(tile_group.shape[0])
+    copy = jnp.zeros_like(tile_group)
+    for bg in bit_groups:
+        inside = (tile_group >= bg.first) & (tile_group < bg.first + bg.size)
+        copy = jnp.where(inside, bg.x_index, copy)
+    out = []
+    for c in range(num_copies):
+        uses = copy == c
+        last = lax.cummax(jnp.where(uses, visits, -1))
+        out.append(tile_m[jnp.where(last >= 0, last, jnp.argmax(uses))])
+    return jnp.concatenate(out).astype(jnp.int32)
 
 
 def _mosaic_operand(w_refs, spec):

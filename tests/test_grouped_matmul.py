@@ -6,6 +6,7 @@ kernel structure), ``TestGroupedMatmulInterpretMosaic`` the TPU structure (slow)
 tests ``jax.export`` every kernel configuration for TPU (Mosaic) and CUDA (Triton) on CPU.
 """
 
+import collections
 import dataclasses
 import functools
 import re
@@ -291,6 +292,30 @@ def test_group_metadata_covers_every_row_once():
             assert len(mine) > 0 and (owner[mine] == grp).all()
             hits[mine] += 1
         assert (hits == 1).all()
+
+
+def test_x_copy_tiles_fetch_each_copy_only_for_the_groups_that_read_it():
+    """Brute force over random routings: at a visit of a group reading copy c, copy c's block is
+    that visit's row tile; at other visits it stays where it was (no fetch), and before c's first
+    reader it already holds that reader's tile."""
+    rng = np.random.default_rng(5)
+    Group = collections.namedtuple("Group", "first size x_index")
+    bit_groups = (Group(0, 3, 0), Group(3, 2, 1), Group(5, 3, 0))  # e.g. 2, 3 (word order), 4 bits
+    bm, m_pad = 8, 96
+    for _ in range(30):
+        sizes = rng.integers(0, 3, size=8) * rng.integers(0, 9, size=8)
+        _, group, tile, _ = gm.group_metadata(jnp.asarray(sizes, jnp.int32), m_pad, bm)
+        got = np.asarray(gm.x_copy_tiles(group, tile, bit_groups, 2)).reshape(2, -1)
+        group, tile = np.asarray(group), np.asarray(tile)
+        copy = np.array([next(b.x_index for b in bit_groups if b.first <= g < b.first + b.size)
+                         for g in group])
+        for c in range(2):
+            readers = np.flatnonzero(copy == c)
+            if not len(readers):
+                continue  # a copy no visit reads: its block is never used
+            for t in range(len(group)):
+                before = readers[readers <= t]
+                assert got[c, t] == tile[before[-1] if len(before) else readers[0]], (c, t)
 
 
 def test_autotune_picks_a_working_config_and_skips_failing_ones():
