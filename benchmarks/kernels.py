@@ -117,6 +117,7 @@ def run(args) -> None:
         experts, k, cols, out_cols, fused = op_shapes(args.small, args.shapes)[op_name]
         w_bf16 = jax.random.normal(key, (experts, k, cols), jnp.bfloat16) / k**0.5
         packed = {b: random_packed(key, experts, k, cols, b, 2 if fused else 1) for b in bits_list}
+        mixed = mixed_groups(args.mixed, experts, k, cols, fused) if args.mixed else None
         for tokens in (int(t) for t in args.tokens.split(",")):
             x = jax.random.normal(key, (experts * tokens, k), jnp.bfloat16)
             sizes = jnp.full((experts,), tokens, jnp.int32)
@@ -125,8 +126,8 @@ def run(args) -> None:
             else:
                 t_ragged = bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend,
                                         bandwidth, args)
-                if args.mixed:
-                    bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args)
+                if mixed:
+                    bench_mixed(op_name, fused, x, mixed, backend, bandwidth, t_ragged, args)
         print(f"  ({op_name}: bf16 weights {w_bf16.size * 2 / 1e6:.1f} MB, {cols} -> {out_cols})")
 
 
@@ -141,14 +142,10 @@ def bench_tokens(op_name, fused, x, sizes, w_bf16, packed, backend, bandwidth, a
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
     fallback = jax.jit(functools.partial(op, backend="xla"))
     tokens = x.shape[0] // sizes.shape[0]
-    base = None if backend == "xla" else gm.default_config(backend, x.shape[0], sizes.shape[0],
-                                                           fused)
-    modes = args.dequant.split(",") if args.dequant and base else [base.dequant if base else "-"]
     for bits, w in packed.items():
         # dequantize to bf16 then the bf16 kernel: the alternative to fusing at prefill
         t_predeq = t_dense and t_dense + timer(_dequantize_bf16, w)
-        for mode in modes:
-            config = dataclasses.replace(base, dequant=mode) if base else None
+        for mode, config in _mode_configs(backend, x.shape[0], sizes.shape[0], fused, args):
             kernel = jax.jit(functools.partial(op, backend=backend, config=config,
                                                interpret=args.interpret))
             seconds = timer(kernel, x, w, sizes)
@@ -191,27 +188,40 @@ def _dequantize_bf16(w):
     return packing.dequantize(w, jnp.bfloat16)
 
 
-def bench_mixed(op_name, fused, x, tokens, backend, bandwidth, t_ragged, args):
-    """Rows for one layer's experts split over ``args.mixed`` widths: one launch over all bit
-    groups against one launch per group, in each dequant mode."""
-    widths = [int(b) for b in args.mixed.split("+")]
-    experts, k, cols, _, _ = op_shapes(args.small, args.shapes)[op_name]
+def _mode_configs(backend, m, experts, fused, args):
+    """(dequant mode, config) per row: the frozen config in each ``--dequant`` mode (its own mode
+    without the flag); ("-", None) on the XLA path."""
+    if backend == "xla":
+        return [("-", None)]
+    base = gm.default_config(backend, m, experts, fused)
+    modes = args.dequant.split(",") if args.dequant else [base.dequant]
+    return [(mode, dataclasses.replace(base, dequant=mode)) for mode in modes]
+
+
+def mixed_groups(mixed: str, experts, k, cols, fused):
+    """A layer's experts split evenly over the widths of ``mixed`` ("2+3+4"), packed per group."""
+    widths = [int(b) for b in mixed.split("+")]
     split = [experts // len(widths) + (i < experts % len(widths)) for i in range(len(widths))]
     keys = jax.random.split(jax.random.key(1), len(widths))
-    groups = tuple(random_packed(key, g, k, cols, b, 2 if fused else 1)
-                   for key, g, b in zip(keys, split, widths, strict=True))
+    return tuple(random_packed(key, g, k, cols, b, 2 if fused else 1)
+                 for key, g, b in zip(keys, split, widths, strict=True))
+
+
+def bench_mixed(op_name, fused, x, groups, backend, bandwidth, t_ragged, args):
+    """Rows for one layer's experts in bit ``groups``: one launch over all of them against one
+    launch per group, in each dequant mode."""
+    experts = sum(w.scales.shape[0] for w in groups)
+    tokens = x.shape[0] // experts
     sizes = jnp.full((experts,), tokens, jnp.int32)
     nbytes = sum(packing.nbytes(w) for w in groups)
     op = gm.grouped_swiglu if fused else gm.grouped_matmul
     timer = functools.partial(gm.time_call, repeats=args.repeats, queued=args.queued)
     ref = jax.jit(functools.partial(op, backend="xla"))(x, groups, sizes)
-    base = None if backend == "xla" else gm.default_config(backend, x.shape[0], experts, fused)
-    modes = args.dequant.split(",") if args.dequant and base else [base.dequant if base else "-"]
-    print(f"  mixed {args.mixed} ({'/'.join(map(str, split))} experts): one launch vs one per "
+    split = "/".join(str(w.scales.shape[0]) for w in groups)
+    print(f"  mixed {args.mixed} ({split} experts): one launch vs one per "
           f"bit group; {'time_us':>10} {'per_group_us':>12} {'x_per_group':>11} {'packed_MB':>9} "
           f"{'%floor':>6} {'x_ragged_bf16':>13} {'err':>8}")
-    for mode in modes:
-        config = dataclasses.replace(base, dequant=mode) if base else None
+    for mode, config in _mode_configs(backend, x.shape[0], experts, fused, args):
         kw = dict(backend=backend, config=config, interpret=args.interpret)
         one = jax.jit(functools.partial(op, **kw))
         per_group = jax.jit(functools.partial(per_group_launches, op, **kw))

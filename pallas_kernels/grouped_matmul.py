@@ -26,7 +26,7 @@ permuted to match), so that every Mosaic reshape keeps whole (8, 128) tiles.
 Mixed bits: a launch over several bit groups visits every expert of every group in one grid
 (a decode step's layer then costs one launch per projection instead of one per bit group, and
 no group's rows are moved to row 0; the "xla" fallback still runs one ``ragged_dot`` per group,
-see ``_xla_parts``); each group occupies a static range of expert numbers, so a
+see ``_xla_per_bit_group``); each group occupies a static range of expert numbers, so a
 visit's expert number picks its group's branch (``pl.when``) and index into that group's
 arrays. Groups whose row order differs (registers mode, Mosaic's 3 bits) read their own
 permuted copy of x. On Mosaic each group's weight blocks are indexed by the visit's expert

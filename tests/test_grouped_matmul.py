@@ -261,12 +261,7 @@ def test_mixed_bits_lower_as_one_launch_at_kimi_shapes(platform, swiglu):
         module = export_kernel(platform, (2, 3, 4), swiglu, m=256, g=64, k=k, n=n, config=config)
         assert module.count(MARKERS[platform]) == 1
     if platform == "tpu":
-        body = kernel_sass.mosaic_body(module)
-        casts = re.findall(r"shape_cast\"\(%\w+\) : \(vector<([\dx]+\w+)>\) -> "
-                           r"vector<([\dx]+\w+)>", body)
-        for src_text, dst_text in casts:
-            (src, dtype), (dst, _) = _vector_shape(src_text), _vector_shape(dst_text)
-            assert _mosaic_can_reshape(src, dst, dtype), (swiglu, src, dst)
+        _check_mosaic_reshapes(module, swiglu)
 
 
 def test_group_metadata_covers_every_row_once():
@@ -467,10 +462,17 @@ def test_mosaic_kernels_reshape_whole_tiles(bits):
     natural rows (4-row halves merged) fails it, hence Mosaic's word order for 3 bits."""
     for swiglu in (False, True):
         k, n = (2048, 1408) if swiglu else (1408, 2048)
-        body = kernel_sass.mosaic_body(export_kernel("tpu", bits, swiglu, m=256, g=64, k=k, n=n))
-        casts = re.findall(r"shape_cast\"\(%\w+\) : \(vector<([\dx]+\w+)>\) -> "
-                           r"vector<([\dx]+\w+)>", body)
-        assert casts, "no shape_cast found: the kernel text changed form"
-        for src_text, dst_text in casts:
-            (src, dtype), (dst, _) = _vector_shape(src_text), _vector_shape(dst_text)
-            assert _mosaic_can_reshape(src, dst, dtype), (bits, swiglu, src, dst)
+        module = export_kernel("tpu", bits, swiglu, m=256, g=64, k=k, n=n)
+        assert _check_mosaic_reshapes(module, (bits, swiglu)), (
+            "no shape_cast found: the kernel text changed form")
+
+
+def _check_mosaic_reshapes(module, label):
+    """Asserts each shape_cast in the Mosaic body of an exported TPU launch keeps whole tiles;
+    returns how many there were."""
+    casts = re.findall(r"shape_cast\"\(%\w+\) : \(vector<([\dx]+\w+)>\) -> "
+                       r"vector<([\dx]+\w+)>", kernel_sass.mosaic_body(module))
+    for src_text, dst_text in casts:
+        (src, dtype), (dst, _) = _vector_shape(src_text), _vector_shape(dst_text)
+        assert _mosaic_can_reshape(src, dst, dtype), (label, src, dst)
+    return len(casts)
