@@ -19,8 +19,15 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where stage artifacts are written.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU jobs)."
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU jobs); "
+    "TPU pods, Slurm and Open MPI are detected, other clusters give the three flags below."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "With --distributed: host:port of process 0, the same everywhere.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "With --distributed: how many processes the job has.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "With --distributed: this process's index, 0 .. num_processes - 1.")
 
 
 def main(argv):
@@ -35,10 +42,23 @@ def main(argv):
     ours.setLevel(pylogging.INFO)
     ours.addHandler(handler)
     ours.propagate = False
-    from mode_jax import stages  # after flag parsing: keeps --help fast
+    from mode_jax import multihost, stages  # after flag parsing: keeps --help fast
 
+    if _DISTRIBUTED.value:
+        try:
+            multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        except (RuntimeError, ValueError) as e:  # no cluster detected, a bad address, a timeout
+            message = " ".join(str(e).split())[:400]
+            print(f"error: cannot start the distributed job: {message}", file=sys.stderr)
+            _exit_now(2)
+        if not multihost.is_primary():  # process 0 tells the progress; all report problems
+            ours.setLevel(pylogging.WARNING)
+    elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value >= 0:
+        print("error: --coordinator_address, --num_processes and --process_id need --distributed",
+              file=sys.stderr)
+        sys.exit(2)
     try:
-        out = stages.run(_CONFIG.value, _WORKDIR.value, distributed=_DISTRIBUTED.value)
+        out = stages.run(_CONFIG.value, _WORKDIR.value)
     except stages.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         _exit_now(2)

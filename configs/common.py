@@ -103,7 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.kernel_dequant = ""  # "" = the backend's frozen default | convert | magic | registers
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.expert = 1  # devices along the expert axis; the rest split the batch (data axis)
+    c.mesh.expert = 1  # devices along the expert axis; the passes repeat each batch on the rest
 
     c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')
     # jax's persistent compilation cache: "auto" = <workdir>/jax_cache (reruns, resumed runs and

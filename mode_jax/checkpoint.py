@@ -4,6 +4,9 @@ An artifact directory exists only when it is complete: everything is written int
 sibling first and renamed into place last, so a process killed mid-write leaves no partial
 artifact behind (only a `.tmp-*` directory that the next run removes).
 
+In a multi-process run each process reads and writes alone (`_checkpointer`): the callers
+hand over host arrays, and only process 0 saves (mode_jax.multihost).
+
 Layout of an artifact directory:
   arrays/     Orbax StandardCheckpointer tree of the non-empty arrays (absent if none)
   meta.json   {"meta": <caller's JSON>, "empty": {"a/b": [shape, dtype]}}  (written last)
@@ -17,6 +20,7 @@ import shutil
 import uuid
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -24,14 +28,15 @@ import orbax.checkpoint as ocp
 META = "meta.json"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a/b": leaf} of a nested dict: the names an artifact's arrays are stored under."""
     out = {}
     for key, value in tree.items():
         if not isinstance(key, str) or "/" in key:
             raise ValueError(f"artifact keys must be strings without '/': got {key!r}")
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, path + "/"))
+            out.update(flatten(value, path + "/"))
         else:
             out[path] = value
     return out
@@ -48,6 +53,14 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: by default Orbax makes every process of a
+    `jax.distributed` job take part in each save and restore, and ours are done by one."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process{me}"))
+
+
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META))
 
@@ -57,13 +70,13 @@ def save(path: str, arrays: dict, meta: dict) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-    flat = {k: np.asarray(v) if not hasattr(v, "dtype") else v for k, v in _flatten(arrays).items()}
+    flat = {k: np.asarray(v) if not hasattr(v, "dtype") else v for k, v in flatten(arrays).items()}
     empty = {k: [list(v.shape), str(v.dtype)] for k, v in flat.items() if v.size == 0}
     full = {k: v for k, v in flat.items() if v.size > 0}
     os.makedirs(tmp)
     try:
         if full:
-            ckptr = ocp.StandardCheckpointer()
+            ckptr = _checkpointer()
             ckptr.save(os.path.join(tmp, "arrays"), _unflatten(full))
             ckptr.wait_until_finished()
         with open(os.path.join(tmp, META), "w") as f:
@@ -85,8 +98,8 @@ def load(path: str) -> tuple[dict, dict]:
     flat: dict[str, Any] = {}
     arrays_dir = os.path.join(os.path.abspath(path), "arrays")  # orbax wants absolute paths
     if os.path.isdir(arrays_dir):
-        restored = ocp.StandardCheckpointer().restore(arrays_dir)
-        flat.update({k: np.asarray(v) for k, v in _flatten(restored).items()})
+        restored = _checkpointer().restore(arrays_dir)
+        flat.update({k: np.asarray(v) for k, v in flatten(restored).items()})
     for key, (shape, dtype) in doc["empty"].items():
         flat[key] = np.zeros(shape, dtype=_dtype(dtype))
     return _unflatten(flat), doc["meta"]

@@ -10,6 +10,8 @@ by what they hold, not where they lie), plus its inputs' fingerprints, so
 - an artifact is never reused under a different config: its recorded config must equal the
   current one, or the run stops with a message naming the differing fields.
 Artifacts are written atomically (mode_jax.checkpoint), so a killed run leaves no partial one.
+In a multi-process run every process runs each stage, and process 0 alone writes its artifact
+while the others wait (mode_jax.multihost).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from mode_jax import checkpoint, content_digest
+from mode_jax import checkpoint, content_digest, multihost
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when an artifact's layout changes, so old ones are not reused
@@ -124,19 +127,28 @@ class Context:
             return self._loaded[name]
         stage = self.stages[name]
         path = self.path(name)
-        if checkpoint.is_complete(path):
+        if multihost.from_primary(checkpoint.is_complete(path)):
             arrays, meta = _load(path)
             self._check_recorded(name, meta)
             log.info("stage %-11s reused %s", name, path)
         else:
             inputs = {i: self.ensure(i) for i in stage.inputs}
-            checkpoint.remove_stale_tmp(os.path.dirname(path))
+            if multihost.is_primary():  # the others' .tmp-* would be process 0's, mid-write
+                checkpoint.remove_stale_tmp(os.path.dirname(path))
             log.info("stage %-11s running -> %s", name, path)
             start = time.time()
             arrays, meta = stage.run(self, inputs)
+            arrays = multihost.tree_to_host(arrays)  # all processes: may gather across hosts
+            differ = multihost.processes_disagreeing(arrays)
+            if differ:
+                raise UserError(
+                    f"stage {name}: process(es) {differ} computed other arrays than process 0; "
+                    "every host needs the same packages (pip freeze) and the same input files")
             meta = {**meta, "recorded_config": self.recorded_config(name),
                     "seconds": round(time.time() - start, 3)}
-            checkpoint.save(path, arrays, meta)
+            if multihost.is_primary():
+                checkpoint.save(path, arrays, meta)
+            multihost.barrier(f"saved {path}")
             self.log.append(f"{name}: ran in {meta['seconds']:.1f} s")
         self._loaded[name] = Artifact(arrays, meta, path)
         return self._loaded[name]
@@ -201,9 +213,14 @@ def check_workdir(workdir: str) -> None:
         raise UserError(f"workdir {workdir!r} is a file, not a directory")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+        probe = os.path.join(workdir, f".write-probe-{uuid.uuid4().hex}")  # hosts share pids
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
+    missing = multihost.processes_not_sharing(workdir)
+    if missing:
+        raise UserError(f"workdir {workdir!r} is not shared by all hosts: process(es) {missing} "
+                        "cannot read what process 0 writes there; give every process the same "
+                        "shared directory (NFS, a mounted bucket)")

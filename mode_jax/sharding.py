@@ -4,8 +4,8 @@ Routed-expert stacks (`experts.gate_up [E, D, 2F]`, `experts.down [E, F, D]`) ar
 their expert axis over "expert" (expert parallelism: they hold ~95% of a MoE model's bytes);
 everything else is replicated. Batches are split along their batch axis over "data". The jitted
 forward is unchanged: XLA propagates these placements (axis types are Auto) and inserts the
-collectives. Multi-host jobs call `jax.distributed.initialize()` first (main.py --distributed),
-after which `jax.devices()` spans every host and the same mesh code applies.
+collectives. Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
+which `jax.devices()` spans every host and the same mesh code applies.
 """
 
 from __future__ import annotations

@@ -518,12 +518,12 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
 REPORTED_STAGES = ("allocate", "quantize", "evaluate")  # a run that ends here writes a report
 
 
-def run(config, workdir: str, *, distributed: bool = False) -> str:
+def run(config, workdir: str) -> str:
     """Run every stage up to `config.final_stage` for each method; returns the report path, or
-    for a run that ends before allocation, the final artifact's path (the first method's)."""
+    for a run that ends before allocation, the final artifact's path (the first method's).
+
+    A multi-process job calls `multihost.initialize()` first; each process then calls this."""
     final_stage = config.final_stage
-    if distributed:
-        jax.distributed.initialize()
     runner.check_workdir(workdir)
     shared: dict = {}  # the fp model, its evaluation, records, tokenizer: shared by the methods
     validate(config, shared)
@@ -542,6 +542,10 @@ def run(config, workdir: str, *, distributed: bool = False) -> str:
             contexts.append(ctx)
     if final_stage not in REPORTED_STAGES:
         return contexts[0].ensure(final_stage).path
-    from mode_jax import report
+    from mode_jax import multihost, report
 
-    return report.write(workdir, config, contexts)
+    path = os.path.join(workdir, "report.md")
+    if multihost.is_primary():
+        path = report.write(workdir, config, contexts)
+    multihost.barrier("report written")
+    return path

@@ -85,6 +85,10 @@ CASES = {
                                                                 "quantize")),
     "unknown kernel dequant": (["--config.eval.kernel_dequant=lut"],
                                ("eval.kernel_dequant", "lut", "registers")),
+    "process flags without --distributed": (["--num_processes=2", "--process_id=1"],
+                                            ("need --distributed",)),
+    "--distributed outside a cluster": (["--distributed"], ("cannot start the distributed job",
+                                                            "coordinator_address")),
 }
 
 

@@ -54,14 +54,6 @@ def _artifacts(workdir):
     return out
 
 
-def _flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted run of the tiny pipeline: (workdir, its log)."""
@@ -83,7 +75,7 @@ def test_sigkill_in_every_stage_then_resume(tmp_path, reference):
     got = _artifacts(work)
     assert sorted(got) == sorted(want)
     for key, arrays in want.items():
-        a, b = dict(_flat(arrays)), dict(_flat(got[key]))
+        a, b = checkpoint.flatten(arrays), checkpoint.flatten(got[key])
         assert sorted(a) == sorted(b), key
         for name in a:
             np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import progress
+from mode_jax import multihost, progress
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
 from mode_jax.models.deepseek_v3 import DeepseekV3
@@ -476,17 +476,18 @@ def layer_blocks(moe_layers, layers_per_pass: int) -> list[tuple[int, ...]]:
 def auto_layers_per_pass(model, stats: dict | None | str = "device") -> int:
     """How many MoE layers' experts one Hutchinson pass can probe within the free memory of
     the first device (0 = all; also where the backend reports no memory figures, e.g. CPU).
-    stats: `memory_stats()` figures to use instead of the device's."""
+    stats: `memory_stats()` figures to use instead of the device's. Every process of a
+    multi-process run takes process 0's answer: the passes must be the same program."""
     if stats == "device":
-        stats = jax.devices()[0].memory_stats()
-    if not stats or "bytes_limit" not in stats:
-        return 0
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    text = text_model(model)
-    per_layer = max(_device_bytes(text.layers[i].mlp.experts) for i in text.config.moe_layers)
-    k = int(TRACE_MEMORY_SHARE * free // (TRACE_ARRAYS_PER_PARAM * max(per_layer, 1)))
-    k = max(1, k)
-    return 0 if k >= len(text.config.moe_layers) else k
+        stats = jax.local_devices()[0].memory_stats()
+    k = 0
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        text = text_model(model)
+        per_layer = max(_device_bytes(text.layers[i].mlp.experts) for i in text.config.moe_layers)
+        k = max(1, int(TRACE_MEMORY_SHARE * free // (TRACE_ARRAYS_PER_PARAM * max(per_layer, 1))))
+        k = 0 if k >= len(text.config.moe_layers) else k
+    return multihost.from_primary(k)
 
 
 def _device_bytes(experts) -> int:

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import progress
+from mode_jax import multihost, progress
 from mode_jax.calib import hessian
 from mode_jax.models import deepseek_v3 as dsv3
 from mode_jax.quant import gptq, rtn
@@ -439,8 +439,8 @@ class _Report:
             self.damp.append({"linear": name, "damp": float(r.damp)})
 
     def note_stack(self, l, proj, r: gptq.GPTQResult, damp) -> None:
-        self._stack_fallback[(l, proj)] = np.asarray(r.fallback)
-        for e, ratio in enumerate(np.asarray(r.damp)):
+        self._stack_fallback[(l, proj)] = multihost.to_host(r.fallback)  # split over hosts?
+        for e, ratio in enumerate(multihost.to_host(r.damp)):
             if ratio > damp * (1 + 1e-6):
                 self.damp.append({"linear": f"layers.{l}.mlp.experts.{proj}", "expert": e,
                                   "damp": float(ratio)})
