@@ -1,7 +1,8 @@
 """Multi-process runs (`jax.distributed`), as CPU processes on this machine, one device each.
 
-The reference is one process with as many devices: the same SPMD programs over the same mesh,
-so a run split over processes must write exactly its artifacts and report.
+The reference is the same pipeline in one process on one device. (One process with two forced
+CPU devices would run the same SPMD programs, but XLA:CPU sometimes deadlocks there in
+`gptq_quantize_experts` on an expert-split stack, which separate processes do not.)
 """
 
 import json
@@ -25,8 +26,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int = 1) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+def _env() -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
@@ -130,15 +131,38 @@ def _untimed(meta):
     return meta
 
 
+def _assert_close(got, want, where: str, exact: bool):
+    """Integers and strings equal; floats equal, or within float32 rounding where not `exact`."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}/{k}", exact)
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]", exact)
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, where
+        if exact or not np.issubdtype(want.dtype, np.floating):
+            assert np.array_equal(got, want, equal_nan=True), where
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=where)
+    elif isinstance(want, float) and not exact:
+        assert got == pytest.approx(want, rel=1e-6), where
+    else:
+        assert got == want, where
+
+
 @pytest.mark.slow
-def test_two_processes_write_what_one_process_with_two_devices_writes(tmp_path):
-    """The tiny pipeline with its experts split over two processes (`--config.mesh.expert=2`):
-    every artifact equals the one-process, two-device run's array for array, the report is
-    the same file, process 0 alone tells the progress, and a rerun of both processes reuses
-    every stage."""
+def test_two_processes_write_what_one_process_writes(tmp_path):
+    """The tiny pipeline with its experts split over two processes (`--config.mesh.expert=2`)
+    against one process on one device: the statistics agree to float32 rounding (the sums run
+    in another order over two devices: 2e-8 relative, measured), every other artifact is equal
+    array for array, the report is the same file, process 0 alone tells the progress, and a
+    rerun of both processes reuses every stage."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    ref = subprocess.run([sys.executable, *_main(one, "--config.mesh.expert=2")], cwd=REPO,
-                         env=_env(devices=2), capture_output=True, text=True, timeout=600)
+    ref = subprocess.run([sys.executable, *_main(one)], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     runs = _distributed([two, two], "--config.mesh.expert=2")
     for r in runs:
@@ -149,13 +173,11 @@ def test_two_processes_write_what_one_process_with_two_devices_writes(tmp_path):
 
     want, got = _artifacts(one), _artifacts(two)
     assert sorted(got) == sorted(want)
-    for key, (arrays, meta) in want.items():
-        g_arrays, g_meta = got[key]
-        assert sorted(g_arrays) == sorted(arrays), key
-        for name, a in arrays.items():
-            assert g_arrays[name].dtype == a.dtype and np.array_equal(g_arrays[name], a), \
-                f"{key}: {name}"
-        assert g_meta == meta, key
+    for key in want:
+        # the sensitivity sums, and the ILP objective made of them, move by float rounding
+        exact = not key.startswith("sensitivity/")
+        _assert_close(got[key][0], want[key][0], key, exact)
+        _assert_close(got[key][1], want[key][1], key, exact and not key.startswith("allocate/"))
     with open(f"{one}/report.md") as f, open(f"{two}/report.md") as g:
         assert g.read() == f.read()
     assert not [n for n in os.listdir(two) if n.startswith((".tmp-", ".shared-probe"))]
