@@ -1,6 +1,7 @@
 """SIGKILL during each stage, rerun the same command: artifacts equal an uninterrupted run's.
 
-Also: a changed config field reruns only the stages downstream of it.
+Also: a changed config field reruns only the stages downstream of it; the same run split over
+two `jax.distributed` processes writes what the uninterrupted run wrote.
 """
 
 import os
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from multiprocess_runs import distributed
 
 from mode_jax import checkpoint
 
@@ -207,3 +209,67 @@ def test_report_says_which_statistics_its_divergence_line_reads(tmp_path, refere
     _run(work, "--config.data.num_freq_samples=4")
     (second,) = set(os.listdir(os.path.join(work, "calibrate"))) - {first}
     assert f"calibrate/{second} (source random, num_freq_samples 4)" in divergence_line(work)
+
+
+def _untimed(meta):
+    """Meta without wall-clock figures, which no two runs share."""
+    if isinstance(meta, dict):
+        return {k: _untimed(v) for k, v in meta.items()
+                if k not in ("seconds", "solve_time_s")}
+    return meta
+
+
+def _assert_close(got, want, where: str, exact: bool):
+    """Integers and strings equal; floats equal, or within float32 rounding where not `exact`."""
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for k in want:
+            _assert_close(got[k], want[k], f"{where}/{k}", exact)
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]", exact)
+    elif isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape, where
+        if exact or not np.issubdtype(want.dtype, np.floating):
+            assert np.array_equal(got, want, equal_nan=True), where
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=where)
+    elif isinstance(want, float) and not exact:
+        assert got == pytest.approx(want, rel=1e-6), where
+    else:
+        assert got == want, where
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path, reference):
+    """The tiny pipeline with its experts split over two `jax.distributed` processes
+    (`--config.mesh.expert=2`) against the uninterrupted one-process run: the statistics agree
+    to float32 rounding (their sums run in another order over two devices: 2e-8 relative,
+    measured), every other artifact is equal array for array, the report is the same file,
+    process 0 alone tells the progress, and a rerun of both processes reuses every stage."""
+    one, two = reference[0], str(tmp_path / "two")
+    runs = distributed([two, two], "--config.mesh.expert=2")
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"done: report at {two}/report.md" in r.stdout
+    assert "stage convert     running" in runs[0].stderr
+    assert "mode_jax.runner" not in runs[1].stderr  # info lines from process 0 only
+
+    want, got = _artifacts(one), _artifacts(two)
+    assert sorted(got) == sorted(want)
+    for stage, fp in want:
+        where = f"{stage}/{fp}"
+        (w_arrays, w_meta), (g_arrays, g_meta) = [
+            checkpoint.load(os.path.join(wd, stage, fp)) for wd in (one, two)]
+        # the sensitivity sums, and the ILP objective made of them, move by float rounding
+        exact = stage != "sensitivity"
+        _assert_close(checkpoint.flatten(g_arrays), checkpoint.flatten(w_arrays), where, exact)
+        _assert_close(_untimed(g_meta), _untimed(w_meta), where, exact and stage != "allocate")
+    with open(f"{one}/report.md") as f, open(f"{two}/report.md") as g:
+        assert g.read() == f.read()
+    assert not [n for n in os.listdir(two) if n.startswith((".tmp-", ".shared-probe"))]
+
+    again = distributed([two, two], "--config.mesh.expert=2")
+    for r in again:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert again[0].stderr.count(" reused ") == 6 and " running " not in again[0].stderr
