@@ -3,7 +3,7 @@
 Every process runs every stage (the jitted passes are one SPMD program over the global mesh) and
 gets the same results; the workdir lies on a filesystem all of them share. Process 0 alone
 writes artifacts, reports and figures, and the others wait at a barrier until it has, so no two
-processes ever write one file. With a single process every function here is a no-op.
+processes ever write one file. With a single process nothing here waits or communicates.
 """
 
 from __future__ import annotations
