@@ -20,6 +20,7 @@ import os
 import tempfile
 
 log = logging.getLogger(__name__)
+DIGEST_CHARS = 16  # hex digits of a digest
 LOG_ABOVE_BYTES = 1 << 30  # say so before hashing this much (a first run on a real checkpoint)
 
 
@@ -47,7 +48,7 @@ def digest(path: str, cache_path: str | None = None) -> str:
     whole = hashlib.sha256()
     for rel, full in files:
         whole.update(json.dumps([rel, stamps[full].st_size, cache[full][1]]).encode())
-    return whole.hexdigest()[:16]
+    return whole.hexdigest()[:DIGEST_CHARS]
 
 
 def _files(path: str) -> list[tuple[str, str]]:

@@ -52,12 +52,22 @@ def from_primary(value):
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value))).item()
 
 
+def from_primary_text(text: str) -> str:
+    """Process 0's ASCII `text` on every process; the others pass any text of the same length
+    (a digest, a token) as a placeholder."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine))).decode("ascii")
+
+
 def to_host(value):
     """A numpy copy of `value` whether or not this process holds all of it (a global array split
     over hosts is gathered: every process must call this together)."""
-    if not isinstance(value, jax.Array):
-        return np.asarray(value)
-    if value.is_fully_addressable or value.sharding.is_fully_replicated:
+    if (not isinstance(value, jax.Array) or value.is_fully_addressable
+            or value.sharding.is_fully_replicated):
         return np.asarray(value)
     from jax.experimental import multihost_utils
 
@@ -100,8 +110,7 @@ def processes_not_sharing(workdir: str) -> list[int]:
         return []
     from jax.experimental import multihost_utils
 
-    own = np.frombuffer(uuid.uuid4().hex.encode(), dtype=np.uint8)
-    token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(own))).decode()  # process 0's
+    token = from_primary_text(uuid.uuid4().hex)
     probe = os.path.join(workdir, f".shared-probe-{token}")
     if is_primary():
         with open(probe, "w") as f:

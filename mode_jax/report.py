@@ -241,6 +241,10 @@ def _against_random(rows: list[dict], samples: dict, weights: dict) -> None:
             }
 
 
+def markdown_path(workdir: str) -> str:
+    return os.path.join(workdir, "report.md")
+
+
 def write(workdir: str, config, contexts: list) -> str:
     """Report every evaluated method/budget in `workdir`; bit maps of this invocation's runs."""
     fig_dir = os.path.join(workdir, "figures")
@@ -262,7 +266,7 @@ def write(workdir: str, config, contexts: list) -> str:
         _figure_accuracy(rows, os.path.join(fig_dir, "accuracy_vs_bits.png"))
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(doc, f, indent=1, default=_json_default)
-    path = os.path.join(workdir, "report.md")
+    path = markdown_path(workdir)
     with open(path, "w") as f:
         f.write(_markdown(doc))
     return path

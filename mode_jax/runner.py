@@ -101,15 +101,20 @@ class Context:
 
     def content_digest(self, path: str) -> str:
         """The digest of the file or directory ``path`` ("" for an unset path), computed once
-        per run; per-file hashes are cached under the workdir, one file per host."""
+        per run, by process 0 alone in a multi-process run (the others would read the same
+        shared files again); per-file hashes are cached under the workdir, one file per host."""
         if not path:
             return ""
         if path not in self._digests:
-            cache = os.path.join(self.workdir, ".content_digests", f"{socket.gethostname()}.json")
-            try:
-                self._digests[path] = content_digest.digest(path, cache)
-            except OSError as e:
-                raise UserError(f"cannot read {path} to fingerprint it: {e}") from e
+            found = "0" * content_digest.DIGEST_CHARS  # the others' placeholder
+            if multihost.is_primary():
+                cache = os.path.join(self.workdir, ".content_digests",
+                                     f"{socket.gethostname()}.json")
+                try:
+                    found = content_digest.digest(path, cache)
+                except OSError as e:
+                    raise UserError(f"cannot read {path} to fingerprint it: {e}") from e
+            self._digests[path] = multihost.from_primary_text(found)
         return self._digests[path]
 
     def fingerprint(self, name: str) -> str:

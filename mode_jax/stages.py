@@ -544,8 +544,7 @@ def run(config, workdir: str) -> str:
         return contexts[0].ensure(final_stage).path
     from mode_jax import multihost, report
 
-    path = os.path.join(workdir, "report.md")
     if multihost.is_primary():
-        path = report.write(workdir, config, contexts)
+        report.write(workdir, config, contexts)
     multihost.barrier("report written")
-    return path
+    return report.markdown_path(workdir)
