@@ -196,3 +196,19 @@ def test_bad_arguments_are_clear_errors():
         gptq.gptq_quantize_experts(w[None], h[None], np.array([3]), blocksize=64)
     with pytest.raises(ValueError, match=r"bits \[E\]"):
         gptq.gptq_quantize_experts(w[None], h[None], np.array([3, 3]))
+
+
+def test_one_by_one_factorisation_equals_the_batched_one():
+    """The vmap of `_upper_inverse_factor_each` (a `lax.map`, used on multi-device CPUs) gives
+    the batched factor bit for bit, NaNs of a matrix that is not positive definite included;
+    nested vmaps and an unbatched operand take the same rule."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 2, 40, 16)).astype(np.float32)
+    a = np.einsum("bctk,bctl->bckl", x, x) / 40
+    a[1, 0] = -np.eye(16, dtype=np.float32)  # no Cholesky factor
+    want = jax.vmap(jax.vmap(gptq._upper_inverse_factor))(a)
+    got = jax.jit(jax.vmap(jax.vmap(gptq._upper_inverse_factor_each)))(a)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.isnan(np.asarray(got[1, 0])).all() and np.isfinite(np.asarray(got[0])).all()
+    single = jax.vmap(gptq._upper_inverse_factor_each, in_axes=(None,), axis_size=2)(a[0, 0])
+    np.testing.assert_array_equal(np.asarray(single[1]), np.asarray(want[0, 0]))

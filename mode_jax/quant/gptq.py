@@ -67,16 +67,52 @@ def lazy_block_size(group_size: int, block_size: int, act_order: bool) -> int:
     )
 
 
+def _upper_inverse_factor(a):
+    """Upper U with U^T U = a^-1 (NaNs where a is not positive definite in floating point).
+
+    a^-1 = U^T U  <=>  a = M M^T with M = U^-1 upper triangular, and M is the flipped lower
+    Cholesky factor of the flipped matrix: one factorisation, one triangular solve."""
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    flipped = jnp.linalg.cholesky(a[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(flipped[::-1, ::-1], eye, lower=False)
+
+
+@jax.custom_batching.custom_vmap
+def _upper_inverse_factor_each(a):
+    """`_upper_inverse_factor`, whose vmap runs the matrices one after another (`lax.map`).
+
+    XLA:CPU runs every device's program on one shared thread pool, and a batched LAPACK call
+    (jaxlib's Cholesky and triangular solve) hands its matrices out to that pool and blocks
+    until they are done. With as many devices as pool threads (two forced host devices on two
+    cores) every thread can end up blocked waiting for work only a free thread would run: GPTQ
+    of a stack of experts hung about one run in five that way. One matrix per call is computed
+    in the calling thread."""
+    return _upper_inverse_factor(a)
+
+
+@_upper_inverse_factor_each.def_vmap
+def _(axis_size, in_batched, a):
+    if not in_batched[0]:
+        return _upper_inverse_factor_each(a), False
+    return jax.lax.map(_upper_inverse_factor_each, a), True
+
+
+def _factor_fn():
+    """The factorisation for this process: one matrix at a time on a multi-device CPU
+    (`_upper_inverse_factor_each` says why), batched elsewhere (GPU/TPU solvers, one device)."""
+    if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+        return _upper_inverse_factor_each
+    return _upper_inverse_factor
+
+
 def _inverse_cholesky(h, mean_diag, damp, max_tries):
     """Upper U with U^T U = (h + r * mean_diag * I)^-1, r = damp * 10^i for the first i < max_tries
     that gives a finite factor. Returns (U, r, ok)."""
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    factor = _factor_fn()
 
     def attempt(ratio):
-        # (h + damp)^-1 = U^T U  <=>  h + damp = M M^T with M = U^-1 upper triangular, and M is
-        # the flipped lower Cholesky factor of the flipped matrix: one factorisation, one solve.
-        flipped = jnp.linalg.cholesky((h + ratio * mean_diag * eye)[::-1, ::-1])
-        return jax.scipy.linalg.solve_triangular(flipped[::-1, ::-1], eye, lower=False)
+        return factor(h + ratio * mean_diag * eye)
 
     def finite(u):
         return jnp.all(jnp.isfinite(u))
