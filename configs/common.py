@@ -103,7 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.kernel_dequant = ""  # "" = the backend's frozen default | convert | magic | registers
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.expert = 1  # devices along the expert axis; the passes repeat each batch on the rest
+    # devices along the expert axis; the rest form the "data" axis, over which the calibration
+    # passes and GPTQ split each batch's rows (data.batch_size should be a multiple of it)
+    c.mesh.expert = 1
 
     c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')
     # jax's persistent compilation cache: "auto" = <workdir>/jax_cache (reruns, resumed runs and

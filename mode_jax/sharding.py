@@ -2,8 +2,9 @@
 
 Routed-expert stacks (`experts.gate_up [E, D, 2F]`, `experts.down [E, F, D]`) are split along
 their expert axis over "expert" (expert parallelism: they hold ~95% of a MoE model's bytes);
-everything else is replicated. Batches are split along their batch axis over "data". The jitted
-forward is unchanged: XLA propagates these placements (axis types are Auto) and inserts the
+everything else is replicated. Batches are split along their batch axis over "data" (data
+parallelism: the calibration passes and GPTQ's walk put each batch where the model is). The
+jitted forward is unchanged: XLA propagates these placements (axis types are Auto) and inserts the
 collectives. Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
 which `jax.devices()` spans every host and the same mesh code applies.
 """
@@ -50,20 +51,39 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     return model
 
 
+def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
+    """The mesh `shard_model` placed `model` on, or None for a model on one device."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        s = getattr(leaf, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+# The batch axis of each model input that has one (M-RoPE positions are [3, B, T]); the image
+# grids are static metadata, read on the host.
+BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "inputs_embeds": 0, "positions": -2}
+HOST_KEYS = ("image_grid_hws", "image_grid_thw", "image_num_patches")
+
+
 def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    """Token arrays split over "data" along the batch axis when it divides; images replicated.
+    """Model inputs on `mesh`: batch-major arrays split over "data" along their batch axis when
+    it divides evenly (each data slice of devices runs its share of the samples), every other
+    array replicated; static metadata (image grids, None) stays as it is.
 
     `pixel_values` holds all images' patches concatenated (ragged per sample), so it stays
-    replicated; `image_grid_hws` is static metadata and stays on the host.
+    replicated. A multi-process job passes the same batch on every process (the runner checks
+    that they computed the same), and each process keeps its own devices' share.
     """
     n = mesh.shape["data"]
     out = dict(batch)
-    for key in ("input_ids", "attention_mask"):
-        if key in batch:
-            a = np.asarray(batch[key])
-            spec = PartitionSpec("data") if a.shape[0] % n == 0 else PartitionSpec()
-            out[key] = jax.device_put(a, NamedSharding(mesh, spec))
-    if "pixel_values" in batch:
-        out["pixel_values"] = jax.device_put(np.asarray(batch["pixel_values"]),
-                                             NamedSharding(mesh, PartitionSpec()))
+    for key, value in batch.items():
+        if not isinstance(value, (np.ndarray, jax.Array)) or key in HOST_KEYS:
+            continue
+        axis = BATCH_AXES.get(key)
+        spec = PartitionSpec()
+        if axis is not None and n > 1 and value.ndim >= 2 and value.shape[axis] % n == 0:
+            axis %= value.ndim
+            spec = PartitionSpec(*([None] * axis), "data")
+        out[key] = jax.device_put(value, NamedSharding(mesh, spec))
     return out

@@ -42,11 +42,14 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_8_host_devices(script: str) -> None:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+def _run_on_8_host_devices(script: str, devices: int = 8, timeout: int = 300) -> None:
+    """`script` in a process with `devices` host devices (and the suite's other XLA flags)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+        [*flags, f"--xla_force_host_platform_device_count={devices}"]))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
     assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -155,6 +158,116 @@ def test_sensitivity_of_sharded_experts_moves_only_the_chunk():
     the single-device ones, and each chunk's program never gathers the layer's experts: the
     chunk's own experts arrive by one chunk-sized reduction."""
     _run_on_8_host_devices(COSTS_SCRIPT)
+
+
+DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+    import mode_jax
+    from mode_jax import sharding
+    from mode_jax.calib import passes, sources
+    from mode_jax.quant import apply
+
+    assert len(jax.devices()) == 4
+    model = mode_jax.load("tests/fixtures/kimivl-tiny")
+    cfg, text = model.config, model.config.text
+    batches = sources.random_batches(cfg, n=6, batch_size=2, seed=0)
+    batches.append(sources.random_batches(cfg, n=1, batch_size=1, seed=1)[0])  # odd: replicated
+    scfg = passes.StatsConfig(image_token_id=cfg.media_placeholder_token_id,
+                              special_token_ids=(1, 2))
+    bits = np.full((len(text.moe_layers), text.n_routed_experts), 3, np.int32)
+    bits[:, ::3] = 2
+
+    def run(m):
+        return {
+            "freq": passes.frequency_pass(m, batches, scfg),
+            "tokens": passes.collect_tokens(m, batches, scfg).layers,
+            "kl": passes.logit_kl_pass(m, batches[:2], scfg, (1, 2), 32),
+            "trace": passes.hessian_trace_pass(m, batches[:2], num_probes=4,
+                                               image_token_id=scfg.image_token_id),
+        }
+
+    def gptq(m):
+        q = apply.quantize_model(m, batches, bits, apply.QuantConfig(group_size=32,
+                                                                       block_size=32))[0]
+        return nnx.state(q)
+
+    want = run(model)
+    want["gptq"] = gptq(model)
+    assert sharding.model_mesh(model) is None
+    mesh = sharding.make_mesh(expert=2)  # data = 2: each batch's rows split over two
+    sharding.shard_model(model, mesh)
+    assert sharding.model_mesh(model) is mesh
+    dev, _ = passes.device_batch(model, batches[0])
+    for key in ("input_ids", "attention_mask"):
+        assert dev[key].sharding.spec == P("data"), dev[key].sharding
+        assert {s.data.shape[0] for s in dev[key].addressable_shards} == {1}
+    assert dev["pixel_values"].sharding.spec == P()
+    odd, _ = passes.device_batch(model, batches[-1])
+    assert odd["input_ids"].sharding.spec == P()
+    got = run(model)
+    got["gptq"] = gptq(model)
+
+    for k, v in want["freq"].items():  # counts exactly; the weight sums to float rounding
+        np.testing.assert_allclose(got["freq"][k], v, rtol=1e-6, err_msg=k)
+        if not k.startswith("weight"):
+            np.testing.assert_array_equal(got["freq"][k], v, err_msg=k)
+    for g, w in zip(got["tokens"], want["tokens"], strict=True):
+        for name in w._fields:
+            a, b = getattr(g, name), getattr(w, name)
+            if name in ("ids", "modality"):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+    for k, v in want["kl"].items():  # experts no token reaches: 0 against ~1e-7 of rounding
+        np.testing.assert_allclose(got["kl"][k], v, rtol=1e-3, atol=1e-6, err_msg=k)
+    assert np.abs(want["kl"]["logit_kl_text"]).max() > 2e-5  # far above atol
+    np.testing.assert_allclose(got["trace"], want["trace"], rtol=1e-4, atol=1e-6)
+    for (path, w), (_, g) in zip(nnx.to_flat_state(want["gptq"]),
+                                 nnx.to_flat_state(got["gptq"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(g[...]), np.asarray(w[...]), err_msg=str(path))
+    print("SHARDED_OK")
+""")
+
+
+def test_data_parallel_passes_and_gptq_match_one_device():
+    """With the model on a (data=2, expert=2) mesh, the passes and GPTQ's walk split each
+    batch's rows over "data" (a batch that does not divide stays replicated), and what they
+    compute equals the one-device run: counts, routing and packed codes exactly, float
+    statistics to rounding."""
+    _run_on_8_host_devices(DATA_PARALLEL_SCRIPT, devices=4)
+
+
+GPTQ_LOOP_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mode_jax import sharding
+    from mode_jax.quant import gptq
+
+    assert len(jax.devices()) == 2
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 64, 48)).astype(np.float32)
+    x = rng.normal(size=(8, 256, 64)).astype(np.float32)
+    h = np.einsum("etk,etl->ekl", x, x) / 128
+    bits = np.array([2, 3] * 4, np.int32)
+    want = gptq.gptq_quantize_experts(w, h, bits, group_size=32, block_size=32)
+    for expert in (1, 2):  # the same stack on both devices, then split between them
+        mesh = sharding.make_mesh(expert=expert)
+        spec = NamedSharding(mesh, P("expert") if expert > 1 else P())
+        args = [jax.device_put(a, spec) for a in (w, h, bits)]
+        for _ in range(100):
+            got = gptq.gptq_quantize_experts(*args, group_size=32, block_size=32)
+            np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+    print("SHARDED_OK")
+""")
+
+
+def test_gptq_of_expert_stacks_on_two_host_devices_does_not_hang():
+    """Batched LAPACK calls on XLA:CPU with as many devices as pool threads could block every
+    thread (`gptq._upper_inverse_factor_each`): before the fix this loop hung within a few
+    iterations on 2 cores, whether the stack was replicated or split over the devices."""
+    _run_on_8_host_devices(GPTQ_LOOP_SCRIPT, devices=2, timeout=150)
 
 
 def test_mesh_rejects_uneven_expert_axis():

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import multihost, progress
+from mode_jax import multihost, progress, sharding
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
 from mode_jax.models.deepseek_v3 import DeepseekV3
@@ -101,7 +101,8 @@ def decoder_context(text, batch):
 
 
 def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None]:
-    """The model inputs of a batch as jnp arrays, and the static image grid (or None).
+    """The model inputs of a batch as jnp arrays, and the static image grid (or None). On a
+    model split over a mesh, the batch is split over its "data" axis (`sharding.shard_batch`).
 
     ValueError for a missing or misshapen key (a multimodal model checks images and
     placeholders, and works out M-RoPE positions, with its own `prepare`).
@@ -113,14 +114,17 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the "
                          "same [B, T] shape")
+    grid = None
     if hasattr(model, "prepare") and "inputs_embeds" not in batch:
         p = model.prepare(batch)
         out = {"input_ids": p.input_ids, "attention_mask": p.attention_mask,
                "pixel_values": p.pixel_values, "positions": p.positions}
-        return {k: v for k, v in out.items() if v is not None}, p.grid
-    out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
-    out["input_ids"] = out["input_ids"].astype(jnp.int32)
-    return out, None
+        out, grid = {k: v for k, v in out.items() if v is not None}, p.grid
+    else:
+        out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
+        out["input_ids"] = out["input_ids"].astype(jnp.int32)
+    mesh = sharding.model_mesh(model)
+    return (out if mesh is None else sharding.shard_batch(out, mesh)), grid
 
 
 def check_model(model, cfg: StatsConfig) -> None:
@@ -225,7 +229,8 @@ def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str
     samples = 0
     for batch in progress.track(_batches(batches), "frequency pass batches"):
         dev, grid = device_batch(model, batch)
-        out = jax.device_get(_frequency_batch(graphdef, state, dev, cfg, grid))
+        out = jax.device_get(multihost.tree_to_host(
+            _frequency_batch(graphdef, state, dev, cfg, grid)))
         for k, v in out.items():
             v = np.asarray(v, np.float64 if k.startswith("weight") else np.int64)
             total[k] = total[k] + v if k in total else v
@@ -298,7 +303,8 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
         keep = np.cumsum(lengths) + used <= max_tokens
         keep &= np.cumsum(~keep) == 0
         dev, grid = device_batch(model, batch)
-        out = jax.device_get(_token_batch(graphdef, state, dev, cfg, grid, gradients))
+        out = jax.device_get(multihost.tree_to_host(
+            _token_batch(graphdef, state, dev, cfg, grid, gradients)))
         rows = mask & keep[:, None]
         parts.append(jax.tree.map(lambda a, rows=rows: np.asarray(a)[rows], out))
         used += int(rows.sum())
@@ -426,8 +432,8 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
         prefix = _prefix_batch(graphdef, state, dev, cfg, grid, j)
         kl = _kl_layer(graphdef, state, prefix, gu, dn, *copies, layer=layers[j],
                        chunk=min(chunk, n_exp * len(bits)))
-        sums[j] += np.asarray(kl, np.float64)
-        mod, ids = np.asarray(prefix.modality), np.asarray(prefix.ids)
+        sums[j] += multihost.to_host(kl).astype(np.float64)
+        mod, ids = multihost.to_host(prefix.modality), multihost.to_host(prefix.ids)
         for m, code in enumerate(sensitivity.MODALITY_CODES):
             counts[j, :, m] += np.bincount(ids[mod == code].reshape(-1), minlength=n_exp)
     for j, layer in enumerate(layers):
@@ -562,7 +568,8 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
         key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
         traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batches[i]), key,
                                 num_probes, int(image_token_id), curvature)
-        for path, value in jax.tree_util.tree_flatten_with_path(jax.device_get(traces))[0]:
+        traces = jax.device_get(multihost.tree_to_host(traces))
+        for path, value in jax.tree_util.tree_flatten_with_path(traces)[0]:
             names = [getattr(p, "key", getattr(p, "name", None)) for p in path]
             layer = names[names.index("layers") + 1]
             total[moe_layers.index(int(layer))] += np.asarray(value, np.float64)

@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax import multihost, progress
-from mode_jax.calib import hessian
+from mode_jax.calib import hessian, passes
 from mode_jax.models import deepseek_v3 as dsv3
 from mode_jax.quant import gptq, rtn
 from mode_jax.quant import quantized_moe as qmoe
@@ -198,10 +198,10 @@ def _initial_states(model, batches) -> list[_Calib]:
     where the model has them) and DeepStack additions per batch."""
     states = []
     for batch in batches:
-        p = model.prepare(batch)
-        h, additions = _embed(model, p.input_ids, p.pixel_values, p.grid)
-        ctx, _ = model.language_model.context(p.attention_mask, p.positions)
-        states.append(_Calib(h, ctx, p.attention_mask, additions))
+        dev, grid = passes.device_batch(model, batch)  # split over the mesh's "data" axis
+        h, additions = _embed(model, dev["input_ids"], dev.get("pixel_values"), grid)
+        ctx, _ = model.language_model.context(dev["attention_mask"], dev.get("positions"))
+        states.append(_Calib(h, ctx, dev["attention_mask"], additions))
     return states
 
 

@@ -1,0 +1,107 @@
+"""Data parallelism of the calibration passes: the same batches on one device and split over a
+mesh's "data" axis (`sharding.shard_batch`, which the passes and GPTQ's walk apply to a model
+that `sharding.shard_model` placed).
+
+Figures printed, side by side in one run, each the best of `--repeats` compiled runs (first
+run, compilation included, in brackets): the frequency pass and the token cache (with its
+backward pass) in real tokens/s, and GPTQ's walk over the model (`--gptq`), on one device and on
+the mesh, with the ratio; then whether the counts and packed codes came out equal.
+
+The model is the shipped testbed on random image-and-text batches (`sources.random_batches`).
+All devices of the platform form the mesh (`--expert` of them along the expert axis, the rest
+along "data"):
+
+    python -m benchmarks.data_parallel                       # GPUs/TPUs: all of them
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.data_parallel
+
+On CPU, forced host devices share the same cores, so the second line measures the cost of
+splitting (collectives, smaller matmuls), not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import mode_jax
+from mode_jax import sharding
+from mode_jax.calib import passes, sources
+from mode_jax.quant import apply
+
+
+def timed(fn, repeats: int):
+    """(result, first-run seconds, best of `repeats` later runs)."""
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return out, first, best
+
+
+def measure(model, batches, scfg, bits, args) -> dict:
+    runs = {
+        "frequency pass": lambda: passes.frequency_pass(model, batches, scfg),
+        "token cache (+ backward)": lambda: passes.collect_tokens(model, batches, scfg),
+    }
+    if args.gptq:
+        qc = apply.QuantConfig(group_size=args.group_size, block_size=args.group_size)
+        runs["GPTQ walk"] = lambda: jax.tree.map(
+            np.asarray, nnx.state(apply.quantize_model(model, batches, bits, qc)[0]))
+    return {name: timed(fn, args.repeats) for name, fn in runs.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default="checkpoints/testbed")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--expert", type=int, default=1, help="devices along the expert axis")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--group_size", type=int, default=128)
+    args = ap.parse_args()
+
+    devices = jax.devices()
+    mesh = sharding.make_mesh(expert=args.expert)
+    if mesh.shape["data"] < 2:
+        raise SystemExit(f"{len(devices)} device(s) with expert={args.expert} leave no data "
+                         "axis to split over (see the module docstring for forcing host devices)")
+    model = mode_jax.load(args.checkpoint)
+    cfg, text = model.config, model.config.text
+    batches = sources.random_batches(cfg, n=args.samples, batch_size=args.batch_size, seed=0)
+    tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in batches)
+    scfg = passes.StatsConfig(image_token_id=cfg.media_placeholder_token_id)
+    bits = np.random.default_rng(0).choice([2, 3, 4], (len(text.moe_layers),
+                                                       text.n_routed_experts)).astype(np.int32)
+
+    one = measure(model, batches, scfg, bits, args)
+    sharding.shard_model(model, mesh)
+    split = measure(model, batches, scfg, bits, args)
+
+    print(f"{devices[0].platform}: {len(devices)} devices, mesh {dict(mesh.shape)}; "
+          f"{args.samples} samples, batch {args.batch_size}, {tokens} real tokens")
+    print(f"{'pass':<26} {'one device':>22} {'data-split mesh':>22} {'speed-up':>9}")
+    for name in one:
+        (_, f1, b1), (_, f2, b2) = one[name], split[name]
+        print(f"{name:<26} {tokens / b1:>10.0f} tok/s ({f1:5.1f} s) "
+              f"{tokens / b2:>10.0f} tok/s ({f2:5.1f} s) {b1 / b2:>8.2f}x")
+    counts_equal = all(np.array_equal(one["frequency pass"][0][k], split["frequency pass"][0][k])
+                       for k in one["frequency pass"][0] if not k.startswith("weight"))
+    print(f"frequency counts equal: {counts_equal}")
+    if args.gptq:
+        codes_equal = all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves(one["GPTQ walk"][0]), jax.tree.leaves(split["GPTQ walk"][0]),
+            strict=True))
+        print(f"GPTQ packed codes equal: {codes_equal}")
+
+
+if __name__ == "__main__":
+    main()
