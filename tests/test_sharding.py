@@ -224,6 +224,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(got["kl"][k], v, rtol=1e-3, atol=1e-6, err_msg=k)
     assert np.abs(want["kl"]["logit_kl_text"]).max() > 2e-5  # far above atol
     np.testing.assert_allclose(got["trace"], want["trace"], rtol=1e-4, atol=1e-6)
+    # exact at this size; on larger inputs a code at a rounding boundary may flip (README)
     for (path, w), (_, g) in zip(nnx.to_flat_state(want["gptq"]),
                                  nnx.to_flat_state(got["gptq"]), strict=True):
         np.testing.assert_array_equal(np.asarray(g[...]), np.asarray(w[...]), err_msg=str(path))
