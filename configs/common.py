@@ -103,8 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.kernel_dequant = ""  # "" = the backend's frozen default | convert | magic | registers
 
     c.mesh = ml_collections.ConfigDict()
-    # devices along the expert axis; the rest form the "data" axis, over which the calibration
-    # passes and GPTQ split each batch's rows (data.batch_size should be a multiple of it)
+    # devices along the expert axis; the rest form the "data" axis, over which every stage
+    # splits each batch's rows (data.batch_size and eval.batch_size: multiples of it)
     c.mesh.expert = 1
 
     c.sweep = ()  # methods to run on the same statistics, e.g. ('mode', 'uniform', 'pmq')

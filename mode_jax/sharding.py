@@ -3,9 +3,10 @@
 Routed-expert stacks (`experts.gate_up [E, D, 2F]`, `experts.down [E, F, D]`) are split along
 their expert axis over "expert" (expert parallelism: they hold ~95% of a MoE model's bytes);
 everything else is replicated. Batches are split along their batch axis over "data" (data
-parallelism: the calibration passes and GPTQ's walk put each batch where the model is). The
-jitted forward is unchanged: XLA propagates these placements (axis types are Auto) and inserts the
-collectives. Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
+parallelism: the calibration passes, GPTQ's walk, the model families' `__call__` and greedy
+generation put each batch where the model is, `place_inputs`). The jitted forward is
+unchanged: XLA propagates these placements (axis types are Auto) and inserts the collectives.
+Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
 which `jax.devices()` spans every host and the same mesh code applies.
 """
 
@@ -52,17 +53,19 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 
 
 def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
-    """The mesh `shard_model` placed `model` on, or None for a model on one device."""
+    """The mesh `shard_model` placed `model` on, or None: a model on one device, or placed
+    by other code on a mesh without a "data" axis (its batches are left as they come)."""
     for leaf in jax.tree.leaves(nnx.state(model)):
         s = getattr(leaf, "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh.size > 1:
-            return s.mesh
+            return s.mesh if "data" in s.mesh.axis_names else None
     return None
 
 
 # The batch axis of each model input that has one (M-RoPE positions are [3, B, T]); the image
 # grids are static metadata, read on the host.
-BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "inputs_embeds": 0, "positions": -2}
+BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "inputs_embeds": 0, "positions": -2,
+              "image_query_mask": 0}
 HOST_KEYS = ("image_grid_hws", "image_grid_thw", "image_num_patches")
 
 
@@ -87,3 +90,10 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
             spec = PartitionSpec(*([None] * axis), "data")
         out[key] = jax.device_put(value, NamedSharding(mesh, spec))
     return out
+
+
+def place_inputs(model: nnx.Module, arrays: dict) -> dict:
+    """`arrays` (a model's inputs) where `model` is: split over its mesh's "data" axis by
+    `shard_batch`, or unchanged for a model on one device."""
+    mesh = model_mesh(model)
+    return arrays if mesh is None else shard_batch(arrays, mesh)

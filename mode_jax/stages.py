@@ -191,8 +191,8 @@ def run_evaluate(ctx, inputs):
     fp = model_from_artifact(ctx, inputs["convert"])
     q = inputs["quantize"]
     qmodel = ctx.cache.get(("quantized", ctx.fingerprint("quantize")))
-    if qmodel is None:
-        qmodel = serialize.from_artifact(q.arrays, q.meta, source=q.path)
+    if qmodel is None:  # a resumed run: on the mesh like the float model (its batches too)
+        qmodel = place(ctx, serialize.from_artifact(q.arrays, q.meta, source=q.path))
     qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels,
                                              c.eval.kernel_dequant)
     metrics, tables, per_sample = evaluation.evaluate(ctx, fp, qmodel)

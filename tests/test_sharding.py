@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -167,6 +169,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     import mode_jax
     from mode_jax import sharding
     from mode_jax.calib import passes, sources
+    from mode_jax.eval import generate
     from mode_jax.quant import apply
 
     assert len(jax.devices()) == 4
@@ -188,6 +191,13 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
                                                image_token_id=scfg.image_token_id),
         }
 
+    def forwards(m):  # float logits, greedy tokens, RTN-packed logits through the kernels
+        rtn = apply.quantize_model(m, None, bits, apply.QuantConfig(
+            method="rtn", group_size=32, use_kernels=True))[0]
+        out = m(batches[0])
+        return {"logits": out.logits, "generated": generate.greedy_generate(m, batches[0], 3, 0),
+                "packed": rtn(batches[0]).logits}
+
     def gptq(m):
         q = apply.quantize_model(m, batches, bits, apply.QuantConfig(group_size=32,
                                                                        block_size=32))[0]
@@ -195,7 +205,12 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
     want = run(model)
     want["gptq"] = gptq(model)
+    want.update(forwards(model))
     assert sharding.model_mesh(model) is None
+    lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))  # placed by other code, on a mesh without "data"
+    own = jax.sharding.Mesh(np.asarray(jax.devices()), ("x",))
+    lin.kernel.value = jax.device_put(lin.kernel[...], jax.sharding.NamedSharding(own, P()))
+    assert sharding.model_mesh(lin) is None
     mesh = sharding.make_mesh(expert=2)  # data = 2: each batch's rows split over two
     sharding.shard_model(model, mesh)
     assert sharding.model_mesh(model) is mesh
@@ -208,6 +223,12 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     assert odd["input_ids"].sharding.spec == P()
     got = run(model)
     got["gptq"] = gptq(model)
+    got.update(forwards(model))
+    for key in ("logits", "packed"):  # the evaluation's forwards: split too, and equal
+        assert got[key].sharding.spec == P("data"), (key, got[key].sharding)
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]),
+                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(got["generated"].tokens, want["generated"].tokens)
 
     for k, v in want["freq"].items():  # counts exactly; the weight sums to float rounding
         np.testing.assert_allclose(got["freq"][k], v, rtol=1e-6, err_msg=k)
@@ -232,11 +253,12 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_data_parallel_passes_and_gptq_match_one_device():
-    """With the model on a (data=2, expert=2) mesh, the passes and GPTQ's walk split each
-    batch's rows over "data" (a batch that does not divide stays replicated), and what they
-    compute equals the one-device run: counts, routing and packed codes exactly, float
-    statistics to rounding."""
+    """With the model on a (data=2, expert=2) mesh, the passes, GPTQ's walk and the evaluation's
+    forwards (float, greedy generation, packed through the kernels) split each batch's rows over
+    "data" (a batch that does not divide stays replicated), and what they compute equals the
+    one-device run: counts, routing, tokens and packed codes exactly, floats to rounding."""
     _run_on_8_host_devices(DATA_PARALLEL_SCRIPT, devices=4)
 
 

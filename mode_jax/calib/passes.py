@@ -123,8 +123,7 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
     else:
         out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
         out["input_ids"] = out["input_ids"].astype(jnp.int32)
-    mesh = sharding.model_mesh(model)
-    return (out if mesh is None else sharding.shard_batch(out, mesh)), grid
+    return sharding.place_inputs(model, out), grid
 
 
 def check_model(model, cfg: StatsConfig) -> None:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax import multihost, sharding
+
 
 class Generation(NamedTuple):
     """tokens `[B, N]` int32 (after a row's first stop token every slot holds eos), lengths
@@ -54,13 +56,16 @@ def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
         raise ValueError(f"generation needs left-padded prompts ending in a real token; rows "
                          f"{rows.tolist()} end in padding (use padding_side='left')")
     rope_delta = None if p.rope_delta is None else jnp.asarray(p.rope_delta, jnp.int32)
-    tokens, scores = _generate(model, p.input_ids, p.attention_mask, p.pixel_values, p.grid,
-                               p.positions, rope_delta, max_new_tokens, jnp.int32(eos_token_id),
-                               jnp.asarray(stops, jnp.int32), return_scores)
-    tokens = np.asarray(tokens)
+    a = sharding.place_inputs(model, {"input_ids": p.input_ids, "attention_mask": p.attention_mask,
+                                      "pixel_values": p.pixel_values, "positions": p.positions})
+    tokens, scores = _generate(model, a["input_ids"], a["attention_mask"], a["pixel_values"],
+                               p.grid, a["positions"], rope_delta, max_new_tokens,
+                               jnp.int32(eos_token_id), jnp.asarray(stops, jnp.int32),
+                               return_scores)
+    tokens = multihost.to_host(tokens)
     is_stop = np.isin(tokens, stops)
     lengths = np.where(is_stop.any(1), is_stop.argmax(1), tokens.shape[1]).astype(np.int32)
-    return Generation(tokens, lengths, None if scores is None else np.asarray(scores))
+    return Generation(tokens, lengths, None if scores is None else multihost.to_host(scores))
 
 
 @nnx.jit(static_argnames=("grid", "max_new_tokens", "return_scores"))

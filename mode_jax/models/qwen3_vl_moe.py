@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mode_jax import multihost, sharding
 from mode_jax.models import field_types
 from mode_jax.models.batch import Prepared, check_tokens
 from mode_jax.models.deepseek_v3 import TextOutput
@@ -129,7 +130,8 @@ class Qwen3VLMoe(nnx.Module):
     def __call__(self, batch: Mapping[str, Any], *, return_routing: bool = False,
                  image_query_mask: Any = None, return_mlp_inputs: bool = False,
                  return_hidden: bool = False, logits_window: int = 0) -> TextOutput:
-        """Check the batch and compute positions on the host, then run `forward` jitted."""
+        """Check the batch and compute positions on the host, then run `forward` jitted (on
+        a model split over a mesh, with the batch split over "data": `sharding.place_inputs`)."""
         args = prepare_batch(self.config, batch)
         args.pop("rope_delta")
         if image_query_mask is not None:
@@ -137,9 +139,11 @@ class Qwen3VLMoe(nnx.Module):
             if image_query_mask.shape != args["input_ids"].shape:
                 raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
                                  f"got {image_query_mask.shape}")
-        return _forward_jit(self, **args, image_query_mask=image_query_mask,
-                            return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-                            return_hidden=return_hidden, logits_window=logits_window)
+            args["image_query_mask"] = image_query_mask
+        out = _forward_jit(self, **sharding.place_inputs(self, args),
+                           return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
+                           return_hidden=return_hidden, logits_window=logits_window)
+        return multihost.tree_to_host(out)
 
 
 @nnx.jit(static_argnames=("grid_thw", "return_routing", "return_mlp_inputs", "return_hidden",
