@@ -80,26 +80,20 @@ def test_processes_with_different_workdirs_stop_with_one_line(tmp_path):
 DATA_SNIPPET = """
 import sys
 import jax, numpy as np
-from flax import nnx
 from jax.sharding import PartitionSpec
 import mode_jax
 from mode_jax import multihost, sharding
 from mode_jax.calib import passes, sources
 from mode_jax.eval import generate
-from mode_jax.quant import apply
 multihost.initialize(sys.argv[2], 2, int(sys.argv[1]))
 model = mode_jax.load("tests/fixtures/kimivl-tiny")
-cfg, text = model.config, model.config.text
+cfg = model.config
 batches = sources.random_batches(cfg, n=4, batch_size=2, seed=0)
 scfg = passes.StatsConfig(image_token_id=cfg.media_placeholder_token_id, special_token_ids=(1,))
-bits = np.full((len(text.moe_layers), text.n_routed_experts), 2, np.int32)
-bits[:, ::2] = 3
 
 def run(m):
-    q, _ = apply.quantize_model(m, batches, bits, apply.QuantConfig(group_size=32, block_size=32))
     return (passes.frequency_pass(m, batches, scfg), passes.collect_tokens(m, batches, scfg),
             passes.logit_kl_pass(m, batches[:1], scfg, (1, 2), 32),
-            [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(q))],
             m(batches[0]).logits, generate.greedy_generate(m, batches[0], 3, 0).tokens)
 
 want = run(model)  # this process's own device, nothing shared
@@ -114,10 +108,8 @@ for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 for k, v in want[2].items():
     np.testing.assert_allclose(got[2][k], v, rtol=1e-3, atol=1e-6, err_msg=k)
-for g, w in zip(got[3], want[3], strict=True):
-    np.testing.assert_array_equal(g, w)
-np.testing.assert_allclose(got[4], want[4], rtol=1e-5, atol=1e-5)  # both halves, on each
-np.testing.assert_array_equal(got[5], want[5])
+np.testing.assert_allclose(got[3], want[3], rtol=1e-5, atol=1e-5)  # both halves, on each
+np.testing.assert_array_equal(got[4], want[4])
 multihost.barrier("end")
 print("DATA_OK")
 """
@@ -127,8 +119,9 @@ print("DATA_OK")
 def test_batches_split_over_two_processes_give_the_one_process_statistics(tmp_path):
     """On a mesh whose "data" axis spans the two processes, each process holds half of every
     batch: the frequency counts, the token cache (its per-token rows gathered from both
-    processes), logit_kl, GPTQ's packed codes, the model's logits and greedy tokens (gathered)
-    equal what each process computes alone."""
+    processes), logit_kl, the model's logits and greedy tokens (gathered) equal what each
+    process computes alone. (GPTQ's walk on split batches, which gathers nothing, is checked on
+    4 host devices in test_sharding.py.)"""
     script = tmp_path / "data_snippet.py"
     script.write_text(textwrap.dedent(DATA_SNIPPET))
     addr = f"localhost:{free_port()}"
