@@ -23,7 +23,6 @@ splitting (collectives, smaller matmuls), not a speed-up.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +30,10 @@ import numpy as np
 from flax import nnx
 
 import mode_jax
+from benchmarks.stats import timed
 from mode_jax import sharding
 from mode_jax.calib import passes, sources
 from mode_jax.quant import apply
-
-
-def timed(fn, repeats: int):
-    """(result, first-run seconds, best of `repeats` later runs)."""
-    start = time.perf_counter()
-    out = fn()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return out, first, best
 
 
 def measure(model, batches, scfg, bits, args) -> dict:
@@ -106,7 +93,7 @@ def main():
           f"{args.samples} samples, batch {args.batch_size}, {tokens} real tokens")
     print(f"{'pass':<26} {'one device':>22} {'data-split mesh':>22} {'speed-up':>9}")
     for name in one:
-        (_, f1, b1), (_, f2, b2) = one[name], split[name]
+        (_, b1, f1), (_, b2, f2) = one[name], split[name]
         print(f"{name:<26} {tokens / b1:>10.0f} tok/s ({f1:5.1f} s) "
               f"{tokens / b2:>10.0f} tok/s ({f2:5.1f} s) {b1 / b2:>8.2f}x")
     counts_equal = all(np.array_equal(one["frequency pass"][0][k], split["frequency pass"][0][k])

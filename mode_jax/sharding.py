@@ -55,8 +55,10 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
     """The mesh `shard_model` placed `model` on, or None: a model on one device, or placed
     by other code on a mesh without a "data" axis (its batches are left as they come)."""
-    for leaf in jax.tree.leaves(nnx.state(model)):
-        s = getattr(leaf, "sharding", None)
+    for _, node in nnx.iter_graph(model):  # stops at the first placed variable (every call)
+        if not isinstance(node, nnx.Variable):
+            continue
+        s = getattr(node.get_value(), "sharding", None)
         if isinstance(s, NamedSharding) and s.mesh.size > 1:
             return s.mesh if "data" in s.mesh.axis_names else None
     return None

@@ -5,7 +5,7 @@ Each multimodal wrapper (`KimiVL`, `Qwen3VLMoe`, `InternVL`) turns a processor d
 gives `(h [B, T, D], additions)`: the residual stream entering the text model and the per-layer
 additions (Qwen3-VL's DeepStack; empty for Kimi-VL and InternVL). Generation, calibration and
 quantization use only these two and the text model's `context`/`run_layers`/`init_cache`, so
-they run on every family.
+they run on every family. `run_forward` is the rest of each family's `model(batch)`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from mode_jax import multihost, sharding
 
 
 class Prepared(NamedTuple):
@@ -44,3 +47,18 @@ def check_tokens(batch: Mapping[str, Any], vocab: int) -> tuple[np.ndarray, np.n
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask must be {ids.shape}, got {mask.shape}")
     return ids, mask
+
+
+def run_forward(model, forward_jit, args: dict[str, Any], image_query_mask=None, **flags):
+    """`forward_jit(model, **args, **flags)` for the checked batch `args` of a model family's
+    `__call__`: the image query mask checked against the tokens, the inputs put where the model
+    is (split over its mesh's "data" axis: `sharding.place_inputs`), the outputs gathered to
+    every host."""
+    if image_query_mask is not None:
+        image_query_mask = jnp.asarray(image_query_mask, bool)
+        if image_query_mask.shape != args["input_ids"].shape:
+            raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
+                             f"got {image_query_mask.shape}")
+        args = {**args, "image_query_mask": image_query_mask}
+    out = forward_jit(model, **sharding.place_inputs(model, args), **flags)
+    return multihost.tree_to_host(out)

@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import multihost, sharding
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens
+from mode_jax.models.batch import Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.internvl_vision import InternVLVision, VisionConfig
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
@@ -119,16 +118,9 @@ class InternVL(nnx.Module):
         mesh, with the batch split over its "data" axis: `sharding.place_inputs`)."""
         a = prepare_batch(self.config, batch)
         args = {k: a[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-        if image_query_mask is not None:
-            image_query_mask = jnp.asarray(image_query_mask, bool)
-            if image_query_mask.shape != a["input_ids"].shape:
-                raise ValueError(f"image_query_mask must be {a['input_ids'].shape}, "
-                                 f"got {image_query_mask.shape}")
-            args["image_query_mask"] = image_query_mask
-        out = _forward_jit(self, **sharding.place_inputs(self, args),
+        return run_forward(self, _forward_jit, args, image_query_mask,
                            return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
                            return_hidden=return_hidden, logits_window=logits_window)
-        return multihost.tree_to_host(out)
 
 
 @nnx.jit(static_argnames=("return_routing", "return_mlp_inputs", "return_hidden",

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import multihost, sharding
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens
+from mode_jax.models.batch import Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
 from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
 
@@ -161,17 +160,10 @@ class KimiVL(nnx.Module):
                  return_hidden: bool = False, logits_window: int = 0) -> ModelOutput:
         """Check the batch on the host, then run `forward` under `nnx.jit` (on a model split
         over a mesh, with the batch split over its "data" axis: `sharding.place_inputs`)."""
-        args = prepare_batch(self.config, batch)
-        if image_query_mask is not None:
-            image_query_mask = jnp.asarray(image_query_mask, bool)
-            if image_query_mask.shape != args["input_ids"].shape:
-                raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
-                                 f"got {image_query_mask.shape}")
-            args["image_query_mask"] = image_query_mask
-        out = _forward_jit(self, **sharding.place_inputs(self, args),
-                           return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
-                           return_hidden=return_hidden, logits_window=logits_window)
-        return multihost.tree_to_host(out)
+        return run_forward(self, _forward_jit, prepare_batch(self.config, batch),
+                           image_query_mask, return_routing=return_routing,
+                           return_mlp_inputs=return_mlp_inputs, return_hidden=return_hidden,
+                           logits_window=logits_window)
 
 
 @nnx.jit(static_argnames=("grid_hws", "return_routing", "return_mlp_inputs", "return_hidden",

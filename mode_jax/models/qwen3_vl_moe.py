@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import multihost, sharding
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens
+from mode_jax.models.batch import Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
 from mode_jax.models.qwen3_vl_vision import GridTHW, Qwen3VLVision, VisionConfig, normalize_grid
@@ -134,16 +133,9 @@ class Qwen3VLMoe(nnx.Module):
         a model split over a mesh, with the batch split over "data": `sharding.place_inputs`)."""
         args = prepare_batch(self.config, batch)
         args.pop("rope_delta")
-        if image_query_mask is not None:
-            image_query_mask = jnp.asarray(image_query_mask, bool)
-            if image_query_mask.shape != args["input_ids"].shape:
-                raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
-                                 f"got {image_query_mask.shape}")
-            args["image_query_mask"] = image_query_mask
-        out = _forward_jit(self, **sharding.place_inputs(self, args),
+        return run_forward(self, _forward_jit, args, image_query_mask,
                            return_routing=return_routing, return_mlp_inputs=return_mlp_inputs,
                            return_hidden=return_hidden, logits_window=logits_window)
-        return multihost.tree_to_host(out)
 
 
 @nnx.jit(static_argnames=("grid_thw", "return_routing", "return_mlp_inputs", "return_hidden",
