@@ -1,16 +1,20 @@
 """Placing a model and its batches on a `jax.sharding.Mesh` with axes ("data", "expert").
 
-Routed-expert stacks (`experts.gate_up [E, D, 2F]`, `experts.down [E, F, D]`) are split along
-their expert axis over "expert" (expert parallelism: they hold ~95% of a MoE model's bytes);
-everything else is replicated. Batches are split along their batch axis over "data" (data
-parallelism: the calibration passes, GPTQ's walk, the model families' `__call__` and greedy
-generation put each batch where the model is, `place_inputs`). The jitted forward is
-unchanged: XLA propagates these placements (axis types are Auto) and inserts the collectives.
+Routed-expert stacks (`experts.gate_up [E, D, 2F]`, `experts.down [E, F, D]`, and a packed
+model's bit groups) are split along their expert axis over "expert" (expert parallelism: they
+hold ~95% of a MoE model's bytes); everything else is replicated. Batches are split along
+their batch axis over "data" (data parallelism: the calibration passes, GPTQ's walk, the model
+families' `__call__` and greedy generation put each batch where the model is,
+`place_inputs`). The jitted float forward is unchanged: XLA propagates these placements (axis
+types are Auto) and inserts the collectives. The packed experts partition their own forward
+(`QuantizedExperts.use_mesh`, a `jax.shard_map`), since XLA cannot split a Pallas kernel.
 Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
 which `jax.devices()` spans every host and the same mesh code applies.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import numpy as np
@@ -20,6 +24,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from mode_jax.convert.mapping import path_str
 
 EXPERT_PARAMS = ("experts.gate_up", "experts.down")
+# A packed model's bit groups (`quant.quantized_moe`): code planes and scales, expert axis first.
+PACKED_EXPERT_PARAM = re.compile(r"experts\.groups\.b\d+\.(gate_up|down)\.(planes\.\d+|scales)$")
 
 
 def make_mesh(expert: int = 1, devices=None) -> jax.sharding.Mesh:
@@ -32,19 +38,25 @@ def make_mesh(expert: int = 1, devices=None) -> jax.sharding.Mesh:
 
 
 def param_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """Expert stacks over "expert" when their expert count divides evenly; else replicated."""
+    """Expert stacks (float, or a packed bit group's planes and scales) over "expert" when their
+    expert count divides evenly; else replicated."""
     n = mesh.shape["expert"]
-    if path.endswith(EXPERT_PARAMS) and n > 1 and shape[0] % n == 0:
+    expert_stack = path.endswith(EXPERT_PARAMS) or PACKED_EXPERT_PARAM.search(path)
+    if expert_stack and n > 1 and shape[0] % n == 0:
         return PartitionSpec("expert")
     return PartitionSpec()
 
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Move every parameter of `model` to its placement on `mesh` (in place; returns model)."""
-    state = nnx.state(model)
-    flat = nnx.to_flat_state(state)
+    """Move every parameter of `model` to its placement on `mesh` (in place; returns model).
+    Modules that partition their own forward (`use_mesh`: the packed experts, whose Pallas
+    kernels XLA cannot split) are told the mesh first."""
+    partitioned = [node for _, node in nnx.iter_graph(model)
+                   if isinstance(node, nnx.Module) and hasattr(node, "use_mesh")]
+    for node in partitioned:  # first: they may pad their arrays to split evenly
+        node.use_mesh(mesh)
     placed = []
-    for p, v in flat:
+    for p, v in nnx.to_flat_state(nnx.state(model)):
         value = v[...]
         spec = param_spec(path_str(p), np.shape(value), mesh)
         placed.append((p, v.replace(jax.device_put(value, NamedSharding(mesh, spec)))))

@@ -177,9 +177,10 @@ def run_quantize(ctx, inputs):
         log.warning("quantize: %s", line)
     if c.quant.router_finetune:
         report["router_finetune"] = router_finetune.finetune_routers(qmodel, batches)
-    ctx.cache[("quantized", ctx.fingerprint("quantize"))] = qmodel
     arrays, meta = serialize.to_artifact(qmodel, {"quant_report": report})
     meta["nbytes"] = serialize.theoretical_nbytes(qmodel)
+    # On the mesh like a restored one: packed experts split over "expert", batches over "data".
+    ctx.cache[("quantized", ctx.fingerprint("quantize"))] = place(ctx, qmodel)
     return arrays, meta
 
 
@@ -191,7 +192,7 @@ def run_evaluate(ctx, inputs):
     fp = model_from_artifact(ctx, inputs["convert"])
     q = inputs["quantize"]
     qmodel = ctx.cache.get(("quantized", ctx.fingerprint("quantize")))
-    if qmodel is None:  # a resumed run: on the mesh like the float model (its batches too)
+    if qmodel is None:  # a resumed run
         qmodel = place(ctx, serialize.from_artifact(q.arrays, q.meta, source=q.path))
     qmodel = serialize.apply.set_use_kernels(qmodel, c.eval.use_kernels,
                                              c.eval.kernel_dequant)

@@ -219,26 +219,37 @@ def _untimed(meta):
     return meta
 
 
-def _assert_close(got, want, where: str, exact: bool):
-    """Integers and strings equal; floats equal, or within float32 rounding where not `exact`."""
+def _assert_close(got, want, where: str, exact: bool, atol: float = 0.0):
+    """Integers and strings equal; floats equal, or within float32 rounding (and `atol`) where
+    not `exact`."""
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), where
         for k in want:
-            _assert_close(got[k], want[k], f"{where}/{k}", exact)
+            _assert_close(got[k], want[k], f"{where}/{k}", exact, atol)
     elif isinstance(want, list):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_close(g, w, f"{where}[{i}]", exact)
+            _assert_close(g, w, f"{where}[{i}]", exact, atol)
     elif isinstance(want, np.ndarray):
         assert got.dtype == want.dtype and got.shape == want.shape, where
         if exact or not np.issubdtype(want.dtype, np.floating):
             assert np.array_equal(got, want, equal_nan=True), where
         else:
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=where)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=atol, err_msg=where)
     elif isinstance(want, float) and not exact:
-        assert got == pytest.approx(want, rel=1e-6), where
+        assert got == pytest.approx(want, rel=1e-6, abs=atol), where
     else:
         assert got == want, where
+
+
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _assert_same_report(got: str, want: str, atol: float):
+    """The same text, numbers within printing rounding (4 significant digits) or `atol`."""
+    assert NUMBER.split(got) == NUMBER.split(want), "the reports' text differs"
+    for g, w in zip(NUMBER.findall(got), NUMBER.findall(want), strict=True):
+        assert float(g) == pytest.approx(float(w), rel=1e-3, abs=atol), (g, w)
 
 
 def test_two_processes_write_what_one_process_writes(tmp_path, reference):
@@ -261,12 +272,18 @@ def test_two_processes_write_what_one_process_writes(tmp_path, reference):
         where = f"{stage}/{fp}"
         (w_arrays, w_meta), (g_arrays, g_meta) = [
             checkpoint.load(os.path.join(wd, stage, fp)) for wd in (one, two)]
-        # the sensitivity sums, and the ILP objective made of them, move by float rounding
-        exact = stage != "sensitivity"
-        _assert_close(checkpoint.flatten(g_arrays), checkpoint.flatten(w_arrays), where, exact)
-        _assert_close(_untimed(g_meta), _untimed(w_meta), where, exact and stage != "allocate")
+        # the sensitivity sums, and the ILP objective made of them, move by float rounding, and
+        # so do the packed model's logits (its experts split over the two devices: a token's
+        # weighted expert outputs are summed in another order); a KL of two near-equal
+        # distributions is a difference of near-equal numbers, so it moves by ~1e-6 absolute
+        exact = stage not in ("sensitivity", "evaluate")
+        atol = 2e-6 if stage == "evaluate" else 0.0
+        _assert_close(checkpoint.flatten(g_arrays), checkpoint.flatten(w_arrays), where, exact,
+                      atol)
+        _assert_close(_untimed(g_meta), _untimed(w_meta), where, exact and stage != "allocate",
+                      atol)
     with open(f"{one}/report.md") as f, open(f"{two}/report.md") as g:
-        assert g.read() == f.read()
+        _assert_same_report(g.read(), f.read(), atol=2e-6)
     assert not [n for n in os.listdir(two) if n.startswith((".tmp-", ".shared-probe"))]
 
     again = distributed([two, two], "--config.mesh.expert=2")

@@ -296,6 +296,96 @@ def test_gptq_of_expert_stacks_on_two_host_devices_does_not_hang():
     _run_on_8_host_devices(GPTQ_LOOP_SCRIPT, devices=2, timeout=150)
 
 
+PACKED_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import mode_jax
+    from mode_jax import sharding
+    from mode_jax.calib import sources
+    from mode_jax.eval import generate
+    from mode_jax.quant import apply, serialize
+    from mode_jax.quant import quantized_moe as qmoe
+
+    assert len(jax.devices()) == 4
+    model = mode_jax.load("tests/fixtures/kimivl-tiny")
+    text = model.config.text
+    pair = sources.random_batches(model.config, n=2, batch_size=2, seed=0)[0]
+    one = sources.random_batches(model.config, n=1, batch_size=1, seed=1)[0]  # rows replicated
+    bits = np.full((len(text.moe_layers), text.n_routed_experts), 3, np.int32)
+    bits[:, [0, 3, 5]] = 2  # groups of 3 (b2), 4 (b3) and 1 (b4) experts
+    bits[:, 1] = 4
+    q = apply.quantize_model(model, None, bits, apply.QuantConfig(
+        method="rtn", group_size=32, use_kernels=True))[0]
+
+    def outputs():
+        out = {"pair": q(pair).logits, "one": q(one).logits,
+               "generated": generate.greedy_generate(q, pair, 2, 0).tokens}
+        apply.set_use_kernels(q, False)
+        out["xla"] = q(pair).logits
+        apply.set_use_kernels(q, True)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def stored():
+        arrays, meta = serialize.to_artifact(q)
+        return arrays["params"], meta, serialize.theoretical_nbytes(q)
+
+    want, want_stored = outputs(), stored()
+    experts = q.language_model.layers[text.moe_layers[0]].mlp.experts
+    want_dequantized = experts.dequantized()
+    mesh = sharding.make_mesh(expert=2)  # data = 2
+    sharding.shard_model(q, mesh)
+    assert experts.mesh is mesh
+    for name, size in (("b2", 3), ("b3", 4), ("b4", 1)):  # padded to 4, 4, 2: half on each
+        g = experts.groups[name]
+        assert (g.size, g.padding) == (size, size % 2), (name, g.size, g.padding)
+        assert list(np.asarray(g.expert_ids[...])[size:]) == [-1] * (size % 2)
+        for a in (*[p[...] for p in g.gate_up.planes], g.gate_up.scales[...], g.down.scales[...]):
+            assert a.sharding.spec == P("expert"), (name, a.sharding)
+            assert a.addressable_shards[0].data.shape[0] == (size + 1) // 2
+    got = outputs()
+    for key in ("pair", "one", "xla"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(got["generated"], want["generated"])
+    # What is read or stored sees the real experts only.
+    np.testing.assert_array_equal(serialize.bit_map(q), bits)
+    for a, b in zip(experts.dequantized(), want_dequantized, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params, meta, nbytes = stored()
+    assert (meta, nbytes) == want_stored[1:]
+    assert sorted(params) == sorted(want_stored[0])
+    for k, v in params.items():
+        np.testing.assert_array_equal(v, want_stored[0][k], err_msg=k)
+    assert experts.groups["b2"].padding == 1  # the copy was stripped, not the placed model
+
+    # One program per device: the packed experts are never gathered, the partial outputs summed.
+    groups = tuple(qmoe.GroupWeights(g.expert_ids[...], g.gate_up.packed, g.down.packed)
+                   for g in experts.groups.values())
+    rows = NamedSharding(mesh, P("data"))
+    x = jax.device_put(np.ones((8, text.hidden_size), np.float32), rows)
+    ids = jax.device_put(np.tile(np.arange(2, dtype=np.int32), (8, 1)), rows)
+    hlo = qmoe.experts_forward_on_mesh.lower(groups, x, ids, x[:, :2], mesh=mesh,
+                                             use_kernels=True).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+
+    sharding.shard_model(q, sharding.make_mesh(expert=1))  # re-placed: the phantoms go again
+    assert [g.padding for g in experts.groups.values()] == [0, 0, 0]
+    for k, v in nnx.to_flat_state(nnx.state(q)):
+        np.testing.assert_array_equal(np.asarray(v[...]), want_stored[0][".".join(map(str, k))])
+    print("SHARDED_OK")
+""")
+
+
+@pytest.mark.slow
+def test_packed_experts_split_over_the_mesh_match_one_device():
+    """A packed model placed on a (data=2, expert=2) mesh pads each bit group with phantom
+    experts to an even count and holds half of it per device, runs its Pallas kernels
+    (interpret mode) once per device on that device's experts and rows, and gives the
+    one-device logits (split rows, replicated rows, the XLA path) and greedy tokens; its bit
+    map, dequantized weights, artifact and byte counts are those of the unplaced model."""
+    _run_on_8_host_devices(PACKED_SCRIPT, devices=4)
+
+
 def test_mesh_rejects_uneven_expert_axis():
     import pytest
 

@@ -13,7 +13,9 @@ over all groups at once (each call takes the groups' packed weights as a sequenc
 costs two kernel launches whatever its mix of widths; the XLA path computes group by group).
 `use_kernels=True` runs the Pallas kernel (interpret mode on CPU); False the XLA dequantize +
 `ragged_dot` path. Groups or experts without tokens produce zeros, and decode (a few tokens)
-takes the same path as prefill.
+takes the same path as prefill. On a mesh (`sharding.shard_model` calls `use_mesh`) each group
+is padded with phantom experts to a multiple of the "expert" axis and split over it, and the
+forward runs once per device on its experts and rows (`experts_forward_on_mesh`).
 
 Optional rotation (`rotate_in`, `rotate_mid`: block sizes, 0 = off): a block-diagonal
 normalised Hadamard matrix R (blocks of b rows, `R = R^T = R^-1`) applied to the input of
@@ -106,16 +108,35 @@ def rotate_hessian(h: jax.Array, block: int) -> jax.Array:
 
 
 class BitGroup(nnx.Module):
-    """Experts quantized at one bit-width."""
+    """Experts quantized at one bit-width; on a mesh, followed by `padding` phantom experts."""
 
     def __init__(self, group: GroupWeights):
         self.expert_ids = QuantArray(jnp.asarray(group.expert_ids, jnp.int32))
         self.gate_up = PackedTensor(group.gate_up)
         self.down = PackedTensor(group.down)
+        self.padding = 0
 
     @property
     def size(self) -> int:
-        return self.expert_ids.shape[0]
+        """Real experts (phantoms excluded)."""
+        return self.expert_ids.shape[0] - self.padding
+
+    def pad_to_multiple(self, n: int) -> None:
+        """Append phantom experts (id -1, zero codes and scales: no token reaches them, and a
+        zero scale makes their weights zero) until the stacked arrays split into n equal
+        shares along the expert axis; n = 1 removes them. Readers of the group (`size`, the
+        module's `bits`, `dequantized`, `layout`, serialization) see the real experts only."""
+        size = self.size
+        want = -size % n
+        if want == self.padding:
+            return
+        for v in (self.expert_ids, *self.gate_up.planes, self.gate_up.scales,
+                  *self.down.planes, self.down.scales):
+            a = v[...][:size]
+            fill = -1 if v is self.expert_ids else 0
+            v.set_value(jnp.pad(a, [(0, want)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+                        if want else a)
+        self.padding = want
 
     @property
     def bits(self) -> int:
@@ -137,12 +158,13 @@ class QuantizedExperts(nnx.Module):
         self.rotate_in, self.rotate_mid = rotate_in, rotate_mid
         self.use_kernels = use_kernels
         self.kernel_dequant = check_dequant(kernel_dequant)
+        self.mesh = None  # set by use_mesh
 
     def bits(self) -> np.ndarray:
         """Bits per expert `[E]` int32."""
         out = np.zeros(self.num_experts, np.int32)
         for g in self.groups.values():
-            out[np.asarray(g.expert_ids[...])] = g.bits
+            out[np.asarray(g.expert_ids[...])[: g.size]] = g.bits
         return out
 
     def dequantized(self, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -152,9 +174,10 @@ class QuantizedExperts(nnx.Module):
         gate_up = jnp.zeros((e, self.dim, 2 * self.hidden), jnp.float32)
         down = jnp.zeros((e, self.hidden, self.dim), jnp.float32)
         for g in self.groups.values():
-            ids = g.expert_ids[...]
-            gate_up = gate_up.at[ids].set(packing.dequantize(g.gate_up.packed, jnp.float32))
-            down = down.at[ids].set(packing.dequantize(g.down.packed, jnp.float32))
+            ids = g.expert_ids[...][: g.size]
+            gate_up = gate_up.at[ids].set(
+                packing.dequantize(g.gate_up.packed, jnp.float32)[: g.size])
+            down = down.at[ids].set(packing.dequantize(g.down.packed, jnp.float32)[: g.size])
         gate_up = rotate_rows(gate_up, self.rotate_in)
         down = rotate_rows(down, self.rotate_mid)
         return gate_up.astype(dtype), down.astype(dtype)
@@ -164,17 +187,29 @@ class QuantizedExperts(nnx.Module):
         return {
             "num_experts": self.num_experts, "rotate_in": self.rotate_in,
             "rotate_mid": self.rotate_mid,
-            "groups": {name: {"size": g.size, "gate_up": g.gate_up.layout(),
-                              "down": g.down.layout()} for name, g in self.groups.items()},
+            "groups": {name: {"size": g.size,  # real experts: a mesh's padding is not stored
+                              "gate_up": {**g.gate_up.layout(), "batch": [g.size]},
+                              "down": {**g.down.layout(), "batch": [g.size]}}
+                       for name, g in self.groups.items()},
         }
+
+    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """Run the forward partitioned over `mesh` (`experts_forward_on_mesh`), each bit group
+        padded with phantom experts to a multiple of the "expert" axis; called by
+        `sharding.shard_model` before it splits the groups' packed arrays over that axis."""
+        for g in self.groups.values():
+            g.pad_to_multiple(mesh.shape["expert"])
+        self.mesh = mesh
 
     def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
         groups = tuple(
             GroupWeights(g.expert_ids[...], g.gate_up.packed, g.down.packed)
             for g in self.groups.values())
-        return experts_forward(groups, x, ids, weights, rotate_in=self.rotate_in,
-                               rotate_mid=self.rotate_mid, use_kernels=self.use_kernels,
-                               kernel_dequant=self.kernel_dequant)
+        options = dict(rotate_in=self.rotate_in, rotate_mid=self.rotate_mid,
+                       use_kernels=self.use_kernels, kernel_dequant=self.kernel_dequant)
+        if self.mesh is not None and self.mesh.size > 1:
+            return experts_forward_on_mesh(groups, x, ids, weights, mesh=self.mesh, **options)
+        return experts_forward(groups, x, ids, weights, **options)
 
 
 @functools.partial(jax.jit,
@@ -185,18 +220,78 @@ def experts_forward(groups: tuple[GroupWeights, ...], x, ids, weights, *, rotate
     """The pure forward of `QuantizedExperts` (module docstring): x `[N, D]`, ids/weights
     `[N, k]` -> `[N, D]`; `groups` in the contiguous-renumbering order; `kernel_dequant` as in
     `qlinear.kernel_options`."""
-    x = rotate(x, rotate_in)
     order = jnp.concatenate([g.expert_ids for g in groups])
     num_experts = order.shape[0]
     rank = jnp.zeros(num_experts, jnp.int32).at[order].set(
         jnp.arange(num_experts, dtype=jnp.int32))
-    d = moe.dispatch(x, rank[ids], num_experts)
-    opts = kernel_options(use_kernels, kernel_dequant)
+    y, d = _grouped_ffn(groups, x, rank[ids], num_experts, rotate_in, rotate_mid,
+                        kernel_options(use_kernels, kernel_dequant))
+    return moe.combine(y, d, weights)
+
+
+def _grouped_ffn(groups, x, slots, num_slots, rotate_in, rotate_mid, opts):
+    """The groups' SwiGLU FFN on the (token, slot) pairs sorted by `slots [N, k]` (each pair's
+    position in the groups' concatenated experts; `num_slots` = that length, or one more: an
+    overflow bucket past every group, whose rows the kernels leave zero)."""
+    x = rotate(x, rotate_in)
+    d = moe.dispatch(x, slots, num_slots)
+    sizes = d.group_sizes[: sum(g.expert_ids.shape[0] for g in groups)]
     gate_up = tuple(g.gate_up for g in groups)
     down = tuple(g.down for g in groups)
-    a = rotate(gm.grouped_swiglu(d.x_sorted, gate_up, d.group_sizes, **opts), rotate_mid)
-    y = gm.grouped_matmul(a, down, d.group_sizes, **opts)
-    return moe.combine(y, d, weights)
+    a = rotate(gm.grouped_swiglu(d.x_sorted, gate_up, sizes, **opts), rotate_mid)
+    return gm.grouped_matmul(a, down, sizes, **opts), d
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "rotate_in", "rotate_mid", "use_kernels",
+                                             "kernel_dequant"))
+def experts_forward_on_mesh(groups: tuple[GroupWeights, ...], x, ids, weights, *,
+                            mesh: jax.sharding.Mesh, rotate_in: int = 0, rotate_mid: int = 0,
+                            use_kernels: bool = False, kernel_dequant: str = "") -> jax.Array:
+    """`experts_forward` as one program per device of `mesh` (`jax.shard_map`), so that the
+    Pallas kernels run on each device's share instead of on gathered operands (XLA does not
+    partition a kernel call).
+
+    Tokens: rows split over "data" when it divides N, else replicated. Experts: each bit
+    group's stacked arrays are split over "expert" (a device holds G/n experts, so a model
+    larger than one device fits across several); `QuantizedExperts.use_mesh` pads the groups
+    to multiples of n with phantom experts (id -1, never routed to). Each device runs the
+    kernels on the (token, slot) pairs of its own experts (the others go to an overflow bucket
+    the kernels skip), weights their outputs, and the partial sums are added over "expert" in
+    float32. Equals `experts_forward` to float rounding, not bit for bit: a token's k weighted
+    outputs are summed in another order (measured: 2e-9 on the tiny model's layer, 1e-7 on its
+    logits). Summing the per-slot outputs `[N*k, D]` instead would add each to zeros only, but
+    moves k/2 times the bytes and still left XLA:CPU's weighted sum compiled differently, so
+    it bought no exactness.
+    """
+    n, data = mesh.shape["expert"], mesh.shape["data"]
+    P = jax.sharding.PartitionSpec
+    rows = P("data") if data > 1 and x.shape[0] % data == 0 else P()
+    sizes = [g.expert_ids.shape[0] for g in groups]
+    if any(size % n for size in sizes):
+        raise ValueError(f"bit groups of {sizes} experts do not split over {n} devices: "
+                         "place the model with sharding.shard_model (it pads them)")
+    experts = P("expert") if n > 1 else P()
+    group_specs = tuple(GroupWeights(P(), experts, experts) for _ in groups)
+    num_slots = sum(sizes)  # phantoms included: greater than every routed id
+    opts = kernel_options(use_kernels, kernel_dequant)
+
+    def local(groups, x, ids, weights):
+        j = jax.lax.axis_index("expert")  # this device's share of each group (ids replicated)
+        local_groups = tuple(
+            g._replace(expert_ids=jax.lax.dynamic_slice_in_dim(g.expert_ids, j * m, m))
+            for g, m in zip(groups, [size // n for size in sizes], strict=True))
+        order = jnp.concatenate([g.expert_ids for g in local_groups])
+        num_local = order.shape[0]
+        slot = jnp.full(num_slots, num_local, jnp.int32).at[  # phantoms (-1) dropped
+            jnp.where(order < 0, num_slots, order)].set(
+                jnp.arange(num_local, dtype=jnp.int32), mode="drop")
+        y, d = _grouped_ffn(local_groups, x, slot[ids], num_local + 1, rotate_in, rotate_mid,
+                            opts)
+        return jax.lax.psum(moe.combine(y.astype(jnp.float32), d, weights), "expert")
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(group_specs, rows, rows, rows),
+                        out_specs=rows, check_vma=False)(groups, x, ids, weights)
+    return out.astype(x.dtype)
 
 
 def from_codes(bits, gate_up_codes, gate_up_scales, down_codes, down_scales, *,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import checkpoint
+from mode_jax import checkpoint, multihost
 from mode_jax.convert import families, mapping
 from mode_jax.models import deepseek_v3, internvl_vision, moonvit, qwen3_moe, qwen3_vl_vision
 from mode_jax.quant import apply
@@ -50,14 +50,31 @@ def bit_map(model) -> np.ndarray:
     return np.stack(rows).astype(np.int32)
 
 
+def without_padding(model):
+    """`model`, or a copy of it (sharing every other array) whose packed experts drop the
+    phantom experts that a mesh added (`quantized_moe.BitGroup.pad_to_multiple`): files and
+    byte counts hold the real experts only, whatever mesh the model was placed on."""
+    def padded(m):
+        return [g for _, e in apply.quantized_modules(m)
+                if isinstance(e, qmoe.QuantizedExperts) for g in e.groups.values() if g.padding]
+
+    if not padded(model):
+        return model
+    copy = nnx.clone(model)
+    for g in padded(copy):
+        g.pad_to_multiple(1)
+    return copy
+
+
 def to_artifact(model, metadata: Mapping[str, Any] | None = None):
     """(arrays, meta) of a packed model (module docstring)."""
+    model = without_padding(model)
     quantized = {}
     for path, m in apply.quantized_modules(model):
         kind = "linear" if isinstance(m, QLinear) else "experts"
         layout = m.weight.layout() if kind == "linear" else m.layout()
         quantized[path] = {"kind": kind, "layout": layout}
-    params = {mapping.path_str(p): np.asarray(v[...])
+    params = {mapping.path_str(p): multihost.to_host(v[...])  # split arrays gathered
               for p, v in nnx.to_flat_state(nnx.state(model))}
     meta = {
         "format": FORMAT,
@@ -122,6 +139,7 @@ def theoretical_nbytes(model, scale_dtype=jnp.bfloat16) -> dict[str, int]:
     """Ideal bytes: `packed` = codes (bits per weight) + one scale per group and column of
     every packed weight; `other` = the exact bytes of every other array (float weights,
     expert ids); `total` their sum."""
+    model = without_padding(model)
     tensors = [t for _, m in apply.quantized_modules(model) for t in packed_tensors(m)]
     packed = sum(
         packing.theoretical_nbytes(t.k, t.n, t.bits, group_size=t.group_size,
