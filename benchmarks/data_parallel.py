@@ -1,12 +1,15 @@
-"""Data parallelism of the calibration passes: the same batches on one device and split over a
-mesh's "data" axis (`sharding.shard_batch`, which the passes and GPTQ's walk apply to a model
-that `sharding.shard_model` placed).
+"""Data parallelism of the calibration passes and of the packed model: the same batches on one
+device and split over a mesh's "data" axis (`sharding.shard_batch`, which the passes and GPTQ's
+walk apply to a model that `sharding.shard_model` placed).
 
 Figures printed, side by side in one run, each the best of `--repeats` compiled runs (first
 run, compilation included, in brackets): the frequency pass and the token cache (with its
-backward pass) in real tokens/s, and GPTQ's walk over the model (`--gptq`), on one device and on
-the mesh, with the ratio; then whether the counts came out equal, how many packed words differ
-and each GPTQ model's mean KL from the float model on the same batches.
+backward pass) in real tokens/s, GPTQ's walk over the model (`--gptq`), and the forward of an
+RTN-packed model (2/3/4 bits; through the Pallas kernels on GPU/TPU, the XLA dequantize path on
+CPU, where the kernels would only run interpreted), on one device and on the mesh, with the
+ratio; then the packed experts' bytes held per device (bit groups the expert axis divides are
+split over it), whether the counts came out equal, how many packed words differ and each GPTQ
+model's mean KL from the float model on the same batches.
 
 The model is the shipped testbed on random image-and-text batches (`sources.random_batches`,
 one small image and `--text_len` text tokens per sample).
@@ -15,6 +18,8 @@ along "data"):
 
     python -m benchmarks.data_parallel                       # GPUs/TPUs: all of them
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.data_parallel
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.data_parallel \
+        --expert 2 --no-gptq                                 # the packed experts split
 
 On CPU, forced host devices share the same cores, so the second line measures the cost of
 splitting (collectives, smaller matmuls), not a speed-up.
@@ -36,15 +41,27 @@ from mode_jax.calib import passes, sources
 from mode_jax.quant import apply
 
 
-def measure(model, batches, scfg, bits, args) -> dict:
+def measure(model, packed, batches, scfg, bits, args) -> dict:
     runs = {
         "frequency pass": lambda: passes.frequency_pass(model, batches, scfg),
         "token cache (+ backward)": lambda: passes.collect_tokens(model, batches, scfg),
+        "packed forward": lambda: [packed(b).logits for b in batches],
     }
     if args.gptq:
         qc = apply.QuantConfig(group_size=args.group_size, block_size=args.group_size)
         runs["GPTQ walk"] = lambda: apply.quantize_model(model, batches, bits, qc)[0]
     return {name: timed(fn, args.repeats) for name, fn in runs.items()}
+
+
+def packed_bytes_on_first_device(packed) -> int:
+    """Bytes of the packed experts' code planes and scales held by `jax.devices()[0]`."""
+    total = 0
+    for _, m in apply.quantized_modules(packed):
+        for a in jax.tree.leaves(nnx.state(m)):
+            shards = getattr(a, "addressable_shards", None)
+            total += sum(s.data.nbytes for s in shards if s.device == jax.devices()[0]) \
+                if shards else a.nbytes
+    return total
 
 
 def mean_kl(fp, quantized, batches) -> float:
@@ -73,9 +90,9 @@ def main():
 
     devices = jax.devices()
     mesh = sharding.make_mesh(expert=args.expert)
-    if mesh.shape["data"] < 2:
-        raise SystemExit(f"{len(devices)} device(s) with expert={args.expert} leave no data "
-                         "axis to split over (see the module docstring for forcing host devices)")
+    if mesh.size < 2:
+        raise SystemExit(f"{len(devices)} device: nothing to split over (see the module "
+                         "docstring for forcing host devices)")
     model = mode_jax.load(args.checkpoint)
     cfg, text = model.config, model.config.text
     batches = sources.random_batches(cfg, n=args.samples, batch_size=args.batch_size, seed=0,
@@ -85,17 +102,27 @@ def main():
     bits = np.random.default_rng(0).choice([2, 3, 4], (len(text.moe_layers),
                                                        text.n_routed_experts)).astype(np.int32)
 
-    one = measure(model, batches, scfg, bits, args)
+    kernels = devices[0].platform != "cpu"
+    packed = apply.quantize_model(model, None, bits, apply.QuantConfig(
+        method="rtn", group_size=args.group_size, attention_bits=16, shared_expert_bits=16,
+        dense_mlp_bits=16, use_kernels=kernels))[0]
+    held = [packed_bytes_on_first_device(packed)]
+    one = measure(model, packed, batches, scfg, bits, args)
     sharding.shard_model(model, mesh)
-    split = measure(model, batches, scfg, bits, args)
+    sharding.shard_model(packed, mesh)
+    held.append(packed_bytes_on_first_device(packed))
+    split = measure(model, packed, batches, scfg, bits, args)
 
     print(f"{devices[0].platform}: {len(devices)} devices, mesh {dict(mesh.shape)}; "
           f"{args.samples} samples, batch {args.batch_size}, {tokens} real tokens")
-    print(f"{'pass':<26} {'one device':>22} {'data-split mesh':>22} {'speed-up':>9}")
+    print(f"{'pass':<26} {'one device':>22} {'mesh':>22} {'speed-up':>9}")
     for name in one:
         (_, b1, f1), (_, b2, f2) = one[name], split[name]
         print(f"{name:<26} {tokens / b1:>10.0f} tok/s ({f1:5.1f} s) "
               f"{tokens / b2:>10.0f} tok/s ({f2:5.1f} s) {b1 / b2:>8.2f}x")
+    print(f"packed experts on one device ({'kernels' if kernels else 'XLA path'}): "
+          f"{held[0] / 2**20:.2f} MiB; on the mesh: {held[1] / 2**20:.2f} MiB "
+          f"({held[0] / held[1]:.2f}x less)")
     counts_equal = all(np.array_equal(one["frequency pass"][0][k], split["frequency pass"][0][k])
                        for k in one["frequency pass"][0] if not k.startswith("weight"))
     print(f"frequency counts equal: {counts_equal}")
@@ -108,7 +135,7 @@ def main():
               "differ (the Hessian sums run in another order over the data slices; GPTQ's error "
               "feedback carries a flipped code on to later rows)")
         print(f"mean KL(fp || GPTQ) on the batches: one device {mean_kl(model, q_one, batches):.5f}"
-              f", data-split mesh {mean_kl(model, q_split, batches):.5f}")
+              f", mesh {mean_kl(model, q_split, batches):.5f}")
 
 
 if __name__ == "__main__":
