@@ -7,9 +7,10 @@ run, compilation included, in brackets): the frequency pass and the token cache 
 backward pass) in real tokens/s, GPTQ's walk over the model (`--gptq`), and the forward of an
 RTN-packed model (2/3/4 bits; through the Pallas kernels on GPU/TPU, the XLA dequantize path on
 CPU, where the kernels would only run interpreted), on one device and on the mesh, with the
-ratio; then the packed experts' bytes held per device (bit groups the expert axis divides are
-split over it), whether the counts came out equal, how many packed words differ and each GPTQ
-model's mean KL from the float model on the same batches.
+ratio; then the packed experts' bytes held per device (every bit group, padded with phantom
+experts to a multiple of the expert axis, is split over it), whether the counts came out equal,
+how many packed words differ and each GPTQ model's mean KL from the float model on the same
+batches.
 
 The model is the shipped testbed on random image-and-text batches (`sources.random_batches`,
 one small image and `--text_len` text tokens per sample).
@@ -54,7 +55,8 @@ def measure(model, packed, batches, scfg, bits, args) -> dict:
 
 
 def packed_bytes_on_first_device(packed) -> int:
-    """Bytes of the packed experts' code planes and scales held by `jax.devices()[0]`."""
+    """Bytes of the packed experts' arrays (code planes, scales, expert ids) held by
+    `jax.devices()[0]`."""
     total = 0
     for _, m in apply.quantized_modules(packed):
         for a in jax.tree.leaves(nnx.state(m)):
