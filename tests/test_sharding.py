@@ -303,7 +303,7 @@ PACKED_SCRIPT = textwrap.dedent("""
     import mode_jax
     from mode_jax import sharding
     from mode_jax.calib import sources
-    from mode_jax.quant import apply, serialize
+    from mode_jax.quant import apply, qlinear, serialize
     from mode_jax.quant import quantized_moe as qmoe
 
     assert len(jax.devices()) == 4
@@ -365,6 +365,26 @@ PACKED_SCRIPT = textwrap.dedent("""
                                              use_kernels=True).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" in hlo
 
+    # The packed dense layers (attention, shared experts) run their kernel on each device's rows.
+    linears = [m for _, m in nnx.iter_graph(q) if isinstance(m, qlinear.QLinear)]
+    assert linears and all(m.mesh is mesh and m.use_kernels for m in linears)
+
+    def kernel_operands(jaxpr, inside=False):  # (inside a shard_map, 2-D operand shapes)
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield inside, [v.aval.shape for v in eqn.invars if len(v.aval.shape) == 2]
+            for v in eqn.params.values():
+                sub = getattr(v, "jaxpr", v)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from kernel_operands(sub, inside or eqn.primitive.name == "shard_map")
+
+    w = linears[0].weight.packed
+    x = jax.device_put(np.ones((64, w.k), np.float32), rows)
+    calls = list(kernel_operands(jax.make_jaxpr(linears[0])(x).jaxpr))
+    assert len(calls) == 1 and calls[0][0], calls  # one kernel, inside the shard_map
+    assert max(shape[0] for shape in calls[0][1]) < 64, calls  # on its share of the rows
+    np.testing.assert_array_equal(np.asarray(linears[0](x)), np.asarray(qlinear.linear(x, w)))
+
     sharding.shard_model(q, sharding.make_mesh(expert=1))  # re-placed: the phantoms go again
     assert [g.padding for g in experts.groups.values()] == [0, 0, 0]
     for k, v in nnx.to_flat_state(nnx.state(q)):
@@ -377,7 +397,8 @@ PACKED_SCRIPT = textwrap.dedent("""
 def test_packed_experts_split_over_the_mesh_match_one_device():
     """A packed model placed on a (data=2, expert=2) mesh pads each bit group with phantom
     experts to an even count and holds half of it per device, runs its Pallas kernels
-    (interpret mode) once per device on that device's experts and rows, and gives the
+    (interpret mode) once per device on that device's experts and rows (the packed dense
+    layers' kernels too, on the device's rows), and gives the
     one-device logits (split rows, replicated rows, the XLA path); its bit map, dequantized
     weights, artifact and byte counts are those of the unplaced model."""
     _run_on_8_host_devices(PACKED_SCRIPT, devices=4)

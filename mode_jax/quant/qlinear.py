@@ -8,11 +8,12 @@ and Param filters (router fine-tuning) never touch packed codes.
 `QLinear` replaces an `nnx.Linear` without bias (attention projections, shared experts, dense
 MLPs): `y = x @ w` with `w [K, N] = q * s` dequantized from the packed codes (XLA path), or
 through the Pallas grouped matmul with a single group (`use_kernels=True`; interpret mode on
-CPU).
+CPU). On a mesh (`use_mesh`) the kernel runs once per device on that device's rows.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -98,6 +99,13 @@ class QLinear(nnx.Module):
         self.weight = PackedTensor(packed)
         self.use_kernels = use_kernels
         self.kernel_dequant = check_dequant(kernel_dequant)
+        self.mesh = None
+
+    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """Run the kernel path partitioned over `mesh` (`linear_on_mesh`); called by
+        `sharding.shard_model`. The weight stays replicated: dense layers are a few percent
+        of a MoE model's bytes."""
+        self.mesh = mesh
 
     @property
     def in_features(self) -> int:
@@ -118,8 +126,38 @@ class QLinear(nnx.Module):
         if not self.use_kernels:
             return x @ packing.dequantize(w, x.dtype)
         flat = x.reshape(-1, w.k)
-        stacked = jax.tree.map(lambda a: a[None], w)
-        sizes = jnp.full((1,), flat.shape[0], jnp.int32)
-        y = gm.grouped_matmul(flat, stacked, sizes,
-                              **kernel_options(True, self.kernel_dequant))
+        if self.mesh is not None and self.mesh.size > 1:
+            y = linear_on_mesh(flat, w, mesh=self.mesh, kernel_dequant=self.kernel_dequant)
+        else:
+            y = linear(flat, w, kernel_dequant=self.kernel_dequant)
         return y.reshape(*x.shape[:-1], w.n)
+
+
+def linear(x: jax.Array, w: PackedWeight, *, kernel_dequant: str = "") -> jax.Array:
+    """`x [M, K] @ w` through the Pallas grouped matmul with one group of M rows."""
+    stacked = jax.tree.map(lambda a: a[None], w)
+    sizes = jnp.full((1,), x.shape[0], jnp.int32)
+    return gm.grouped_matmul(x, stacked, sizes, **kernel_options(True, kernel_dequant))
+
+
+def row_spec(rows: int, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+    """Rows over "data" when it divides them (where `sharding.shard_batch` put the batch, so
+    nothing moves), else replicated (one token of a decode step). Not over "expert" too: the
+    rest of the model repeats its work across that axis, and splitting only here would add an
+    all-gather of the outputs to every call."""
+    data = mesh.shape.get("data", 1)
+    return jax.sharding.PartitionSpec("data") if data > 1 and rows % data == 0 else \
+        jax.sharding.PartitionSpec()
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "kernel_dequant"))
+def linear_on_mesh(x: jax.Array, w: PackedWeight, *, mesh: jax.sharding.Mesh,
+                   kernel_dequant: str = "") -> jax.Array:
+    """`linear` as one program per device of `mesh` (`jax.shard_map`): XLA does not partition
+    a Pallas kernel call, so without this it would gather every row onto each device and run
+    the whole matmul there. Rows split as `row_spec` says; the weight is replicated. Each row
+    is computed as on one device (no collective)."""
+    rows = row_spec(x.shape[0], mesh)
+    return jax.shard_map(functools.partial(linear, kernel_dequant=kernel_dequant), mesh=mesh,
+                         in_specs=(rows, jax.sharding.PartitionSpec()), out_specs=rows,
+                         check_vma=False)(x, w)
