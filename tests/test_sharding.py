@@ -404,6 +404,87 @@ def test_packed_experts_split_over_the_mesh_match_one_device():
     _run_on_8_host_devices(PACKED_SCRIPT, devices=4)
 
 
+MESH_EXPORT_SCRIPT = textwrap.dedent("""
+    import re
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mode_jax import sharding
+    from mode_jax.quant import qlinear
+    from mode_jax.quant import quantized_moe as qmoe
+    from pallas_kernels import packing
+
+    assert len(jax.devices()) == 4
+    mesh = sharding.make_mesh(expert=2)  # data = 2
+    D, F, K, TOKENS = 256, 128, 2, 64
+    SIZE = 4  # experts per bit group: 2 on each device
+
+    def abstract(bits, size, k, cols, parts, spec):
+        w = jax.eval_shape(lambda q, s: packing.pack(q, s, bits, parts=parts),
+                           jax.ShapeDtypeStruct((size, k, cols), jnp.int32),
+                           jax.ShapeDtypeStruct((size, -(-k // 128), cols), jnp.bfloat16))
+        on = NamedSharding(mesh, spec)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), w)
+
+    def arg(shape, dtype, spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    def kernel_calls(exported, marker):  # operand shapes of each kernel call
+        calls = [line for line in exported.mlir_module().splitlines()
+                 if "custom_call @" + marker in line]
+        return [re.findall(r"tensor<([0-9x]+)x\\w+>", c.rsplit(": (", 1)[1].split(") ->")[0])
+                for c in calls]
+
+    for platform, backend, marker in (("cuda", "triton", "__gpu$xla.gpu.triton"),
+                                      ("tpu", "mosaic_tpu", "tpu_custom_call")):
+        # kernel_options picks the kernel of jax.default_backend() (CPU here): name the target's,
+        # and trace again (the jitted forwards would reuse the other platform's kernel).
+        jax.clear_caches()
+        options = {"backend": backend, "interpret": False, "dequant": None}
+        qmoe.kernel_options = qlinear.kernel_options = lambda *_, o=options: o
+        checks = [jax.export.DisabledSafetyCheck.custom_call(marker)] if platform == "cuda" else []
+
+        def export(fn, *args):
+            return jax.export.export(jax.jit(fn), platforms=[platform],
+                                     disabled_checks=checks)(*args)
+
+        groups = tuple(qmoe.GroupWeights(arg((SIZE,), jnp.int32, P()),
+                                         abstract(b, SIZE, D, 2 * F, 2, P("expert")),
+                                         abstract(b, SIZE, F, D, 1, P("expert")))
+                       for b in (2, 4))
+        rows = P("data")
+        moe = export(lambda g, x, i, w: qmoe.experts_forward_on_mesh(
+            g, x, i, w, mesh=mesh, use_kernels=True),
+            groups, arg((TOKENS, D), jnp.bfloat16, rows), arg((TOKENS, K), jnp.int32, rows),
+            arg((TOKENS, K), jnp.float32, rows))
+        assert moe.nr_devices == 4
+        module = moe.mlir_module()
+        assert "all_gather" not in module and "all_reduce" in module, platform
+        calls = kernel_calls(moe, marker)
+        assert len(calls) == 2, (platform, calls)  # one launch per projection, all bit groups
+        for shapes in calls:  # each device's rows (TOKENS / 2 tokens x K slots), its 2 experts
+            assert f"{TOKENS // 2 * K}x" in " ".join(shapes), (platform, shapes)
+            packed = [s for s in shapes if s.count("x") >= 2]
+            assert packed and all(s.startswith(f"{SIZE // 2}x") for s in packed), (platform, shapes)
+
+        w = jax.tree.map(lambda a: arg(a.shape[1:], a.dtype, P()),  # one [D, F] weight
+                         abstract(4, 1, D, F, 1, P()))
+        dense = export(lambda x, w: qlinear.linear_on_mesh(x, w, mesh=mesh),
+                       arg((TOKENS, D), jnp.bfloat16, rows), w)
+        assert "all_gather" not in dense.mlir_module(), platform
+        (shapes,) = kernel_calls(dense, marker)
+        assert f"{TOKENS // 2}x{D}" in shapes, (platform, shapes)  # the device's rows only
+    print("SHARDED_OK")
+""")
+
+
+def test_mesh_forwards_lower_for_cuda_and_tpu_per_device():
+    """The packed model's forwards on a (data=2, expert=2) mesh export for CUDA (Triton) and TPU
+    (Mosaic) from this CPU: one kernel launch per projection, each on its device's rows and
+    experts (never gathered; the expert outputs summed by one all-reduce). The sharded path
+    has not run on a GPU or TPU; this is as far as a CPU checks it."""
+    _run_on_8_host_devices(MESH_EXPORT_SCRIPT, devices=4)
+
+
 def test_mesh_rejects_uneven_expert_axis():
     import pytest
 
