@@ -15,6 +15,7 @@ which `jax.devices()` spans every host and the same mesh code applies.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from mode_jax.convert.mapping import path_str
 
+log = logging.getLogger(__name__)
 EXPERT_PARAMS = ("experts.gate_up", "experts.down")
 # A packed model's bit groups (`quant.quantized_moe`): code planes and scales, expert axis first.
 PACKED_EXPERT_PARAM = re.compile(r"experts\.groups\.b\d+\.(gate_up|down)\.(planes\.\d+|scales)$")
@@ -56,12 +58,20 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
                    if isinstance(node, nnx.Module) and hasattr(node, "use_mesh")]
     for node in partitioned:  # first: they may pad their arrays to split evenly
         node.use_mesh(mesh)
-    placed = []
+    placed, whole = [], set()
     for p, v in nnx.to_flat_state(nnx.state(model)):
         value = v[...]
         spec = param_spec(path_str(p), np.shape(value), mesh)
+        split = mesh.shape["expert"] > 1 and path_str(p).endswith(EXPERT_PARAMS)
+        if split and spec == PartitionSpec():
+            whole.add(np.shape(value)[0])
         placed.append((p, v.replace(jax.device_put(value, NamedSharding(mesh, spec)))))
     nnx.update(model, nnx.from_flat_state(placed))
+    if whole:  # valid, but the memory expert parallelism was asked for is not saved
+        log.warning("routed-expert stacks of %s experts do not split evenly over the mesh's "
+                    "expert axis of %d devices, so every device holds them whole; pick an "
+                    "expert axis that divides the expert count", sorted(whole),
+                    mesh.shape["expert"])
     return model
 
 

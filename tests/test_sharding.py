@@ -40,6 +40,17 @@ SCRIPT = textwrap.dedent("""
                                rtol=1e-5, atol=1e-5)
     for (gi, _), (wi, _) in zip(got.routing, want.routing):
         np.testing.assert_array_equal(np.sort(np.asarray(gi), -1), np.sort(np.asarray(wi), -1))
+
+    import logging  # 8 experts over an expert axis of 3: kept whole, and the user told so
+    from jax.sharding import PartitionSpec as P
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mode_jax.sharding").addHandler(handler)
+    sharding.shard_model(model, sharding.make_mesh(expert=3, devices=jax.devices()[:6]))
+    assert model.language_model.layers[1].mlp.experts.gate_up[...].sharding.spec == P()
+    (warning,) = [r.getMessage() for r in records]
+    assert "stacks of [8] experts" in warning and "axis of 3 devices" in warning, warning
     print("SHARDED_OK")
 """)
 
@@ -56,6 +67,7 @@ def _run_on_8_host_devices(script: str, devices: int = 8, timeout: int = 300) ->
 
 
 def test_expert_parallel_forward_matches():
+    """...and an expert count the expert axis does not divide is kept whole, with a warning."""
     _run_on_8_host_devices(SCRIPT)
 
 
