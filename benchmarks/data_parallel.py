@@ -3,14 +3,16 @@ device and split over a mesh's "data" axis (`sharding.shard_batch`, which the pa
 walk apply to a model that `sharding.shard_model` placed).
 
 Figures printed, side by side in one run, each the best of `--repeats` compiled runs (first
-run, compilation included, in brackets): the frequency pass and the token cache (with its
-backward pass) in real tokens/s, GPTQ's walk over the model (`--gptq`), and the forward of an
-RTN-packed model (2/3/4 bits; through the Pallas kernels on GPU/TPU, the XLA dequantize path on
-CPU, where the kernels would only run interpreted), on one device and on the mesh, with the
-ratio; then the packed experts' bytes held per device (every bit group, padded with phantom
-experts to a multiple of the expert axis, is split over it), whether the counts came out equal,
-how many packed words differ and each GPTQ model's mean KL from the float model on the same
-batches.
+run, compilation included, in brackets): the frequency pass, the token cache (with its
+backward pass) and the token-level estimators on that cache (expert_mse, fisher, PMQ, GEMQ at
+2/3/4 bits; each expert's tokens split over "data") in real tokens/s, GPTQ's walk over the
+model (`--gptq`), and the forward of an RTN-packed model (2/3/4 bits; through the Pallas
+kernels on GPU/TPU, the XLA dequantize path on CPU, where the kernels would only run
+interpreted), on one device and on the mesh, with the ratio; then the packed experts' bytes
+held per device (every bit group, padded with phantom experts to a multiple of the expert
+axis, is split over it), whether the counts came out equal, the estimators' largest
+difference, how many packed words differ and each GPTQ model's mean KL from the float model on
+the same batches.
 
 The model is the shipped testbed on random image-and-text batches (`sources.random_batches`,
 one small image and `--text_len` text tokens per sample).
@@ -42,16 +44,21 @@ from mode_jax.calib import passes, sources
 from mode_jax.quant import apply
 
 
-def measure(model, packed, batches, scfg, bits, args) -> dict:
+def measure(model, packed, batches, scfg, bits, cache, args) -> dict:
     runs = {
         "frequency pass": lambda: passes.frequency_pass(model, batches, scfg),
         "token cache (+ backward)": lambda: passes.collect_tokens(model, batches, scfg),
+        "token-level estimators": lambda: passes.token_costs(model, cache, CANDIDATE_BITS,
+                                                             args.group_size),
         "packed forward": lambda: [packed(b).logits for b in batches],
     }
     if args.gptq:
         qc = apply.QuantConfig(group_size=args.group_size, block_size=args.group_size)
         runs["GPTQ walk"] = lambda: apply.quantize_model(model, batches, bits, qc)[0]
     return {name: timed(fn, args.repeats) for name, fn in runs.items()}
+
+
+CANDIDATE_BITS = (2, 3, 4)
 
 
 def packed_bytes_on_first_device(packed) -> int:
@@ -109,11 +116,12 @@ def main():
         method="rtn", group_size=args.group_size, attention_bits=16, shared_expert_bits=16,
         dense_mlp_bits=16, use_kernels=kernels))[0]
     held = [packed_bytes_on_first_device(packed)]
-    one = measure(model, packed, batches, scfg, bits, args)
+    cache = passes.collect_tokens(model, batches, scfg)  # the estimators' input, on the host
+    one = measure(model, packed, batches, scfg, bits, cache, args)
     sharding.shard_model(model, mesh)
     sharding.shard_model(packed, mesh)
     held.append(packed_bytes_on_first_device(packed))
-    split = measure(model, packed, batches, scfg, bits, args)
+    split = measure(model, packed, batches, scfg, bits, cache, args)
 
     print(f"{devices[0].platform}: {len(devices)} devices, mesh {dict(mesh.shape)}; "
           f"{args.samples} samples, batch {args.batch_size}, {tokens} real tokens")
@@ -128,6 +136,11 @@ def main():
     counts_equal = all(np.array_equal(one["frequency pass"][0][k], split["frequency pass"][0][k])
                        for k in one["frequency pass"][0] if not k.startswith("weight"))
     print(f"frequency counts equal: {counts_equal}")
+    worst = max(float(np.max(np.abs(split["token-level estimators"][0][k] - v)
+                             / np.maximum(np.abs(v), 1e-30)))
+                for k, v in one["token-level estimators"][0].items() if np.abs(v).max() > 0)
+    print(f"token-level estimators: largest relative difference {worst:.1e} (each expert's "
+          "tokens summed in data-axis shares)")
     if args.gptq:
         q_one, q_split = one["GPTQ walk"][0], split["GPTQ walk"][0]
         pairs = list(zip(*(jax.tree.leaves(jax.tree.map(np.asarray, nnx.state(q)))

@@ -92,9 +92,11 @@ batches = sources.random_batches(cfg, n=4, batch_size=2, seed=0)
 scfg = passes.StatsConfig(image_token_id=cfg.media_placeholder_token_id, special_token_ids=(1,))
 
 def run(m):
-    return (passes.frequency_pass(m, batches, scfg), passes.collect_tokens(m, batches, scfg),
+    cache = passes.collect_tokens(m, batches, scfg)
+    return (passes.frequency_pass(m, batches, scfg), cache,
             passes.logit_kl_pass(m, batches[:1], scfg, (1, 2), 32),
-            m(batches[0]).logits, generate.greedy_generate(m, batches[0], 3, 0).tokens)
+            m(batches[0]).logits, generate.greedy_generate(m, batches[0], 3, 0).tokens,
+            passes.token_costs(m, cache, (2, 4), 32))  # each expert's tokens split in two
 
 want = run(model)  # this process's own device, nothing shared
 sharding.shard_model(model, sharding.make_mesh(expert=1))  # data = 2: one row per process
@@ -110,6 +112,8 @@ for k, v in want[2].items():
     np.testing.assert_allclose(got[2][k], v, rtol=1e-3, atol=1e-6, err_msg=k)
 np.testing.assert_allclose(got[3], want[3], rtol=1e-5, atol=1e-5)  # both halves, on each
 np.testing.assert_array_equal(got[4], want[4])
+for k, v in want[5].items():
+    np.testing.assert_allclose(got[5][k], v, rtol=1e-4, atol=1e-9, err_msg=k)
 multihost.barrier("end")
 print("DATA_OK")
 """
@@ -119,8 +123,9 @@ print("DATA_OK")
 def test_batches_split_over_two_processes_give_the_one_process_statistics(tmp_path):
     """On a mesh whose "data" axis spans the two processes, each process holds half of every
     batch: the frequency counts, the token cache (its per-token rows gathered from both
-    processes), logit_kl, the model's logits and greedy tokens (gathered) equal what each
-    process computes alone. (GPTQ's walk on split batches, which gathers nothing, is checked on
+    processes), logit_kl, the model's logits and greedy tokens (gathered), and the token-level
+    estimators (each expert's tokens split between the processes) equal what each process
+    computes alone. (GPTQ's walk on split batches, which gathers nothing, is checked on
     4 host devices in test_sharding.py.)"""
     script = tmp_path / "data_snippet.py"
     script.write_text(textwrap.dedent(DATA_SNIPPET))

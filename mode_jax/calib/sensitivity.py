@@ -35,7 +35,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from mode_jax import multihost
 from mode_jax.calib import hessian
 from mode_jax.models import moe
 from mode_jax.quant import gptq, rtn
@@ -230,20 +233,27 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
     device, so the layers of a pass overlap and the host syncs once (`_collect`).
 
     Copies on the host (numpy) travel a chunk at a time; None: round-to-nearest at `bits`,
-    made per chunk on the device."""
+    made per chunk on the device. With the experts on a mesh with a "data" axis, each chunk's
+    token lists are split over it (padded to a multiple), so each device sums its share of
+    every expert's tokens and XLA adds the shares; the token cache is replicated."""
     if gate_up_q is None and bits is None:
         raise ValueError("give the quantized copies or the bits to fake-quantize at")
     on_host = isinstance(gate_up_q, np.ndarray)
     bits = None if bits is None else jnp.asarray(check_bits(bits))
     buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
-    dev = jax.device_put(tokens)
+    mesh = _data_mesh(gate_up)
+    data = mesh.shape["data"] if mesh is not None else 1
+    place = (lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))) if mesh is not None \
+        else (lambda a, _: jax.device_put(a))
+    dev = place(tokens, P())
     counts = buffers.valid.sum(1)
     order = np.argsort(-counts, kind="stable")
     parts = []
     for start in range(0, len(order), chunk):
         sel = order[start:start + chunk]
         cap = min(buffers.index.shape[1], int(2 ** np.ceil(np.log2(max(counts[sel].max(), 8)))))
-        cut = jax.device_put((sel.astype(np.int32), *(a[sel, :cap] for a in buffers)))
+        lists = [_pad_columns(a[sel, :cap], data) for a in buffers]  # (valid: False)
+        cut = (place(sel.astype(np.int32), P()), *(place(a, P(None, "data")) for a in lists))
         guq, dnq, qsel = gate_up_q, down_q, cut[0]
         if on_host:
             guq, dnq = jax.device_put((gate_up_q[:, sel], down_q[:, sel]))
@@ -252,9 +262,22 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
     return _Launched(parts, order, modality_counts(tokens, buffers), tokens.x.shape)
 
 
+def _data_mesh(gate_up) -> jax.sharding.Mesh | None:
+    """The mesh the layer's experts lie on when it has a "data" axis to split tokens over."""
+    s = getattr(gate_up, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.shape.get("data", 1) > 1:
+        return s.mesh
+    return None
+
+
+def _pad_columns(a: np.ndarray, multiple: int) -> np.ndarray:
+    """`a [e, C]` with zero columns appended up to a multiple of `multiple` columns."""
+    return np.pad(a, ((0, 0), (0, -a.shape[1] % multiple)))
+
+
 def _collect(launched: list[_Launched], num_samples: int, layers) -> list[dict[str, np.ndarray]]:
     """Wait once for every launched layer and turn its sums into the estimators."""
-    fetched = jax.device_get([run.parts for run in launched])
+    fetched = jax.device_get(multihost.tree_to_host([run.parts for run in launched]))
     out = []
     for run, parts, layer in zip(launched, fetched, layers, strict=True):
         back = np.argsort(run.order)  # chunk order -> expert order
