@@ -5,10 +5,11 @@ model's bit groups) are split along their expert axis over "expert" (expert para
 hold ~95% of a MoE model's bytes); everything else is replicated. Batches are split along
 their batch axis over "data" (data parallelism: the calibration passes, GPTQ's walk, the model
 families' `__call__` and greedy generation put each batch where the model is,
-`place_inputs`). The jitted float forward is unchanged: XLA propagates these placements (axis
-types are Auto) and inserts the collectives. The packed model's layers partition their own
-forward (`QuantizedExperts.use_mesh`, `QLinear.use_mesh`: a `jax.shard_map`), since XLA cannot
-split a Pallas kernel.
+`place_inputs`). XLA propagates these placements through the jitted forwards (axis types are
+Auto) and inserts the collectives, except where a module partitions its own forward with a
+`jax.shard_map` (`use_mesh`): the float routed experts (`StackedExperts`: left to XLA, the
+sorted path would gather every layer's experts onto each device) and the packed model's
+experts and dense layers (`QuantizedExperts`, `QLinear`: XLA cannot split a Pallas kernel).
 Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
 which `jax.devices()` spans every host and the same mesh code applies.
 """
@@ -52,8 +53,8 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> Pa
 
 def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
     """Move every parameter of `model` to its placement on `mesh` (in place; returns model).
-    Modules that partition their own forward (`use_mesh`: the packed experts and dense layers,
-    whose Pallas kernels XLA cannot split) are told the mesh first."""
+    Modules that partition their own forward (`use_mesh`: the routed experts, float or packed,
+    and the packed dense layers) are told the mesh first."""
     partitioned = [node for _, node in nnx.iter_graph(model)
                    if isinstance(node, nnx.Module) and hasattr(node, "use_mesh")]
     for node in partitioned:  # first: they may pad their arrays to split evenly

@@ -219,25 +219,25 @@ def _untimed(meta):
     return meta
 
 
-def _assert_close(got, want, where: str, exact: bool, atol: float = 0.0):
-    """Integers and strings equal; floats equal, or within float32 rounding (and `atol`) where
-    not `exact`."""
+def _assert_close(got, want, where: str, exact: bool, atol: float = 0.0, rtol: float = 1e-6):
+    """Integers and strings equal; floats equal, or within `rtol` (and `atol`) where not
+    `exact`."""
     if isinstance(want, dict):
         assert sorted(got) == sorted(want), where
         for k in want:
-            _assert_close(got[k], want[k], f"{where}/{k}", exact, atol)
+            _assert_close(got[k], want[k], f"{where}/{k}", exact, atol, rtol)
     elif isinstance(want, list):
         assert len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_close(g, w, f"{where}[{i}]", exact, atol)
+            _assert_close(g, w, f"{where}[{i}]", exact, atol, rtol)
     elif isinstance(want, np.ndarray):
         assert got.dtype == want.dtype and got.shape == want.shape, where
         if exact or not np.issubdtype(want.dtype, np.floating):
             assert np.array_equal(got, want, equal_nan=True), where
         else:
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=atol, err_msg=where)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=where)
     elif isinstance(want, float) and not exact:
-        assert got == pytest.approx(want, rel=1e-6, abs=atol), where
+        assert got == pytest.approx(want, rel=rtol, abs=atol), where
     else:
         assert got == want, where
 
@@ -255,8 +255,8 @@ def _assert_same_report(got: str, want: str, atol: float):
 def test_two_processes_write_what_one_process_writes(tmp_path, reference):
     """The tiny pipeline with its experts split over two `jax.distributed` processes
     (`--config.mesh.expert=2`) against the uninterrupted one-process run: the statistics agree
-    to float32 rounding (their sums run in another order over two devices: 2e-8 relative,
-    measured), every other artifact is equal array for array, the report is the same file,
+    to float32 rounding (their sums run in another order over two devices), every other
+    artifact is equal array for array, the report is the same file up to the last digits,
     process 0 alone tells the progress, and a rerun of both processes reuses every stage."""
     one, two = reference[0], str(tmp_path / "two")
     runs = distributed([two, two], "--config.mesh.expert=2")
@@ -273,15 +273,18 @@ def test_two_processes_write_what_one_process_writes(tmp_path, reference):
         (w_arrays, w_meta), (g_arrays, g_meta) = [
             checkpoint.load(os.path.join(wd, stage, fp)) for wd in (one, two)]
         # the sensitivity sums, and the ILP objective made of them, move by float rounding, and
-        # so do the packed model's logits (its experts split over the two devices: a token's
+        # so do the models' logits (their experts split over the two devices: a token's
         # weighted expert outputs are summed in another order); a KL of two near-equal
-        # distributions is a difference of near-equal numbers, so it moves by ~1e-6 absolute
+        # distributions is a difference of near-equal numbers, so it moves by ~1e-6 absolute,
+        # and a Hutchinson trace is a sum of products of either sign (measured: 1.3e-5 relative
+        # on a trace of 0.108)
         exact = stage not in ("sensitivity", "evaluate")
         atol = 2e-6 if stage == "evaluate" else 0.0
+        rtol = 1e-4 if stage == "sensitivity" else 1e-6
         _assert_close(checkpoint.flatten(g_arrays), checkpoint.flatten(w_arrays), where, exact,
-                      atol)
+                      atol, rtol)
         _assert_close(_untimed(g_meta), _untimed(w_meta), where, exact and stage != "allocate",
-                      atol)
+                      atol, rtol)
     with open(f"{one}/report.md") as f, open(f"{two}/report.md") as g:
         _assert_same_report(g.read(), f.read(), atol=2e-6)
     assert not [n for n in os.listdir(two) if n.startswith((".tmp-", ".shared-probe"))]

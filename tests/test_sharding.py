@@ -40,6 +40,14 @@ SCRIPT = textwrap.dedent("""
                                rtol=1e-5, atol=1e-5)
     for (gi, _), (wi, _) in zip(got.routing, want.routing):
         np.testing.assert_array_equal(np.sort(np.asarray(gi), -1), np.sort(np.asarray(wi), -1))
+    # Expert parallel: each device runs its own experts; no layer's experts are gathered.
+    hlo = fwd.lower(model, sb["input_ids"], sb["attention_mask"], sb["pixel_values"]
+                    ).compile().as_text()
+    stacks = {"f32[%s]" % ",".join(map(str, a.shape)) for a in (gate_up, model.language_model
+              .layers[1].mlp.experts.down[...])}
+    gathered = [line for line in hlo.splitlines() if "all-gather" in line.split("=", 1)[-1]]
+    assert not [g for g in gathered if any(s in g for s in stacks)], (stacks, gathered)
+    assert "all-reduce" in hlo
 
     import logging  # 8 experts over an expert axis of 3: kept whole, and the user told so
     from jax.sharding import PartitionSpec as P
@@ -67,7 +75,9 @@ def _run_on_8_host_devices(script: str, devices: int = 8, timeout: int = 300) ->
 
 
 def test_expert_parallel_forward_matches():
-    """...and an expert count the expert axis does not divide is kept whole, with a warning."""
+    """The forward with the experts split over "expert" (each device running its own, no
+    layer's experts gathered) equals one device's; an expert count the expert axis does not
+    divide is kept whole, with a warning."""
     _run_on_8_host_devices(SCRIPT)
 
 

@@ -346,8 +346,18 @@ class StackedExperts(nnx.Module):
         self.gate_up = nnx.Param(init(rngs.params(), (num_experts, dim, 2 * hidden), param_dtype))
         self.down = nnx.Param(init(rngs.params(), (num_experts, hidden, dim), param_dtype))
         self.impl = impl
+        self.mesh = None
+
+    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        """Run the sorted path expert-parallel over `mesh` (`moe.experts_sorted_on_mesh`) when
+        its "expert" axis splits the experts evenly; called by `sharding.shard_model`."""
+        n = mesh.shape["expert"]
+        self.mesh = mesh if n > 1 and self.gate_up.shape[0] % n == 0 else None
 
     def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        if self.impl == "sorted" and self.mesh is not None:
+            return moe.experts_sorted_on_mesh(x, ids, weights, self.gate_up[...],
+                                              self.down[...], mesh=self.mesh)
         fn = moe.experts_sorted if self.impl == "sorted" else moe.experts_dense
         return fn(x, ids, weights, self.gate_up[...], self.down[...])
 

@@ -202,3 +202,38 @@ def experts_sorted(
 ) -> jax.Array:
     """Same result as `experts_dense`, computing only the chosen (token, expert) pairs."""
     return moe_sorted(x, ids, weights, gate_up.shape[0], swiglu_grouped(gate_up, down))
+
+
+def experts_sorted_on_mesh(
+    x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array, *,
+    mesh: jax.sharding.Mesh,
+) -> jax.Array:
+    """`experts_sorted` with the experts split over `mesh`'s "expert" axis (expert parallelism,
+    one `jax.shard_map` program per device): each device runs only its own E/n experts, on the
+    (token, slot) pairs routed to them, and the weighted partial outputs are summed over
+    "expert" in float32. Left to XLA, the sorted path would all-gather every layer's experts
+    onto every device at each call.
+
+    Tokens: rows split over "data" when it divides them, else replicated. Equals
+    `experts_sorted` to float rounding (a token's k expert outputs are added in another
+    order). Differentiable (the Fisher and Hessian passes take gradients through it).
+    """
+    n, data = mesh.shape["expert"], mesh.shape["data"]
+    e = gate_up.shape[0]
+    if e % n:
+        raise ValueError(f"{e} experts do not split over an expert axis of {n}")
+    P = jax.sharding.PartitionSpec
+    rows = P("data") if data > 1 and x.shape[0] % data == 0 else P()
+    per_device = e // n
+
+    def local(x, ids, weights, gate_up, down):
+        first = jax.lax.axis_index("expert") * per_device
+        mine = (ids >= first) & (ids < first + per_device)
+        slots = jnp.where(mine, ids - first, per_device)  # others: an overflow bucket
+        d = dispatch(x, slots, per_device + 1)
+        y = swiglu_grouped(gate_up, down)(d.x_sorted, d.group_sizes[:per_device])  # bucket: 0
+        return jax.lax.psum(combine(y.astype(jnp.float32), d, weights), "expert")
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert")),
+                        out_specs=rows, check_vma=False)(x, ids, weights, gate_up, down)
+    return out.astype(x.dtype)
