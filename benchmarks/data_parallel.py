@@ -5,7 +5,7 @@ walk apply to a model that `sharding.shard_model` placed).
 Figures printed, side by side in one run, each the best of `--repeats` compiled runs (first
 run, compilation included, in brackets): the frequency pass, the token cache (with its
 backward pass) and the token-level estimators on that cache (expert_mse, fisher, PMQ, GEMQ at
-2/3/4 bits; each expert's tokens split over "data") in real tokens/s, GPTQ's walk over the
+2/3/4 bits; each chunk of experts split over "data") in real tokens/s, GPTQ's walk over the
 model (`--gptq`), and the forward of an RTN-packed model (2/3/4 bits; through the Pallas
 kernels on GPU/TPU, the XLA dequantize path on CPU, where the kernels would only run
 interpreted), on one device and on the mesh, with the ratio; then the packed experts' bytes
@@ -139,8 +139,7 @@ def main():
     worst = max(float(np.max(np.abs(split["token-level estimators"][0][k] - v)
                              / np.maximum(np.abs(v), 1e-30)))
                 for k, v in one["token-level estimators"][0].items() if np.abs(v).max() > 0)
-    print(f"token-level estimators: largest relative difference {worst:.1e} (each expert's "
-          "tokens summed in data-axis shares)")
+    print(f"token-level estimators: largest relative difference {worst:.1e}")
     if args.gptq:
         q_one, q_split = one["GPTQ walk"][0], split["GPTQ walk"][0]
         pairs = list(zip(*(jax.tree.leaves(jax.tree.map(np.asarray, nnx.state(q)))

@@ -96,7 +96,7 @@ def run(m):
     return (passes.frequency_pass(m, batches, scfg), cache,
             passes.logit_kl_pass(m, batches[:1], scfg, (1, 2), 32),
             m(batches[0]).logits, generate.greedy_generate(m, batches[0], 3, 0).tokens,
-            passes.token_costs(m, cache, (2, 4), 32))  # each expert's tokens split in two
+            passes.token_costs(m, cache, (2, 4), 32))  # the experts split in two
 
 want = run(model)  # this process's own device, nothing shared
 sharding.shard_model(model, sharding.make_mesh(expert=1))  # data = 2: one row per process
@@ -124,7 +124,7 @@ def test_batches_split_over_two_processes_give_the_one_process_statistics(tmp_pa
     """On a mesh whose "data" axis spans the two processes, each process holds half of every
     batch: the frequency counts, the token cache (its per-token rows gathered from both
     processes), logit_kl, the model's logits and greedy tokens (gathered), and the token-level
-    estimators (each expert's tokens split between the processes) equal what each process
+    estimators (each chunk's experts split between the processes) equal what each process
     computes alone. (GPTQ's walk on split batches, which gathers nothing, is checked on
     4 host devices in test_sharding.py.)"""
     script = tmp_path / "data_snippet.py"

@@ -234,8 +234,9 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
 
     Copies on the host (numpy) travel a chunk at a time; None: round-to-nearest at `bits`,
     made per chunk on the device. With the experts on a mesh with a "data" axis, each chunk's
-    token lists are split over it (padded to a multiple), so each device sums its share of
-    every expert's tokens and XLA adds the shares; the token cache is replicated."""
+    experts are split over it (the chunk padded with repeats of its last expert to a multiple,
+    their sums dropped): each device fake-quantizes its own and sums all their tokens, so
+    nothing is repeated or added across devices; the token cache is replicated."""
     if gate_up_q is None and bits is None:
         raise ValueError("give the quantized copies or the bits to fake-quantize at")
     on_host = isinstance(gate_up_q, np.ndarray)
@@ -252,13 +253,16 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
     for start in range(0, len(order), chunk):
         sel = order[start:start + chunk]
         cap = min(buffers.index.shape[1], int(2 ** np.ceil(np.log2(max(counts[sel].max(), 8)))))
-        lists = [_pad_columns(a[sel, :cap], data) for a in buffers]  # (valid: False)
-        cut = (place(sel.astype(np.int32), P()), *(place(a, P(None, "data")) for a in lists))
+        pad = -len(sel) % data
+        sel_p = np.concatenate([sel, np.repeat(sel[-1:], pad)]).astype(np.int32)
+        lists = [np.pad(a[sel, :cap], ((0, pad), (0, 0))) for a in buffers]
+        cut = (place(sel_p, P("data")), *(place(a, P("data")) for a in lists))
         guq, dnq, qsel = gate_up_q, down_q, cut[0]
         if on_host:
             guq, dnq = jax.device_put((gate_up_q[:, sel], down_q[:, sel]))
-            qsel = jnp.arange(len(sel), dtype=jnp.int32)
-        parts.append(_layer_sums(dev, *cut, gate_up, down, guq, dnq, qsel, bits, group_size))
+            qsel = jnp.minimum(jnp.arange(len(sel_p), dtype=jnp.int32), len(sel) - 1)
+        sums = _layer_sums(dev, *cut, gate_up, down, guq, dnq, qsel, bits, group_size)
+        parts.append({k: v[:len(sel)] for k, v in sums.items()} if pad else sums)
     return _Launched(parts, order, modality_counts(tokens, buffers), tokens.x.shape)
 
 
@@ -268,11 +272,6 @@ def _data_mesh(gate_up) -> jax.sharding.Mesh | None:
     if isinstance(s, NamedSharding) and s.mesh.shape.get("data", 1) > 1:
         return s.mesh
     return None
-
-
-def _pad_columns(a: np.ndarray, multiple: int) -> np.ndarray:
-    """`a [e, C]` with zero columns appended up to a multiple of `multiple` columns."""
-    return np.pad(a, ((0, 0), (0, -a.shape[1] % multiple)))
 
 
 def _collect(launched: list[_Launched], num_samples: int, layers) -> list[dict[str, np.ndarray]]:
