@@ -88,6 +88,29 @@ def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
     return None
 
 
+def per_device(fn, arrays: tuple, mesh: jax.sharding.Mesh | None):
+    """`fn(*arrays)` for work that is independent along the arrays' leading axis (GPTQ's
+    per-expert solves: on replicated experts every device would repeat all of them), run as
+    one `jax.shard_map` program per device of `mesh` on its share of that axis. Nothing inside
+    crosses devices (left to XLA's partitioner, a split stack's compiled solve still held an
+    all-gather on 2 host devices). Plainly `fn(*arrays)` without a mesh or
+    when the axis does not divide evenly; the outputs' leading axes are that axis."""
+    axes = () if mesh is None else tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    if not axes or any(np.shape(a)[0] % mesh.size for a in arrays):
+        return fn(*arrays)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                         check_vma=False)(*arrays)
+
+
+def array_mesh(value) -> jax.sharding.Mesh | None:
+    """The ("data", "expert") mesh of more than one device that `value` lies on, or None."""
+    s = getattr(value, "sharding", None)
+    if isinstance(s, NamedSharding) and s.mesh.size > 1 and "data" in s.mesh.axis_names:
+        return s.mesh
+    return None
+
+
 # The batch axis of each model input that has one (M-RoPE positions are [3, B, T]); the image
 # grids are static metadata, read on the host.
 BATCH_AXES = {"input_ids": 0, "attention_mask": 0, "inputs_embeds": 0, "positions": -2,

@@ -41,6 +41,7 @@ rotated Hessian `R H R`; the packed experts rotate their activations online.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -50,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mode_jax import multihost, progress
+from mode_jax import multihost, progress, sharding
 from mode_jax.calib import hessian, passes
 from mode_jax.models import deepseek_v3 as dsv3
 from mode_jax.quant import gptq, rtn
@@ -397,17 +398,22 @@ def _expert_hessians(xr, ids, states, gate_up, config) -> hessian.ExpertHessianS
 
 
 def _quantize_stack(w, h, bits, config: QuantConfig, report, l, proj):
-    """codes int8 `[E, K, N]`, scales `[E, ceil(K/gs), N]` at per-expert `bits [E]`."""
+    """codes int8 `[E, K, N]`, scales `[E, ceil(K/gs), N]` at per-expert `bits [E]`.
+
+    On a mesh each device quantizes its share of the experts (`sharding.per_device`)."""
+    mesh = sharding.array_mesh(w)
     if config.method == "rtn":
-        codes, scales, _ = jax.vmap(
-            lambda wi, bi: rtn.quantize_float(wi, bi, config.group_size))(w, bits)
+        codes, scales, _ = sharding.per_device(jax.vmap(
+            lambda wi, bi: rtn.quantize_float(wi, bi, config.group_size)), (w, bits), mesh)
         return codes.astype(jnp.int8), scales
+    solve = functools.partial(
+        gptq.gptq_quantize_experts, group_size=config.group_size, damp=config.damp,
+        block_size=config.block_size, act_order=config.act_order)
     chunk = config.expert_chunk or w.shape[0]
     parts = []
     for s in range(0, w.shape[0], chunk):
-        parts.append(gptq.gptq_quantize_experts(
-            w[s:s + chunk], h[s:s + chunk], bits[s:s + chunk], group_size=config.group_size,
-            damp=config.damp, block_size=config.block_size, act_order=config.act_order))
+        parts.append(sharding.per_device(
+            solve, (w[s:s + chunk], h[s:s + chunk], bits[s:s + chunk]), mesh))
     r = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
     report.note_stack(l, proj, r, config.damp)
     return r.codes, r.scales
