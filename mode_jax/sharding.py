@@ -16,6 +16,7 @@ which `jax.devices()` spans every host and the same mesh code applies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -88,18 +89,25 @@ def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
     return None
 
 
-def per_device(fn, arrays: tuple, mesh: jax.sharding.Mesh | None):
-    """`fn(*arrays)` for work that is independent along the arrays' leading axis (GPTQ's
-    per-expert solves: on replicated experts every device would repeat all of them), run as
-    one `jax.shard_map` program per device of `mesh` on its share of that axis. Nothing inside
-    crosses devices (left to XLA's partitioner, a split stack's compiled solve still held an
-    all-gather on 2 host devices). Plainly `fn(*arrays)` without a mesh or
-    when the axis does not divide evenly; the outputs' leading axes are that axis."""
+def per_device(fn, arrays: tuple, mesh: jax.sharding.Mesh | None, **options):
+    """`fn(*arrays, **options)` for work that is independent along the arrays' leading axis
+    (GPTQ's per-expert solves: on replicated experts every device would repeat all of them),
+    run as one `jax.shard_map` program per device of `mesh` on its share of that axis. Nothing
+    inside crosses devices (left to XLA's partitioner, a split stack's compiled solve still
+    held an all-gather on 2 host devices). Plainly `fn(*arrays, **options)` without a mesh or
+    when the axis does not divide evenly; the outputs' leading axes are that axis. `fn` and the
+    (hashable) `options` key the compiled program, so a walk over many stacks compiles once."""
     axes = () if mesh is None else tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     if not axes or any(np.shape(a)[0] % mesh.size for a in arrays):
-        return fn(*arrays)
-    spec = PartitionSpec(axes)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+        return fn(*arrays, **options)
+    return _per_device(fn, tuple(arrays), mesh, tuple(sorted(options.items())))
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "mesh", "options"))
+def _per_device(fn, arrays, mesh, options):
+    spec = PartitionSpec(tuple(a for a in mesh.axis_names if mesh.shape[a] > 1))
+    return jax.shard_map(functools.partial(fn, **dict(options)), mesh=mesh,
+                         in_specs=(spec,) * len(arrays), out_specs=spec,
                          check_vma=False)(*arrays)
 
 

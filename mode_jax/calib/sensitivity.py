@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mode_jax import multihost
+from mode_jax import multihost, sharding
 from mode_jax.calib import hessian
 from mode_jax.models import moe
 from mode_jax.quant import gptq, rtn
@@ -242,7 +242,9 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
     on_host = isinstance(gate_up_q, np.ndarray)
     bits = None if bits is None else jnp.asarray(check_bits(bits))
     buffers = expert_buffers(tokens.ids, tokens.weights, gate_up.shape[0])
-    mesh = _data_mesh(gate_up)
+    mesh = sharding.array_mesh(gate_up)
+    if mesh is not None and mesh.shape["data"] == 1:
+        mesh = None  # experts split over "expert" alone: XLA moves each chunk's own
     data = mesh.shape["data"] if mesh is not None else 1
     place = (lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))) if mesh is not None \
         else (lambda a, _: jax.device_put(a))
@@ -264,14 +266,6 @@ def _launch(tokens: LayerTokens, gate_up, down, gate_up_q, down_q, chunk: int, b
         sums = _layer_sums(dev, *cut, gate_up, down, guq, dnq, qsel, bits, group_size)
         parts.append({k: v[:len(sel)] for k, v in sums.items()} if pad else sums)
     return _Launched(parts, order, modality_counts(tokens, buffers), tokens.x.shape)
-
-
-def _data_mesh(gate_up) -> jax.sharding.Mesh | None:
-    """The mesh the layer's experts lie on when it has a "data" axis to split tokens over."""
-    s = getattr(gate_up, "sharding", None)
-    if isinstance(s, NamedSharding) and s.mesh.shape.get("data", 1) > 1:
-        return s.mesh
-    return None
 
 
 def _collect(launched: list[_Launched], num_samples: int, layers) -> list[dict[str, np.ndarray]]:

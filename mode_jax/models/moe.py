@@ -204,6 +204,17 @@ def experts_sorted(
     return moe_sorted(x, ids, weights, gate_up.shape[0], swiglu_grouped(gate_up, down))
 
 
+def row_spec(rows: int, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+    """How the token rows of a layer partitioned per device (`jax.shard_map`) are split: over
+    "data" when it divides them (where `sharding.shard_batch` put the batch, so nothing
+    moves), else replicated (one token of a decode step). Not over "expert" too: the rest of
+    the model repeats its work across that axis, and splitting only here would add an
+    all-gather of the outputs to every call."""
+    data = mesh.shape.get("data", 1)
+    return jax.sharding.PartitionSpec("data") if data > 1 and rows % data == 0 else \
+        jax.sharding.PartitionSpec()
+
+
 def experts_sorted_on_mesh(
     x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array, *,
     mesh: jax.sharding.Mesh,
@@ -214,16 +225,15 @@ def experts_sorted_on_mesh(
     "expert" in float32. Left to XLA, the sorted path would all-gather every layer's experts
     onto every device at each call.
 
-    Tokens: rows split over "data" when it divides them, else replicated. Equals
+    Tokens: rows split as `row_spec` says. Equals
     `experts_sorted` to float rounding (a token's k expert outputs are added in another
     order). Differentiable (the Fisher and Hessian passes take gradients through it).
     """
-    n, data = mesh.shape["expert"], mesh.shape["data"]
-    e = gate_up.shape[0]
+    n, e = mesh.shape["expert"], gate_up.shape[0]
     if e % n:
         raise ValueError(f"{e} experts do not split over an expert axis of {n}")
     P = jax.sharding.PartitionSpec
-    rows = P("data") if data > 1 and x.shape[0] % data == 0 else P()
+    rows = row_spec(x.shape[0], mesh)
     per_device = e // n
 
     def local(x, ids, weights, gate_up, down):

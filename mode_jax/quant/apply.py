@@ -41,7 +41,6 @@ rotated Hessian `R H R`; the packed experts rotate their activations online.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -403,20 +402,25 @@ def _quantize_stack(w, h, bits, config: QuantConfig, report, l, proj):
     On a mesh each device quantizes its share of the experts (`sharding.per_device`)."""
     mesh = sharding.array_mesh(w)
     if config.method == "rtn":
-        codes, scales, _ = sharding.per_device(jax.vmap(
-            lambda wi, bi: rtn.quantize_float(wi, bi, config.group_size)), (w, bits), mesh)
+        codes, scales = sharding.per_device(_rtn_stack, (w, bits), mesh,
+                                            group_size=config.group_size)
         return codes.astype(jnp.int8), scales
-    solve = functools.partial(
-        gptq.gptq_quantize_experts, group_size=config.group_size, damp=config.damp,
-        block_size=config.block_size, act_order=config.act_order)
     chunk = config.expert_chunk or w.shape[0]
     parts = []
     for s in range(0, w.shape[0], chunk):
         parts.append(sharding.per_device(
-            solve, (w[s:s + chunk], h[s:s + chunk], bits[s:s + chunk]), mesh))
+            gptq.gptq_quantize_experts, (w[s:s + chunk], h[s:s + chunk], bits[s:s + chunk]),
+            mesh, group_size=config.group_size, damp=config.damp,
+            block_size=config.block_size, act_order=config.act_order))
     r = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
     report.note_stack(l, proj, r, config.damp)
     return r.codes, r.scales
+
+
+def _rtn_stack(w, bits, *, group_size: int):
+    """Round-to-nearest codes and scales of stacked experts `w [E, K, N]` at `bits [E]`."""
+    codes, scales, _ = jax.vmap(lambda wi, bi: rtn.quantize_float(wi, bi, group_size))(w, bits)
+    return codes, scales
 
 
 def _dequantize_stack(codes, scales, group_size):

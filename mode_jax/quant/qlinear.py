@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mode_jax.models import moe
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels import packing
 from pallas_kernels.packing import PackedWeight
@@ -140,24 +141,14 @@ def linear(x: jax.Array, w: PackedWeight, *, kernel_dequant: str = "") -> jax.Ar
     return gm.grouped_matmul(x, stacked, sizes, **kernel_options(True, kernel_dequant))
 
 
-def row_spec(rows: int, mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
-    """Rows over "data" when it divides them (where `sharding.shard_batch` put the batch, so
-    nothing moves), else replicated (one token of a decode step). Not over "expert" too: the
-    rest of the model repeats its work across that axis, and splitting only here would add an
-    all-gather of the outputs to every call."""
-    data = mesh.shape.get("data", 1)
-    return jax.sharding.PartitionSpec("data") if data > 1 and rows % data == 0 else \
-        jax.sharding.PartitionSpec()
-
-
 @functools.partial(jax.jit, static_argnames=("mesh", "kernel_dequant"))
 def linear_on_mesh(x: jax.Array, w: PackedWeight, *, mesh: jax.sharding.Mesh,
                    kernel_dequant: str = "") -> jax.Array:
     """`linear` as one program per device of `mesh` (`jax.shard_map`): XLA does not partition
     a Pallas kernel call, so without this it would gather every row onto each device and run
-    the whole matmul there. Rows split as `row_spec` says; the weight is replicated. Each row
-    is computed as on one device (no collective)."""
-    rows = row_spec(x.shape[0], mesh)
+    the whole matmul there. Rows split as `moe.row_spec` says; the weight is replicated. Each
+    row is computed as on one device (no collective)."""
+    rows = moe.row_spec(x.shape[0], mesh)
     return jax.shard_map(functools.partial(linear, kernel_dequant=kernel_dequant), mesh=mesh,
                          in_specs=(rows, jax.sharding.PartitionSpec()), out_specs=rows,
                          check_vma=False)(x, w)

@@ -251,7 +251,7 @@ def experts_forward_on_mesh(groups: tuple[GroupWeights, ...], x, ids, weights, *
     Pallas kernels run on each device's share instead of on gathered operands (XLA does not
     partition a kernel call).
 
-    Tokens: rows split over "data" when it divides N, else replicated. Experts: each bit
+    Tokens: rows split as `moe.row_spec` says. Experts: each bit
     group's stacked arrays are split over "expert" (a device holds G/n experts, so a model
     larger than one device fits across several); `QuantizedExperts.use_mesh` pads the groups
     to multiples of n with phantom experts (id -1, never routed to). Each device runs the
@@ -263,9 +263,9 @@ def experts_forward_on_mesh(groups: tuple[GroupWeights, ...], x, ids, weights, *
     weighted as on one device) moves k/2 times the bytes and on XLA:CPU still differed by the
     same 2e-9, so it bought no exactness.
     """
-    n, data = mesh.shape["expert"], mesh.shape["data"]
+    n = mesh.shape["expert"]
     P = jax.sharding.PartitionSpec
-    rows = P("data") if data > 1 and x.shape[0] % data == 0 else P()
+    rows = moe.row_spec(x.shape[0], mesh)
     sizes = [g.expert_ids.shape[0] for g in groups]
     if any(size % n for size in sizes):
         raise ValueError(f"bit groups of {sizes} experts do not split over {n} devices: "
