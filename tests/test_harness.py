@@ -5,6 +5,7 @@ unpadded row, routing counts add up, and fake quantization is identity at 16 bit
 
 import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -325,3 +326,17 @@ def test_generation_stop_ids_come_from_generation_config(tmp_path):
         with pytest.raises(ValueError, match="generation_config.json"):
             harness.generation_stop_ids(tmp_path)
     assert harness.generation_stop_ids("checkpoints/testbed") == (8,)  # the shipped <|im_end|>
+
+
+@pytest.mark.parametrize("counts,batch_size,rows", [
+    ((100, 100), 32, 32),  # a real split: full batches
+    ((3,), 32, 4),  # a smoke run's few samples: 4 rows, not 29 repeats
+    ((5, 1), 32, 8),  # the largest kind decides
+    ((1,), 32, 1),
+    ((2,), 12, 3),  # halves of the asked size only, so a mesh axis dividing it divides these
+    ((2,), 3, 3),
+])
+def test_small_splits_are_not_padded_to_the_full_batch(counts, batch_size, rows):
+    examples = [types.SimpleNamespace(grids=((k, k),) if k else ())
+                for k, n in enumerate(counts) for _ in range(n)]
+    assert harness._rows_per_batch(types.SimpleNamespace(examples=examples), batch_size) == rows

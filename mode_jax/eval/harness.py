@@ -22,7 +22,8 @@ Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {.
 
 Batches hold one kind of sample (same image grids) sorted by length, padded on the left to a
 multiple of 16 tokens and to `batch_size` rows (by repeating the last sample, dropped after),
-so a whole held-out split compiles only a few shapes.
+so a whole held-out split compiles only a few shapes; a split whose kinds all fit in half of
+`batch_size` rows uses that half (repeatedly), not rows of repeats.
 """
 
 from __future__ import annotations
@@ -202,6 +203,20 @@ def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
     return out
 
 
+def _rows_per_batch(data: EvalSet, batch_size: int) -> int:
+    """`batch_size`, halved while half still holds the largest kind of example: a small set
+    (a smoke run, a test) is not padded to 32 rows of repeats. Halving keeps the row count a
+    divisor of `batch_size`, so a mesh axis that splits those rows splits these too (down to
+    sets smaller than the axis, which run replicated)."""
+    counts: dict[Any, int] = {}
+    for ex in data.examples:
+        counts[ex.grids] = counts.get(ex.grids, 0) + 1
+    largest = max(counts.values(), default=1)
+    while batch_size % 2 == 0 and batch_size // 2 >= largest:
+        batch_size //= 2
+    return batch_size
+
+
 def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str, np.ndarray]:
     examples = [data.examples[i] for i in rows]
     seqs = [np.concatenate([e.prompt_ids, e.answer_ids]) if with_answer else e.prompt_ids
@@ -309,6 +324,7 @@ def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
     choice: list[int | None] = [None] * n
     logprobs: list[np.ndarray | None] = [None] * n
     route = None
+    batch_size = _rows_per_batch(data, batch_size)
     for rows in progress.track(_batches(data, batch_size), "evaluation batches"):
         filled = rows + [rows[-1]] * (batch_size - len(rows))  # one shape per kind
         k = len(rows)
