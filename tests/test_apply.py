@@ -92,7 +92,7 @@ def test_gptq_beats_rtn_per_expert_and_idle_expert_falls_back(starved_model, bit
                                       "calibration tokens: MoE layer 1 expert 5 gate_up, MoE "
                                       "layer 1 expert 5 down")
     skipped = expert_checks.assert_gptq_beats_rtn_per_expert(model, fake, batches, report,
-                                                            bits, GS)
+                                                            bit_map, GS)
     assert skipped == [(1, 5)]
     fq = fake.language_model.layers[2].mlp.experts
     fp = model.language_model.layers[2].mlp.experts
