@@ -110,25 +110,21 @@ def test_changed_field_reruns_only_downstream(tmp_path, reference):
     assert quantizers == {"gptq attention_bits=4", "gptq attention_bits=8"}, quantizers
 
 
-def test_report_tells_rows_with_another_sensitivity_estimator_apart(tmp_path, reference):
+def test_report_tells_rows_of_other_sensitivity_settings_apart(tmp_path, reference):
+    """Another estimator for MODE, and MoPEQ's trace by Gauss-Newton, in one rerun: the
+    report's rows say which statistics each read."""
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
-    log = _run(work, "--config.sens.estimator=fisher")
-    assert re.findall(r"stage (\w+)\s+running", log) == [
-        "sensitivity", "allocate", "quantize", "evaluate"], log
+    log = _run(work, "--config.sens.estimator=fisher", "--config.sens.trace_curvature=gauss_newton",
+               "--config.sweep=('mode','mopeq-budget')")
+    ran = re.findall(r"stage (\w+)\s+running", log)  # allocate, quantize once per method
+    assert list(dict.fromkeys(ran)) == ["sensitivity", "allocate", "quantize", "evaluate"], log
     with open(os.path.join(work, "report.md")) as f:
-        rows = [line for line in f if line.startswith("| mode/")]
-    estimators = sorted(line.split("|")[2].strip() for line in rows)
+        rows = [line.split("|") for line in f if line.startswith(("| mode/", "| mopeq-budget"))]
+    estimators = sorted(r[2].strip() for r in rows if r[1].strip().startswith("mode/"))
     assert estimators == ["expert_mse", "fisher"], rows
-
-
-def test_report_names_mopeqs_gauss_newton_trace(tmp_path, reference):
-    work = str(tmp_path / "w")
-    shutil.copytree(reference[0], work)
-    _run(work, "--config.sens.trace_curvature=gauss_newton", "--config.sweep=('mopeq-budget',)")
-    with open(os.path.join(work, "report.md")) as f:
-        rows = [line.split("|") for line in f if line.startswith("| mopeq-budget")]
-    assert [r[2].strip() for r in rows] == ["gauss_newton trace"], rows
+    assert [r[2].strip() for r in rows if r[1].strip().startswith("mopeq-budget")] == [
+        "gauss_newton trace"], rows
 
 
 def test_matmul_precision_reruns_every_stage_that_computes(tmp_path, reference):
