@@ -22,8 +22,8 @@ Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {.
 
 Batches hold one kind of sample (same image grids) sorted by length, padded on the left to a
 multiple of 16 tokens and to `batch_size` rows (by repeating the last sample, dropped after),
-so a whole held-out split compiles only a few shapes; a split whose kinds all fit in half of
-`batch_size` rows uses that half (repeatedly), not rows of repeats.
+so a whole held-out split compiles only a few shapes. A small split (every kind fits in half
+of `batch_size`) gets the smallest such halving of it as its batch, not rows of repeats.
 """
 
 from __future__ import annotations
