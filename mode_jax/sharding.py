@@ -100,12 +100,12 @@ def per_device(fn, arrays: tuple, mesh: jax.sharding.Mesh | None, **options):
     axes = () if mesh is None else tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     if not axes or any(np.shape(a)[0] % mesh.size for a in arrays):
         return fn(*arrays, **options)
-    return _per_device(fn, tuple(arrays), mesh, tuple(sorted(options.items())))
+    return _per_device(fn, tuple(arrays), mesh, axes, tuple(sorted(options.items())))
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "mesh", "options"))
-def _per_device(fn, arrays, mesh, options):
-    spec = PartitionSpec(tuple(a for a in mesh.axis_names if mesh.shape[a] > 1))
+@functools.partial(jax.jit, static_argnames=("fn", "mesh", "axes", "options"))
+def _per_device(fn, arrays, mesh, axes, options):
+    spec = PartitionSpec(axes)
     return jax.shard_map(functools.partial(fn, **dict(options)), mesh=mesh,
                          in_specs=(spec,) * len(arrays), out_specs=spec,
                          check_vma=False)(*arrays)

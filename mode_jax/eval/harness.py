@@ -191,11 +191,17 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
-    """Example indices per batch: same image grids, similar length."""
+def _kinds(data: EvalSet) -> dict[Any, list[int]]:
+    """Example indices per kind of sample (its image grids)."""
     groups: dict[Any, list[int]] = {}
     for i, ex in enumerate(data.examples):
         groups.setdefault(ex.grids, []).append(i)
+    return groups
+
+
+def _batches(data: EvalSet, batch_size: int) -> list[list[int]]:
+    """Example indices per batch: same image grids, similar length."""
+    groups = _kinds(data)
     out = []
     for key in sorted(groups, key=str):
         idx = sorted(groups[key], key=lambda i: len(data.examples[i].prompt_ids))
@@ -208,10 +214,7 @@ def _rows_per_batch(data: EvalSet, batch_size: int) -> int:
     (a smoke run, a test) is not padded to 32 rows of repeats. Halving keeps the row count a
     divisor of `batch_size`, so a mesh axis that splits those rows splits these too (down to
     sets smaller than the axis, which run replicated)."""
-    counts: dict[Any, int] = {}
-    for ex in data.examples:
-        counts[ex.grids] = counts.get(ex.grids, 0) + 1
-    largest = max(counts.values(), default=1)
+    largest = max(map(len, _kinds(data).values()), default=1)
     while batch_size % 2 == 0 and batch_size // 2 >= largest:
         batch_size //= 2
     return batch_size
