@@ -7,15 +7,28 @@ import sys
 
 import numpy as np
 import pytest
+from main_forks import Forks
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FORKS: list[Forks] = []  # this module's fork server (main_forks.py), while its tests run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fork_server():
+    _FORKS.append(Forks())
+    yield
+    _FORKS.pop().close()
 
 
 def _run(tmp_path, *flags, workdir=None, config="configs/tiny.py", env=None):
+    """main.py with these flags; forked from the module's server unless `env` is given."""
     workdir = workdir or str(tmp_path / "work")
-    cmd = [sys.executable, "main.py", f"--config={config}", f"--workdir={workdir}", *flags]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    argv = ["main.py", f"--config={config}", f"--workdir={workdir}", *flags]
+    if env is None:
+        return _FORKS[0].run(argv), workdir
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
     return proc, workdir
 
 
