@@ -56,6 +56,16 @@ if jax.default_backend() == "gpu":
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(scope="session")
+def forks():
+    """Runs of main.py forked from one server that has done its imports (main_forks.py)."""
+    from main_forks import Forks
+
+    server = Forks()
+    yield server
+    server.close()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     yield

@@ -7,26 +7,18 @@ import sys
 
 import numpy as np
 import pytest
-from main_forks import Forks
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_FORKS: list[Forks] = []  # this module's fork server (main_forks.py), while its tests run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fork_server():
-    _FORKS.append(Forks())
-    yield
-    _FORKS.pop().close()
-
-
-def _run(tmp_path, *flags, workdir=None, config="configs/tiny.py", env=None):
-    """main.py with these flags; forked from the module's server unless `env` is given."""
+def _run(forks, tmp_path, *flags, workdir=None, config="configs/tiny.py", env=None):
+    """main.py with these flags: forked from the suite's server (conftest.py, main_forks.py)
+    unless `env` is given, which needs a process started from scratch."""
     workdir = workdir or str(tmp_path / "work")
     argv = ["main.py", f"--config={config}", f"--workdir={workdir}", *flags]
     if env is None:
-        return _FORKS[0].run(argv), workdir
+        return forks.run(argv), workdir
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=env)
     return proc, workdir
@@ -106,84 +98,85 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_flags(tmp_path, name):
+def test_bad_flags(forks, tmp_path, name):
     flags, needles = CASES[name]
-    _assert_user_error(*_run(tmp_path, *flags), *needles)
+    _assert_user_error(*_run(forks, tmp_path, *flags), *needles)
 
 
-def test_calibration_json_with_missing_image(tmp_path):
+def test_calibration_json_with_missing_image(forks, tmp_path):
     path, img_dir = _calib_json(tmp_path, missing=True)
-    proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
+    proc, workdir = _run(forks, tmp_path, "--config.data.source=sharegpt",
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}")
     _assert_user_error(proc, workdir, "gone.png")
 
 
-def test_unwritable_workdir(tmp_path):
+def test_unwritable_workdir(forks, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc, _ = _run(tmp_path, workdir=str(blocker / "sub"))
+    proc, _ = _run(forks, tmp_path, workdir=str(blocker / "sub"))
     assert proc.returncode == 2 and "not writable" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_calibration_json_with_nothing_left_to_evaluate(tmp_path):
+def test_calibration_json_with_nothing_left_to_evaluate(forks, tmp_path):
     """Without a benchmark the evaluate stage scores held-out records; the tiny config's draws
     take the file's only record, which is named before any stage runs."""
     path, img_dir = _calib_json(tmp_path, missing=False)
-    proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
+    proc, workdir = _run(forks, tmp_path, "--config.data.source=sharegpt",
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}")
     _assert_user_error(proc, workdir, "all 1 image records", "none is left to evaluate on",
                        "--config.eval.jsonl")
 
 
-def test_text_only_checkpoint_is_refused_before_anything_is_written(tmp_path):
+def test_text_only_checkpoint_is_refused_before_anything_is_written(forks, tmp_path):
     """A deepseek_v3 (text-only) directory loads as a model, but MODE calibrates on images."""
     shipped = json.loads(open(os.path.join(REPO, "checkpoints/testbed/config.json")).read())
     text_only = tmp_path / "text_only"
     text_only.mkdir()
     (text_only / "config.json").write_text(json.dumps(shipped["text_config"]))
-    proc, workdir = _run(tmp_path, f"--config.model.path={text_only}",
+    proc, workdir = _run(forks, tmp_path, f"--config.model.path={text_only}",
                          "--config.data.source=random")
     _assert_user_error(proc, workdir, str(text_only), "no vision tower", "internvl")
 
 
-def test_config_file_with_a_syntax_error(tmp_path):
+def test_config_file_with_a_syntax_error(forks, tmp_path):
     bad = tmp_path / "bad_config.py"
     bad.write_text("def get_config(:\n    pass\n")
-    _assert_user_error(*_run(tmp_path, config=bad), "bad flag or config", "invalid syntax")
+    _assert_user_error(*_run(forks, tmp_path, config=bad), "bad flag or config", "invalid syntax")
 
 
-def test_a_positional_argument_is_one_line(tmp_path):
-    proc, workdir = _run(tmp_path, "extra")
+def test_a_positional_argument_is_one_line(forks, tmp_path):
+    proc, workdir = _run(forks, tmp_path, "extra")
     _assert_user_error(proc, workdir, "unexpected arguments ['extra']")
 
 
-def test_compilation_cache_that_is_a_file(tmp_path):
+def test_compilation_cache_that_is_a_file(forks, tmp_path):
     blocker = tmp_path / "cache_file"
     blocker.write_text("x")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    proc, workdir = _run(tmp_path, f"--config.compilation_cache={blocker}", env=env)
+    proc, workdir = _run(forks, tmp_path, f"--config.compilation_cache={blocker}", env=env)
     _assert_user_error(proc, workdir, "compilation_cache=", "cache_file")
 
 
-def test_benchmark_jsonl_is_checked_before_any_stage(tmp_path):
+def test_benchmark_jsonl_is_checked_before_any_stage(forks, tmp_path):
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"question": "what?", "answer": "red"}) + "\n" +
                      json.dumps({"question": "what?", "answer": "red", "image": "gone.png"}))
-    proc, workdir = _run(tmp_path, f"--config.eval.jsonl={bench}")
+    proc, workdir = _run(forks, tmp_path, f"--config.eval.jsonl={bench}")
     _assert_user_error(proc, workdir, "bench.jsonl:2", "gone.png", "not found")
 
 
-def test_checkpoint_without_moe_layers_is_refused(tmp_path):
+def test_checkpoint_without_moe_layers_is_refused(forks, tmp_path):
     config = json.loads(open(os.path.join(REPO, "checkpoints/testbed/config.json")).read())
     config["text_config"]["first_k_dense_replace"] = config["text_config"]["num_hidden_layers"]
     dense = tmp_path / "dense"
     dense.mkdir()
     (dense / "config.json").write_text(json.dumps(config))
-    proc, workdir = _run(tmp_path, f"--config.model.path={dense}", "--config.data.source=random")
+    proc, workdir = _run(forks, tmp_path, f"--config.model.path={dense}",
+                         "--config.data.source=random")
     _assert_user_error(proc, workdir, "no MoE layer (of 4)", "no routed experts")
 
 
-def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
+def test_unreadable_calibration_image_is_named_before_any_stage(forks, tmp_path):
     path, img_dir = _calib_json(tmp_path, missing=False)
     records = json.loads(open(path).read())
     (tmp_path / "img" / "empty.png").write_bytes(b"")
@@ -194,17 +187,17 @@ def test_unreadable_calibration_image_is_named_before_any_stage(tmp_path):
     records.append({**records[0], "id": "r1", "image": "empty.png"})
     records.append({**records[0], "id": "r2", "image": "cut.png"})
     open(path, "w").write(json.dumps(records))
-    proc, workdir = _run(tmp_path, "--config.data.source=sharegpt",
+    proc, workdir = _run(forks, tmp_path, "--config.data.source=sharegpt",
                          f"--config.data.calib_json={path}", f"--config.data.image_dir={img_dir}",
                          "--config.final_stage=quantize")  # every record is drawn
     _assert_user_error(proc, workdir, "2 calibration image(s) cannot be read", "id 'r1'",
                        "empty.png", "id 'r2'), cut.png: image file is truncated")
 
 
-def test_expert_axis_that_does_not_divide_the_devices(tmp_path):
+def test_expert_axis_that_does_not_divide_the_devices(forks, tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    proc, workdir = _run(tmp_path, "--config.mesh.expert=3", env=env)
+    proc, workdir = _run(forks, tmp_path, "--config.mesh.expert=3", env=env)
     _assert_user_error(proc, workdir, "mesh.expert=3 does not divide the 4 devices")
 
 
@@ -222,7 +215,7 @@ def test_zero_draws_mean_every_sharegpt_record():
         stages._validate_settings(c)
 
 
-def test_unreadable_preprocessor_config_is_named_before_any_stage(tmp_path):
+def test_unreadable_preprocessor_config_is_named_before_any_stage(forks, tmp_path):
     shipped = os.path.join(REPO, "checkpoints", "testbed")
     copy = tmp_path / "testbed"
     copy.mkdir()
@@ -230,11 +223,12 @@ def test_unreadable_preprocessor_config_is_named_before_any_stage(tmp_path):
         (copy / name).symlink_to(os.path.join(shipped, name))
     (copy / "preprocessor_config.json").unlink()
     (copy / "preprocessor_config.json").write_text("{not json")
-    proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
+    proc, workdir = _run(forks, tmp_path, f"--config.model.path={copy}",
+                         config="configs/testbed.py")
     _assert_user_error(proc, workdir, "preprocessor_config.json could not be read")
 
 
-def test_prompt_longer_than_max_length_is_named_before_convert(tmp_path):
+def test_prompt_longer_than_max_length_is_named_before_convert(forks, tmp_path):
     """The longest prompt any stage would build (here a whole conversation for GPTQ) is named
     with the max_length it needs, before convert writes anything."""
     img_dir = tmp_path / "img"
@@ -249,7 +243,7 @@ def test_prompt_longer_than_max_length_is_named_before_convert(tmp_path):
     path.write_text(json.dumps(records))
     flags = ("--config.data.source=sharegpt", f"--config.data.calib_json={path}",
              f"--config.data.image_dir={img_dir}", "--config.final_stage=quantize")
-    proc, workdir = _run(tmp_path, *flags, "--config.data.max_length=64",
+    proc, workdir = _run(forks, tmp_path, *flags, "--config.data.max_length=64",
                          config="configs/testbed.py")
     from mode_jax import preprocess
     from mode_jax.calib import data, sources
@@ -265,7 +259,7 @@ def test_prompt_longer_than_max_length_is_named_before_convert(tmp_path):
                        f"at least {longest}")
 
 
-def test_generation_config_with_an_end_token_outside_the_vocabulary(tmp_path):
+def test_generation_config_with_an_end_token_outside_the_vocabulary(forks, tmp_path):
     """Evaluation stops at the end tokens of generation_config.json; a bad one is named before
     convert, not when evaluate starts generating."""
     shipped = os.path.join(REPO, "checkpoints/testbed")
@@ -275,7 +269,8 @@ def test_generation_config_with_an_end_token_outside_the_vocabulary(tmp_path):
         (copy / name).symlink_to(os.path.join(shipped, name))
     (copy / "generation_config.json").unlink()
     (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [8, 99999]}))
-    proc, workdir = _run(tmp_path, f"--config.model.path={copy}", config="configs/testbed.py")
+    proc, workdir = _run(forks, tmp_path, f"--config.model.path={copy}",
+                         config="configs/testbed.py")
     _assert_user_error(proc, workdir, "generation_config.json: eos_token_id [99999] lies outside")
 
 
@@ -291,7 +286,7 @@ def test_a_thinking_template_is_recognised():
     assert stages.opens_reasoning(tok)
 
 
-def test_statistics_prompts_missing_their_records_images_are_noted(tmp_path):
+def test_statistics_prompts_missing_their_records_images_are_noted(forks, tmp_path):
     """Statistics read a record's first user turn; a record whose <image> placeholders stand in
     later turns is named in a warning before convert, with how many of its images it keeps."""
     img_dir = tmp_path / "img"
@@ -308,7 +303,7 @@ def test_statistics_prompts_missing_their_records_images_are_noted(tmp_path):
     path.write_text(json.dumps([late, early, early | {"id": "early2"}]))
     flags = ("--config.data.source=sharegpt", f"--config.data.calib_json={path}",
              f"--config.data.image_dir={img_dir}", "--config.final_stage=convert")
-    proc, _ = _run(tmp_path, *flags, config="configs/testbed.py")
+    proc, _ = _run(forks, tmp_path, *flags, config="configs/testbed.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("1 of the 3 statistics prompts hold fewer images than their record (1 none)"
             in proc.stderr), proc.stderr[-3000:]

@@ -21,26 +21,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
+def _argv(workdir, *flags):
+    return ["main.py", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+
+
 def _cmd(workdir, *flags):
-    return [sys.executable, "main.py", "--config=configs/tiny.py", f"--workdir={workdir}", *flags]
+    return [sys.executable, *_argv(workdir, *flags)]
 
 
-def _run(workdir, *flags):
-    proc = subprocess.run(_cmd(workdir, *flags), cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+def _run(forks, workdir, *flags):
+    """A run forked from the suite's server (conftest.py): main.py's imports are done once.
+    The reference run, the Ctrl-C run and the two-process run start main.py from scratch."""
+    proc = forks.run(_argv(workdir, *flags), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
 
-def _kill_during(workdir, stage):
+def _kill_during(forks, workdir, stage):
     """Start a run, SIGKILL it as soon as `stage` starts running; return whether it did."""
-    proc = subprocess.Popen(_cmd(workdir), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
+    run = forks.start(_argv(workdir))
+    for line in run.stderr_lines(timeout=900):
         if re.search(rf"stage {stage}\s+running", line):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            run.kill()
+            assert run.wait().returncode == -signal.SIGKILL
             return True
-    proc.wait()
+    run.wait()
     return False
 
 
@@ -60,10 +65,12 @@ def _artifacts(workdir):
 def reference(tmp_path_factory):
     """One uninterrupted run of the tiny pipeline: (workdir, its log)."""
     ref = str(tmp_path_factory.mktemp("ref") / "work")
-    return ref, _run(ref)
+    proc = subprocess.run(_cmd(ref), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ref, proc.stderr
 
 
-def test_sigkill_in_every_stage_then_resume(tmp_path, reference):
+def test_sigkill_in_every_stage_then_resume(tmp_path, reference, forks):
     ref, log = reference
     stages = re.findall(r"stage (\w+)\s+running", log)
     order = ["convert", "calibrate", "sensitivity", "allocate", "quantize", "evaluate"]
@@ -71,9 +78,9 @@ def test_sigkill_in_every_stage_then_resume(tmp_path, reference):
     want = _artifacts(ref)
 
     work = str(tmp_path / "killed")
-    killed = [s for s in stages if _kill_during(work, s)]
+    killed = [s for s in stages if _kill_during(forks, work, s)]
     assert killed == stages  # each stage was entered and killed in turn
-    _run(work)
+    _run(forks, work)
     got = _artifacts(work)
     assert sorted(got) == sorted(want)
     for key, arrays in want.items():
@@ -99,10 +106,10 @@ def test_thin_gptq_calibration_is_logged_and_reported(reference):
     assert len(notes) == 1 and notes[0].rstrip().endswith("(every row)"), notes
 
 
-def test_changed_field_reruns_only_downstream(tmp_path, reference):
+def test_changed_field_reruns_only_downstream(tmp_path, reference, forks):
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
-    log = _run(work, "--config.quant.attention_bits=8")
+    log = _run(forks, work, "--config.quant.attention_bits=8")
     ran = re.findall(r"stage (\w+)\s+running", log)
     assert ran == ["quantize", "evaluate"], log
     with open(os.path.join(work, "report.md")) as f:  # both runs' rows, told apart
@@ -110,12 +117,13 @@ def test_changed_field_reruns_only_downstream(tmp_path, reference):
     assert quantizers == {"gptq attention_bits=4", "gptq attention_bits=8"}, quantizers
 
 
-def test_report_tells_rows_of_other_sensitivity_settings_apart(tmp_path, reference):
+def test_report_tells_rows_of_other_sensitivity_settings_apart(tmp_path, reference, forks):
     """Another estimator for MODE, and MoPEQ's trace by Gauss-Newton, in one rerun: the
     report's rows say which statistics each read."""
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
-    log = _run(work, "--config.sens.estimator=fisher", "--config.sens.trace_curvature=gauss_newton",
+    log = _run(forks, work, "--config.sens.estimator=fisher",
+               "--config.sens.trace_curvature=gauss_newton",
                "--config.sweep=('mode','mopeq-budget')")
     ran = re.findall(r"stage (\w+)\s+running", log)  # allocate, quantize once per method
     assert list(dict.fromkeys(ran)) == ["sensitivity", "allocate", "quantize", "evaluate"], log
@@ -127,25 +135,24 @@ def test_report_tells_rows_of_other_sensitivity_settings_apart(tmp_path, referen
         "gauss_newton trace"], rows
 
 
-def test_matmul_precision_reruns_every_stage_that_computes(tmp_path, reference):
+def test_matmul_precision_reruns_every_stage_that_computes(tmp_path, reference, forks):
     """The converted weights do not depend on it; every statistic and evaluation does."""
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
-    log = _run(work, "--config.model.matmul_precision=default")
+    log = _run(forks, work, "--config.model.matmul_precision=default")
     assert re.findall(r"stage (\w+)\s+running", log) == [
         "calibrate", "sensitivity", "allocate", "quantize", "evaluate"], log
 
 
-def test_final_stage_stops_the_run_and_a_later_run_goes_on(tmp_path, reference):
+def test_final_stage_stops_the_run_and_a_later_run_goes_on(tmp_path, reference, forks):
     work = str(tmp_path / "w")
-    proc = subprocess.run(_cmd(work, "--config.final_stage=sensitivity"), cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = forks.run(_argv(work, "--config.final_stage=sensitivity"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.findall(r"stage (\w+)\s+running", proc.stderr) == [
         "convert", "calibrate", "sensitivity"], proc.stderr
     assert "done: sensitivity artifact at " + os.path.join(work, "sensitivity") in proc.stdout
     assert not os.path.exists(os.path.join(work, "report.md"))
-    log = _run(work, "--config.final_stage=quantize")
+    log = _run(forks, work, "--config.final_stage=quantize")
     assert re.findall(r"stage (\w+)\s+running", log) == ["allocate", "quantize"], log
     assert os.path.isfile(os.path.join(work, "report.md"))  # the bit map and earlier rows
     assert sorted(_artifacts(work)) == sorted(k for k in _artifacts(reference[0])
@@ -177,12 +184,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
                                              "same command to resume")
 
 
-def test_a_damaged_artifact_is_one_line_naming_it(tmp_path, reference):
+def test_a_damaged_artifact_is_one_line_naming_it(tmp_path, reference, forks):
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
     convert = os.path.join(work, "convert", os.listdir(os.path.join(work, "convert"))[0])
     shutil.rmtree(os.path.join(convert, "arrays", "ocdbt.process_0"))
-    proc = subprocess.run(_cmd(work), cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = forks.run(_argv(work), timeout=900)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: artifact {convert} is "
@@ -190,7 +197,7 @@ def test_a_damaged_artifact_is_one_line_naming_it(tmp_path, reference):
     assert f"rm -r {convert}" in proc.stderr
 
 
-def test_report_says_which_statistics_its_divergence_line_reads(tmp_path, reference):
+def test_report_says_which_statistics_its_divergence_line_reads(tmp_path, reference, forks):
     """Rows of several runs share one report, the divergence line is the latest run's: it names
     that run's calibrate artifact and data settings, so a reader can tell."""
     def divergence_line(workdir):
@@ -202,7 +209,7 @@ def test_report_says_which_statistics_its_divergence_line_reads(tmp_path, refere
         reference[0])
     work = str(tmp_path / "w")
     shutil.copytree(reference[0], work)
-    _run(work, "--config.data.num_freq_samples=4")
+    _run(forks, work, "--config.data.num_freq_samples=4")
     (second,) = set(os.listdir(os.path.join(work, "calibrate"))) - {first}
     assert f"calibrate/{second} (source random, num_freq_samples 4)" in divergence_line(work)
 

@@ -1,16 +1,24 @@
 """A forward pass with experts split over a mesh equals the single-device forward.
 
-Runs in a subprocess so XLA can be given 8 host devices without affecting other tests.
+Each script runs in its own process so XLA can be given host devices without affecting other
+tests: a fork of a server that has imported jax, flax and mode_jax (main_forks.py), whose
+XLA_FLAGS take effect when the script starts its JAX backend.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from main_forks import Forks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def cpu_forks():
+    """Forks on the CPU platform even where a GPU is (host devices are what the scripts split)."""
+    server = Forks(env={"JAX_PLATFORMS": "cpu"})
+    yield server
+    server.close()
+
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -63,22 +71,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_8_host_devices(script: str, devices: int = 8, timeout: int = 300) -> None:
+def _run_on_8_host_devices(forks, script: str, devices: int = 8, timeout: int = 300):
     """`script` in a process with `devices` host devices (and the suite's other XLA flags)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
-        [*flags, f"--xla_force_host_platform_device_count={devices}"]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
+    env = {"XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])}
+    proc = forks.run(["-c", script], env=env, timeout=timeout)
+    assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_expert_parallel_forward_matches():
+def test_expert_parallel_forward_matches(cpu_forks):
     """The forward with the experts split over "expert" (each device running its own, no
     layer's experts gathered) equals one device's; an expert count the expert axis does not
     divide is kept whole, with a warning."""
-    _run_on_8_host_devices(SCRIPT)
+    _run_on_8_host_devices(cpu_forks, SCRIPT)
 
 
 FAMILIES_SCRIPT = textwrap.dedent("""
@@ -108,10 +114,10 @@ FAMILIES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_expert_parallel_forward_matches_on_the_other_families():
+def test_expert_parallel_forward_matches_on_the_other_families(cpu_forks):
     """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)
     and on InternVL (tiles), in one subprocess."""
-    _run_on_8_host_devices(FAMILIES_SCRIPT)
+    _run_on_8_host_devices(cpu_forks, FAMILIES_SCRIPT)
 
 
 QUANTIZE_SCRIPT = textwrap.dedent("""
@@ -138,12 +144,12 @@ QUANTIZE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_experts_are_fake_quantized_in_place():
+def test_sharded_experts_are_fake_quantized_in_place(cpu_forks):
     """The sensitivity copies of experts split over 8 devices equal the single-device ones
     (to float rounding),
     and the compiled program moves no expert between devices (each step takes every device's
     share)."""
-    _run_on_8_host_devices(QUANTIZE_SCRIPT)
+    _run_on_8_host_devices(cpu_forks, QUANTIZE_SCRIPT)
 
 
 COSTS_SCRIPT = textwrap.dedent("""
@@ -186,12 +192,12 @@ COSTS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sensitivity_of_sharded_experts_moves_only_the_chunk():
+def test_sensitivity_of_sharded_experts_moves_only_the_chunk(cpu_forks):
     """expert_mse / pmq / fisher / gemq of a layer whose experts are split over the mesh equal
     the single-device ones, and each chunk's program never gathers the layer's experts (the
     chunk's own experts arrive by one chunk-sized reduction) and splits the chunk's experts
     over the "data" axis (per device, 0.25 of the single-device work at data=4)."""
-    _run_on_8_host_devices(COSTS_SCRIPT)
+    _run_on_8_host_devices(cpu_forks, COSTS_SCRIPT)
 
 
 DATA_PARALLEL_SCRIPT = textwrap.dedent("""
@@ -294,13 +300,13 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_data_parallel_passes_and_gptq_match_one_device():
+def test_data_parallel_passes_and_gptq_match_one_device(cpu_forks):
     """With the model on a (data=2, expert=2) mesh, the passes, GPTQ's walk and the evaluation's
     forwards (float, greedy generation, packed through the kernels) split each batch's rows over
     "data" (a batch that does not divide stays replicated), and what they compute equals the
     one-device run: counts, routing and tokens exactly, floats and GPTQ's codes to rounding.
     (logit_kl is checked split across two processes, in test_multihost.py.)"""
-    _run_on_8_host_devices(DATA_PARALLEL_SCRIPT, devices=4)
+    _run_on_8_host_devices(cpu_forks, DATA_PARALLEL_SCRIPT, devices=4)
 
 
 GPTQ_LOOP_SCRIPT = textwrap.dedent("""
@@ -327,11 +333,11 @@ GPTQ_LOOP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_gptq_of_expert_stacks_on_two_host_devices_does_not_hang():
+def test_gptq_of_expert_stacks_on_two_host_devices_does_not_hang(cpu_forks):
     """Batched LAPACK calls on XLA:CPU with as many devices as pool threads could block every
     thread (`gptq._upper_inverse_factor_each`): before the fix this loop hung within a few
     iterations on 2 cores, whether the stack was replicated or split over the devices."""
-    _run_on_8_host_devices(GPTQ_LOOP_SCRIPT, devices=2, timeout=150)
+    _run_on_8_host_devices(cpu_forks, GPTQ_LOOP_SCRIPT, devices=2, timeout=150)
 
 
 PACKED_SCRIPT = textwrap.dedent("""
@@ -432,14 +438,14 @@ PACKED_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_packed_experts_split_over_the_mesh_match_one_device():
+def test_packed_experts_split_over_the_mesh_match_one_device(cpu_forks):
     """A packed model placed on a (data=2, expert=2) mesh pads each bit group with phantom
     experts to an even count and holds half of it per device, runs its Pallas kernels
     (interpret mode) once per device on that device's experts and rows (the packed dense
     layers' kernels too, on the device's rows), and gives the
     one-device logits (split rows, replicated rows, the XLA path); its bit map, dequantized
     weights, artifact and byte counts are those of the unplaced model."""
-    _run_on_8_host_devices(PACKED_SCRIPT, devices=4)
+    _run_on_8_host_devices(cpu_forks, PACKED_SCRIPT, devices=4)
 
 
 MESH_EXPORT_SCRIPT = textwrap.dedent("""
@@ -515,12 +521,12 @@ MESH_EXPORT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mesh_forwards_lower_for_cuda_and_tpu_per_device():
+def test_mesh_forwards_lower_for_cuda_and_tpu_per_device(cpu_forks):
     """The packed model's forwards on a (data=2, expert=2) mesh export for CUDA (Triton) and TPU
     (Mosaic) from this CPU: one kernel launch per projection, each on its device's rows and
     experts (never gathered; the expert outputs summed by one all-reduce). The sharded path
     has not run on a GPU or TPU; this is as far as a CPU checks it."""
-    _run_on_8_host_devices(MESH_EXPORT_SCRIPT, devices=4)
+    _run_on_8_host_devices(cpu_forks, MESH_EXPORT_SCRIPT, devices=4)
 
 
 def test_mesh_rejects_uneven_expert_axis():
