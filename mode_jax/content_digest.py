@@ -8,7 +8,8 @@ sha256 over its regular files' relative names, sizes and sha256s (directories wa
 recursively; names starting with "." skipped). Hashing a 30B checkpoint reads tens of GB, so
 each file's sha256 is cached in a JSON file keyed by (absolute path, size, mtime_ns, inode), as
 git's index does: a rerun stats the files and reads none, a file rewritten in place is hashed
-again, and if its bytes did not change neither does any fingerprint.
+again, and if its bytes did not change neither does any fingerprint. Entries of files that no
+longer exist are dropped when the cache is next read.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def digest(path: str, cache_path: str | None = None) -> str:
     for full in stale:
         with open(full, "rb") as f:
             cache[full] = [_stamp(stamps[full]), hashlib.file_digest(f, "sha256").hexdigest()]
-    if stale and cache_path:
+    gone = [full for full in cache if full not in stamps and not os.path.exists(full)]
+    for full in gone:  # deleted or moved files: the cache does not grow with every path read
+        del cache[full]
+    if (stale or gone) and cache_path:
         _save_cache(cache_path, cache)
     whole = hashlib.sha256()
     for rel, full in files:

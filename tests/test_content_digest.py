@@ -1,6 +1,7 @@
 """Content digests: keyed by bytes, not path or time; cached per file by (size, mtime, inode)."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -66,6 +67,23 @@ def test_cache_skips_unchanged_files_and_rehashes_rewritten_ones(tmp_path, monke
     assert reads == [str(root / "config.json")]
     (root / "model.safetensors").write_bytes(b"\x03" * 1000)  # rewritten in place
     assert content_digest.digest(str(root), cache) == content_digest.digest(str(root)) != first
+
+
+def test_cache_drops_the_files_that_are_gone(tmp_path):
+    """A calibration file read once and deleted, a checkpoint moved: their entries go at the
+    next digest, whichever path it reads; the files that remain keep theirs."""
+    root = _checkpoint(tmp_path / "ckpt")
+    other = tmp_path / "calib.json"
+    other.write_text("[]")
+    cache = tmp_path / "work" / "digests.json"
+    content_digest.digest(str(root), str(cache))
+    content_digest.digest(str(other), str(cache))
+    files = [str(root / n) for n in ("config.json", "model.safetensors", "sub/tokenizer.json")]
+    assert sorted(json.loads(cache.read_text())) == sorted([str(other), *files])
+    other.unlink()
+    (root / "sub" / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    content_digest.digest(str(root), str(cache))
+    assert sorted(json.loads(cache.read_text())) == sorted(files[:2])
 
 
 def test_a_damaged_cache_costs_a_rehash_not_a_wrong_digest(tmp_path):
