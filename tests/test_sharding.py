@@ -388,6 +388,11 @@ PACKED_SCRIPT = textwrap.dedent("""
     got = outputs()
     for key in ("pair", "one", "xla"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    fake = apply.fake_quantized(q)  # its float copy is placed as it is, and computes the same
+    fake_experts = fake.language_model.layers[text.moe_layers[0]].mlp.experts
+    assert sharding.model_mesh(fake) is mesh and fake_experts.mesh is mesh
+    assert fake_experts.gate_up[...].sharding.spec == P("expert")
+    np.testing.assert_allclose(np.asarray(fake(pair).logits), want["xla"], rtol=1e-5, atol=1e-5)
     # What is read or stored sees the real experts only.
     np.testing.assert_array_equal(serialize.bit_map(q), bits)
     for a, b in zip(experts.dequantized(), want_dequantized, strict=True):

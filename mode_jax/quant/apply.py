@@ -560,7 +560,8 @@ def set_use_kernels(model: nnx.Module, use_kernels: bool, dequant: str = "") -> 
 
 def fake_quantized(qmodel):
     """A float copy of the packed model: every packed weight dequantized (same codes) into an
-    `nnx.Linear` or `StackedExperts` in the model's parameter dtype."""
+    `nnx.Linear` or `StackedExperts` in the model's parameter dtype, on the packed model's mesh
+    when it has one."""
     model = nnx.clone(qmodel)
     dtype = model.language_model.dtype
     for path, m in list(quantized_modules(model)):
@@ -575,4 +576,7 @@ def fake_quantized(qmodel):
             gate_up, down = m.dequantized(dtype)
             new.gate_up, new.down = nnx.Param(gate_up), nnx.Param(down)
         set_child(model, path, new)
+    mesh = sharding.model_mesh(qmodel)
+    if mesh is not None:  # placed as the packed model is: its float experts split the same way
+        sharding.shard_model(model, mesh)
     return model
