@@ -27,7 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SERVER = r"""
-import json, os, runpy, sys
+import atexit, json, os, runpy, sys
 from jax._src import xla_bridge
 import main_imports  # noqa: F401
 
@@ -44,9 +44,9 @@ while line := sys.stdin.readline():
             os.chdir(req["cwd"])
             os.environ.update(req["env"])
             sys.argv = req["argv"]
-            if sys.argv[0] == "-c":
-                sys.argv = sys.argv[1:]
-                exec(compile(sys.argv[0], "<string>", "exec"), {"__name__": "__main__"})
+            if sys.argv[0] == "-c":  # python -c CODE ARGS: sys.argv is ["-c", *ARGS]
+                code_text, sys.argv = sys.argv[1], ["-c", *sys.argv[2:]]
+                exec(compile(code_text, "<string>", "exec"), {"__name__": "__main__"})
             else:
                 runpy.run_path(sys.argv[0], run_name="__main__")
             code = 0
@@ -58,7 +58,8 @@ while line := sys.stdin.readline():
         except BaseException:
             import traceback
             traceback.print_exc()
-        finally:
+        finally:  # the interpreter's exit, less waiting on threads: exit handlers, flushes
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
