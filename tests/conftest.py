@@ -61,9 +61,8 @@ def forks():
     """Runs of main.py forked from one server that has done its imports (main_forks.py)."""
     from main_forks import Forks
 
-    server = Forks()
-    yield server
-    server.close()
+    with Forks() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True, scope="module")

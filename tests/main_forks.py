@@ -29,7 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SERVER = r"""
 import atexit, json, os, runpy, sys
 from jax._src import xla_bridge
-import main_imports  # noqa: F401
+# what main.py imports after parsing its flags, and what stages.validate imports
+import absl.app, ml_collections.config_flags
+from mode_jax import multihost, preprocess, stages
+from mode_jax.calib import passes, sources
 
 assert not xla_bridge._backends, "a JAX backend started before forking"
 sys.stdout.flush()
@@ -68,13 +71,6 @@ while line := sys.stdin.readline():
     print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
 """
 
-# What main.py imports after parsing its flags, and what stages.validate imports.
-_IMPORTS = """
-import absl.app, ml_collections.config_flags  # noqa: F401
-from mode_jax import multihost, preprocess, stages  # noqa: F401
-from mode_jax.calib import passes, sources  # noqa: F401
-"""
-
 
 class Run:
     """One forked run in progress: its pid and the files its output goes to."""
@@ -107,7 +103,6 @@ class Run:
 
     def wait(self, timeout: float = 300) -> subprocess.CompletedProcess:
         code = self._forks.reply(timeout)["returncode"]
-        self._forks._running = None
         with open(self.stdout_path) as o, open(self.stderr_path) as e:
             return subprocess.CompletedProcess([sys.executable, *self.argv], code, o.read(),
                                                e.read())
@@ -118,11 +113,8 @@ class Forks:
 
     def __init__(self, env: dict | None = None):
         """env: the server's environment on top of this process's (JAX_PLATFORMS=cpu...)."""
-        self._dir = tempfile.TemporaryDirectory(prefix="main_forks_")
-        with open(os.path.join(self._dir.name, "main_imports.py"), "w") as f:
-            f.write(_IMPORTS)
-        env = dict(os.environ, **(env or {}),
-                   PYTHONPATH=os.pathsep.join([self._dir.name, REPO]))
+        self._dir = tempfile.TemporaryDirectory(prefix="main_forks_")  # the runs' output
+        env = dict(os.environ, **(env or {}))
         self._proc = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=REPO, env=env,
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._count = 0
@@ -156,7 +148,10 @@ class Forks:
             self.close()
             raise subprocess.TimeoutExpired("forked run", timeout)
         line, self._replies = self._replies.split(b"\n", 1)
-        return json.loads(line)
+        reply = json.loads(line)
+        if "returncode" in reply:
+            self._running = None
+        return reply
 
     def _receive(self, timeout: float) -> bool:
         """Read what the server wrote until a whole reply is here or `timeout` passes."""
@@ -172,6 +167,12 @@ class Forks:
                 raise RuntimeError(f"the fork server stopped (exit {self._proc.wait()})")
             self._replies += chunk
         return True
+
+    def __enter__(self) -> "Forks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the server, and a run still going."""

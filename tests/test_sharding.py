@@ -15,9 +15,8 @@ from main_forks import Forks
 @pytest.fixture(scope="module")
 def cpu_forks():
     """Forks on the CPU platform even where a GPU is (host devices are what the scripts split)."""
-    server = Forks(env={"JAX_PLATFORMS": "cpu"})
-    yield server
-    server.close()
+    with Forks(env={"JAX_PLATFORMS": "cpu"}) as server:
+        yield server
 
 
 SCRIPT = textwrap.dedent("""
