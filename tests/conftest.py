@@ -14,11 +14,14 @@ the next compilation aborts the interpreter ("Fatal Python error: Aborted" insid
 `backend_compile_and_load`). Dropping the caches after each test module releases them.
 
 Most of the suite's time is XLA compiling tiny-model programs that then run for milliseconds,
-so the suite asks XLA:CPU for cheap code generation (`TEST_XLA_FLAGS`: LLVM at -O0 and without
-its expensive passes). The HLO optimisations that decide what is computed, and in which order,
-are the same as in a normal run; tests/test_passes.py takes 77 s instead of 127 s on 2 cores,
-while compute-bound files such as test_testbed_checkpoint.py take as long as before (measured
-2026-12-05). `main.py` outside the suite, and benchmarks/, keep XLA's defaults. Flags already
+so the suite asks XLA:CPU for cheap code generation (`TEST_XLA_FLAGS`): LLVM at -O0 and without
+its expensive passes, and fusions emitted by XLA:CPU's older LLVM IR emitters rather than its
+MLIR fusion emitters, which cost more to compile. The HLO optimisations that decide what is
+computed, and in which order, are the same as in a normal run; the code generated for them
+differs in the last bits (the testbed's logits move by at most about 1e-5 from a default run's,
+8e-6 with -O0 alone). tests/test_passes.py took 77 s instead of 127 s with the first two flags
+(2026-12-05); the third took the whole suite from 25:41 to 17:08 under `-n 2` (47:30 to 31:28
+CPU, 2026-12-07). `main.py` outside the suite, and benchmarks/, keep XLA's defaults. Flags already
 in XLA_FLAGS are kept (set MODE_JAX_TEST_DEFAULT_XLA=1 to leave XLA_FLAGS untouched).
 """
 
@@ -27,7 +30,8 @@ import os
 import shutil
 import tempfile
 
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+                  "--xla_cpu_use_fusion_emitters=false")
 if not os.environ.get("MODE_JAX_TEST_DEFAULT_XLA"):  # before jax starts a backend; inherited
     _flags = os.environ.get("XLA_FLAGS", "").split()  # by xdist workers and main.py runs
     _names = {f.split("=")[0] for f in _flags}
