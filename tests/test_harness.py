@@ -111,6 +111,8 @@ def test_a_model_that_answers_perfectly_scores_100(result, data):
     assert result["mc_accuracy"]["all"] == 1.0
     assert set(result["mc_accuracy"]["task"]) == {"choice", "fact_choice"}
     assert result["correct"] == [True] * 8
+    assert result["choices"] == [ex.sample.answer_index if ex.sample.options else None
+                                 for ex in data.examples]
 
 
 def test_wrong_answers_cost_their_share(model, samples, tokenizer):
@@ -142,7 +144,7 @@ def test_perplexity_and_choices_match_a_plain_forward(model, data, result):
 
 
 def test_kl_of_a_model_against_itself_is_zero(model, data, result):
-    kw = {"batch_size": 3, "max_new_tokens": NEW_TOKENS}
+    kw = {"batch_size": 3, "max_new_tokens": NEW_TOKENS, "routing": True}  # `result`'s programs
     again = harness.evaluate(model, data, reference=result, **kw)
     assert again["kl"]["all"] == 0.0
     live = harness.evaluate(model, data, reference=model, **kw)

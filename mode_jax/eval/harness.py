@@ -361,6 +361,7 @@ def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> 
         "wall_seconds": seconds,
         "predictions": preds,
         "correct": correct.tolist(),
+        "choices": list(choice),  # per sample: the option scored highest (None: not MC)
         "answer_tokens": np.asarray(count, np.float64).tolist(),
     }
     result["perplexity"] = _map(result["nll"], np.exp)
