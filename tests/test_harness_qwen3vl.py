@@ -74,8 +74,10 @@ def _row_logp(model, ex) -> np.ndarray:
 
 def test_scores_against_itself_and_a_plain_forward(data):
     model = tiny.model()
+    # routing=True throughout: the three evaluations then share one set of compiled programs
     full = harness.evaluate(model, data, batch_size=2, max_new_tokens=3, routing=True)
-    again = harness.evaluate(model, data, reference=full, batch_size=2, max_new_tokens=3)
+    again = harness.evaluate(model, data, reference=full, batch_size=2, max_new_tokens=3,
+                             routing=True)
     assert again["kl"]["all"] == pytest.approx(0.0, abs=1e-6)
     assert again["predictions"] == full["predictions"]
     # perplexity against one unbatched forward per example
@@ -86,7 +88,8 @@ def test_scores_against_itself_and_a_plain_forward(data):
         count += len(ex.answer_ids)
     np.testing.assert_allclose(full["perplexity"]["all"], np.exp(nll / count), rtol=1e-4)
     two_bit = fake.fake_quantize(model, fake.uniform_bits(model, 2), group_size=16)
-    moved = harness.evaluate(two_bit, data, reference=full, batch_size=2, max_new_tokens=3)
+    moved = harness.evaluate(two_bit, data, reference=full, batch_size=2, max_new_tokens=3,
+                             routing=True)
     assert moved["kl"]["all"] > 1e-4
     image_tokens = sum(int((e.prompt_ids == tiny.IMAGE).sum()) for e in data.examples)
     picks = full["routing"]["image"]  # [MoE layers, experts], top-2 per image token
