@@ -37,10 +37,10 @@ def test_card_accuracies_reproduce(summary):
     """Greedy decoding on CPU is deterministic: the held-out split scores as recorded when the
     checkpoint was made (train_summary.json, the card's source). What each sample scored
     (heldout_outcomes.py's record) gives exactly the card's figures, and rescoring whole
-    evaluation batches of it (each kind's first, last and most wrongly answered one: every
-    padded shape's programs compile) gives the same answers and picks, sample by sample. A
-    regression check: the figures were recorded by this harness, whose scoring is checked
-    against plain forwards in test_harness.py."""
+    batches of the full evaluation (each kind's first, last and most wrongly answered one)
+    gives the same answers and picks, sample by sample. A regression check: the figures were
+    recorded by this harness, whose scoring is checked against plain forwards in
+    test_harness.py."""
     recorded, record = summary["heldout"], heldout_outcomes.load()
     model, data = card.heldout(CHECKPOINT, recorded["n"])
     assert harness.digest(data) == record["digest"], "the record is of other questions"
