@@ -16,26 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from mode_jax.eval import harness, metrics
 from mode_jax.testbed import card
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "testbed"
 RECORD = Path(__file__).resolve().parent / "fixtures" / "testbed_heldout_outcomes.json"
 FIGURES = ("accuracy", "mc_accuracy")
+BATCH_SIZE = 32  # the card's evaluation batch (harness.evaluate's default)
 
 
 def figures(data: harness.EvalSet, predictions, choices) -> dict:
-    """The card's accuracy and multiple-choice accuracy, recomputed from per-sample outcomes."""
+    """The card's accuracy and multiple-choice accuracy, totalled from per-sample outcomes."""
     samples = [ex.sample for ex in data.examples]
-    groups = {g: [getattr(s, g) for s in samples] for g in harness.GROUPINGS}
-    correct = metrics.exact_match(predictions, [s.answer for s in samples]).astype(float)
-    mc = [i for i, c in enumerate(choices) if c is not None]
-    hits = [float(choices[i] == samples[i].answer_index) for i in mc]
-    return {"accuracy": metrics.breakdown(correct, np.ones(len(samples)), groups),
-            "mc_accuracy": metrics.breakdown(hits, np.ones(len(mc)),
-                                             {g: [v[i] for i in mc] for g, v in groups.items()})}
+    correct = metrics.exact_match(predictions, [s.answer for s in samples])
+    return harness.accuracies(samples, correct, choices)
 
 
 def wrong(data: harness.EvalSet, record: dict) -> set[int]:
@@ -46,7 +40,7 @@ def wrong(data: harness.EvalSet, record: dict) -> set[int]:
             if bad[i] or record["choices"][i] not in (None, ex.sample.answer_index)}
 
 
-def batches_to_rescore(data: harness.EvalSet, record: dict, batch_size: int = 32):
+def batches_to_rescore(data: harness.EvalSet, record: dict, batch_size: int = BATCH_SIZE):
     """Whole batches of the full evaluation (same rows, so the same padded shapes and numbers):
     per kind of sample, its first and last batch (shortest and longest prompts, the ragged last
     one) and the one holding most wrong answers, in the evaluation's order."""
@@ -69,17 +63,16 @@ def load() -> dict:
 def main() -> None:
     summary = json.loads((CHECKPOINT / "train_summary.json").read_text())["heldout"]
     model, data = card.heldout(CHECKPOINT, summary["n"])
-    res = harness.evaluate(model, data)
+    res = harness.evaluate(model, data, batch_size=BATCH_SIZE)
     got = figures(data, res["predictions"], res["choices"])
     if got != {k: summary[k] for k in FIGURES}:
         sys.exit(f"the harness scores the held-out split as {got}, the card records "
                  f"{ {k: summary[k] for k in FIGURES} }: not writing {RECORD}")
-    RECORD.write_text(json.dumps({"n": summary["n"], "digest": harness.digest(data),
-                                  "predictions": res["predictions"],
-                                  "choices": res["choices"]}) + "\n")
-    print(f"wrote {RECORD}: {len(res['predictions'])} samples, "
-          f"{len(wrong(data, load()))} wrong")
-
+    record = {"n": summary["n"], "digest": harness.digest(data),
+              "predictions": res["predictions"], "choices": res["choices"]}
+    RECORD.write_text(json.dumps(record) + "\n")
+    print(f"wrote {RECORD}: {len(record['predictions'])} samples, "
+          f"{len(wrong(data, record))} wrong")
 
 if __name__ == "__main__":
     main()

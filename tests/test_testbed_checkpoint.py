@@ -49,9 +49,10 @@ def test_card_accuracies_reproduce(summary):
     chosen = heldout_outcomes.batches_to_rescore(data, record)
     rows = [i for batch in chosen for i in batch]
     part = dataclasses.replace(data, examples=tuple(data.examples[i] for i in rows))
+    size = heldout_outcomes.BATCH_SIZE
     assert [[rows[j] for j in b] for b in harness._batches(
-        part, harness._rows_per_batch(part, 32))] == chosen  # the full run's batches
-    got = harness.evaluate(model, part)
+        part, harness._rows_per_batch(part, size))] == chosen  # the full run's batches
+    got = harness.evaluate(model, part, batch_size=size)
     assert got["predictions"] == [record["predictions"][i] for i in rows]
     assert got["choices"] == [record["choices"][i] for i in rows]
     assert heldout_outcomes.wrong(data, record) & set(rows)  # wrong answers are rescored too

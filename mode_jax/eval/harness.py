@@ -348,15 +348,34 @@ def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
                      logprobs if keep_logprobs else None, route, time.perf_counter() - start)
 
 
+def sample_groups(samples: Sequence[tasks.Sample]) -> dict[str, list[str]]:
+    """Each sample's label under each grouping (family, task, modality)."""
+    return {g: [getattr(s, g) for s in samples] for g in GROUPINGS}
+
+
+def accuracies(samples: Sequence[tasks.Sample], correct, choices) -> dict:
+    """Per-group exact-match accuracy and, when some samples are multiple choice, their
+    multiple-choice accuracy, from per-sample outcomes (`correct`, `choices`: an option index
+    or None): how an evaluation totals them, and how a stored record of them is re-totalled."""
+    groups = sample_groups(samples)
+    out = {"accuracy": metrics.breakdown(np.asarray(correct, float), np.ones(len(samples)),
+                                         groups)}
+    mc = [i for i, c in enumerate(choices) if c is not None]
+    if mc:
+        hits = np.asarray([choices[i] == samples[i].answer_index for i in mc], float)
+        out["mc_accuracy"] = metrics.breakdown(
+            hits, np.ones(len(mc)), {k: [v[i] for i in mc] for k, v in groups.items()})
+    return out
+
+
 def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> dict:
     samples = [e.sample for e in data.examples]
-    groups = {"family": [s.family for s in samples], "task": [s.task for s in samples],
-              "modality": [s.modality for s in samples]}
+    groups = sample_groups(samples)
     correct = metrics.exact_match(preds, [s.answer for s in samples])
-    ones = np.ones(len(samples))
+    totals = accuracies(samples, correct, choice)
     result: dict[str, Any] = {
         "n": len(samples),
-        "accuracy": metrics.breakdown(correct.astype(float), ones, groups),
+        "accuracy": totals["accuracy"],
         "nll": metrics.breakdown(nll, count, groups),
         "wall_seconds": seconds,
         "predictions": preds,
@@ -365,11 +384,8 @@ def _assemble(data, preds, nll, count, kl, choice, logprobs, route, seconds) -> 
         "answer_tokens": np.asarray(count, np.float64).tolist(),
     }
     result["perplexity"] = _map(result["nll"], np.exp)
-    mc = [i for i, c in enumerate(choice) if c is not None]
-    if mc:
-        hits = np.asarray([choice[i] == samples[i].answer_index for i in mc], float)
-        result["mc_accuracy"] = metrics.breakdown(
-            hits, np.ones(len(mc)), {k: [v[i] for i in mc] for k, v in groups.items()})
+    if "mc_accuracy" in totals:
+        result["mc_accuracy"] = totals["mc_accuracy"]
     if kl is not None:
         result["kl"] = metrics.breakdown(kl, count, groups)
         result["sample_kl"] = np.asarray(kl, np.float64).tolist()  # summed over answer tokens
