@@ -17,6 +17,7 @@ Only the vision tower and projector are trained here.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -162,6 +163,15 @@ class Warmup(nnx.Module):
         return loss, acc
 
 
+@functools.cache
+def _adamw(lr: float, steps: int) -> optax.GradientTransformation:
+    """One object per setting, so a second warm-up in one process reuses `_step`'s compiled
+    program (nnx.jit keys it on the optimizer's structure; train._adamw says more)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps,
+                                                  end_value=lr * 0.1)
+    return optax.adamw(schedule, b2=0.98, weight_decay=0.01)
+
+
 @nnx.jit(static_argnames=("grid_hws",))
 def _step(warmup: Warmup, optimizer: nnx.Optimizer, pixel_values, grid_hws, labels):
     (loss, acc), grads = nnx.value_and_grad(
@@ -182,10 +192,7 @@ def warm_up(model: KimiVL, *, steps: int, batch_size: int, lr: float, seed: int,
         raise ValueError(f"relation_share must be in [0, 1], got {relation_share}")
     grid = max(max(c.image_size) for c in task_cfgs) // 28
     warmup = Warmup(model, grid, nnx.Rngs(seed), relation=relation_share > 0)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps,
-                                                  end_value=lr * 0.1)
-    optimizer = nnx.Optimizer(warmup, optax.adamw(schedule, b2=0.98, weight_decay=0.01),
-                              wrt=nnx.Param)
+    optimizer = nnx.Optimizer(warmup, _adamw(lr, steps), wrt=nnx.Param)
     rng = np.random.default_rng([seed, 11])
     start, window, out = time.time(), [], {}
     for step in range(1, steps + 1):
