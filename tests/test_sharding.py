@@ -207,7 +207,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     from mode_jax import sharding
     from mode_jax.calib import passes, sources
     from mode_jax.eval import generate
-    from mode_jax.quant import apply
+    from mode_jax.quant import apply, serialize
 
     assert len(jax.devices()) == 4
     model = mode_jax.load("tests/fixtures/kimivl-tiny")
@@ -227,12 +227,11 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
                                                image_token_id=scfg.image_token_id),
         }
 
-    def forwards(m):  # float logits, greedy tokens, RTN-packed logits through the kernels
-        rtn = apply.quantize_model(m, None, bits, apply.QuantConfig(
-            method="rtn", group_size=32, use_kernels=True))[0]
-        out = m(batches[0])
-        return {"logits": out.logits, "generated": generate.greedy_generate(m, batches[0], 3, 0),
-                "packed": rtn(batches[0]).logits}
+    def forwards(m):  # float logits, greedy tokens, the RTN-packed model's stored arrays
+        rtn = apply.quantize_model(m, None, bits, apply.QuantConfig(method="rtn", group_size=32))
+        return {"logits": m(batches[0]).logits,
+                "generated": generate.greedy_generate(m, batches[0], 3, 0),
+                "packed": serialize.to_artifact(rtn[0])[0]["params"]}
 
     def gptq(m):
         q = apply.quantize_model(m, [batches[0], batches[-1]], bits,  # split + replicated
@@ -268,11 +267,14 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     apply.gptq.gptq_quantize_experts = solve
     assert solved and all(shape[0] == 2 for shape in solved), solved
     got.update(forwards(model))
-    for key in ("logits", "packed"):  # the evaluation's forwards: split too, and equal
-        assert got[key].sharding.spec == P("data"), (key, got[key].sharding)
-        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]),
-                                   rtol=1e-5, atol=1e-5, err_msg=key)
+    # the evaluation's forward: split too, and equal (the packed model's: PACKED_SCRIPT)
+    assert got["logits"].sharding.spec == P("data"), got["logits"].sharding
+    np.testing.assert_allclose(np.asarray(got["logits"]), np.asarray(want["logits"]),
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got["generated"].tokens, want["generated"].tokens)
+    assert sorted(got["packed"]) == sorted(want["packed"])  # RTN, each device its experts
+    for k, v in want["packed"].items():
+        np.testing.assert_array_equal(got["packed"][k], v, err_msg=k)
 
     for k, v in want["freq"].items():  # counts exactly; the weight sums to float rounding
         np.testing.assert_allclose(got["freq"][k], v, rtol=1e-6, err_msg=k)
@@ -301,9 +303,10 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_data_parallel_passes_and_gptq_match_one_device(cpu_forks):
     """With the model on a (data=2, expert=2) mesh, the passes, GPTQ's walk and the evaluation's
-    forwards (float, greedy generation, packed through the kernels) split each batch's rows over
-    "data" (a batch that does not divide stays replicated), and what they compute equals the
-    one-device run: counts, routing and tokens exactly, floats and GPTQ's codes to rounding.
+    forwards (float, greedy generation) split each batch's rows over "data" (a batch that does
+    not divide stays replicated), and what they compute equals the one-device run: counts,
+    routing, tokens and RTN's packed arrays exactly, floats and GPTQ's codes to rounding. (The
+    packed model's forward on this mesh: test_packed_experts_split_over_the_mesh_match_one_device.)
     (logit_kl is checked split across two processes, in test_multihost.py.)"""
     _run_on_8_host_devices(cpu_forks, DATA_PARALLEL_SCRIPT, devices=4)
 
@@ -385,6 +388,7 @@ PACKED_SCRIPT = textwrap.dedent("""
             assert a.sharding.spec == P("expert"), (name, a.sharding)
             assert a.addressable_shards[0].data.shape[0] == (size + 1) // 2
     got = outputs()
+    assert q(pair).logits.sharding.spec == P("data")  # the split rows stay split
     for key in ("pair", "one", "xla"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
     fake = apply.fake_quantized(q)  # its float copy is placed as it is, and computes the same
