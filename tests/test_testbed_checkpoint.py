@@ -68,28 +68,32 @@ def _batches(model, n, seed):
                              max_length=256))
 
 
-def test_gptq_beats_rtn_on_every_routed_expert(model):
-    """At 2, 3 and 4 bits, a third of every MoE layer's experts at each (one walk for the three
-    widths)."""
+@pytest.fixture(scope="module")
+def quantized(model):
+    """One GPTQ walk for the two tests below: 2, 3 and 4 bits, a third of every MoE layer's
+    experts at each (rolled from layer to layer), attention, shared expert and dense MLP at 4
+    bits as configured by default (so the experts' inputs come through quantized layers).
+    Returns (packed model, report, bit map, calibration batches)."""
     batches = _batches(model, 48, seed=0)
     text = model.config.text
     bit_map = np.asarray([np.roll(np.resize([2, 3, 4], text.n_routed_experts), layer)
                           for layer in range(len(text.moe_layers))])
-    config = apply.QuantConfig(attention_bits=16, shared_expert_bits=16, dense_mlp_bits=16)
-    qmodel, report = apply.quantize_model(model, batches, bit_map, config)
+    qmodel, report = apply.quantize_model(model, batches, bit_map, apply.QuantConfig())
+    return qmodel, report, bit_map, batches
+
+
+def test_gptq_beats_rtn_on_every_routed_expert(model, quantized):
+    qmodel, report, bit_map, batches = quantized
     fake = apply.fake_quantized(qmodel)
     skipped = expert_checks.assert_gptq_beats_rtn_per_expert(
-        model, fake, batches, report, bit_map, config.group_size)
+        model, fake, batches, report, bit_map, apply.QuantConfig().group_size)
     assert len(skipped) <= 2, skipped  # nearly every expert is exercised
 
 
-def test_restored_packed_testbed_gives_the_fake_quantized_logits(model, tmp_path):
-    """A mixed 2/3/4 map (attention, shared and dense MLP at 4 bits, as configured by default):
-    the restored packed model and the float model of the same codes agree on fresh prompts."""
-    text = model.config.text
-    bit_map = np.resize([2, 3, 4], (len(text.moe_layers), text.n_routed_experts))
-    qmodel, report = apply.quantize_model(model, _batches(model, 32, seed=0), bit_map,
-                                          apply.QuantConfig())
+def test_restored_packed_testbed_gives_the_fake_quantized_logits(model, quantized, tmp_path):
+    """The restored packed model and the float model of the same codes agree on fresh
+    prompts."""
+    qmodel, report, bit_map, _ = quantized
     serialize.save(str(tmp_path / "packed"), qmodel, {"report": report})
     restored, meta = serialize.restore(str(tmp_path / "packed"))
     assert meta["bit_map"] == bit_map.tolist()
