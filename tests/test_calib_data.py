@@ -134,3 +134,27 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         data.read_sharegpt(str(bad), str(tmp_path))
+
+
+def test_samples_are_grouped_by_image_size(tmp_path):
+    """Same sizes become neighbours (groups in order of first appearance, the draw's order kept
+    inside a group); samples without images stay where they were; all of one size: no change.
+    Paths (header only), PIL images and arrays give the same key."""
+    sizes = {"a.png": (28, 14), "b.png": (14, 28), "c.png": (28, 14)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
+    wide, tall = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    pil = Image.open(tmp_path / "c.png")
+    arr = np.zeros((14, 28, 3), np.uint8)
+    assert {data.image_size(x) for x in (wide, pil, arr)} == {(28, 14)}
+    assert data.image_size(tall) == (14, 28)
+    drawn = [data.Sample((), (wide,)), data.Sample((), (tall,)), data.Sample((), ()),
+             data.Sample((), (pil,)), data.Sample((), (tall, wide)), data.Sample((), (tall,)),
+             data.Sample((), (arr,))]
+    got = data.group_by_image_size(drawn)
+    want = [drawn[0], drawn[3], drawn[2], drawn[6], drawn[1], drawn[5], drawn[4]]
+    assert [id(s) for s in got] == [id(s) for s in want]
+    same = [data.Sample((), (wide,)), data.Sample((), ()), data.Sample((), (arr,))]
+    assert [id(s) for s in data.group_by_image_size(same)] == [id(s) for s in same]
+    with pytest.raises(ValueError, match="missing.png could not be read"):
+        data.group_by_image_size([data.Sample((), (str(tmp_path / "missing.png"),))])

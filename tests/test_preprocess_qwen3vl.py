@@ -85,3 +85,23 @@ def test_chat_template_from_the_processor_files(checkpoint_dir, tmp_path):
     (d / "chat_template.json").write_text("[")
     with pytest.raises(ValueError, match="chat_template.json could not be read"):
         preprocess.load_tokenizer(d)
+
+
+def test_calibration_batches_hold_one_image_size_each(checkpoint_dir, tmp_path):
+    """Drawn from images of two sizes, the calibration's batches each hold one size (one tuple
+    of static grids per size, so one compiled program per pass), and they hold the draw's
+    samples. The shuffle alone would mix the sizes here."""
+    import json
+
+    records = json.loads((checkpoint_dir / "calib.json").read_text())
+    calib_json = tmp_path / "calib.json"  # 0.png is 8 x 12, 1.png 12 x 8: three of each
+    calib_json.write_text(json.dumps([dict(records[i % 2], id=str(i)) for i in range(6)]))
+    cfg = common.get_config().data
+    cfg.update(dict(source="sharegpt", calib_json=str(calib_json),
+                    image_dir=str(checkpoint_dir / "images"), batch_size=3, max_length=0))
+    calib = sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, 6, 0, "stats")
+    grids = [tuple(map(tuple, b["image_grid_thw"].tolist())) for b in calib.batches]
+    assert len(grids) == 2 and all(len(set(g)) == 1 and len(g) == 3 for g in grids), grids
+    assert grids[0] != grids[1]
+    drawn = [i % 2 for i in np.random.default_rng(0).permutation(6)]
+    assert len({tuple(drawn[:3]), tuple(drawn[3:])} - {(0, 0, 0), (1, 1, 1)}) > 0  # mixed

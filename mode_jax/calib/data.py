@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mode_jax import preprocess
 from mode_jax.preprocess import IMAGE_PLACEHOLDER as PLACEHOLDER
@@ -282,6 +283,43 @@ def template_token_ids(tokenizer, image_token_id: int) -> set[int]:
         raise ValueError(f"the chat template wrote {ids.count(image_token_id)} image tokens "
                          f"(id {image_token_id}) for two images: {text!r}")
     return set(ids[ids.index(image_token_id):]) - {image_token_id}
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of a Sample's image: a path (its header only is read), a PIL image or an
+    `[H, W, C]` array."""
+    if isinstance(image, str | os.PathLike):
+        try:
+            with Image.open(image) as im:
+                return im.size
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"image {image} could not be read: {err}") from None
+    if isinstance(image, Image.Image):
+        return image.size
+    shape = np.shape(image)
+    return int(shape[1]), int(shape[0])
+
+
+def group_by_image_size(samples: Sequence[Sample]) -> list[Sample]:
+    """`samples` with those whose images have the same sizes next to each other: groups in the
+    order of their first sample, the draw's order kept within a group; samples without images
+    keep their places (they add no grid). Images all of one size leave the order as it is.
+
+    A batch's image grids are static arguments of every compiled pass (the vision tower's
+    position tables and attention blocks are built for them), so every new tuple of grids
+    in a batch is one more program to trace and compile for each pass. Drawn at random from
+    images of a few common sizes, nearly every batch holds a new tuple; grouped, batches of
+    one size repeat the same tuple. Equal sizes give equal grids in every model family. The
+    statistics are sums over tokens, so only their float rounding depends on the order."""
+    places = [i for i, s in enumerate(samples) if s.images]
+    keys = {i: tuple(image_size(im) for im in samples[i].images) for i in places}
+    first: dict[tuple, int] = {}
+    for i in places:
+        first.setdefault(keys[i], len(first))
+    out = list(samples)
+    for place, i in zip(places, sorted(places, key=lambda i: first[keys[i]]), strict=True):
+        out[place] = samples[i]  # sorted() is stable: the draw's order within a group
+    return out
 
 
 def _bucket(length: int, multiple: int) -> int:

@@ -122,9 +122,12 @@ def checkpoint_tokenizer(model_path: str, cache: dict | None = None):
 def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
                  batch_size: int = 0) -> Calibration:
     """`samples` as the family's batches (`batch_size` each, 0 = data.batch_size), with the ids
-    the statistics need."""
-    batches = list(data.batches(samples, tokenizer, batch_size or data_cfg.batch_size,
-                                max_length=data_cfg.max_length,
+    the statistics need. Batches of several hold one image size where they can
+    (`data.group_by_image_size`: fewer programs to compile)."""
+    size = batch_size or data_cfg.batch_size
+    if size > 1:
+        samples = data.group_by_image_size(samples)
+    batches = list(data.batches(samples, tokenizer, size, max_length=data_cfg.max_length,
                                 build=_builder(model_path, model_config, tokenizer,
                                                data_cfg.max_image_tokens)))
     image_id = int(families.image_token_id(model_config))
