@@ -133,8 +133,6 @@ def image_sizes(records: list[dict], image_dir: str, indices
     """(width, height) of each image of `records[indices]`, each decoded once: a zero-byte,
     non-image or truncated file is named before any stage runs, not when the stage that draws
     it reaches it (after convert, on a real checkpoint)."""
-    from PIL import Image
-
     sizes, problems = {}, []
     for i in sorted({int(i) for i in indices}):
         found = []
