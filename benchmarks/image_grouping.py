@@ -2,12 +2,12 @@
 
 A batch's image grids are static arguments of the compiled passes, so every new tuple of
 grids in a batch is one more program to trace and compile. The calibration source groups the
-draw by image size (`data.group_by_image_size`). This script writes `--records` synthetic
-images of COCO-like sizes (`benchmarks.calib_read.SIZES`, `--sizes` of them, cycled) with a
-ShareGPT file, draws them with the seed, batches them with `--checkpoint`'s tokenizer and image
-processor in the drawn order and grouped, and prints for each: batches, distinct grid tuples,
-and the frequency pass over all batches timed from a cold start (each order in its own
-process, so neither reuses the other's programs), with the ratio.
+draw by image size (`data.group_by_image_size`). This script writes a ShareGPT file of
+`--records` records over `--sizes` images of COCO-like sizes (`benchmarks.calib_read`'s
+synthetic mix, no text-only records), draws them with the seed, batches them with
+`--checkpoint`'s tokenizer and image processor in the drawn order and grouped, and prints for
+each: batches, distinct grid tuples, and the frequency pass over all batches timed from a cold
+start (each order in its own process, so neither reuses the other's programs), with the ratio.
 
     python -m benchmarks.image_grouping                   # the testbed, 64 records, 4 sizes
     python -m benchmarks.image_grouping --records 128 --sizes 8
@@ -24,27 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from benchmarks.calib_read import SIZES
+from benchmarks.calib_read import SIZES, write_synthetic
 from configs import common
-
-
-def write_records(directory: Path, records: int, sizes: int) -> Path:
-    """`records` images cycling the first `sizes` SIZES, one ShareGPT record each."""
-    (directory / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(records):
-        w, h = SIZES[i % sizes]
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(
-            directory / "images" / f"{i}.png")
-        out.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?"},
-            {"from": "gpt", "value": "Shapes."}]})
-    path = directory / "calib.json"
-    path.write_text(json.dumps(out))
-    return path
 
 
 def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, grouped: bool) -> dict:
@@ -82,7 +64,7 @@ def main():
                                  args.batch_size, args.one == "grouped")))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        calib_json = str(write_records(Path(tmp), args.records, args.sizes))
+        calib_json = str(write_synthetic(Path(tmp), args.records, args.sizes, text_only_every=0))
         got = {}
         for order in ("drawn", "grouped"):
             proc = subprocess.run(

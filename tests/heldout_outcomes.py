@@ -74,5 +74,6 @@ def main() -> None:
     print(f"wrote {RECORD}: {len(record['predictions'])} samples, "
           f"{len(wrong(data, record))} wrong")
 
+
 if __name__ == "__main__":
     main()
