@@ -36,10 +36,13 @@ SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (640, 425), (500, 375),
          (612, 612))
 
 
-def write_synthetic(directory: Path, records: int, images: int, text_only_every: int) -> Path:
+def write_synthetic(directory: Path, records: int, images: int, text_only_every: int,
+                    sizes=SIZES) -> Path:
+    """`records` ShareGPT records over `images` blank images of `sizes` (cycled), every
+    `text_only_every`-th record without one (0: none); returns the JSON's path."""
     (directory / "images").mkdir(parents=True)
     for i in range(images):
-        w, h = SIZES[i % len(SIZES)]
+        w, h = sizes[i % len(sizes)]
         Image.new("RGB", (w, h)).save(directory / "images" / f"{i}.png")
     answer = "The image shows " + "a cat sitting on a mat next to a window and " * 8
     out = []

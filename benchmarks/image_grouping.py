@@ -1,16 +1,19 @@
-"""What grouping calibration samples by image size saves: compiled programs and wall time.
+"""What grouping calibration samples by image grid saves: compiled programs and wall time.
 
 A batch's image grids are static arguments of the compiled passes, so every new tuple of
 grids in a batch is one more program to trace and compile. The calibration source groups the
-draw by image size (`data.group_by_image_size`). This script writes a ShareGPT file of
-`--records` records over `--sizes` images of COCO-like sizes (`benchmarks.calib_read`'s
-synthetic mix, no text-only records), draws them with the seed, batches them with
-`--checkpoint`'s tokenizer and image processor in the drawn order and grouped, and prints for
-each: batches, distinct grid tuples, and the frequency pass over all batches timed from a cold
-start (each order in its own process, so neither reuses the other's programs), with the ratio.
+draw by the grid each image gets (`data.group_by_image_grid` with `data.image_grids`); many
+pixel sizes share a grid (Kimi-VL pads images to 28-pixel multiples: COCO's 640x421 to
+640x448 are one grid). This script writes a ShareGPT file of `--records` records over
+`--sizes` blank images of COCO-like sizes (`NEAR_SIZES`: 12 sizes, 5 grids at Kimi-VL's
+settings; no text-only records), draws them with the seed, batches them with `--checkpoint`'s
+tokenizer and image processor in three orders: drawn, grouped by pixel size and grouped by
+grid; and prints for each: batches, distinct grid tuples, and the frequency pass over all
+batches timed from a cold start (each order in its own process, so none reuses another's
+programs), with the ratios.
 
-    python -m benchmarks.image_grouping                   # the testbed, 64 records, 4 sizes
-    python -m benchmarks.image_grouping --records 128 --sizes 8
+    python -m benchmarks.image_grouping      # the testbed, 256 records, 12 sizes: 8 minutes
+    python -m benchmarks.image_grouping --records 64 --sizes 4
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.calib_read import SIZES, write_synthetic
+from benchmarks.calib_read import write_synthetic
 from configs import common
 
+# (width, height), COCO-like: landscape 640-wide sizes of four grids, portrait and 500-wide
+# ones; at Kimi-VL's settings (patch 14, 2x2 merge, padded) they make 5 grids
+NEAR_SIZES = ((640, 480), (640, 427), (480, 640), (640, 425), (640, 478), (427, 640),
+              (640, 426), (500, 375), (640, 428), (425, 640), (500, 376), (640, 424))
+ORDERS = ("drawn", "size", "grid")
 
-def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, grouped: bool) -> dict:
+
+def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, order: str) -> dict:
     """One order's batches and its cold frequency pass (run in a fresh process)."""
     import mode_jax
     from mode_jax.calib import data, passes, sources
@@ -38,8 +47,10 @@ def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, grouped: 
     cfg.update(dict(source="sharegpt", calib_json=calib_json,
                     image_dir=str(Path(calib_json).parent / "images"), batch_size=batch_size,
                     max_length=0))
-    if not grouped:  # the draw's own order: grouping made a no-op
-        data.group_by_image_size = list
+    if order == "drawn":  # grouping made a no-op
+        data.group_by_image_grid = lambda samples, grid=None: list(samples)
+    elif order == "size":  # no grid function: the pixel sizes are the keys
+        data.image_grids = lambda build: None
     model = mode_jax.load(checkpoint)
     calib = sources.load(cfg, checkpoint, model.config, n, 0, "stats")
     grids = {tuple(map(tuple, np.asarray(b["image_grid_hws"]).tolist())) for b in calib.batches}
@@ -53,20 +64,22 @@ def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, grouped: 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="checkpoints/testbed")
-    ap.add_argument("--records", type=int, default=64)
-    ap.add_argument("--sizes", type=int, default=4, choices=range(1, len(SIZES) + 1))
+    ap.add_argument("--records", type=int, default=256)
+    ap.add_argument("--sizes", type=int, default=len(NEAR_SIZES),
+                    choices=range(1, len(NEAR_SIZES) + 1))
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--one", choices=("drawn", "grouped"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=ORDERS, help=argparse.SUPPRESS)
     ap.add_argument("--calib_json", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # the child process of one order
         print(json.dumps(measure(args.checkpoint, args.calib_json, args.records,
-                                 args.batch_size, args.one == "grouped")))
+                                 args.batch_size, args.one)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        calib_json = str(write_synthetic(Path(tmp), args.records, args.sizes, text_only_every=0))
+        calib_json = str(write_synthetic(Path(tmp), args.records, args.sizes, text_only_every=0,
+                                         sizes=NEAR_SIZES))
         got = {}
-        for order in ("drawn", "grouped"):
+        for order in ORDERS:
             proc = subprocess.run(
                 [sys.executable, "-m", "benchmarks.image_grouping", "--one", order,
                  "--calib_json", calib_json, "--checkpoint", args.checkpoint,
@@ -76,13 +89,16 @@ def main():
                 raise SystemExit(proc.stderr[-3000:])
             got[order] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"{args.records} records, {args.sizes} image sizes "
-          f"({', '.join(f'{w}x{h}' for w, h in SIZES[:args.sizes])}), batch {args.batch_size}, "
-          f"{args.checkpoint}")
-    print(f"{'order':<8} {'batches':>7} {'grid tuples':>11} {'frequency pass (cold)':>22}")
+          f"({', '.join(f'{w}x{h}' for w, h in NEAR_SIZES[:args.sizes])}), "
+          f"batch {args.batch_size}, {args.checkpoint}")
+    print(f"{'grouped by':<10} {'batches':>7} {'grid tuples':>11} {'frequency pass (cold)':>22}")
     for order, r in got.items():
-        print(f"{order:<8} {r['batches']:>7} {r['grids']:>11} {r['seconds']:>20.1f} s")
-    print(f"grouped / drawn: {got['grouped']['grids'] / got['drawn']['grids']:.2f}x the "
-          f"programs, {got['drawn']['seconds'] / got['grouped']['seconds']:.2f}x faster")
+        print(f"{order:<10} {r['batches']:>7} {r['grids']:>11} {r['seconds']:>20.1f} s")
+    for order in ORDERS[1:]:
+        print(f"{order} / drawn: {got[order]['grids'] / got['drawn']['grids']:.2f}x the "
+              f"programs, {got['drawn']['seconds'] / got[order]['seconds']:.2f}x faster")
+    print(f"grid / size: {got['grid']['grids'] / got['size']['grids']:.2f}x the programs, "
+          f"{got['size']['seconds'] / got['grid']['seconds']:.2f}x faster")
 
 
 if __name__ == "__main__":

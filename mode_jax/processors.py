@@ -145,8 +145,9 @@ def batch_builder(model_config: Any, tokenizer, processor, *, pad_token_id: int 
 
 
 def image_grid(batch: Mapping[str, Any], image: int = 0) -> tuple[int, ...]:
-    """Image `image`'s grid in a built batch, the key the harness groups examples by: Qwen3-VL's
-    (t, h, w) or InternVL's (tiles,)."""
-    if "image_grid_thw" in batch:
-        return tuple(int(v) for v in batch["image_grid_thw"][image])
+    """Image `image`'s grid in a built batch, the key batches are grouped by: Kimi-VL's (h, w)
+    patches, Qwen3-VL's (t, h, w) or InternVL's (tiles,)."""
+    for key in ("image_grid_hws", "image_grid_thw"):
+        if key in batch:
+            return tuple(int(v) for v in batch[key][image])
     return (int(batch["image_num_patches"][image]),)

@@ -136,10 +136,10 @@ def test_missing_and_malformed_files(tmp_path):
         data.read_sharegpt(str(bad), str(tmp_path))
 
 
-def test_samples_are_grouped_by_image_size(tmp_path):
-    """Same sizes become neighbours (groups in order of first appearance, the draw's order kept
-    inside a group); samples without images stay where they were; all of one size: no change.
-    Paths (header only), PIL images and arrays give the same key."""
+def test_samples_are_grouped_by_image_grid(tmp_path):
+    """Same sizes (or grids) become neighbours (groups in order of first appearance, the draw's
+    order kept inside a group); samples without images stay where they were; all of one size:
+    no change. Paths (header only), PIL images and arrays give the same key."""
     sizes = {"a.png": (28, 14), "b.png": (14, 28), "c.png": (28, 14)}
     for name, (w, h) in sizes.items():
         Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / name)
@@ -151,10 +151,16 @@ def test_samples_are_grouped_by_image_size(tmp_path):
     drawn = [data.Sample((), (wide,)), data.Sample((), (tall,)), data.Sample((), ()),
              data.Sample((), (pil,)), data.Sample((), (tall, wide)), data.Sample((), (tall,)),
              data.Sample((), (arr,))]
-    got = data.group_by_image_size(drawn)
+    got = data.group_by_image_grid(drawn)
     want = [drawn[0], drawn[3], drawn[2], drawn[6], drawn[1], drawn[5], drawn[4]]
     assert [id(s) for s in got] == [id(s) for s in want]
     same = [data.Sample((), (wide,)), data.Sample((), ()), data.Sample((), (arr,))]
-    assert [id(s) for s in data.group_by_image_size(same)] == [id(s) for s in same]
+    assert [id(s) for s in data.group_by_image_grid(same)] == [id(s) for s in same]
     with pytest.raises(ValueError, match="missing.png could not be read"):
-        data.group_by_image_size([data.Sample((), (str(tmp_path / "missing.png"),))])
+        data.group_by_image_grid([data.Sample((), (str(tmp_path / "missing.png"),))])
+    # with a grid function, different sizes of one grid are one group (here by width alone)
+    narrow = np.zeros((20, 14, 3), np.uint8)  # 14 x 20: tall's width, not its size
+    drawn = [data.Sample((), (narrow,)), data.Sample((), (wide,)), data.Sample((), (tall,))]
+    got = data.group_by_image_grid(drawn, grid=lambda size: size[0])
+    assert [id(s) for s in got] == [id(s) for s in (drawn[0], drawn[2], drawn[1])]
+    assert [id(s) for s in data.group_by_image_grid(drawn)] == [id(s) for s in drawn]

@@ -87,21 +87,31 @@ def test_chat_template_from_the_processor_files(checkpoint_dir, tmp_path):
         preprocess.load_tokenizer(d)
 
 
-def test_calibration_batches_hold_one_image_size_each(checkpoint_dir, tmp_path):
-    """Drawn from images of two sizes, the calibration's batches each hold one size (one tuple
-    of static grids per size, so one compiled program per pass), and they hold the draw's
-    samples. The shuffle alone would mix the sizes here."""
+def test_calibration_batches_hold_one_image_grid_each(checkpoint_dir, tmp_path):
+    """Drawn from images of three sizes, two of which share a grid, the calibration's batches
+    each hold one grid (one tuple of static grids, so one compiled program per pass), and they
+    hold the draw's samples. Neither the shuffle nor grouping by pixel size would do it here."""
     import json
 
-    records = json.loads((checkpoint_dir / "calib.json").read_text())
-    calib_json = tmp_path / "calib.json"  # 0.png is 8 x 12, 1.png 12 x 8: three of each
-    calib_json.write_text(json.dumps([dict(records[i % 2], id=str(i)) for i in range(6)]))
+    images = tmp_path / "images"  # 0.png is 12 x 8, 1.png 8 x 12 (fixture); 2.png 13 x 8
+    images.mkdir()
+    for name in ("0.png", "1.png"):
+        (images / name).write_bytes((checkpoint_dir / "images" / name).read_bytes())
+    Image.new("RGB", (13, 8)).save(images / "2.png")
+    drawn = ["0.png", "1.png", "2.png", "1.png", "0.png", "1.png", "2.png", "1.png"]
+    order = np.random.default_rng(0).permutation(len(drawn))  # the stats draw with seed 0
+    names = [None] * len(drawn)
+    for k, i in enumerate(order):
+        names[i] = drawn[k]
+    record = json.loads((checkpoint_dir / "calib.json").read_text())[0]
+    calib_json = tmp_path / "calib.json"
+    calib_json.write_text(json.dumps([dict(record, id=str(i), image=name)
+                                      for i, name in enumerate(names)]))
     cfg = common.get_config().data
-    cfg.update(dict(source="sharegpt", calib_json=str(calib_json),
-                    image_dir=str(checkpoint_dir / "images"), batch_size=3, max_length=0))
-    calib = sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, 6, 0, "stats")
+    cfg.update(dict(source="sharegpt", calib_json=str(calib_json), image_dir=str(images),
+                    batch_size=4, max_length=0))
+    calib = sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, len(drawn), 0, "stats")
     grids = [tuple(map(tuple, b["image_grid_thw"].tolist())) for b in calib.batches]
-    assert len(grids) == 2 and all(len(set(g)) == 1 and len(g) == 3 for g in grids), grids
-    assert grids[0] != grids[1]
-    drawn = [i % 2 for i in np.random.default_rng(0).permutation(6)]
-    assert len({tuple(drawn[:3]), tuple(drawn[3:])} - {(0, 0, 0), (1, 1, 1)}) > 0  # mixed
+    assert len(grids) == 2 and all(len(set(g)) == 1 and len(g) == 4 for g in grids), grids
+    assert grids == [((1, 4, 6),) * 4, ((1, 6, 4),) * 4]  # 0.png's and 2.png's grid first
+    # by pixel size the groups would be 0 0 1 1 | 1 1 2 2: both batches mixed

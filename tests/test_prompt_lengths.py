@@ -63,10 +63,16 @@ def test_lengths_equal_the_built_batches(family, tmp_path):
             samples.append(data.record_sample(record, str(tmp_path), human_only))
             sizes.append([size_of[p.rsplit("/", 1)[1]] for p in samples[-1].images])
     assert {len(s.images) for s in samples} == {0, 1, 2, 3}
-    want = [build([s.messages], [s.images])["input_ids"].shape[1] for s in samples]
+    built = [build([s.messages], [s.images]) for s in samples]
     got = data.prompt_lengths(samples, sizes, build)
-    np.testing.assert_array_equal(got, want)
-    assert len(set(want)) > len(SIZES)  # the sizes and the texts both change the length
+    np.testing.assert_array_equal(got, [b["input_ids"].shape[1] for b in built])
+    assert len(set(got)) > len(SIZES)  # the sizes and the texts both change the length
+    # the grid each size gets (what calibration batches are grouped by) is the built one's
+    grid = data.image_grids(build)
+    for s, size, b in zip(samples, sizes, built, strict=True):
+        assert [grid(tuple(wh)) for wh in size] == [processors.image_grid(b, k)
+                                                     for k in range(len(s.images))]
+    assert len({grid(wh) for wh in SIZES}) > 1  # the sizes give more than one grid
 
 
 def test_mismatched_input_is_refused():

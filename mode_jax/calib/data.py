@@ -19,16 +19,17 @@ the file (missing image file, bad record) is reported at once, naming the record
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from mode_jax import preprocess
+from mode_jax import preprocess, processors
 from mode_jax.preprocess import IMAGE_PLACEHOLDER as PLACEHOLDER
 
 log = logging.getLogger(__name__)
@@ -298,19 +299,45 @@ def image_size(image: Any) -> tuple[int, int]:
     return int(shape[1]), int(shape[0])
 
 
-def group_by_image_size(samples: Sequence[Sample]) -> list[Sample]:
-    """`samples` with those whose images have the same sizes next to each other: groups in the
-    order of their first sample, the draw's order kept within a group; samples without images
-    keep their places (they add no grid). Images all of one size leave the order as it is.
+# The one-image conversation `image_grids` builds around a blank image of each size.
+GRID_PROBE = ({"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "Describe the image."}]},)
+
+
+def image_grids(build) -> Callable[[tuple[int, int]], tuple]:
+    """`(width, height) -> grid`: the static grid (`processors.image_grid`) `build` gives an
+    image of that size, measured once per size on a blank image (44 ms a size for sizes of 200
+    to 1400 px at Kimi-VL's settings, nearly all of it the processor's pixel work). Many sizes
+    share a grid (Kimi-VL pads to 28-pixel multiples, so COCO's 640x421 to 640x448 are one
+    grid), and that grid is what a compiled pass sees."""
+
+    @functools.cache
+    def grid(size: tuple[int, int]) -> tuple:
+        try:
+            batch = build([GRID_PROBE], [(Image.new("RGB", size),)])
+        except ValueError as err:
+            raise ValueError(f"an image of {size[0]}x{size[1]} px: {err}") from None
+        return processors.image_grid(batch, 0)
+
+    return grid
+
+
+def group_by_image_grid(samples: Sequence[Sample],
+                        grid: Callable[[tuple[int, int]], Any] | None = None) -> list[Sample]:
+    """`samples` with those whose images have the same grids (`grid(size)`, e.g. `image_grids`;
+    None: the sizes themselves) next to each other: groups in the order of their first sample,
+    the draw's order kept within a group; samples without images keep their places (they add
+    no grid). Images all of one grid leave the order as it is.
 
     A batch's image grids are static arguments of every compiled pass (the vision tower's
     position tables and attention blocks are built for them), so every new tuple of grids
     in a batch is one more program to trace and compile for each pass. Drawn at random from
-    images of a few common sizes, nearly every batch holds a new tuple; grouped, batches of
-    one size repeat the same tuple. Equal sizes give equal grids in every model family. The
-    statistics are sums over tokens, so only their float rounding depends on the order."""
+    images of a few common grids, nearly every batch holds a new tuple; grouped, batches of
+    one grid repeat the same tuple. The statistics are sums over tokens, so only their float
+    rounding depends on the order."""
+    grid = grid or (lambda size: size)
     places = [i for i, s in enumerate(samples) if s.images]
-    keys = {i: tuple(image_size(im) for im in samples[i].images) for i in places}
+    keys = {i: tuple(grid(image_size(im)) for im in samples[i].images) for i in places}
     first: dict[tuple, int] = {}
     for i in places:
         first.setdefault(keys[i], len(first))

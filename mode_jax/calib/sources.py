@@ -76,7 +76,7 @@ def load(data_cfg, model_path: str, model_config, n: int, seed: int, purpose: st
                                         records=sharegpt_records(data_cfg, cache))
     else:
         samples = testbed_samples(n, seed, purpose, model_path, data_cfg.testbed_stats_tasks)
-    return _calibration(samples, data_cfg, model_path, model_config, tokenizer)
+    return _calibration(samples, data_cfg, model_path, model_config, tokenizer, cache=cache)
 
 
 def _cached(cache: dict | None, key: tuple, make):
@@ -120,16 +120,19 @@ def checkpoint_tokenizer(model_path: str, cache: dict | None = None):
 
 
 def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
-                 batch_size: int = 0) -> Calibration:
+                 batch_size: int = 0, cache: dict | None = None) -> Calibration:
     """`samples` as the family's batches (`batch_size` each, 0 = data.batch_size), with the ids
-    the statistics need. Batches of several hold one image size where they can
-    (`data.group_by_image_size`: fewer programs to compile)."""
+    the statistics need. Batches of several hold one tuple of image grids where they can
+    (`data.group_by_image_grid`: fewer programs to compile); each size's grid is measured once
+    per `cache` (the stages draw from the same images)."""
     size = batch_size or data_cfg.batch_size
+    build = _builder(model_path, model_config, tokenizer, data_cfg.max_image_tokens)
     if size > 1:
-        samples = data.group_by_image_size(samples)
+        grids = _cached(cache, ("image_grids", model_path, data_cfg.max_image_tokens),
+                        lambda: data.image_grids(build))
+        samples = data.group_by_image_grid(samples, grids)
     batches = list(data.batches(samples, tokenizer, size, max_length=data_cfg.max_length,
-                                build=_builder(model_path, model_config, tokenizer,
-                                               data_cfg.max_image_tokens)))
+                                build=build))
     image_id = int(families.image_token_id(model_config))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer, image_id))
     return Calibration(batches, image_id, special)
