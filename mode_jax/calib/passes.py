@@ -88,7 +88,7 @@ def embed_inputs(model, batch, grid=None) -> tuple[jax.Array, tuple]:
     additions (Qwen3-VL's DeepStack; `models.batch`)."""
     text = text_model(model)
     if "inputs_embeds" in batch:
-        return batch["inputs_embeds"].astype(text.dtype), ()
+        return batch["inputs_embeds"].astype(text.dtype), tuple(batch.get("additions", ()))
     if model is text:
         return text.embed(batch["input_ids"]), ()
     return model.embed_inputs(batch["input_ids"], batch.get("pixel_values"), grid)
@@ -124,6 +124,27 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
         out = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS if k in batch}
         out["input_ids"] = out["input_ids"].astype(jnp.int32)
     return sharding.place_inputs(model, out), grid
+
+
+def device_inputs(model, batch: dict) -> tuple[dict[str, jax.Array], None]:
+    """`device_batch` with its images already through the vision tower (`inputs_embeds`, and
+    Qwen3-VL's DeepStack `additions`), and no static grid left.
+
+    A batch's image grids are static arguments of the vision tower, so inside a pass's program
+    every new tuple of grids compiled the whole pass again, decoder and backward included. Run
+    apart (`embed_images`, the program GPTQ's walk uses too), only the vision tower is compiled
+    per tuple of grids, and each pass's program per batch shape."""
+    dev, grid = device_batch(model, batch)
+    if "pixel_values" in dev:
+        dev["inputs_embeds"], dev["additions"] = embed_images(
+            model, dev["input_ids"], dev.pop("pixel_values"), grid)
+    return dev, None
+
+
+@nnx.jit(static_argnames="grid")
+def embed_images(model, input_ids, pixel_values, grid):
+    """`model.embed_inputs` as its own program: `(embeddings [B, T, D], additions)`."""
+    return model.embed_inputs(input_ids, pixel_values, grid)
 
 
 def check_model(model, cfg: StatsConfig) -> None:
@@ -227,7 +248,7 @@ def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str
     total: dict[str, np.ndarray] = {}
     samples = 0
     for batch in progress.track(_batches(batches), "frequency pass batches"):
-        dev, grid = device_batch(model, batch)
+        dev, grid = device_inputs(model, batch)
         out = jax.device_get(multihost.tree_to_host(
             _frequency_batch(graphdef, state, dev, cfg, grid)))
         for k, v in out.items():
@@ -301,7 +322,7 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
             continue
         keep = np.cumsum(lengths) + used <= max_tokens
         keep &= np.cumsum(~keep) == 0
-        dev, grid = device_batch(model, batch)
+        dev, grid = device_inputs(model, batch)
         out = jax.device_get(multihost.tree_to_host(
             _token_batch(graphdef, state, dev, cfg, grid, gradients)))
         rows = mask & keep[:, None]
@@ -427,7 +448,7 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
             copies = None  # drop the last layer's before making these
             copies = (sensitivity.quantize_layer(gu, dn, bits, group_size) if quantized is None
                       else jax.device_put(quantized[j]))
-        dev, grid = device_batch(model, batches[i])
+        dev, grid = device_inputs(model, batches[i])
         prefix = _prefix_batch(graphdef, state, dev, cfg, grid, j)
         kl = _kl_layer(graphdef, state, prefix, gu, dn, *copies, layer=layers[j],
                        chunk=min(chunk, n_exp * len(bits)))
@@ -565,7 +586,7 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
         if i == 0:  # a new block: its experts are the differentiated part
             graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
         key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
-        traces = _hessian_batch(graphdef, experts, rest, *device_batch(model, batches[i]), key,
+        traces = _hessian_batch(graphdef, experts, rest, *device_inputs(model, batches[i]), key,
                                 num_probes, int(image_token_id), curvature)
         traces = jax.device_get(multihost.tree_to_host(traces))
         for path, value in jax.tree_util.tree_flatten_with_path(traces)[0]:

@@ -199,15 +199,11 @@ def _initial_states(model, batches) -> list[_Calib]:
     states = []
     for batch in batches:
         dev, grid = passes.device_batch(model, batch)  # split over the mesh's "data" axis
-        h, additions = _embed(model, dev["input_ids"], dev.get("pixel_values"), grid)
+        h, additions = passes.embed_images(model, dev["input_ids"], dev.get("pixel_values"),
+                                           grid)
         ctx, _ = model.language_model.context(dev["attention_mask"], dev.get("positions"))
         states.append(_Calib(h, ctx, dev["attention_mask"], additions))
     return states
-
-
-@nnx.jit(static_argnames="grid")
-def _embed(model, input_ids, pixel_values, grid):
-    return model.embed_inputs(input_ids, pixel_values, grid)
 
 
 # ---------------------------------------------------------------- running pieces of a layer
