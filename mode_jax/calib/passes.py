@@ -31,6 +31,7 @@ from flax import nnx
 from mode_jax import multihost, progress, sharding
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
+from mode_jax.models.batch import embed_images
 from mode_jax.models.deepseek_v3 import DeepseekV3
 from mode_jax.models.qwen3_moe import Qwen3MoeText
 
@@ -139,12 +140,6 @@ def device_inputs(model, batch: dict) -> tuple[dict[str, jax.Array], None]:
         dev["inputs_embeds"], dev["additions"] = embed_images(
             model, dev["input_ids"], dev.pop("pixel_values"), grid)
     return dev, None
-
-
-@nnx.jit(static_argnames="grid")
-def embed_images(model, input_ids, pixel_values, grid):
-    """`model.embed_inputs` as its own program: `(embeddings [B, T, D], additions)`."""
-    return model.embed_inputs(input_ids, pixel_values, grid)
 
 
 def check_model(model, cfg: StatsConfig) -> None:

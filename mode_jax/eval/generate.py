@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax import multihost, sharding
+from mode_jax.models import batch as batch_lib
 
 
 class Generation(NamedTuple):
@@ -58,8 +59,9 @@ def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
     rope_delta = None if p.rope_delta is None else jnp.asarray(p.rope_delta, jnp.int32)
     a = sharding.place_inputs(model, {"input_ids": p.input_ids, "attention_mask": p.attention_mask,
                                       "pixel_values": p.pixel_values, "positions": p.positions})
-    tokens, scores = _generate(model, a["input_ids"], a["attention_mask"], a["pixel_values"],
-                               p.grid, a["positions"], rope_delta, max_new_tokens,
+    embedded = batch_lib.embed_images(model, a["input_ids"], a["pixel_values"], p.grid)
+    tokens, scores = _generate(model, a["attention_mask"], embedded, a["positions"],
+                               rope_delta, max_new_tokens,
                                jnp.int32(eos_token_id), jnp.asarray(stops, jnp.int32),
                                return_scores)
     tokens = multihost.to_host(tokens)
@@ -68,13 +70,14 @@ def greedy_generate(model, batch: Mapping[str, Any], max_new_tokens: int,
     return Generation(tokens, lengths, None if scores is None else multihost.to_host(scores))
 
 
-@nnx.jit(static_argnames=("grid", "max_new_tokens", "return_scores"))
-def _generate(model, input_ids, attention_mask, pixel_values, grid, positions, rope_delta,
-              max_new_tokens, eos, stops, return_scores):
+@nnx.jit(static_argnames=("max_new_tokens", "return_scores"))
+def _generate(model, attention_mask, embedded, positions, rope_delta, max_new_tokens, eos,
+              stops, return_scores):
+    """The loop on `embed_images`' result: compiled per batch shape, not per image grids."""
     lm = model.language_model
-    b, t = input_ids.shape
+    h, additions = embedded
+    b, t = attention_mask.shape
     cache = lm.init_cache(b, t + max_new_tokens, rope_delta)
-    h, additions = model.embed_inputs(input_ids, pixel_values, grid)
     out = lm(inputs_embeds=h, attention_mask=attention_mask, positions=positions,
              additions=additions, cache=cache, logits_window=1)  # no [B, T, V] prefill
     logits = out.logits[:, -1]

@@ -16,8 +16,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mode_jax import multihost, sharding
+
+# The static image-grid argument of each family's jitted forward (InternVL has none: its tiles'
+# shape is the pixel values')
+GRID_KEYS = ("grid_hws", "grid_thw")
 
 
 class Prepared(NamedTuple):
@@ -60,5 +65,24 @@ def run_forward(model, forward_jit, args: dict[str, Any], image_query_mask=None,
             raise ValueError(f"image_query_mask must be {args['input_ids'].shape}, "
                              f"got {image_query_mask.shape}")
         args = {**args, "image_query_mask": image_query_mask}
-    out = forward_jit(model, **sharding.place_inputs(model, args), **flags)
+    args = sharding.place_inputs(model, args)
+    if args.get("pixel_values") is not None:  # the vision tower apart: compiled per grid tuple
+        grid_key = next((k for k in GRID_KEYS if k in args), None)
+        embedded = embed_images(model, args["input_ids"], args["pixel_values"],
+                                args[grid_key] if grid_key else None)
+        args = {**args, "pixel_values": None, "embedded": embedded}
+        if grid_key:
+            args[grid_key] = None
+    out = forward_jit(model, **args, **flags)
     return multihost.tree_to_host(out)
+
+
+@nnx.jit(static_argnames="grid")
+def embed_images(model, input_ids, pixel_values, grid):
+    """`model.embed_inputs` as a program of its own: `(embeddings [B, T, D], additions)`.
+
+    The image grids are static arguments of the vision tower (position tables, attention
+    blocks), so a program holding it is compiled once per tuple of grids. Run apart, only this
+    program is; the decoder's programs (forward, the calibration passes, GPTQ's walk) take the
+    embeddings and are compiled once per batch shape."""
+    return model.embed_inputs(input_ids, pixel_values, grid)

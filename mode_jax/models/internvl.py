@@ -102,9 +102,10 @@ class InternVL(nnx.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid=None,
                 positions=None, *, image_query_mask=None, return_routing: bool = False,
                 return_mlp_inputs: bool = False, return_hidden: bool = False,
-                logits_window: int = 0) -> TextOutput:
-        """The traceable forward (the flags static); `__call__` jits it."""
-        h, _ = self.embed_inputs(input_ids, pixel_values, grid)
+                logits_window: int = 0, embedded: tuple | None = None) -> TextOutput:
+        """The traceable forward (the flags static); `__call__` jits it.
+        embedded: `embed_inputs`' result when computed apart (`models.batch.run_forward`)."""
+        h, _ = self.embed_inputs(input_ids, pixel_values, grid) if embedded is None else embedded
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
             image_query_mask=image_query_mask, return_routing=return_routing,

@@ -145,10 +145,11 @@ class KimiVL(nnx.Module):
                 positions: jax.Array | None = None, *,
                 image_query_mask: jax.Array | None = None, return_routing: bool = False,
                 return_mlp_inputs: bool = False, return_hidden: bool = False,
-                logits_window: int = 0) -> ModelOutput:
+                logits_window: int = 0, embedded: tuple | None = None) -> ModelOutput:
         """The traceable forward (grid_hws and the flags static); `__call__` jits it.
-        logits_window > 0: the last positions' logits only (`DeepseekV3.__call__`)."""
-        h = self.embed(input_ids, pixel_values, grid_hws)
+        logits_window > 0: the last positions' logits only (`DeepseekV3.__call__`).
+        embedded: `embed_inputs`' result when computed apart (`models.batch.run_forward`)."""
+        h = self.embed(input_ids, pixel_values, grid_hws) if embedded is None else embedded[0]
         return self.language_model(
             inputs_embeds=h, attention_mask=attention_mask, positions=positions,
             image_query_mask=image_query_mask,

@@ -53,6 +53,7 @@ from flax import nnx
 from mode_jax import multihost, progress, sharding
 from mode_jax.calib import hessian, passes
 from mode_jax.models import deepseek_v3 as dsv3
+from mode_jax.models.batch import embed_images
 from mode_jax.quant import gptq, rtn
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, check_dequant
@@ -199,8 +200,7 @@ def _initial_states(model, batches) -> list[_Calib]:
     states = []
     for batch in batches:
         dev, grid = passes.device_batch(model, batch)  # split over the mesh's "data" axis
-        h, additions = passes.embed_images(model, dev["input_ids"], dev.get("pixel_values"),
-                                           grid)
+        h, additions = embed_images(model, dev["input_ids"], dev.get("pixel_values"), grid)
         ctx, _ = model.language_model.context(dev["attention_mask"], dev.get("positions"))
         states.append(_Calib(h, ctx, dev["attention_mask"], additions))
     return states
