@@ -2,9 +2,10 @@
 
 A batch's image grids are static arguments of the vision tower. Compiled inside a pass's
 program, every new tuple of grids compiled the whole pass again: vision tower, decoder and, for
-the token cache, its backward. The passes now run the vision tower first (`passes.device_inputs`
--> `passes.embed_images`) and give the decoder its embeddings, so a new tuple of grids compiles
-only the vision program, and each pass's program is compiled once per batch shape.
+the token cache, its backward. The passes (and the forward, `generate` and GPTQ's walk) now run the
+vision tower first (`models.batch.embed_images`; `passes.device_inputs`) and give the decoder
+its embeddings, so a new tuple of grids compiles only the vision program, and each pass's
+program is compiled once per batch shape.
 
 This script compiles both ways at Kimi-VL-A3B's real widths (configs/kimivl.py `reference`:
 MoonViT 27 x 1152, DeepSeek-V3 `--layers` x 2048 with 64 experts; bf16) for abstract arguments
