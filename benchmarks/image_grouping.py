@@ -10,7 +10,8 @@ settings; no text-only records), draws them with the seed, batches them with `--
 tokenizer and image processor in three orders: drawn, grouped by pixel size and grouped by
 grid; and prints for each: batches, distinct grid tuples, and the frequency pass over all
 batches timed from a cold start (each order in its own process, so none reuses another's
-programs), with the ratios.
+programs), with the ratios. It also times `data.image_grids` (what grouping by grid costs) on
+`--grid_sizes` seeded random sizes of 200 to 1400 px.
 
     python -m benchmarks.image_grouping      # the testbed, 256 records, 12 sizes: 8 minutes
     python -m benchmarks.image_grouping --records 64 --sizes 4
@@ -61,6 +62,21 @@ def measure(checkpoint: str, calib_json: str, n: int, batch_size: int, order: st
             "seconds": time.perf_counter() - start}
 
 
+def grid_seconds(checkpoint: str, count: int) -> tuple[float, int]:
+    """Seconds per size `data.image_grids` takes on `count` random sizes; sizes; grids."""
+    import mode_jax
+    from mode_jax.calib import data, sources
+
+    config = mode_jax.load(checkpoint).config
+    build = sources._builder(checkpoint, config, sources.checkpoint_tokenizer(checkpoint))
+    rng = np.random.default_rng(0)
+    sizes = {(int(w), int(h)) for w, h in rng.integers(200, 1400, (count, 2))}
+    grid = data.image_grids(build)
+    start = time.perf_counter()
+    grids = {grid(size) for size in sizes}
+    return (time.perf_counter() - start) / len(sizes), len(sizes), len(grids)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="checkpoints/testbed")
@@ -68,6 +84,7 @@ def main():
     ap.add_argument("--sizes", type=int, default=len(NEAR_SIZES),
                     choices=range(1, len(NEAR_SIZES) + 1))
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--grid_sizes", type=int, default=400)
     ap.add_argument("--one", choices=ORDERS, help=argparse.SUPPRESS)
     ap.add_argument("--calib_json", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -75,6 +92,7 @@ def main():
         print(json.dumps(measure(args.checkpoint, args.calib_json, args.records,
                                  args.batch_size, args.one)))
         return
+    print("command: python -m benchmarks.image_grouping " + " ".join(sys.argv[1:]))
     with tempfile.TemporaryDirectory() as tmp:
         calib_json = str(write_synthetic(Path(tmp), args.records, args.sizes, text_only_every=0,
                                          sizes=NEAR_SIZES))
@@ -99,6 +117,9 @@ def main():
               f"programs, {got['drawn']['seconds'] / got[order]['seconds']:.2f}x faster")
     print(f"grid / size: {got['grid']['grids'] / got['size']['grids']:.2f}x the programs, "
           f"{got['size']['seconds'] / got['grid']['seconds']:.2f}x faster")
+    per_size, sizes, grids = grid_seconds(args.checkpoint, args.grid_sizes)
+    print(f"data.image_grids: {per_size * 1e3:.1f} ms a size ({sizes} sizes of 200 to 1400 px, "
+          f"{grids} grids)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from flax import nnx
 from benchmarks.memory_plan import kimi_text_config
 from mode_jax.calib import passes
 from mode_jax.models import kimivl, moonvit
+from mode_jax.models.batch import embed_split
 
 
 def compile_seconds(lower) -> float:
@@ -62,13 +63,12 @@ def main(argv=None):
     split = {"input_ids": ids, "attention_mask": mask,
              "inputs_embeds": jax.ShapeDtypeStruct((b, t, d), jnp.bfloat16), "additions": ()}
     scfg = passes.StatsConfig(config.media_placeholder_token_id, (1, 2, 3))
-    vision = jax.jit(lambda s, i, px: nnx.merge(graphdef, s).embed_inputs(i, px, grid))
     print(f"Kimi-VL-A3B widths: MoonViT {config.vision.num_layers} layers, DeepSeek-V3 "
           f"{a.layers} layers; batch {b} x {t} tokens, {b} images of {h}x{w} patches "
           f"({tokens} tokens each); compiled for {jax.devices()[0].device_kind}")
     times = {
         "vision tower + embedding (split, per tuple of grids)":
-            compile_seconds(lambda: vision.lower(state, ids, pixels)),
+            compile_seconds(lambda: embed_split.lower(graphdef, state, ids, pixels, grid)),
         "frequency step, vision inside (before, per tuple of grids)":
             compile_seconds(lambda: passes._frequency_batch.lower(graphdef, state, fused, scfg,
                                                                   grid)),

@@ -31,7 +31,7 @@ from flax import nnx
 from mode_jax import multihost, progress, sharding
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
-from mode_jax.models.batch import embed_images
+from mode_jax.models.batch import embed_split
 from mode_jax.models.deepseek_v3 import DeepseekV3
 from mode_jax.models.qwen3_moe import Qwen3MoeText
 
@@ -127,18 +127,19 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
     return sharding.place_inputs(model, out), grid
 
 
-def device_inputs(model, batch: dict) -> tuple[dict[str, jax.Array], None]:
+def device_inputs(model, batch: dict, graphdef, state) -> tuple[dict[str, jax.Array], None]:
     """`device_batch` with its images already through the vision tower (`inputs_embeds`, and
-    Qwen3-VL's DeepStack `additions`), and no static grid left.
+    Qwen3-VL's DeepStack `additions`), and no static grid left; `graphdef, state` is
+    `nnx.split(model)`, which the passes hold already.
 
     A batch's image grids are static arguments of the vision tower, so inside a pass's program
     every new tuple of grids compiled the whole pass again, decoder and backward included. Run
-    apart (`embed_images`, the program GPTQ's walk uses too), only the vision tower is compiled
-    per tuple of grids, and each pass's program per batch shape."""
+    apart (`models.batch.embed_split`, the program GPTQ's walk and the forward use too), only
+    the vision tower is compiled per tuple of grids, and each pass's program per batch shape."""
     dev, grid = device_batch(model, batch)
     if "pixel_values" in dev:
-        dev["inputs_embeds"], dev["additions"] = embed_images(
-            model, dev["input_ids"], dev.pop("pixel_values"), grid)
+        dev["inputs_embeds"], dev["additions"] = embed_split(
+            graphdef, state, dev["input_ids"], dev.pop("pixel_values"), grid)
     return dev, None
 
 
@@ -243,7 +244,7 @@ def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str
     total: dict[str, np.ndarray] = {}
     samples = 0
     for batch in progress.track(_batches(batches), "frequency pass batches"):
-        dev, grid = device_inputs(model, batch)
+        dev, grid = device_inputs(model, batch, graphdef, state)
         out = jax.device_get(multihost.tree_to_host(
             _frequency_batch(graphdef, state, dev, cfg, grid)))
         for k, v in out.items():
@@ -317,7 +318,7 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
             continue
         keep = np.cumsum(lengths) + used <= max_tokens
         keep &= np.cumsum(~keep) == 0
-        dev, grid = device_inputs(model, batch)
+        dev, grid = device_inputs(model, batch, graphdef, state)
         out = jax.device_get(multihost.tree_to_host(
             _token_batch(graphdef, state, dev, cfg, grid, gradients)))
         rows = mask & keep[:, None]
@@ -443,7 +444,7 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
             copies = None  # drop the last layer's before making these
             copies = (sensitivity.quantize_layer(gu, dn, bits, group_size) if quantized is None
                       else jax.device_put(quantized[j]))
-        dev, grid = device_inputs(model, batches[i])
+        dev, grid = device_inputs(model, batches[i], graphdef, state)
         prefix = _prefix_batch(graphdef, state, dev, cfg, grid, j)
         kl = _kl_layer(graphdef, state, prefix, gu, dn, *copies, layer=layers[j],
                        chunk=min(chunk, n_exp * len(bits)))
@@ -576,13 +577,15 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     total = np.zeros((len(moe_layers), text_model(model).config.n_routed_experts))
     batches = _batches(batches)
     keys = jax.random.split(jax.random.key(seed), len(batches))
+    whole = nnx.split(model)  # for the vision tower's program (device_inputs)
     steps = [(b, i) for b in range(len(blocks)) for i in range(len(batches))]
     for b, i in progress.track(steps, "hessian trace (layer block, batch) steps"):
         if i == 0:  # a new block: its experts are the differentiated part
             graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
         key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
-        traces = _hessian_batch(graphdef, experts, rest, *device_inputs(model, batches[i]), key,
-                                num_probes, int(image_token_id), curvature)
+        dev, grid = device_inputs(model, batches[i], *whole)
+        traces = _hessian_batch(graphdef, experts, rest, dev, grid, key, num_probes,
+                                int(image_token_id), curvature)
         traces = jax.device_get(multihost.tree_to_host(traces))
         for path, value in jax.tree_util.tree_flatten_with_path(traces)[0]:
             names = [getattr(p, "key", getattr(p, "name", None)) for p in path]

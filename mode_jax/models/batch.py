@@ -10,6 +10,7 @@ they run on every family. `run_forward` is the rest of each family's `model(batc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -77,7 +78,6 @@ def run_forward(model, forward_jit, args: dict[str, Any], image_query_mask=None,
     return multihost.tree_to_host(out)
 
 
-@nnx.jit(static_argnames="grid")
 def embed_images(model, input_ids, pixel_values, grid):
     """`model.embed_inputs` as a program of its own: `(embeddings [B, T, D], additions)`.
 
@@ -85,4 +85,12 @@ def embed_images(model, input_ids, pixel_values, grid):
     blocks), so a program holding it is compiled once per tuple of grids. Run apart, only this
     program is; the decoder's programs (forward, the calibration passes, GPTQ's walk) take the
     embeddings and are compiled once per batch shape."""
-    return model.embed_inputs(input_ids, pixel_values, grid)
+    graphdef, state = nnx.split(model)
+    return embed_split(graphdef, state, input_ids, pixel_values, grid)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "grid"))
+def embed_split(graphdef, state, input_ids, pixel_values, grid):
+    """`embed_images` for a caller that holds the model split already (the calibration passes,
+    once per batch): no graph walk per call."""
+    return nnx.merge(graphdef, state).embed_inputs(input_ids, pixel_values, grid)
