@@ -306,7 +306,7 @@ GRID_PROBE = ({"role": "user", "content": [{"type": "image"},
 
 def image_grids(build) -> Callable[[tuple[int, int]], tuple]:
     """`(width, height) -> grid`: the static grid (`processors.image_grid`) `build` gives an
-    image of that size, measured once per size on a blank image (44 ms a size for sizes of 200
+    image of that size, measured once per size on a blank image (41 ms a size for sizes of 200
     to 1400 px at Kimi-VL's settings, nearly all of it the processor's pixel work). Many sizes
     share a grid (Kimi-VL pads to 28-pixel multiples, so COCO's 640x421 to 640x448 are one
     grid), and that grid is what a compiled pass sees."""
