@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_gptq_samples = 128
     c.data.batch_size = 8
     c.data.max_length = 512
+    # a batch's padded length: a multiple of 32 and one of this many lengths per doubling
+    # (8: at most 12.5% padding); every distinct length is one more program to compile per
+    # pass, tens of seconds each at Kimi-VL-A3B's size. 0: every multiple of 32.
+    # data.padded_length
+    c.data.lengths_per_doubling = 8
     # tokens per calibration (and held-out) image at most (0: the checkpoint's image processor
     # settings): lowers large images' resolution, and with it prompt length and memory; a
     # benchmark (eval.jsonl) keeps the checkpoint's settings. processors.image_processor

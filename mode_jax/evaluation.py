@@ -75,11 +75,13 @@ def _harness(ctx, fp_model, q_model):
     key = ("fp_eval", c.eval.jsonl, c.eval.num_samples, c.seed)
     if key not in ctx.cache:
         data = _eval_set(ctx, fp_model.config)
-        ctx.cache[key] = (data, harness.evaluate(fp_model, data, batch_size=c.eval.batch_size,
-                                                 max_new_tokens=c.eval.max_new_tokens))
+        ctx.cache[key] = (data, harness.evaluate(
+            fp_model, data, batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+            lengths_per_doubling=c.data.lengths_per_doubling))
     data, full = ctx.cache[key]
     res = harness.evaluate(q_model, data, reference=full, batch_size=c.eval.batch_size,
-                           max_new_tokens=c.eval.max_new_tokens, keep_logprobs=False)
+                           max_new_tokens=c.eval.max_new_tokens, keep_logprobs=False,
+                           lengths_per_doubling=c.data.lengths_per_doubling)
     metrics = {
         "accuracy": res["accuracy"]["all"],
         "fp_accuracy": full["accuracy"]["all"],

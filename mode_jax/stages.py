@@ -214,22 +214,23 @@ STAGES = {
         "calibrate", ("convert",),
         ("data.source", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_freq_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
-         "stats", "model.matmul_precision", "seed"),
+         "data.lengths_per_doubling", "stats", "model.matmul_precision", "seed"),
         run_calibrate, content_keys=DATA_FILES,
     ),
     "sensitivity": Stage(
         "sensitivity", ("convert",),
         ("data.source", "data.image_dir", "data.testbed_stats_tasks",
          "data.num_sens_samples", "data.batch_size", "data.max_length", "data.max_image_tokens",
-         "stats", "sens", "alloc.bits", "model.matmul_precision", "seed"),
+         "data.lengths_per_doubling", "stats", "sens", "alloc.bits", "model.matmul_precision",
+         "seed"),
         run_sensitivity, content_keys=DATA_FILES,
     ),
     "allocate": Stage("allocate", ("calibrate", "sensitivity"), ("alloc",), run_allocate),
     "quantize": Stage(
         "quantize", ("convert", "allocate"),
         ("quant", "data.source", "data.image_dir", "data.num_gptq_samples",
-         "data.batch_size", "data.max_length", "data.max_image_tokens", "model.matmul_precision",
-         "seed"),
+         "data.batch_size", "data.max_length", "data.max_image_tokens",
+         "data.lengths_per_doubling", "model.matmul_precision", "seed"),
         run_quantize, content_keys=DATA_FILES,
         layout=f"packing/{packing.LAYOUT_VERSION}",  # a new bit layout re-packs, not misreads
     ),
@@ -237,7 +238,7 @@ STAGES = {
         "evaluate", ("convert", "quantize"),
         ("eval", "data.source", "data.image_dir", "data.num_freq_samples",
          "data.num_sens_samples", "data.num_gptq_samples", "data.batch_size", "data.max_length",
-         "data.max_image_tokens", "model.matmul_precision", "seed"),
+         "data.max_image_tokens", "data.lengths_per_doubling", "model.matmul_precision", "seed"),
         run_evaluate, content_keys=(*DATA_FILES, "eval.jsonl"),
     ),
 }
@@ -344,9 +345,10 @@ def _validate_settings(c) -> None:
             raise UserError(f"sens.{name}={c.sens[name]}: {meaning}")
     draws = 0 if c.data.source == "sharegpt" else 1  # 0 draws every ShareGPT record
     least = {"seed": 0, "data.batch_size": 1, "data.max_length": 1, "data.max_image_tokens": 0,
-             "data.num_freq_samples": draws, "data.num_sens_samples": draws,
-             "data.num_gptq_samples": draws, "sens.group_size": 1, "sens.max_tokens": 1,
-             "sens.hutchinson_probes": 1, "eval.num_samples": 0,
+             "data.lengths_per_doubling": 0, "data.num_freq_samples": draws,
+             "data.num_sens_samples": draws, "data.num_gptq_samples": draws,
+             "sens.group_size": 1, "sens.max_tokens": 1, "sens.hutchinson_probes": 1,
+             "eval.num_samples": 0,
              "eval.batch_size": 1, "eval.max_new_tokens": 1, "mesh.expert": 1}
     for field, low in least.items():
         value = runner.config_value(c, field)

@@ -164,3 +164,25 @@ def test_samples_are_grouped_by_image_grid(tmp_path):
     got = data.group_by_image_grid(drawn, grid=lambda size: size[0])
     assert [id(s) for s in got] == [id(s) for s in (drawn[0], drawn[2], drawn[1])]
     assert [id(s) for s in data.group_by_image_grid(drawn)] == [id(s) for s in drawn]
+
+
+def test_padded_lengths_are_few_and_pad_little():
+    ts = np.arange(1, 9000)
+    for per_doubling in (0, 4, 8):
+        padded = np.array([data.padded_length(int(t), 32, per_doubling) for t in ts])
+        assert np.all(padded >= ts) and np.all(padded % 32 == 0)
+        assert np.all(np.diff(padded) >= 0)  # longer prompts never get shorter batches
+        assert all(data.padded_length(int(p), 32, per_doubling) == p for p in set(padded))
+        if per_doubling == 0:
+            np.testing.assert_array_equal(padded, -(-ts // 32) * 32)
+            continue
+        long = ts >= 32 * per_doubling  # below it the 32-token multiple is the step
+        assert np.all((padded - ts)[long] < ts[long] / per_doubling)
+        for k in range(int(np.log2(32 * per_doubling)), 13):  # lengths in (2^k, 2^(k+1)]
+            inside = (ts > 2 ** k) & (ts <= 2 ** (k + 1))
+            assert len(set(padded[inside])) == per_doubling, (per_doubling, k)
+    # within a max_length the prompt fits, never padded past it (to a multiple of 32 below it)
+    assert data.padded_length(3900, 32, 8) == 4096
+    assert data.padded_length(3900, 32, 8, cap=4010) == 4000
+    assert data.padded_length(4001, 32, 8, cap=4010) == 4032  # over a multiple: 32 rounding
+    assert data.padded_length(600, 32, 8, cap=4096) == 640

@@ -213,6 +213,9 @@ def test_zero_draws_mean_every_sharegpt_record():
     c.data.source = "testbed"
     with pytest.raises(stages.UserError, match="num_freq_samples=0: must be an integer >= 1"):
         stages._validate_settings(c)
+    c.data.num_freq_samples, c.data.lengths_per_doubling = 1, -1
+    with pytest.raises(stages.UserError, match="lengths_per_doubling=-1: must be an integer >= 0"):
+        stages._validate_settings(c)
 
 
 def test_unreadable_preprocessor_config_is_named_before_any_stage(forks, tmp_path):

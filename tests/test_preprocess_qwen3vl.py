@@ -115,3 +115,41 @@ def test_calibration_batches_hold_one_image_grid_each(checkpoint_dir, tmp_path):
     assert len(grids) == 2 and all(len(set(g)) == 1 and len(g) == 4 for g in grids), grids
     assert grids == [((1, 4, 6),) * 4, ((1, 6, 4),) * 4]  # 0.png's and 2.png's grid first
     # by pixel size the groups would be 0 0 1 1 | 1 1 2 2: both batches mixed
+
+
+def test_long_prompts_pad_to_few_lengths_and_the_statistics_do_not_see_it(checkpoint_dir,
+                                                                          tmp_path):
+    """Above 512 tokens the calibration batches are padded to one of 8 lengths per doubling
+    (multiples of 64 up to 1024), not to every multiple of 32: fewer programs to compile. The
+    padding is masked, so the frequency statistics are those of the 32-token padding."""
+    import json
+
+    record = json.loads((checkpoint_dir / "calib.json").read_text())[0]
+    words = [f"w{i % 40}" for i in range(900)]
+    records = [dict(record, id=str(i), conversations=[
+        {"from": "human", "value": "<image>\n" + " ".join(words[:n])},
+        {"from": "gpt", "value": "A"}]) for i, n in enumerate((500, 530, 560, 600, 650, 880))]
+    calib_json = tmp_path / "calib.json"
+    calib_json.write_text(json.dumps(records))
+    cfg = common.get_config().data
+    cfg.update(dict(source="sharegpt", calib_json=str(calib_json),
+                    image_dir=str(checkpoint_dir / "images"), batch_size=1, max_length=0))
+    runs = {}
+    for per_doubling in (8, 0):
+        cfg.lengths_per_doubling = per_doubling
+        runs[per_doubling] = sources.load(cfg, str(checkpoint_dir), tiny.CONFIG, len(records),
+                                          0, "stats")
+    real = [int(b["attention_mask"].sum()) for b in runs[0].batches]
+    assert min(real) > 512 and max(real) < 1024
+    for per_doubling, step in ((8, 64), (0, 32)):
+        lengths = [b["input_ids"].shape[1] for b in runs[per_doubling].batches]
+        assert lengths == [-(-t // step) * step for t in real], (per_doubling, lengths, real)
+    assert len({b["input_ids"].shape[1] for b in runs[8].batches}) < len(set(
+        b["input_ids"].shape[1] for b in runs[0].batches))
+    model = tiny.model()
+    stats = [passes.frequency_pass(model, runs[p].batches, passes.StatsConfig(
+        runs[p].image_token_id, runs[p].special_token_ids)) for p in (8, 0)]
+    assert stats[0].keys() == stats[1].keys()
+    for key in stats[0]:
+        np.testing.assert_allclose(np.asarray(stats[0][key]), np.asarray(stats[1][key]),
+                                   rtol=1e-5, atol=1e-6, err_msg=key)

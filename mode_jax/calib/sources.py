@@ -132,6 +132,7 @@ def _calibration(samples, data_cfg, model_path: str, model_config, tokenizer,
                         lambda: data.image_grids(build))
         samples = data.group_by_image_grid(samples, grids)
     batches = list(data.batches(samples, tokenizer, size, max_length=data_cfg.max_length,
+                                lengths_per_doubling=data_cfg.lengths_per_doubling,
                                 build=build))
     image_id = int(families.image_token_id(model_config))
     special = tuple(int(i) for i in data.special_token_ids(tokenizer, image_id))

@@ -21,8 +21,9 @@ Per sample the harness runs
 Every metric comes as `{"all": x, "family": {...}, "task": {...}, "modality": {...}}`.
 
 Batches hold one kind of sample (same image grids) sorted by length, padded on the left to a
-multiple of 16 tokens and to `batch_size` rows (by repeating the last sample, dropped after),
-so a whole held-out split compiles only a few shapes. A small split (every kind fits in half
+multiple of 16 tokens, one of `lengths_per_doubling` lengths per doubling
+(`calib.data.padded_length`), and to `batch_size` rows (by repeating the last sample, dropped
+after), so a whole held-out split compiles only a few shapes. A small split (every kind fits in half
 of `batch_size`) gets the smallest such halving of it as its batch, not rows of repeats.
 """
 
@@ -41,6 +42,7 @@ import jax
 import numpy as np
 
 from mode_jax import progress
+from mode_jax.calib.data import padded_length
 from mode_jax.convert import families
 from mode_jax.eval import generate, jsonl, metrics
 from mode_jax.preprocess import ImageConfig, preprocess_image, prompt_text
@@ -187,10 +189,6 @@ def load_jsonl(path: str | Path, tokenizer, image_cfg: ImageConfig | None = None
 
 
 # ---------------------------------------------------------------- batching
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _kinds(data: EvalSet) -> dict[Any, list[int]]:
     """Example indices per kind of sample (its image grids)."""
     groups: dict[Any, list[int]] = {}
@@ -220,12 +218,14 @@ def _rows_per_batch(data: EvalSet, batch_size: int) -> int:
     return batch_size
 
 
-def _model_batch(data: EvalSet, rows: list[int], with_answer: bool) -> dict[str, np.ndarray]:
+def _model_batch(data: EvalSet, rows: list[int], with_answer: bool,
+                 lengths_per_doubling: int = 8) -> dict[str, np.ndarray]:
     examples = [data.examples[i] for i in rows]
     seqs = [np.concatenate([e.prompt_ids, e.answer_ids]) if with_answer else e.prompt_ids
             for e in examples]
     ids, mask = generate.pad_left(seqs, data.pad_token_id,
-                                  _round_up(max(len(s) for s in seqs), 16))
+                                  padded_length(max(len(s) for s in seqs), 16,
+                                                lengths_per_doubling))
     batch = {"input_ids": ids, "attention_mask": mask}
     if examples[0].grids:
         batch["pixel_values"] = np.concatenate([e.pixel_values for e in examples])
@@ -305,11 +305,14 @@ def _routing_counts(routing, batch, config, k) -> np.ndarray:
 
 # ---------------------------------------------------------------- the evaluation
 def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
-             max_new_tokens: int = 8, routing: bool = False, keep_logprobs: bool = True) -> dict:
+             max_new_tokens: int = 8, routing: bool = False, keep_logprobs: bool = True,
+             lengths_per_doubling: int = 8) -> dict:
     """Score `model` on `data`; returns a plain dict (see the module doc).
 
     reference: None, a model (run on every batch) or the result of an earlier `evaluate` of
     the reference model on the same data (its stored answer log-probs): adds "kl".
+    lengths_per_doubling: padded lengths per doubling (`calib.data.padded_length`; 0: every
+    multiple of 16).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -331,9 +334,11 @@ def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
     for rows in progress.track(_batches(data, batch_size), "evaluation batches"):
         filled = rows + [rows[-1]] * (batch_size - len(rows))  # one shape per kind
         k = len(rows)
-        res = _teacher_forced(model, data, filled, _model_batch(data, filled, True), reference,
+        res = _teacher_forced(model, data, filled,
+                              _model_batch(data, filled, True, lengths_per_doubling), reference,
                               routing, k)
-        gen = generate.greedy_generate(model, _model_batch(data, filled, False), max_new_tokens,
+        gen = generate.greedy_generate(model, _model_batch(data, filled, False,
+                                                           lengths_per_doubling), max_new_tokens,
                                        data.eos_token_id, stop_token_ids=data.stop_token_ids)
         texts = generate.decode(data.tokenizer, gen)
         for j, i in enumerate(rows):
