@@ -29,7 +29,7 @@ from flax import nnx
 from benchmarks.memory_plan import kimi_text_config
 from mode_jax.calib import passes
 from mode_jax.models import kimivl, moonvit
-from mode_jax.models.batch import embed_split
+from mode_jax.models.batch import embed_split, split_embedder
 
 
 def compile_seconds(lower) -> float:
@@ -68,7 +68,8 @@ def main(argv=None):
           f"({tokens} tokens each); compiled for {jax.devices()[0].device_kind}")
     times = {
         "vision tower + embedding (split, per tuple of grids)":
-            compile_seconds(lambda: embed_split.lower(graphdef, state, ids, pixels, grid)),
+            compile_seconds(lambda: embed_split.lower(*split_embedder(abstract), ids, pixels,
+                                                      grid)),
         "frequency step, vision inside (before, per tuple of grids)":
             compile_seconds(lambda: passes._frequency_batch.lower(graphdef, state, fused, scfg,
                                                                   grid)),

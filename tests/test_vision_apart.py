@@ -1,6 +1,7 @@
 """The vision tower runs as a program of its own (`models.batch.embed_images`): batches whose
 image grids differ but whose shapes match reuse the decoder's compiled programs (the forward,
-`generate`, the calibration passes), and the results equal the vision tower run inside."""
+`generate`, the calibration passes), the full-precision and quantized models share the vision
+program, and the results equal the vision tower run inside."""
 
 import pathlib
 
@@ -12,6 +13,8 @@ from mode_jax import sharding
 from mode_jax.calib import passes
 from mode_jax.eval import generate
 from mode_jax.models import deepseek_v3, kimivl
+from mode_jax.models.batch import embed_images
+from mode_jax.quant import apply
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "kimivl-tiny"
 GRIDS = ((2, 12), (12, 2), (6, 4))  # patches; 6 image tokens each, so equal batch shapes
@@ -77,3 +80,29 @@ def test_the_vision_tower_apart_gives_the_same_outputs(model):
     for (gi, gw), (wi, ww) in zip(got.routing, want.routing, strict=True):
         np.testing.assert_array_equal(gi, wi)
         np.testing.assert_allclose(gw, ww, rtol=1e-6, atol=1e-7)
+
+
+def test_quantized_copies_share_the_vision_program(model, monkeypatch):
+    """Quantization leaves the vision tower and embeddings alone, so a packed model (another
+    graph than the float one) runs its images through the float model's compiled vision
+    program, and its embeddings are the float model's."""
+    text = model.config.text
+    bits = np.full((len(text.moe_layers), text.n_routed_experts), 2)
+    packed, _ = apply.quantize_model(model, None, bits,
+                                     apply.QuantConfig(method="rtn", group_size=32))
+    batch = _batch(model, (4, 8), 7)  # a grid no other test uses
+    args = kimivl.prepare_batch(model.config, batch)
+    cfg = passes.StatsConfig(model.config.media_placeholder_token_id)
+    vision = _counting(monkeypatch, model.vision_tower.__class__, "__call__")
+
+    def run(m):  # the forward, the calibration passes and GPTQ's walk's way in
+        m(batch)
+        passes.frequency_pass(m, [batch], cfg)
+        return embed_images(m, args["input_ids"], args["pixel_values"], args["grid_hws"])
+
+    want = run(model)
+    traced = len(vision)
+    got = run(packed)
+    assert 1 <= traced and len(vision) == traced  # the packed model traced it no more
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert not np.array_equal(packed(batch).logits, model(batch).logits)  # packed indeed

@@ -31,7 +31,7 @@ from flax import nnx
 from mode_jax import multihost, progress, sharding
 from mode_jax.calib import frequency, sensitivity
 from mode_jax.calib.sensitivity import LayerPrefix, LayerTokens
-from mode_jax.models.batch import embed_split
+from mode_jax.models.batch import embed_split, split_embedder
 from mode_jax.models.deepseek_v3 import DeepseekV3
 from mode_jax.models.qwen3_moe import Qwen3MoeText
 
@@ -127,10 +127,10 @@ def device_batch(model, batch: dict) -> tuple[dict[str, jax.Array], tuple | None
     return sharding.place_inputs(model, out), grid
 
 
-def device_inputs(model, batch: dict, graphdef, state) -> tuple[dict[str, jax.Array], None]:
+def device_inputs(model, batch: dict, embedder) -> tuple[dict[str, jax.Array], None]:
     """`device_batch` with its images already through the vision tower (`inputs_embeds`, and
-    Qwen3-VL's DeepStack `additions`), and no static grid left; `graphdef, state` is
-    `nnx.split(model)`, which the passes hold already.
+    Qwen3-VL's DeepStack `additions`), and no static grid left; `embedder` is
+    `models.batch.split_embedder(model)`, made once per pass.
 
     A batch's image grids are static arguments of the vision tower, so inside a pass's program
     every new tuple of grids compiled the whole pass again, decoder and backward included. Run
@@ -139,7 +139,7 @@ def device_inputs(model, batch: dict, graphdef, state) -> tuple[dict[str, jax.Ar
     dev, grid = device_batch(model, batch)
     if "pixel_values" in dev:
         dev["inputs_embeds"], dev["additions"] = embed_split(
-            graphdef, state, dev["input_ids"], dev.pop("pixel_values"), grid)
+            *embedder, dev["input_ids"], dev.pop("pixel_values"), grid)
     return dev, None
 
 
@@ -241,10 +241,11 @@ def frequency_pass(model, batches: Sequence[dict], cfg: StatsConfig) -> dict[str
     """
     check_model(model, cfg)
     graphdef, state = nnx.split(model)
+    embedder = split_embedder(model)
     total: dict[str, np.ndarray] = {}
     samples = 0
     for batch in progress.track(_batches(batches), "frequency pass batches"):
-        dev, grid = device_inputs(model, batch, graphdef, state)
+        dev, grid = device_inputs(model, batch, embedder)
         out = jax.device_get(multihost.tree_to_host(
             _frequency_batch(graphdef, state, dev, cfg, grid)))
         for k, v in out.items():
@@ -308,6 +309,7 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
     """
     check_model(model, cfg)
     graphdef, state = nnx.split(model)
+    embedder = split_embedder(model)
     parts: list[dict] = []
     used = samples = skipped = 0
     for batch in progress.track(_batches(batches), "token cache batches"):
@@ -318,7 +320,7 @@ def collect_tokens(model, batches: Sequence[dict], cfg: StatsConfig, *,
             continue
         keep = np.cumsum(lengths) + used <= max_tokens
         keep &= np.cumsum(~keep) == 0
-        dev, grid = device_inputs(model, batch, graphdef, state)
+        dev, grid = device_inputs(model, batch, embedder)
         out = jax.device_get(multihost.tree_to_host(
             _token_batch(graphdef, state, dev, cfg, grid, gradients)))
         rows = mask & keep[:, None]
@@ -431,6 +433,7 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
     check_model(model, cfg)
     batches = _batches(batches)
     graphdef, state = nnx.split(model)
+    embedder = split_embedder(model)
     text = text_model(model)
     layers = text.config.moe_layers
     n_exp = text.config.n_routed_experts
@@ -444,7 +447,7 @@ def logit_kl_pass(model, batches: Sequence[dict], cfg: StatsConfig, bits, group_
             copies = None  # drop the last layer's before making these
             copies = (sensitivity.quantize_layer(gu, dn, bits, group_size) if quantized is None
                       else jax.device_put(quantized[j]))
-        dev, grid = device_inputs(model, batches[i], graphdef, state)
+        dev, grid = device_inputs(model, batches[i], embedder)
         prefix = _prefix_batch(graphdef, state, dev, cfg, grid, j)
         kl = _kl_layer(graphdef, state, prefix, gu, dn, *copies, layer=layers[j],
                        chunk=min(chunk, n_exp * len(bits)))
@@ -577,13 +580,13 @@ def hessian_trace_pass(model, batches: Sequence[dict], *, image_token_id: int,
     total = np.zeros((len(moe_layers), text_model(model).config.n_routed_experts))
     batches = _batches(batches)
     keys = jax.random.split(jax.random.key(seed), len(batches))
-    whole = nnx.split(model)  # for the vision tower's program (device_inputs)
+    embedder = split_embedder(model)  # for the vision tower's program (device_inputs)
     steps = [(b, i) for b in range(len(blocks)) for i in range(len(batches))]
     for b, i in progress.track(steps, "hessian trace (layer block, batch) steps"):
         if i == 0:  # a new block: its experts are the differentiated part
             graphdef, experts, rest = nnx.split(model, _routed_experts_of(blocks[b]), ...)
         key = keys[i] if len(blocks) == 1 else jax.random.fold_in(keys[i], b)
-        dev, grid = device_inputs(model, batches[i], *whole)
+        dev, grid = device_inputs(model, batches[i], embedder)
         traces = _hessian_batch(graphdef, experts, rest, dev, grid, key, num_probes,
                                 int(image_token_id), curvature)
         traces = jax.device_get(multihost.tree_to_host(traces))

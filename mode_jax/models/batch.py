@@ -5,7 +5,9 @@ Each multimodal wrapper (`KimiVL`, `Qwen3VLMoe`, `InternVL`) turns a processor d
 gives `(h [B, T, D], additions)`: the residual stream entering the text model and the per-layer
 additions (Qwen3-VL's DeepStack; empty for Kimi-VL and InternVL). Generation, calibration and
 quantization use only these two and the text model's `context`/`run_layers`/`init_cache`, so
-they run on every family. `run_forward` is the rest of each family's `model(batch)`.
+they run on every family. `model.embedder()` is `embed_inputs` as a module of its own (an
+`Embedder`), which `embed_images` compiles apart from the decoder. `run_forward` is the rest of
+each family's `model(batch)`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,23 @@ def run_forward(model, forward_jit, args: dict[str, Any], image_query_mask=None,
     return multihost.tree_to_host(out)
 
 
+class Embedder(nnx.Module):
+    """A family's `model.embedder()`: the modules its `embed_inputs` reads (vision tower,
+    projector, token embeddings), held apart from the decoder, and called as
+    `embedder(input_ids, pixel_values, grid) -> (h [B, T, D], additions)`.
+
+    Quantization never touches these modules, so the full-precision model and every quantized
+    copy of it (each method of a sweep) split to the same embedder graph and share the one
+    compiled vision program (`embed_split`), where a program over the whole model is compiled
+    again for each of them."""
+
+
+def split_embedder(model) -> tuple[Any, Any] | None:
+    """`nnx.split(model.embedder())`, or None for a text-only model (no `embedder`)."""
+    make = getattr(model, "embedder", None)
+    return None if make is None else nnx.split(make())
+
+
 def embed_images(model, input_ids, pixel_values, grid):
     """`model.embed_inputs` as a program of its own: `(embeddings [B, T, D], additions)`.
 
@@ -85,12 +104,12 @@ def embed_images(model, input_ids, pixel_values, grid):
     blocks), so a program holding it is compiled once per tuple of grids. Run apart, only this
     program is; the decoder's programs (forward, the calibration passes, GPTQ's walk) take the
     embeddings and are compiled once per batch shape."""
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(model.embedder())
     return embed_split(graphdef, state, input_ids, pixel_values, grid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "grid"))
 def embed_split(graphdef, state, input_ids, pixel_values, grid):
-    """`embed_images` for a caller that holds the model split already (the calibration passes,
-    once per batch): no graph walk per call."""
-    return nnx.merge(graphdef, state).embed_inputs(input_ids, pixel_values, grid)
+    """`embed_images` on `split_embedder(model)`, for a caller that calls it once per batch
+    (the calibration passes): the split is made once."""
+    return nnx.merge(graphdef, state)(input_ids, pixel_values, grid)

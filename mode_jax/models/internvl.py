@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.internvl_vision import InternVLVision, VisionConfig
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
@@ -67,6 +67,30 @@ class InternVLConfig:
             raise ValueError(f"{source}: {err}") from None
 
 
+class InternVLEmbedder(Embedder):
+    """`InternVL`'s vision tower (with its projector) and token embeddings
+    (`models.batch.Embedder`)."""
+
+    def __init__(self, model: InternVL):
+        self.config = model.config
+        self.vision_tower = model.vision_tower
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 grid: Any = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        del grid  # the tiles' shape says everything
+        h = self.embed_tokens(input_ids.astype(jnp.int32))
+        if pixel_values is None:
+            return h, ()
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower")
+        features = self.vision_tower(pixel_values)
+        slots = input_ids == self.config.image_token_id
+        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
+        rows = features.astype(h.dtype)[order].reshape(h.shape)
+        return jnp.where(slots[..., None], rows, h), ()
+
+
 class InternVL(nnx.Module):
     """`vision_tower` (InternViT + projector) and `language_model` (Qwen3MoeText)."""
 
@@ -84,20 +108,14 @@ class InternVL(nnx.Module):
         a = prepare_batch(self.config, batch)
         return Prepared(a["input_ids"], a["attention_mask"], a["pixel_values"], a["grid"])
 
+    def embedder(self) -> InternVLEmbedder:
+        """The modules `embed_inputs` reads, apart from the decoder (`models.batch.Embedder`)."""
+        return InternVLEmbedder(self)
+
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                      grid: Any = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Token embeddings `[B, T, D]` with the tiles' features at the image tokens."""
-        del grid  # the tiles' shape says everything
-        h = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return h, ()
-        if self.vision_tower is None:
-            raise ValueError("this model has no vision tower")
-        features = self.vision_tower(pixel_values)
-        slots = input_ids == self.config.image_token_id
-        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
-        rows = features.astype(h.dtype)[order].reshape(h.shape)
-        return jnp.where(slots[..., None], rows, h), ()
+        return self.embedder()(input_ids, pixel_values, grid)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid=None,
                 positions=None, *, image_query_mask=None, return_routing: bool = False,

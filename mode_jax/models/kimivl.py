@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
 from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
 
@@ -92,6 +92,34 @@ class KimiVLConfig:
                    pad_token_id=int(getattr(config.text_config, "pad_token_id", None) or 0))
 
 
+class KimiVLEmbedder(Embedder):
+    """`KimiVL`'s vision tower, projector and token embeddings (`models.batch.Embedder`)."""
+
+    def __init__(self, model: KimiVL):
+        self.config = model.config
+        self.vision_tower = model.vision_tower
+        self.multi_modal_projector = model.multi_modal_projector
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint)")
+        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_hws))
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 grid_hws: GridHWs | None = None) -> tuple[jax.Array, tuple]:
+        """Token embeddings `[B, T, D]` with image features written at the placeholders, and
+        no additions."""
+        h = self.embed_tokens(input_ids.astype(jnp.int32))
+        if pixel_values is None:
+            return h, ()
+        features = self.image_features(pixel_values, grid_hws).astype(h.dtype)
+        slots = input_ids == self.config.media_placeholder_token_id
+        order = jnp.cumsum(slots.reshape(-1)) - 1  # i-th placeholder takes feature row i
+        rows = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(h.shape)
+        return jnp.where(slots[..., None], rows, h), ()
+
+
 class KimiVL(nnx.Module):
     """`vision_tower` (MoonViT), `multi_modal_projector`, `language_model` (DeepseekV3)."""
 
@@ -112,23 +140,18 @@ class KimiVL(nnx.Module):
             if layer.is_moe:
                 layer.mlp.experts.impl = experts_impl
 
+    def embedder(self) -> KimiVLEmbedder:
+        """The modules `embed_inputs` reads, apart from the decoder (`models.batch.Embedder`)."""
+        return KimiVLEmbedder(self)
+
     def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
         """Projected features `[sum(h * w) / 4, text_hidden]` of all images, in order."""
-        if self.vision_tower is None:
-            raise ValueError("this model has no vision tower (a text-only checkpoint)")
-        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_hws))
+        return self.embedder().image_features(pixel_values, grid_hws)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               grid_hws: GridHWs | None = None) -> jax.Array:
         """Token embeddings `[B, T, D]` with image features written at the placeholders."""
-        h = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return h
-        features = self.image_features(pixel_values, grid_hws).astype(h.dtype)
-        slots = input_ids == self.config.media_placeholder_token_id
-        order = jnp.cumsum(slots.reshape(-1)) - 1  # i-th placeholder takes feature row i
-        rows = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(h.shape)
-        return jnp.where(slots[..., None], rows, h)
+        return self.embedder()(input_ids, pixel_values, grid_hws)[0]
 
     def prepare(self, batch: Mapping[str, Any]) -> Prepared:
         """The checked batch (`models.batch`); positions count real tokens."""
@@ -138,7 +161,7 @@ class KimiVL(nnx.Module):
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                      grid_hws: GridHWs | None = None) -> tuple[jax.Array, tuple]:
         """`(embed(...), ())`: Kimi-VL adds nothing inside the decoder (`models.batch`)."""
-        return self.embed(input_ids, pixel_values, grid_hws), ()
+        return self.embedder()(input_ids, pixel_values, grid_hws)
 
     def forward(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                 pixel_values: jax.Array | None = None, grid_hws: GridHWs | None = None,

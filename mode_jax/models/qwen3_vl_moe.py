@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
 from mode_jax.models.qwen3_vl_vision import GridTHW, Qwen3VLVision, VisionConfig, normalize_grid
@@ -77,6 +77,32 @@ class Qwen3VLMoeConfig:
             raise ValueError(f"{source}: {err}") from None
 
 
+class Qwen3VLMoeEmbedder(Embedder):
+    """`Qwen3VLMoe`'s vision tower and token embeddings (`models.batch.Embedder`)."""
+
+    def __init__(self, model: Qwen3VLMoe):
+        self.config = model.config
+        self.visual = model.visual
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 grid_thw: GridTHW | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        h = self.embed_tokens(input_ids.astype(jnp.int32))
+        if pixel_values is None:
+            return h, ()
+        if self.visual is None:
+            raise ValueError("this model has no vision tower (a text-only checkpoint)")
+        features, deepstack = self.visual(pixel_values, grid_thw)
+        slots = input_ids == self.config.image_token_id
+        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
+
+        def scatter(rows, base):
+            return jnp.where(slots[..., None], rows.astype(h.dtype)[order].reshape(h.shape), base)
+
+        zeros = jnp.zeros_like(h)
+        return scatter(features, h), tuple(scatter(f, zeros) for f in deepstack)
+
+
 class Qwen3VLMoe(nnx.Module):
     """`visual` (Qwen3VLVision) and `language_model` (Qwen3MoeText)."""
 
@@ -95,24 +121,15 @@ class Qwen3VLMoe(nnx.Module):
         return Prepared(a["input_ids"], a["attention_mask"], a["pixel_values"], a["grid_thw"],
                         a["positions"], a["rope_delta"])
 
+    def embedder(self) -> Qwen3VLMoeEmbedder:
+        """The modules `embed_inputs` reads, apart from the decoder (`models.batch.Embedder`)."""
+        return Qwen3VLMoeEmbedder(self)
+
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                      grid_thw: GridTHW | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Token embeddings `[B, T, D]` with image features at the image tokens, and the
         DeepStack features scattered to `[B, T, D]` (zeros elsewhere; empty without images)."""
-        h = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return h, ()
-        if self.visual is None:
-            raise ValueError("this model has no vision tower (a text-only checkpoint)")
-        features, deepstack = self.visual(pixel_values, grid_thw)
-        slots = input_ids == self.config.image_token_id
-        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
-
-        def scatter(rows, base):
-            return jnp.where(slots[..., None], rows.astype(h.dtype)[order].reshape(h.shape), base)
-
-        zeros = jnp.zeros_like(h)
-        return scatter(features, h), tuple(scatter(f, zeros) for f in deepstack)
+        return self.embedder()(input_ids, pixel_values, grid_thw)
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, grid_thw=None,
                 positions=None, *, image_query_mask=None, return_routing: bool = False,
