@@ -14,6 +14,11 @@ photo) plus 64 text tokens per row, and prints each program's compile time on th
 
     python -m benchmarks.vision_compile
     python -m benchmarks.vision_compile --layers 27 --grid 32x46
+
+It then compiles the vision program alone for `--runs` image counts, the images all of one
+grid against grids alternating with their transpose (same patches): consecutive images of one
+grid share one batched attention call per block (and one position table), where distinct
+grids take one each.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=27, help="decoder layers (Kimi-VL-A3B: 27)")
     p.add_argument("--batch", type=int, default=4, help="rows, one image each")
     p.add_argument("--grid", default="36x46", help="each image's patches, h x w")
+    p.add_argument("--runs", default="2,4,8", help="image counts of the one-grid against "
+                   "alternating-grids comparison ('' skips it)")
     a = p.parse_args(argv)
     command = "python -m benchmarks.vision_compile " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
@@ -90,6 +97,22 @@ def main(argv=None):
     print(f"per new tuple of grids, frequency + token cache: {before:.1f} s before, "
           f"{times[keys[0]]:.1f} s now ({before / times[keys[0]]:.1f}x less; the vision "
           f"program is shared by both passes and GPTQ's walk)")
+    if a.runs:
+        print("the vision program for n images: all of one grid (one batched attention call "
+              "per block) against grids alternating with their transpose (one per image; same "
+              "patches):")
+        for n in (int(v) for v in a.runs.split(",")):
+            secs = []
+            for grids in (((h, w),) * n, tuple((h, w) if i % 2 == 0 else (w, h)
+                                               for i in range(n))):
+                # 32 more rows' tokens than above: a shape of its own, so nothing is cached
+                rows = jax.ShapeDtypeStruct((n, -(-(tokens + 64) // 32) * 32 + 32), jnp.int32)
+                patches = jax.ShapeDtypeStruct((n * h * w, 3, patch, patch), jnp.float32)
+                secs.append(compile_seconds(lambda grids=grids, rows=rows, patches=patches:
+                                            embed_split.lower(*split_embedder(abstract), rows,
+                                                              patches, grids)))
+            print(f"  {n} images: one grid {secs[0]:.1f} s, alternating {secs[1]:.1f} s "
+                  f"({secs[1] / secs[0]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,18 @@ def test_two_images_of_different_sizes_match_k25(k25):
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_runs_of_one_grid_match_k25(k25):
+    """Consecutive images of one grid share one batched attention call and one position table;
+    each still attends only within itself, as the K2.5 tower computes."""
+    grids = ((4, 6), (4, 6), (4, 6), (6, 4), (4, 6))
+    pixels = np.random.default_rng(5).normal(size=(sum(h * w for h, w in grids), 3, 14, 14))
+    pixels = pixels.astype(np.float32)
+    ref = _reference(k25, pixels, grids)
+    ours = _features(_convert(k25), pixels, grids)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_attention_stays_inside_each_image(k25):
     ours = _convert(k25)
     grids = ((4, 4), (2, 6))

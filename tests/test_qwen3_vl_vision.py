@@ -128,6 +128,12 @@ def test_video_and_image_match_transformers(hf):
     _assert_jitted_matches(hf, ((2, 4, 4), (1, 4, 6)), seed=1)
 
 
+def test_runs_of_one_grid_match_transformers(hf):
+    """Consecutive images of one grid share one batched attention call (a video's frames with
+    them); each still attends only within itself, as transformers' tower computes."""
+    _assert_jitted_matches(hf, ((1, 4, 6), (1, 4, 6), (2, 4, 4), (1, 4, 4), (1, 4, 6)), seed=2)
+
+
 def test_bf16_tower_tolerance(hf):
     """bf16 weights and activations, the tower converted bare (empty prefixes): within 3% of
     the largest float32 torch feature (measured 1%; the float32 tower is at 7e-7)."""

@@ -35,6 +35,7 @@ Differences from transformers' `kimi_k25` MoonViT, which the converter absorbs:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -229,11 +230,14 @@ def half_to_interleaved_rows(num_heads: int, head_dim: int) -> np.ndarray:
 
 
 def merge_patches(x: jax.Array, h: int, w: int, kernel: tuple[int, int]) -> jax.Array:
-    """One image's `[h * w, D]` -> `[(h / kh) * (w / kw), kh * kw, D]` groups in raster order."""
+    """An image's `[..., h * w, D]` -> `[..., (h / kh) * (w / kw), kh * kw, D]` groups in raster
+    order (leading axes: several images of that grid)."""
     kh, kw = kernel
     d = x.shape[-1]
-    x = x.reshape(h // kh, kh, w // kw, kw, d).transpose(0, 2, 1, 3, 4)
-    return x.reshape((h // kh) * (w // kw), kh * kw, d)
+    lead = x.shape[:-2]
+    x = x.reshape(*lead, h // kh, kh, w // kw, kw, d)
+    x = jnp.moveaxis(x, -4, -3)  # (.., h / kh, w / kw, kh, kw, d)
+    return x.reshape(*lead, (h // kh) * (w // kw), kh * kw, d)
 
 
 def normalize_grid(grid: Any, merge_kernel: tuple[int, int] | None = None) -> GridHWs:
@@ -285,22 +289,29 @@ class MoonViTBlock(nnx.Module):
         self.fc0 = _linear(d, cfg.intermediate_size, dtype, rngs)
         self.fc1 = _linear(cfg.intermediate_size, d, dtype, rngs)
 
-    def attention(self, x: jax.Array, sizes: Sequence[int], angles: jax.Array) -> jax.Array:
+    def attention(self, x: jax.Array, runs: Sequence[tuple[int, int]], angles: jax.Array
+                  ) -> jax.Array:
+        """Block-diagonal attention, each image on its own; `runs` are (patches, images) of
+        consecutive images of one size, which go through one batched call: a batch of one
+        grid compiles one attention per layer, not one per image."""
         cfg = self.cfg
         qkv = self.wqkv(x).reshape(x.shape[0], 3, cfg.num_heads, cfg.head_dim)
         q = apply_rope(qkv[:, 0], angles)
         k = apply_rope(qkv[:, 1], angles)
         v = qkv[:, 2]
         outs, start = [], 0
-        for n in sizes:  # block-diagonal attention: one image at a time
-            sl = slice(start, start + n)
-            outs.append(jax.nn.dot_product_attention(q[None, sl], k[None, sl], v[None, sl])[0])
-            start += n
+        for n, count in runs:
+            sl = slice(start, start + n * count)
+            q_, k_, v_ = (a[sl].reshape(count, n, *a.shape[1:]) for a in (q, k, v))
+            outs.append(jax.nn.dot_product_attention(q_, k_, v_).reshape(n * count,
+                                                                         *q.shape[1:]))
+            start += n * count
         out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         return self.wo(out.reshape(x.shape[0], -1))
 
-    def __call__(self, x: jax.Array, sizes: Sequence[int], angles: jax.Array) -> jax.Array:
-        x = x + self.attention(self.norm0(x), sizes, angles)
+    def __call__(self, x: jax.Array, runs: Sequence[tuple[int, int]], angles: jax.Array
+                 ) -> jax.Array:
+        x = x + self.attention(self.norm0(x), runs, angles)
         return x + self.fc1(_ACTIVATIONS[self.cfg.mlp_act](self.fc0(self.norm1(x))))
 
 
@@ -331,18 +342,21 @@ class MoonViT(nnx.Module):
         dtype = self.patch_embed.kernel[...].dtype
         x = self.patch_embed(pixel_values.reshape(total, -1).astype(dtype))
         table = self.pos_emb[...]
-        x = x + jnp.concatenate([resample_pos_emb(table, h, w) for h, w in grid_hws], axis=0)
+        runs = [(hw, len(list(same))) for hw, same in itertools.groupby(grid_hws)]
+        x = x + jnp.concatenate([jnp.tile(resample_pos_emb(table, h, w), (count, 1))
+                                 for (h, w), count in runs], axis=0)
         angles = jnp.asarray(np.concatenate(
             [rope_angles(h, w, cfg.head_dim, cfg.rope_theta) for h, w in grid_hws], axis=0))
-        sizes = [h * w for h, w in grid_hws]
         for block in self.blocks:
-            x = block(x, sizes, angles)
+            x = block(x, [(h * w, count) for (h, w), count in runs], angles)
         x = self.final_layernorm(x)
         groups, start = [], 0
-        for h, w in grid_hws:
-            groups.append(merge_patches(x[start:start + h * w], h, w, cfg.merge_kernel))
-            start += h * w
-        return jnp.concatenate(groups, axis=0)
+        for (h, w), count in runs:
+            part = x[start:start + count * h * w].reshape(count, h * w, -1)
+            merged = merge_patches(part, h, w, cfg.merge_kernel)
+            groups.append(merged.reshape(-1, *merged.shape[2:]))
+            start += count * h * w
+        return jnp.concatenate(groups, axis=0) if len(groups) > 1 else groups[0]
 
 
 class Projector(nnx.Module):

@@ -44,6 +44,7 @@ rejected by `VisionConfig`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -309,13 +310,17 @@ class VisionBlock(nnx.Module):
         k = apply_rope(qkv[:, 1], cos, sin)
         v = qkv[:, 2]
         outs, start = [], 0
-        for t, h, w in grid:  # block-diagonal: one image at a time, its frames as a batch
-            sl = slice(start, start + t * h * w)
-            shape = (t, h * w, cfg.num_heads, cfg.head_dim)
+        # block-diagonal: each frame on its own; consecutive images of one grid (and their
+        # frames) go through one batched call, so a batch of one grid compiles one attention
+        # per block, not one per image
+        for (t, h, w), same in itertools.groupby(grid):
+            frames = t * len(list(same))
+            sl = slice(start, start + frames * h * w)
+            shape = (frames, h * w, cfg.num_heads, cfg.head_dim)
             out = frame_attention(q[sl].reshape(shape), k[sl].reshape(shape),
                                   v[sl].reshape(shape), cfg.head_dim**-0.5)
-            outs.append(out.reshape(t * h * w, -1))
-            start += t * h * w
+            outs.append(out.reshape(frames * h * w, -1))
+            start += frames * h * w
         out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         return self.proj(out)
 
