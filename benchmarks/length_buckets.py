@@ -138,8 +138,9 @@ def main(argv=None):
              "--worker", json.dumps([per, lengths.tolist()])],
             capture_output=True, text=True, check=True)
         run = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert run["programs"] == len(set(padded.tolist()))
-        rows[per] = (len(set(padded.tolist())), padded.sum() / lengths.sum() - 1, run["seconds"])
+        programs = len(set(padded.tolist()))
+        assert run["programs"] == programs
+        rows[per] = (programs, padded.sum() / lengths.sum() - 1, run["seconds"])
         name = f"{per} (every 32)" if per == 0 else str(per)
         print(f"{name:>22} {rows[per][0]:>9} {100 * rows[per][1]:>7.1f}% "
               f"{rows[per][2]:>12.1f}s")

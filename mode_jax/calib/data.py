@@ -347,7 +347,15 @@ def group_by_image_grid(samples: Sequence[Sample],
     return out
 
 
-def padded_length(length: int, multiple: int = 32, per_doubling: int = 8, cap: int = 0) -> int:
+LENGTHS_PER_DOUBLING = 8  # configs/common.py data.lengths_per_doubling
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def padded_length(length: int, multiple: int = 32, per_doubling: int = LENGTHS_PER_DOUBLING,
+                  cap: int = 0) -> int:
     """The length a batch whose longest prompt has `length` tokens is padded to.
 
     Every distinct padded length is one more program to compile for each pass (and at
@@ -360,11 +368,11 @@ def padded_length(length: int, multiple: int = 32, per_doubling: int = 8, cap: i
     `max_length` the prompt itself fits."""
     step = multiple
     if per_doubling > 0 and length > 0:
-        wide = (1 << (int(length).bit_length() - 1)) // per_doubling
-        step = max(multiple, -(-wide // multiple) * multiple)
-    padded = -(-length // step) * step
+        step = max(multiple, _round_up((1 << (int(length).bit_length() - 1)) // per_doubling,
+                                       multiple))
+    padded = _round_up(length, step)
     if cap > 0:
-        padded = min(padded, max(cap // multiple * multiple, -(-length // multiple) * multiple))
+        padded = min(padded, max(cap // multiple * multiple, _round_up(length, multiple)))
     return padded
 
 
@@ -385,7 +393,7 @@ def batches(
     pad_token_id: int = 0,
     max_length: int = 0,
     length_multiple: int = 32,
-    lengths_per_doubling: int = 8,
+    lengths_per_doubling: int = LENGTHS_PER_DOUBLING,
     build=None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Right-padded batches, their lengths rounded up as `padded_length` does (multiples of

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 from mode_jax import progress
-from mode_jax.calib.data import padded_length
+from mode_jax.calib.data import LENGTHS_PER_DOUBLING, padded_length
 from mode_jax.convert import families
 from mode_jax.eval import generate, jsonl, metrics
 from mode_jax.preprocess import ImageConfig, preprocess_image, prompt_text
@@ -219,7 +219,7 @@ def _rows_per_batch(data: EvalSet, batch_size: int) -> int:
 
 
 def _model_batch(data: EvalSet, rows: list[int], with_answer: bool,
-                 lengths_per_doubling: int = 8) -> dict[str, np.ndarray]:
+                 lengths_per_doubling: int = LENGTHS_PER_DOUBLING) -> dict[str, np.ndarray]:
     examples = [data.examples[i] for i in rows]
     seqs = [np.concatenate([e.prompt_ids, e.answer_ids]) if with_answer else e.prompt_ids
             for e in examples]
@@ -306,7 +306,7 @@ def _routing_counts(routing, batch, config, k) -> np.ndarray:
 # ---------------------------------------------------------------- the evaluation
 def evaluate(model, data: EvalSet, *, reference=None, batch_size: int = 32,
              max_new_tokens: int = 8, routing: bool = False, keep_logprobs: bool = True,
-             lengths_per_doubling: int = 8) -> dict:
+             lengths_per_doubling: int = LENGTHS_PER_DOUBLING) -> dict:
     """Score `model` on `data`; returns a plain dict (see the module doc).
 
     reference: None, a model (run on every batch) or the result of an earlier `evaluate` of

@@ -91,6 +91,16 @@ class Embedder(nnx.Module):
     again for each of them."""
 
 
+def place_at_tokens(base: jax.Array, input_ids: jax.Array, token_id: int, rows: jax.Array
+                    ) -> jax.Array:
+    """`base [B, T, D]` with `rows [N, D]` written, in order, at the `token_id` positions of
+    `input_ids [B, T]` (row-major over the batch): how every family's embedder puts image
+    features (and Qwen3-VL's DeepStack features) at the image placeholders."""
+    slots = input_ids == token_id
+    order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, rows.shape[0] - 1)
+    return jnp.where(slots[..., None], rows.astype(base.dtype)[order].reshape(base.shape), base)
+
+
 def split_embedder(model) -> tuple[Any, Any] | None:
     """`nnx.split(model.embedder())`, or None for a text-only model (no `embedder`)."""
     make = getattr(model, "embedder", None)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, place_at_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.internvl_vision import InternVLVision, VisionConfig
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
@@ -85,10 +85,7 @@ class InternVLEmbedder(Embedder):
         if self.vision_tower is None:
             raise ValueError("this model has no vision tower")
         features = self.vision_tower(pixel_values)
-        slots = input_ids == self.config.image_token_id
-        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
-        rows = features.astype(h.dtype)[order].reshape(h.shape)
-        return jnp.where(slots[..., None], rows, h), ()
+        return place_at_tokens(h, input_ids, self.config.image_token_id, features), ()
 
 
 class InternVL(nnx.Module):

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, place_at_tokens, run_forward
 from mode_jax.models.deepseek_v3 import DeepseekV3, TextConfig, TextOutput
 from mode_jax.models.moonvit import GridHWs, MoonViT, Projector, VisionConfig, normalize_grid
 
@@ -102,6 +102,7 @@ class KimiVLEmbedder(Embedder):
         self.embed_tokens = model.language_model.embed_tokens
 
     def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
+        """Projected features `[sum(h * w) / 4, text_hidden]` of all images, in order."""
         if self.vision_tower is None:
             raise ValueError("this model has no vision tower (a text-only checkpoint)")
         return self.multi_modal_projector(self.vision_tower(pixel_values, grid_hws))
@@ -113,11 +114,9 @@ class KimiVLEmbedder(Embedder):
         h = self.embed_tokens(input_ids.astype(jnp.int32))
         if pixel_values is None:
             return h, ()
-        features = self.image_features(pixel_values, grid_hws).astype(h.dtype)
-        slots = input_ids == self.config.media_placeholder_token_id
-        order = jnp.cumsum(slots.reshape(-1)) - 1  # i-th placeholder takes feature row i
-        rows = features[jnp.clip(order, 0, features.shape[0] - 1)].reshape(h.shape)
-        return jnp.where(slots[..., None], rows, h), ()
+        features = self.image_features(pixel_values, grid_hws)
+        return place_at_tokens(h, input_ids, self.config.media_placeholder_token_id,
+                               features), ()
 
 
 class KimiVL(nnx.Module):
@@ -143,10 +142,6 @@ class KimiVL(nnx.Module):
     def embedder(self) -> KimiVLEmbedder:
         """The modules `embed_inputs` reads, apart from the decoder (`models.batch.Embedder`)."""
         return KimiVLEmbedder(self)
-
-    def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
-        """Projected features `[sum(h * w) / 4, text_hidden]` of all images, in order."""
-        return self.embedder().image_features(pixel_values, grid_hws)
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
               grid_hws: GridHWs | None = None) -> jax.Array:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mode_jax.models import field_types
-from mode_jax.models.batch import Embedder, Prepared, check_tokens, run_forward
+from mode_jax.models.batch import Embedder, Prepared, check_tokens, place_at_tokens, run_forward
 from mode_jax.models.deepseek_v3 import TextOutput
 from mode_jax.models.qwen3_moe import Qwen3MoeText, TextConfig
 from mode_jax.models.qwen3_vl_vision import GridTHW, Qwen3VLVision, VisionConfig, normalize_grid
@@ -93,14 +93,9 @@ class Qwen3VLMoeEmbedder(Embedder):
         if self.visual is None:
             raise ValueError("this model has no vision tower (a text-only checkpoint)")
         features, deepstack = self.visual(pixel_values, grid_thw)
-        slots = input_ids == self.config.image_token_id
-        order = jnp.clip(jnp.cumsum(slots.reshape(-1)) - 1, 0, features.shape[0] - 1)
-
-        def scatter(rows, base):
-            return jnp.where(slots[..., None], rows.astype(h.dtype)[order].reshape(h.shape), base)
-
-        zeros = jnp.zeros_like(h)
-        return scatter(features, h), tuple(scatter(f, zeros) for f in deepstack)
+        image, zeros = self.config.image_token_id, jnp.zeros_like(h)
+        return (place_at_tokens(h, input_ids, image, features),
+                tuple(place_at_tokens(zeros, input_ids, image, f) for f in deepstack))
 
 
 class Qwen3VLMoe(nnx.Module):

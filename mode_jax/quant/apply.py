@@ -53,7 +53,7 @@ from flax import nnx
 from mode_jax import multihost, progress, sharding
 from mode_jax.calib import hessian, passes
 from mode_jax.models import deepseek_v3 as dsv3
-from mode_jax.models.batch import embed_images
+from mode_jax.models.batch import embed_split, split_embedder
 from mode_jax.quant import gptq, rtn
 from mode_jax.quant import quantized_moe as qmoe
 from mode_jax.quant.qlinear import QLinear, check_dequant
@@ -198,9 +198,10 @@ def _initial_states(model, batches) -> list[_Calib]:
     """Embeddings (images written in by the float vision tower), contexts (M-RoPE positions
     where the model has them) and DeepStack additions per batch."""
     states = []
+    embedder = split_embedder(model)  # once, not a graph walk per batch
     for batch in batches:
         dev, grid = passes.device_batch(model, batch)  # split over the mesh's "data" axis
-        h, additions = embed_images(model, dev["input_ids"], dev.get("pixel_values"), grid)
+        h, additions = embed_split(*embedder, dev["input_ids"], dev.get("pixel_values"), grid)
         ctx, _ = model.language_model.context(dev["attention_mask"], dev.get("positions"))
         states.append(_Calib(h, ctx, dev["attention_mask"], additions))
     return states
