@@ -6,6 +6,7 @@ interleaved `wqkv`. The published Kimi-VL names are checked end to end in
 test_kimivl_parity.py against reference logits from Kimi-VL's own code.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,6 +116,22 @@ def test_runs_of_one_grid_match_k25(k25):
     ours = _features(_convert(k25), pixels, grids)
     assert ours.shape == ref.shape
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_rope_tables_are_host_constants(k25):
+    """The rope's cos/sin come into the vision program as constants, never as cosines of
+    constant angles, which XLA would fold at every compile (most of a small tower's compile
+    time); the outputs are the K2.5 tower's (the tests above)."""
+    grids = ((4, 6), (4, 6), (6, 4))
+    pixels = jnp.zeros((sum(h * w for h, w in grids), 3, 14, 14), jnp.float32)
+    graphdef, state = nnx.split(_convert(k25))
+    text = jax.jit(lambda s, x: nnx.merge(graphdef, s).vision_tower(x, grids)).lower(
+        state, pixels).as_text()
+    assert "stablehlo.cosine" not in text and "stablehlo.sine" not in text
+    cos, sin = mv.rope_cos_sin(grids, VISION["hidden_size"] // VISION["num_attention_heads"],
+                               10000.0)
+    assert cos.shape == sin.shape == (sum(h * w for h, w in grids), 1, cos.shape[-1])
+    np.testing.assert_allclose(cos**2 + sin**2, 1.0, atol=1e-6)
 
 
 def test_attention_stays_inside_each_image(k25):

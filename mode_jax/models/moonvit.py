@@ -207,12 +207,22 @@ def rope_angles(h: int, w: int, head_dim: int, theta: float) -> np.ndarray:
     return np.stack([col_ang, row_ang], axis=-1).reshape(h * w, head_dim // 2)
 
 
-def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs of `x [n, heads, hd]` by `angles [n, hd // 2]` in float32."""
+def rope_cos_sin(grid_hws: GridHWs, head_dim: int, theta: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every image's `rope_angles`, `[sum(h * w), 1, head_dim // 2]` float32,
+    on the host: the angles are constants of the program, and XLA would otherwise fold their
+    cos/sin at every compile (a fifth of the vision program's compile time at Kimi-VL's
+    widths). Computed in float64 and rounded once, which is what XLA's folding gives too."""
+    angles = np.concatenate([rope_angles(h, w, head_dim, theta) for h, w in grid_hws], axis=0)
+    angles = angles.astype(np.float64)[:, None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs of `x [n, heads, hd]` by the angles whose `cos/sin`
+    (`[n, 1, hd // 2]`) are given, in float32."""
     dtype = x.dtype
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape).astype(dtype)
@@ -289,15 +299,15 @@ class MoonViTBlock(nnx.Module):
         self.fc0 = _linear(d, cfg.intermediate_size, dtype, rngs)
         self.fc1 = _linear(cfg.intermediate_size, d, dtype, rngs)
 
-    def attention(self, x: jax.Array, runs: Sequence[tuple[int, int]], angles: jax.Array
-                  ) -> jax.Array:
+    def attention(self, x: jax.Array, runs: Sequence[tuple[int, int]],
+                  rope: tuple[jax.Array, jax.Array]) -> jax.Array:
         """Block-diagonal attention, each image on its own; `runs` are (patches, images) of
         consecutive images of one size, which go through one batched call: a batch of one
         grid compiles one attention per layer, not one per image."""
         cfg = self.cfg
         qkv = self.wqkv(x).reshape(x.shape[0], 3, cfg.num_heads, cfg.head_dim)
-        q = apply_rope(qkv[:, 0], angles)
-        k = apply_rope(qkv[:, 1], angles)
+        q = apply_rope(qkv[:, 0], *rope)
+        k = apply_rope(qkv[:, 1], *rope)
         v = qkv[:, 2]
         outs, start = [], 0
         for n, count in runs:
@@ -309,9 +319,9 @@ class MoonViTBlock(nnx.Module):
         out = jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         return self.wo(out.reshape(x.shape[0], -1))
 
-    def __call__(self, x: jax.Array, runs: Sequence[tuple[int, int]], angles: jax.Array
-                 ) -> jax.Array:
-        x = x + self.attention(self.norm0(x), runs, angles)
+    def __call__(self, x: jax.Array, runs: Sequence[tuple[int, int]],
+                 rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x = x + self.attention(self.norm0(x), runs, rope)
         return x + self.fc1(_ACTIVATIONS[self.cfg.mlp_act](self.fc0(self.norm1(x))))
 
 
@@ -345,10 +355,9 @@ class MoonViT(nnx.Module):
         runs = [(hw, len(list(same))) for hw, same in itertools.groupby(grid_hws)]
         x = x + jnp.concatenate([jnp.tile(resample_pos_emb(table, h, w), (count, 1))
                                  for (h, w), count in runs], axis=0)
-        angles = jnp.asarray(np.concatenate(
-            [rope_angles(h, w, cfg.head_dim, cfg.rope_theta) for h, w in grid_hws], axis=0))
+        rope = tuple(map(jnp.asarray, rope_cos_sin(grid_hws, cfg.head_dim, cfg.rope_theta)))
         for block in self.blocks:
-            x = block(x, [(h * w, count) for (h, w), count in runs], angles)
+            x = block(x, [(h * w, count) for (h, w), count in runs], rope)
         x = self.final_layernorm(x)
         groups, start = [], 0
         for (h, w), count in runs:
