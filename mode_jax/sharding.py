@@ -8,8 +8,10 @@ families' `__call__` and greedy generation put each batch where the model is,
 `place_inputs`). XLA propagates these placements through the jitted forwards (axis types are
 Auto) and inserts the collectives, except where a module partitions its own forward with a
 `jax.shard_map` (`use_mesh`): the float routed experts (`StackedExperts`: left to XLA, the
-sorted path would gather every layer's experts onto each device) and the packed model's
-experts and dense layers (`QuantizedExperts`, `QLinear`: XLA cannot split a Pallas kernel).
+sorted path would gather every layer's experts onto each device, or with replicated experts
+sort every row on each device and all-reduce the output), the routers (XLA gathers every row's
+scores for the top-k) and the packed model's experts and dense layers (`QuantizedExperts`,
+`QLinear`: XLA cannot split a Pallas kernel).
 Multi-host jobs call `multihost.initialize()` first (main.py --distributed), after
 which `jax.devices()` spans every host and the same mesh code applies.
 """

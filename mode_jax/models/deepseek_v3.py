@@ -305,7 +305,7 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nnx.Module):
+class Router(moe.MeshRouting, nnx.Module):
     """Router `kernel [D, E]` (+ `e_score_correction_bias [E]` float32), computed in float32."""
 
     def __init__(self, cfg: TextConfig, param_dtype, rngs: nnx.Rngs):
@@ -326,7 +326,7 @@ class Router(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias[...]
-        return moe.route(self.logits(x), self.config, bias)
+        return moe.route_on_mesh(self.logits(x), self.config, bias, self.mesh)
 
 
 class StackedExperts(nnx.Module):
@@ -349,10 +349,10 @@ class StackedExperts(nnx.Module):
         self.mesh = None
 
     def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
-        """Run the sorted path expert-parallel over `mesh` (`moe.experts_sorted_on_mesh`) when
-        its "expert" axis splits the experts evenly; called by `sharding.shard_model`."""
-        n = mesh.shape["expert"]
-        self.mesh = mesh if n > 1 and self.gate_up.shape[0] % n == 0 else None
+        """Run the sorted path partitioned over `mesh` (`moe.experts_sorted_on_mesh`: experts
+        split over its "expert" axis when that splits them evenly, rows over "data"); called
+        by `sharding.shard_model`."""
+        self.mesh = mesh if mesh.size > 1 else None
 
     def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
         if self.impl == "sorted" and self.mesh is not None:

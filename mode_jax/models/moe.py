@@ -106,6 +106,30 @@ def route(
     return ids.astype(jnp.int32), weights.astype(jnp.float32)
 
 
+def route_on_mesh(logits: jax.Array, cfg: RouterConfig, bias: jax.Array | None,
+                  mesh: jax.sharding.Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """`route`, on a mesh as one `jax.shard_map` program per device on its own rows
+    (`row_spec`): XLA's partitioner would all-gather every token's scores for the top-k."""
+    if mesh is None or row_spec(logits.shape[0], mesh) == jax.sharding.PartitionSpec():
+        return route(logits, cfg, bias)
+    rows, P = row_spec(logits.shape[0], mesh), jax.sharding.PartitionSpec
+    if bias is None:
+        return jax.shard_map(lambda x: route(x, cfg), mesh=mesh, in_specs=(rows,),
+                             out_specs=(rows, rows), check_vma=False)(logits)
+    return jax.shard_map(lambda x, b: route(x, cfg, b), mesh=mesh, in_specs=(rows, P()),
+                         out_specs=(rows, rows), check_vma=False)(logits, bias)
+
+
+class MeshRouting:
+    """What a router needs to route on its model's mesh (`sharding.shard_model` calls
+    `use_mesh`); `self.mesh` None: one device, or no mesh."""
+
+    mesh = None
+
+    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
+        self.mesh = mesh if mesh.size > 1 else None
+
+
 def _limit_to_groups(choice: jax.Array, cfg: RouterConfig) -> jax.Array:
     """Set the scores of experts outside the topk_group best groups to -inf."""
     t, e = choice.shape
@@ -219,21 +243,25 @@ def experts_sorted_on_mesh(
     x: jax.Array, ids: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array, *,
     mesh: jax.sharding.Mesh,
 ) -> jax.Array:
-    """`experts_sorted` with the experts split over `mesh`'s "expert" axis (expert parallelism,
-    one `jax.shard_map` program per device): each device runs only its own E/n experts, on the
-    (token, slot) pairs routed to them, and the weighted partial outputs are summed over
-    "expert" in float32. Left to XLA, the sorted path would all-gather every layer's experts
-    onto every device at each call.
+    """`experts_sorted` as one `jax.shard_map` program per device of `mesh`. Left to XLA's
+    partitioner, the sorted path would all-gather every layer's experts onto every device at
+    each call (expert axis), or gather the routing of every token, sort all of them on each
+    device and all-reduce the layer's output (data axis).
 
-    Tokens: rows split as `row_spec` says. Equals
-    `experts_sorted` to float rounding (a token's k expert outputs are added in another
-    order). Differentiable (the Fisher and Hessian passes take gradients through it).
+    Tokens: rows split as `row_spec` says. Experts: with an "expert" axis that splits them
+    (expert parallelism) each device runs only its own E/n experts, on the (token, slot) pairs
+    routed to them, and the weighted partial outputs are summed over "expert" in float32, which
+    equals `experts_sorted` to float rounding (a token's k expert outputs are added in another
+    order). Otherwise every device holds them all and runs `experts_sorted` on its own rows,
+    as one device would. Differentiable (the Fisher and Hessian passes take gradients through
+    it).
     """
     n, e = mesh.shape["expert"], gate_up.shape[0]
-    if e % n:
-        raise ValueError(f"{e} experts do not split over an expert axis of {n}")
     P = jax.sharding.PartitionSpec
     rows = row_spec(x.shape[0], mesh)
+    if n == 1 or e % n:
+        return jax.shard_map(experts_sorted, mesh=mesh, in_specs=(rows, rows, rows, P(), P()),
+                             out_specs=rows, check_vma=False)(x, ids, weights, gate_up, down)
     per_device = e // n
 
     def local(x, ids, weights, gate_up, down):

@@ -193,7 +193,7 @@ def rotate_half_apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
 # ---------------------------------------------------------------- layers
 
 
-class Router(nnx.Module):
+class Router(moe.MeshRouting, nnx.Module):
     """Router `kernel [D, E]`. The logits are computed in the model dtype and the softmax in
     float32, as transformers' Qwen3-MoE does (DeepSeek-V3's router is float32 throughout)."""
 
@@ -211,7 +211,7 @@ class Router(nnx.Module):
         return y.astype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return moe.route(self.logits(x), self.config)
+        return moe.route_on_mesh(self.logits(x), self.config, None, self.mesh)
 
 
 class MoE(nnx.Module):
