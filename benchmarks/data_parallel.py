@@ -3,7 +3,9 @@ device and split over a mesh's "data" axis (`sharding.shard_batch`, which the pa
 walk apply to a model that `sharding.shard_model` placed).
 
 Figures printed, side by side in one run, each the best of `--repeats` compiled runs (first
-run, compilation included, in brackets): the frequency pass, the token cache (with its
+run, compilation included, in brackets): the vision program with the token embeddings
+(each device runs its share of a batch's images when they are all of one grid), the
+frequency pass, the token cache (with its
 backward pass) and the token-level estimators on that cache (expert_mse, fisher, PMQ, GEMQ at
 2/3/4 bits; each chunk of experts split over "data") in real tokens/s, GPTQ's walk over the
 model (`--gptq`), and the forward of an RTN-packed model (2/3/4 bits; through the Pallas
@@ -15,7 +17,7 @@ difference, how many packed words differ and each GPTQ model's mean KL from the 
 the same batches.
 
 The model is the shipped testbed on random image-and-text batches (`sources.random_batches`,
-one small image and `--text_len` text tokens per sample).
+one image of `--grid` patches and `--text_len` text tokens per sample).
 All devices of the platform form the mesh (`--expert` of them along the expert axis, the rest
 along "data"):
 
@@ -41,11 +43,20 @@ import mode_jax
 from benchmarks.stats import timed
 from mode_jax import sharding
 from mode_jax.calib import passes, sources
+from mode_jax.models.batch import embed_images
 from mode_jax.quant import apply
+
+
+def embed(model, batch):
+    """The vision program on `batch` placed where `model` is (`models.batch.embed_images`)."""
+    placed = sharding.place_inputs(model, batch)
+    grid = tuple(map(tuple, batch["image_grid_hws"]))
+    return embed_images(model, placed["input_ids"], placed["pixel_values"], grid)[0]
 
 
 def measure(model, packed, batches, scfg, bits, cache, args) -> dict:
     runs = {
+        "vision + embedding": lambda: [embed(model, b) for b in batches],
         "frequency pass": lambda: passes.frequency_pass(model, batches, scfg),
         "token cache (+ backward)": lambda: passes.collect_tokens(model, batches, scfg),
         "token-level estimators": lambda: passes.token_costs(model, cache, CANDIDATE_BITS,
@@ -91,6 +102,7 @@ def main():
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--text_len", type=int, default=240, help="text tokens per sample")
+    ap.add_argument("--grid", default="4x4", help="each sample's image, h x w patches")
     ap.add_argument("--expert", type=int, default=1, help="devices along the expert axis")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True)
@@ -105,6 +117,7 @@ def main():
     model = mode_jax.load(args.checkpoint)
     cfg, text = model.config, model.config.text
     batches = sources.random_batches(cfg, n=args.samples, batch_size=args.batch_size, seed=0,
+                                     grid=tuple(int(v) for v in args.grid.split("x")),
                                      text_len=args.text_len)
     tokens = sum(int(np.asarray(b["attention_mask"]).sum()) for b in batches)
     scfg = passes.StatsConfig(image_token_id=cfg.media_placeholder_token_id)

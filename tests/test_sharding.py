@@ -92,6 +92,7 @@ DATA_FORWARD_SCRIPT = textwrap.dedent("""
     import mode_jax
     from mode_jax import sharding
     from mode_jax.calib import sources
+    from mode_jax.models.batch import embed_split, split_embedder
 
     assert len(jax.devices()) == 2
     model = mode_jax.load("tests/fixtures/kimivl-tiny")
@@ -100,9 +101,21 @@ DATA_FORWARD_SCRIPT = textwrap.dedent("""
     grid = tuple(map(tuple, batch["image_grid_hws"]))
     fwd = nnx.jit(lambda m, ids, mask, px: m.forward(ids, mask, px, grid, return_routing=True))
     want = fwd(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert len(set(grid)) == 1 and len(grid) == 4  # images of one grid: split over "data"
+
+    def embedded(model, b):
+        graphdef, state = split_embedder(model)
+        args = (graphdef, state, b["input_ids"], b["pixel_values"], grid)
+        flops = embed_split.lower(*args).compile().cost_analysis()["flops"]  # per device
+        return np.asarray(embed_split(*args)[0]), flops
+
+    want_h, want_flops = embedded(model, batch)
     mesh = sharding.make_mesh(expert=1)
     sharding.shard_model(model, mesh)
     sb = sharding.shard_batch(batch, mesh)
+    got_h, got_flops = embedded(model, sb)
+    np.testing.assert_allclose(got_h, want_h, rtol=1e-5, atol=1e-6)
+    assert got_flops < 0.6 * want_flops, (got_flops, want_flops)  # each device: its 2 images
     args = (model, sb["input_ids"], sb["attention_mask"], sb["pixel_values"])
     got = fwd(*args)
     # half the rows per matmul may round differently (2e-7 here; bit for bit on the testbed)
@@ -124,7 +137,10 @@ def test_data_parallel_forward_routes_and_runs_experts_on_each_devices_rows(cpu_
     runs the experts on them, as one device would: the same routing and logits (to rounding),
     and no scores, activations or outputs cross devices (left to XLA's partitioner,
     every MoE layer gathered all rows' router scores for the top-k, sorted all rows on each
-    device and all-reduced its output; only the image placement's token counts are gathered)."""
+    device and all-reduced its output; only the image placement's token counts are gathered).
+    The vision program runs each device's share of the images (XLA's count of its work per
+    device about halves; the pixel values reach every device whole), with the same
+    embeddings."""
     _run_on_8_host_devices(cpu_forks, DATA_FORWARD_SCRIPT, devices=2)
 
 
@@ -138,7 +154,9 @@ FAMILIES_SCRIPT = textwrap.dedent("""
 
     assert len(jax.devices()) == 8
     internvl_batch = sources.random_batches(internvl_tiny.CONFIG, 2, 2, seed=0)[0]
-    for tiny, batch in ((qwen3vl_tiny, qwen3vl_tiny.batch(0)), (internvl_tiny, internvl_batch)):
+    qwen3vl_alike = sources.random_batches(qwen3vl_tiny.CONFIG, 2, 2, seed=0)[0]  # 2 alike
+    for tiny, batch in ((qwen3vl_tiny, qwen3vl_tiny.batch(0)), (qwen3vl_tiny, qwen3vl_alike),
+                        (internvl_tiny, internvl_batch)):
         model = tiny.model()
         want = model(batch, return_routing=True)
         mesh = sharding.make_mesh(expert=4)
@@ -156,8 +174,9 @@ FAMILIES_SCRIPT = textwrap.dedent("""
 
 
 def test_expert_parallel_forward_matches_on_the_other_families(cpu_forks):
-    """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data)
-    and on InternVL (tiles), in one subprocess."""
+    """The same on Qwen3-VL-MoE (M-RoPE positions and DeepStack additions on sharded data;
+    three images of two grids run whole, two alike split over "data") and on InternVL (its two
+    tiles split), in one subprocess."""
     _run_on_8_host_devices(cpu_forks, FAMILIES_SCRIPT)
 
 

@@ -88,7 +88,32 @@ class Embedder(nnx.Module):
     Quantization never touches these modules, so the full-precision model and every quantized
     copy of it (each method of a sweep) split to the same embedder graph and share the one
     compiled vision program (`embed_split`), where a program over the whole model is compiled
-    again for each of them."""
+    again for each of them.
+
+    A subclass calls `super().__init__(model)` (config, token embeddings, the model's mesh) and
+    runs its vision tower through `per_device_images`."""
+
+    def __init__(self, model):
+        self.config = model.config
+        self.embed_tokens = model.language_model.embed_tokens
+        self.mesh = sharding.model_mesh(model)
+
+    def per_device_images(self, fn, pixel_values: jax.Array, grid):
+        """`fn(pixel_values, grid)` (a vision tower: an array, or a tuple of arrays, whose
+        leading axis runs over the images' tokens in order), with the images split over the
+        mesh's "data" axis when they are all alike (one grid; InternVL's tiles always are) and
+        their count divides it: `shard_batch` leaves the pixel values whole on every device,
+        and without this every device would run the tower on all of the batch's images. Each
+        image is computed as on one device; mixed grids run whole."""
+        n = 1 if self.mesh is None else self.mesh.shape["data"]
+        count = pixel_values.shape[0] if grid is None else len(grid)
+        rows = None if grid is None else tuple(tuple(np.ravel(g).tolist()) for g in grid)
+        if n == 1 or count % n or pixel_values.shape[0] % n or len(set(rows or [()])) > 1:
+            return fn(pixel_values, grid)
+        share = None if rows is None else rows[:count // n]
+        spec = jax.sharding.PartitionSpec("data")
+        return jax.shard_map(lambda px: fn(px, share), mesh=self.mesh, in_specs=spec,
+                             out_specs=spec, check_vma=False)(pixel_values)
 
 
 def place_at_tokens(base: jax.Array, input_ids: jax.Array, token_id: int, rows: jax.Array

@@ -72,9 +72,8 @@ class InternVLEmbedder(Embedder):
     (`models.batch.Embedder`)."""
 
     def __init__(self, model: InternVL):
-        self.config = model.config
+        super().__init__(model)
         self.vision_tower = model.vision_tower
-        self.embed_tokens = model.language_model.embed_tokens
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  grid: Any = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -84,7 +83,8 @@ class InternVLEmbedder(Embedder):
             return h, ()
         if self.vision_tower is None:
             raise ValueError("this model has no vision tower")
-        features = self.vision_tower(pixel_values)
+        features = self.per_device_images(lambda px, _: self.vision_tower(px), pixel_values,
+                                          None)
         return place_at_tokens(h, input_ids, self.config.image_token_id, features), ()
 
 

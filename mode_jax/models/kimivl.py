@@ -96,16 +96,17 @@ class KimiVLEmbedder(Embedder):
     """`KimiVL`'s vision tower, projector and token embeddings (`models.batch.Embedder`)."""
 
     def __init__(self, model: KimiVL):
-        self.config = model.config
+        super().__init__(model)
         self.vision_tower = model.vision_tower
         self.multi_modal_projector = model.multi_modal_projector
-        self.embed_tokens = model.language_model.embed_tokens
 
     def image_features(self, pixel_values: jax.Array, grid_hws: GridHWs) -> jax.Array:
         """Projected features `[sum(h * w) / 4, text_hidden]` of all images, in order."""
         if self.vision_tower is None:
             raise ValueError("this model has no vision tower (a text-only checkpoint)")
-        return self.multi_modal_projector(self.vision_tower(pixel_values, grid_hws))
+        return self.per_device_images(
+            lambda px, grid: self.multi_modal_projector(self.vision_tower(px, grid)),
+            pixel_values, grid_hws)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  grid_hws: GridHWs | None = None) -> tuple[jax.Array, tuple]:

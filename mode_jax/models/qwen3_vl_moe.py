@@ -81,9 +81,8 @@ class Qwen3VLMoeEmbedder(Embedder):
     """`Qwen3VLMoe`'s vision tower and token embeddings (`models.batch.Embedder`)."""
 
     def __init__(self, model: Qwen3VLMoe):
-        self.config = model.config
+        super().__init__(model)
         self.visual = model.visual
-        self.embed_tokens = model.language_model.embed_tokens
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  grid_thw: GridTHW | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -92,7 +91,7 @@ class Qwen3VLMoeEmbedder(Embedder):
             return h, ()
         if self.visual is None:
             raise ValueError("this model has no vision tower (a text-only checkpoint)")
-        features, deepstack = self.visual(pixel_values, grid_thw)
+        features, deepstack = self.per_device_images(self.visual, pixel_values, grid_thw)
         image, zeros = self.config.image_token_id, jnp.zeros_like(h)
         return (place_at_tokens(h, input_ids, image, features),
                 tuple(place_at_tokens(zeros, input_ids, image, f) for f in deepstack))
