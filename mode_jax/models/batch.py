@@ -107,10 +107,11 @@ class Embedder(nnx.Module):
         image is computed as on one device; mixed grids run whole."""
         n = 1 if self.mesh is None else self.mesh.shape["data"]
         count = pixel_values.shape[0] if grid is None else len(grid)
-        rows = None if grid is None else tuple(tuple(np.ravel(g).tolist()) for g in grid)
-        if n == 1 or count % n or pixel_values.shape[0] % n or len(set(rows or [()])) > 1:
+        grids = None if grid is None else tuple(tuple(np.ravel(g).tolist()) for g in grid)
+        alike = grids is None or len(set(grids)) == 1
+        if n == 1 or not alike or count % n or pixel_values.shape[0] % n:
             return fn(pixel_values, grid)
-        share = None if rows is None else rows[:count // n]
+        share = None if grids is None else grids[:count // n]
         spec = jax.sharding.PartitionSpec("data")
         return jax.shard_map(lambda px: fn(px, share), mesh=self.mesh, in_specs=spec,
                              out_specs=spec, check_vma=False)(pixel_values)

@@ -110,9 +110,10 @@ def route_on_mesh(logits: jax.Array, cfg: RouterConfig, bias: jax.Array | None,
                   mesh: jax.sharding.Mesh | None) -> tuple[jax.Array, jax.Array]:
     """`route`, on a mesh as one `jax.shard_map` program per device on its own rows
     (`row_spec`): XLA's partitioner would all-gather every token's scores for the top-k."""
-    if mesh is None or row_spec(logits.shape[0], mesh) == jax.sharding.PartitionSpec():
+    P = jax.sharding.PartitionSpec
+    rows = P() if mesh is None else row_spec(logits.shape[0], mesh)
+    if rows == P():  # one device, or rows the data axis does not split
         return route(logits, cfg, bias)
-    rows, P = row_spec(logits.shape[0], mesh), jax.sharding.PartitionSpec
     if bias is None:
         return jax.shard_map(lambda x: route(x, cfg), mesh=mesh, in_specs=(rows,),
                              out_specs=(rows, rows), check_vma=False)(logits)
