@@ -82,12 +82,16 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
     """The mesh `shard_model` placed `model` on, or None: a model on one device, or placed
     by other code on a mesh without a "data" axis (its batches are left as they come)."""
-    for _, node in nnx.iter_graph(model):  # stops at the first placed variable (every call)
+    for _, node in nnx.iter_graph(model):  # called per forward: reads the first array only
         if not isinstance(node, nnx.Variable):
             continue
         s = getattr(node.get_value(), "sharding", None)
+        if s is None:
+            continue
+        # `shard_model` places every variable, so the first tells where the model is
         if isinstance(s, NamedSharding) and s.mesh.size > 1:
             return s.mesh if "data" in s.mesh.axis_names else None
+        return None
     return None
 
 
