@@ -7,6 +7,7 @@ XLA_FLAGS take effect when the script starts its JAX backend.
 
 import os
 import textwrap
+import types
 
 import pytest
 from main_forks import Forks
@@ -29,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 8
     model = mode_jax.load("tests/fixtures/kimivl-tiny")
     cfg = model.config
-    batch = sources.random_batches(cfg, n=4, batch_size=4, seed=0)[0]
+    batch = sources.random_batches(cfg, n=8, batch_size=8, seed=0)[0]  # 8 alike images
     grid = tuple(map(tuple, batch["image_grid_hws"]))
     fwd = nnx.jit(lambda m, ids, mask, px: m.forward(ids, mask, px, grid, return_routing=True))
     want = fwd(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -142,6 +143,22 @@ def test_data_parallel_forward_routes_and_runs_experts_on_each_devices_rows(cpu_
     device about halves; the pixel values reach every device whole), with the same
     embeddings."""
     _run_on_8_host_devices(cpu_forks, DATA_FORWARD_SCRIPT, devices=2)
+
+
+@pytest.mark.parametrize("shape,count,rows,axes", [
+    ({"data": 2, "expert": 4}, 8, 8 * 16, ("data", "expert")),  # every device: one image
+    ({"data": 2, "expert": 4}, 4, 4 * 16, ("data",)),  # 8 does not divide 4: over "data"
+    ({"data": 2, "expert": 4}, 3, 3 * 16, ()),
+    ({"data": 1, "expert": 2}, 2, 2 * 16, ("expert",)),  # expert parallel only: still split
+    ({"data": 4, "expert": 1}, 8, 8, ("data",)),  # InternVL: one tile a row
+    ({"data": 1, "expert": 1}, 4, 64, ()),
+])
+def test_alike_images_split_over_the_devices_that_divide_them(shape, count, rows, axes):
+    from mode_jax.models import batch as batch_lib
+
+    mesh = types.SimpleNamespace(axis_names=tuple(shape), shape=shape)
+    assert batch_lib._image_axes(mesh, count, rows) == axes
+    assert batch_lib._image_axes(None, count, rows) == ()
 
 
 FAMILIES_SCRIPT = textwrap.dedent("""

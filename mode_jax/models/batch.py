@@ -13,6 +13,7 @@ each family's `model(batch)`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -101,20 +102,35 @@ class Embedder(nnx.Module):
     def per_device_images(self, fn, pixel_values: jax.Array, grid):
         """`fn(pixel_values, grid)` (a vision tower: an array, or a tuple of arrays, whose
         leading axis runs over the images' tokens in order), with the images split over the
-        mesh's "data" axis when they are all alike (one grid; InternVL's tiles always are) and
-        their count divides it: `shard_batch` leaves the pixel values whole on every device,
-        and without this every device would run the tower on all of the batch's images. Each
-        image is computed as on one device; mixed grids run whole."""
-        n = 1 if self.mesh is None else self.mesh.shape["data"]
+        mesh's devices when they are all alike (one grid; InternVL's tiles always are): over
+        every device when their count divides the mesh (the tower is replicated on all of
+        them, the expert axis included), else over "data" when it divides that. `shard_batch`
+        leaves the pixel values whole on every device, and without this every device would
+        run the tower on all of the batch's images. Each image is computed as on one device;
+        mixed grids, or counts neither divides, run whole."""
         count = pixel_values.shape[0] if grid is None else len(grid)
         grids = None if grid is None else tuple(tuple(np.ravel(g).tolist()) for g in grid)
-        alike = grids is None or len(set(grids)) == 1
-        if n == 1 or not alike or count % n or pixel_values.shape[0] % n:
+        axes = _image_axes(self.mesh, count, pixel_values.shape[0])
+        if not axes or (grids is not None and len(set(grids)) > 1):
             return fn(pixel_values, grid)
-        share = None if grids is None else grids[:count // n]
-        spec = jax.sharding.PartitionSpec("data")
+        share = None if grids is None else grids[:count // math.prod(self.mesh.shape[a]
+                                                                     for a in axes)]
+        spec = jax.sharding.PartitionSpec(axes)
         return jax.shard_map(lambda px: fn(px, share), mesh=self.mesh, in_specs=spec,
                              out_specs=spec, check_vma=False)(pixel_values)
+
+
+def _image_axes(mesh, count: int, rows: int) -> tuple[str, ...]:
+    """The mesh axes to split `count` alike images (`rows` pixel rows) over: all axes larger
+    than one, else "data" alone, whichever first divides both; () for none."""
+    if mesh is None:
+        return ()
+    every = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    for axes in (every, ("data",) if mesh.shape["data"] > 1 else ()):
+        n = math.prod(mesh.shape[a] for a in axes)
+        if axes and count % n == 0 and rows % n == 0:
+            return axes
+    return ()
 
 
 def place_at_tokens(base: jax.Array, input_ids: jax.Array, token_id: int, rows: jax.Array
