@@ -33,7 +33,7 @@ import mode_jax
 from benchmarks.stats import timed
 from mode_jax import sharding
 from mode_jax.calib import sources
-from mode_jax.models import deepseek_v3, moe
+from mode_jax.models import moe
 
 
 def main():
@@ -62,8 +62,7 @@ def main():
     sharding.shard_model(model, mesh)
     placed = sharding.shard_batch(batch, mesh)
     inputs = (placed["input_ids"], placed["attention_mask"], placed["pixel_values"])
-    partitioned = [m for _, m in nnx.iter_graph(model)
-                   if isinstance(m, (deepseek_v3.StackedExperts, moe.MeshRouting))]
+    partitioned = [m for _, m in nnx.iter_graph(model) if isinstance(m, moe.UsesMesh)]
     rows = {}
     for name, parallel in (("per device (shard_map)", True), ("XLA's partitioner", False)):
         for m in partitioned:

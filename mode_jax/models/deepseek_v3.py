@@ -305,7 +305,7 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(moe.MeshRouting, nnx.Module):
+class Router(moe.UsesMesh, nnx.Module):
     """Router `kernel [D, E]` (+ `e_score_correction_bias [E]` float32), computed in float32."""
 
     def __init__(self, cfg: TextConfig, param_dtype, rngs: nnx.Rngs):
@@ -329,7 +329,7 @@ class Router(moe.MeshRouting, nnx.Module):
         return moe.route_on_mesh(self.logits(x), self.config, bias, self.mesh)
 
 
-class StackedExperts(nnx.Module):
+class StackedExperts(moe.UsesMesh, nnx.Module):
     """Full-precision routed experts `gate_up [E, D, 2F]`, `down [E, F, D]`.
 
     `__call__(x [N, D], ids [N, k], weights [N, k]) -> [N, D]` is the interface a quantized
@@ -346,15 +346,10 @@ class StackedExperts(nnx.Module):
         self.gate_up = nnx.Param(init(rngs.params(), (num_experts, dim, 2 * hidden), param_dtype))
         self.down = nnx.Param(init(rngs.params(), (num_experts, hidden, dim), param_dtype))
         self.impl = impl
-        self.mesh = None
-
-    def use_mesh(self, mesh: jax.sharding.Mesh) -> None:
-        """Run the sorted path partitioned over `mesh` (`moe.experts_sorted_on_mesh`: experts
-        split over its "expert" axis when that splits them evenly, rows over "data"); called
-        by `sharding.shard_model`."""
-        self.mesh = mesh if mesh.size > 1 else None
 
     def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        """On a mesh (`use_mesh`) the sorted path runs partitioned (`moe.experts_sorted_on_mesh`:
+        experts split over its "expert" axis when that splits them evenly, rows over "data")."""
         if self.impl == "sorted" and self.mesh is not None:
             return moe.experts_sorted_on_mesh(x, ids, weights, self.gate_up[...],
                                               self.down[...], mesh=self.mesh)

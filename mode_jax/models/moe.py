@@ -114,16 +114,14 @@ def route_on_mesh(logits: jax.Array, cfg: RouterConfig, bias: jax.Array | None,
     rows = P() if mesh is None else row_spec(logits.shape[0], mesh)
     if rows == P():  # one device, or rows the data axis does not split
         return route(logits, cfg, bias)
-    if bias is None:
-        return jax.shard_map(lambda x: route(x, cfg), mesh=mesh, in_specs=(rows,),
-                             out_specs=(rows, rows), check_vma=False)(logits)
     return jax.shard_map(lambda x, b: route(x, cfg, b), mesh=mesh, in_specs=(rows, P()),
                          out_specs=(rows, rows), check_vma=False)(logits, bias)
 
 
-class MeshRouting:
-    """What a router needs to route on its model's mesh (`sharding.shard_model` calls
-    `use_mesh`); `self.mesh` None: one device, or no mesh."""
+class UsesMesh:
+    """A module that partitions its own forward over its model's mesh (`jax.shard_map`):
+    the routers and the float routed experts. `sharding.shard_model` calls `use_mesh`;
+    `self.mesh` None: one device, or no mesh."""
 
     mesh = None
 

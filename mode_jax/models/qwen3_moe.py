@@ -193,7 +193,7 @@ def rotate_half_apply(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array
 # ---------------------------------------------------------------- layers
 
 
-class Router(moe.MeshRouting, nnx.Module):
+class Router(moe.UsesMesh, nnx.Module):
     """Router `kernel [D, E]`. The logits are computed in the model dtype and the softmax in
     float32, as transformers' Qwen3-MoE does (DeepSeek-V3's router is float32 throughout)."""
 
